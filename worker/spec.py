@@ -1,0 +1,159 @@
+"""The wire contract between the service and the worker.
+
+Everything that crosses Redis is defined here once: the job spec, the queue and function names, the Redis key
+layout for artifacts, progress, cancel flags and the worker's model registry. This module imports neither
+torch nor FastAPI, so the API process can use it.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# ----- limits (one definition each) --------------------------------------------------------------------------
+MAX_COUNT = 64
+DEFAULT_COUNT = 4
+MAX_STEPS = 1000
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**63 - 1
+MAX_ANIMATION_FRAMES = 64
+DEFAULT_ANIMATION_FRAMES = 16
+MAX_ANIMATION_FPS = 30
+DEFAULT_ANIMATION_FPS = 8
+LATEST = "latest"
+
+# ----- queue contract -----------------------------------------------------------------------------------------
+DEFAULT_QUEUE = "facegen"
+JOB_FUNCTION = "worker.jobs.generate"  # enqueued by dotted name: the API never imports torch
+KEY_PREFIX = "facegen"
+
+
+class Sampler(StrEnum):
+    """Reverse-diffusion samplers the worker offers."""
+
+    dpmpp = "dpmpp"  # DPM-Solver++(2M), deterministic
+    ddim = "ddim"  # DDIM, eta from the model's sampling config
+    ddpm = "ddpm"  # ancestral DDPM, the original 1000-step method
+
+
+DEFAULT_SAMPLER = Sampler.dpmpp
+# Steps used when a request leaves `steps` out; one value per sampler.
+DEFAULT_STEPS: dict[Sampler, int] = {Sampler.dpmpp: 20, Sampler.ddim: 50, Sampler.ddpm: 1000}
+
+_LABEL_RE = re.compile(r"^(not_)?([a-z0-9_]+)$")
+
+
+def attribute_label(name: str) -> str:
+    """CelebA attribute name -> positive label: ``"Smiling"`` -> ``"smiling"``, ``"Wearing_Hat"`` -> ``"wearing_hat"``."""
+    return name.lower()
+
+
+def label_to_attributes(label: str, attribute_names: list[str]) -> dict[str, bool]:
+    """Map ``"smiling"`` / ``"not_smiling"`` (case-insensitive) onto one of the model's attributes.
+
+    Raises ``ValueError`` naming the valid labels when the label matches none of ``attribute_names``.
+    """
+    match = _LABEL_RE.match(label.strip().lower())
+    if match:
+        by_label = {attribute_label(name): name for name in attribute_names}
+        name = by_label.get(match.group(2))
+        if name is not None:
+            return {name: match.group(1) is None}
+    valid = sorted(v for n in attribute_names for v in (attribute_label(n), "not_" + attribute_label(n)))
+    raise ValueError(f"unknown label {label!r}; valid labels: {', '.join(valid)}")
+
+
+def describe_attributes(attributes: dict[str, bool]) -> str:
+    """Human and metric label for a condition: ``{"Smiling": False}`` -> ``"not_smiling"``."""
+    return "+".join(("" if v else "not_") + attribute_label(k) for k, v in sorted(attributes.items())) or "unconditional"
+
+
+class JobSpec(BaseModel):
+    """One generation request as the worker receives it (JSON inside the RQ job's args).
+
+    ``steps`` and ``guidance_scale`` may be ``None``: the worker resolves them from the sampler's default and the
+    model's manifest and records the resolved values in the job's meta.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attributes: Annotated[dict[str, bool], Field(min_length=1, max_length=40)]
+    count: Annotated[int, Field(ge=1, le=MAX_COUNT)] = DEFAULT_COUNT
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
+    steps: Annotated[int | None, Field(ge=1, le=MAX_STEPS)] = None
+    sampler: Sampler = DEFAULT_SAMPLER
+    guidance_scale: Annotated[float | None, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] = None
+    animation: bool = False
+    animation_frames: Annotated[int, Field(ge=2, le=MAX_ANIMATION_FRAMES)] = DEFAULT_ANIMATION_FRAMES
+    animation_fps: Annotated[int, Field(ge=1, le=MAX_ANIMATION_FPS)] = DEFAULT_ANIMATION_FPS
+    model: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = LATEST
+
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_names_are_plain(cls, value: dict[str, bool]) -> dict[str, bool]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,40}", name):
+                raise ValueError(f"attribute name {name!r} must be 1-40 letters, digits or underscores")
+        return value
+
+    def resolved_steps(self) -> int:
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
+
+    def label(self) -> str:
+        return describe_attributes(self.attributes)
+
+
+class BatchKey(BaseModel):
+    """Jobs with equal keys can share one denoising batch (same network, schedule, steps and guidance)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    sampler: Sampler
+    steps: int
+    guidance_scale: float
+
+
+# ----- Redis keys ---------------------------------------------------------------------------------------------
+def artifact_key(job_id: str, kind: str) -> str:
+    """Redis key of a job's artifact; ``kind`` is ``"grid"`` (PNG) or ``"animation"`` (GIF)."""
+    return f"{KEY_PREFIX}:artifact:{job_id}:{kind}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by the service to ask the worker to stop a running job between denoising steps."""
+    return f"{KEY_PREFIX}:cancel:{job_id}"
+
+
+def model_registry_key(version: str) -> str:
+    """JSON model description a live worker refreshes (with a TTL) for each model version it serves."""
+    return f"{KEY_PREFIX}:model:{version}"
+
+
+MODEL_REGISTRY_PATTERN = f"{KEY_PREFIX}:model:*"
+
+
+class ModelInfo(BaseModel):
+    """What a worker publishes about the model it serves (read by ``GET /models`` and ``/readyz``)."""
+
+    version: str
+    vae_version: str
+    attributes: list[str]
+    resolution: int
+    default_guidance_scale: float
+    default_steps: dict[str, int]
+    is_latest: bool
+    device: str
+    dtype: str
+    workers: list[str] = []
+
+    def labels(self) -> list[str]:
+        return [label for name in self.attributes for label in (attribute_label(name), "not_" + attribute_label(name))]
+
+
+def job_meta_progress(step: int, total: int) -> dict[str, Any]:
+    """The ``progress`` entry the worker keeps in ``job.meta``: ``{"step": s, "total": T}``."""
+    return {"step": step, "total": total}
