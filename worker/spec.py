@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -154,6 +154,11 @@ class ModelInfo(BaseModel):
         return [label for name in self.attributes for label in (attribute_label(name), "not_" + attribute_label(name))]
 
 
-def job_meta_progress(step: int, total: int) -> dict[str, Any]:
-    """The ``progress`` entry the worker keeps in ``job.meta``: ``{"step": s, "total": T}``."""
-    return {"step": step, "total": total}
+# ----- job meta and artifacts ----------------------------------------------------------------------------------
+# The worker keeps these entries in ``job.meta`` (RQ); the service reads them:
+META_PROGRESS = "progress"  # {"step": s, "total": T}: denoising steps done, updated ~10 times/s at most
+META_RESOLVED = "resolved"  # the parameters actually used: steps, guidance_scale, sampler, model version
+META_ARTIFACTS = "artifacts"  # {"grid": key, "animation": key}, set when the job finishes
+META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
+DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
+ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}

@@ -1,0 +1,70 @@
+# syntax=docker/dockerfile:1
+# facegen GPU worker image: CUDA runtime + Python 3.11 + torch (cu128 wheel) + the bundled demo checkpoints.
+# Build from the repository root:  docker build -f docker/worker.Dockerfile -t facegen-worker .
+#
+# Ubuntu 24.04 ships Python 3.12, so the 3.11 interpreter comes from uv's managed (python-build-standalone)
+# builds, installed under /opt/python and copied with the virtualenv into the runtime stage.
+
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.8
+ARG PYTHON_VERSION=3.11
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+FROM ${UV_IMAGE} AS uv
+
+# ---- build: /opt/python (interpreter) + /opt/venv (dependencies and the facegen package) -------------------
+FROM ${CUDA_IMAGE} AS build
+ARG PYTHON_VERSION
+ARG TORCH_INDEX_URL
+ENV UV_PYTHON_INSTALL_DIR=/opt/python \
+    UV_PYTHON_PREFERENCE=only-managed \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=uv /uv /usr/local/bin/uv
+RUN uv python install ${PYTHON_VERSION} \
+    && uv venv --seed --python ${PYTHON_VERSION} /opt/venv
+WORKDIR /src
+# Dependencies first (torch is the big, rarely-changing layer): install the extras against stub packages.
+COPY pyproject.toml README.md ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    mkdir -p service worker training \
+    && touch service/__init__.py worker/__init__.py training/__init__.py \
+    && /opt/venv/bin/pip install --extra-index-url ${TORCH_INDEX_URL} ".[worker]" \
+    && /opt/venv/bin/pip uninstall -y facegen \
+    && rm -rf service worker training build *.egg-info
+COPY service ./service
+COPY worker ./worker
+COPY training ./training
+# Contract check: the CUDA build of torch was installed (version local tag "+cu128"), not a CPU wheel.
+RUN /opt/venv/bin/pip install --no-deps . \
+    && /opt/venv/bin/python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(torch.version.cuda is None)"
+
+# ---- runtime -------------------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE}
+RUN groupadd --system --gid 10001 facegen \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin facegen
+COPY --from=build /opt/python /opt/python
+COPY --from=build /opt/venv /opt/venv
+# Bundled demo checkpoints (checkpoints/<kind>/<version>/); mount a volume over /app/checkpoints to replace them.
+# Root-owned and read-only for the worker: checkpoints are verified by sha256, never rewritten at runtime.
+COPY checkpoints/ /app/checkpoints/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    REDIS_URL=redis://redis:6379/0 \
+    CHECKPOINT_DIR=/app/checkpoints \
+    MODEL_VERSION=latest \
+    DEVICE=auto \
+    PRECISION=auto \
+    QUEUES=facegen \
+    METRICS_PORT=9100
+WORKDIR /app
+USER 10001:10001
+EXPOSE 9100
+# The worker's Prometheus endpoint doubles as its liveness signal.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('METRICS_PORT', '9100'), timeout=4).status != 200)"]
+# RQ handles SIGTERM as a warm shutdown (finish the current batch); give it time (compose stop_grace_period,
+# k8s terminationGracePeriodSeconds).
+CMD ["python", "-m", "worker"]

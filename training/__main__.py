@@ -1,0 +1,108 @@
+"""``python -m training {synth,vae,diffusion,evaluate,visualize} ...``"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    DataConfig,
+    DiffusionTrainConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    UNetConfig,
+    VAEConfig,
+    VAETrainConfig,
+)
+
+DEFAULT_CHECKPOINTS = Path("checkpoints")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One ``--flag`` per field of a config dataclass; defaults stay in the dataclass (None = not given)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            parser.add_argument(flag, dest=prefix + f.name, nargs="+", type=kind, default=None,
+                                help=f"default: {' '.join(map(str, default))}")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, dest=prefix + f.name, type=lambda s: s.lower() in ("1", "true", "yes"),
+                                default=None, help=f"default: {default}")
+        else:
+            parser.add_argument(flag, dest=prefix + f.name, type=type(default), default=None, help=f"default: {default}")
+
+
+def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **fixed: Any) -> Any:
+    given = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
+             if getattr(args, prefix + f.name, None) is not None}
+    return cls(**{**given, **fixed})
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="CelebA-layout folder")
+    parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    parser.add_argument("--run-dir", type=Path, required=True, help="resumable state and log.jsonl")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--export-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write synthetic faces in the CelebA layout")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--count", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=1)
+
+    vae = commands.add_parser("vae", help="train the VAE")
+    add_run_flags(vae)
+    vae.add_argument("--perceptual-weights", type=Path, default=None, help="local VGG16 features state dict")
+    add_config_flags(vae, DataConfig, "data_")
+    add_config_flags(vae, VAEConfig, "vae_")
+    add_config_flags(vae, VAETrainConfig)
+
+    diffusion = commands.add_parser("diffusion", help="train the latent diffusion UNet")
+    add_run_flags(diffusion)
+    diffusion.add_argument("--vae", default="latest", help="VAE checkpoint version")
+    add_config_flags(diffusion, UNetConfig, "unet_")
+    add_config_flags(diffusion, ScheduleConfig, "schedule_")
+    add_config_flags(diffusion, SamplingConfig, "sampling_")
+    add_config_flags(diffusion, DiffusionTrainConfig)
+
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        from .data.synthetic import write_dataset
+
+        print(write_dataset(args.out, args.count, args.seed, workers=args.workers))
+    elif args.command == "vae":
+        from .train_vae import RunOptions, train_vae
+
+        opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
+                          args.limit, args.perceptual_weights, args.threads)
+        train_vae(config_from_args(DataConfig, args, "data_"), config_from_args(VAEConfig, args, "vae_"),
+                  config_from_args(VAETrainConfig, args), opts)
+    elif args.command == "diffusion":
+        from .train_diffusion import train_diffusion
+        from .train_vae import RunOptions
+
+        opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
+                          args.limit, None, args.threads)
+        train_diffusion(args.vae, config_from_args(UNetConfig, args, "unet_"),
+                        config_from_args(ScheduleConfig, args, "schedule_"),
+                        config_from_args(SamplingConfig, args, "sampling_"),
+                        config_from_args(DiffusionTrainConfig, args), opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Versioned, self-describing checkpoints: ``<root>/<kind>/<version>/{model.safetensors, manifest.json}``.
+
+The manifest holds everything needed to rebuild the network (configs), what it was trained on, and the
+sha256 of every weight file, plus an ``integrity`` hash of the manifest itself. Loading verifies both and
+refuses anything that does not match; weights are read with safetensors, never unpickled. A version is never
+overwritten; ``latest`` is the manifest with the newest ``created_at``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+KINDS = ("vae", "diffusion")
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, truncated, tampered with or of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    manifest: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_integrity(manifest: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest without its ``integrity`` field."""
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def new_version() -> str:
+    """``YYYYmmdd-HHMMSS-<6 hex>``: sortable by eye, unique without coordination (never parsed)."""
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Seal the manifest with its integrity hash and replace the file atomically."""
+    manifest = {**manifest, "integrity": manifest_integrity(manifest)}
+    tmp = directory / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / MANIFEST_FILE)
+
+
+def save_checkpoint(root: str | Path, kind: str, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any],
+                    dtype: torch.dtype | None = None, version: str | None = None) -> Path:
+    """Write a new version atomically (temp dir, then rename) and return its folder.
+
+    ``manifest`` carries the configs and training facts; format, kind, version, created_at and file hashes are
+    added here. ``dtype`` casts floating-point weights (e.g. ``torch.float16`` for the bundled model).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    version = version or new_version()
+    if version == LATEST or "/" in version:
+        raise ValueError(f"invalid version name {version!r}")
+    kind_dir = Path(root) / kind
+    target = kind_dir / version
+    if target.exists():
+        raise CheckpointError(f"{target} exists: a checkpoint version is never overwritten")
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state_dict.items()}
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=kind_dir))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        full = {**manifest, "format_version": FORMAT_VERSION, "kind": kind, "version": version,
+                "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+                "weights_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                "files": {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)}}
+        _write_manifest(staging, full)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Parse and integrity-check ``manifest.json`` in a version folder."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: manifest not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("integrity") != manifest_integrity(manifest):
+        raise CheckpointError(f"{path}: integrity hash does not match its content (edited or corrupt)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}")
+    return manifest
+
+
+def list_versions(root: str | Path, kind: str) -> list[dict[str, Any]]:
+    """Manifests of every readable version of a kind, oldest first (by ``created_at``)."""
+    kind_dir = Path(root) / kind
+    if not kind_dir.is_dir():
+        return []
+    manifests = []
+    for directory in kind_dir.iterdir():
+        if directory.is_dir() and not directory.name.startswith("."):
+            try:
+                manifests.append(read_manifest(directory))
+            except CheckpointError:
+                continue  # listing skips broken versions; loading one by name reports why
+    return sorted(manifests, key=lambda m: m["created_at"])
+
+
+def resolve_version(root: str | Path, kind: str, version: str) -> Path:
+    """Folder of ``version`` (or of the newest version for ``latest``)."""
+    if version == LATEST:
+        versions = list_versions(root, kind)
+        if not versions:
+            raise CheckpointError(f"no {kind} checkpoints under {Path(root) / kind}")
+        version = versions[-1]["version"]
+    if not version or "/" in version or version.startswith("."):
+        raise CheckpointError(f"invalid checkpoint version {version!r}")
+    directory = Path(root) / kind / version
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such {kind} checkpoint")
+    return directory
+
+
+def load_checkpoint(root: str | Path, kind: str, version: str = LATEST, device: str = "cpu") -> Checkpoint:
+    """Verify and load a version: manifest integrity, kind, every file's sha256, then the safetensors data."""
+    directory = resolve_version(root, kind, version)
+    manifest = read_manifest(directory)
+    if manifest.get("kind") != kind:
+        raise CheckpointError(f"{directory}: manifest kind {manifest.get('kind')!r}, expected {kind!r}")
+    files = manifest.get("files") or {}
+    if WEIGHTS_FILE not in files:
+        raise CheckpointError(f"{directory}: manifest lists no {WEIGHTS_FILE}")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: weight file missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CheckpointError(f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}… "
+                                  "(corrupt, truncated or replaced)")
+    try:
+        state_dict = load_file(str(directory / WEIGHTS_FILE), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: unreadable ({exc})") from None
+    return Checkpoint(directory, manifest, state_dict)
+
+
+def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge evaluation ``metrics`` into a version's manifest (weights untouched) and re-seal it."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    _write_manifest(directory, manifest)
+    return read_manifest(directory)

@@ -1,0 +1,113 @@
+"""Every model, data and training default, defined once in frozen dataclasses.
+
+Configs round-trip through plain dicts (``asdict`` / ``from_dict``) so a checkpoint's manifest can rebuild its
+networks without code from the file name or pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config dataclass from a dict, converting lists back to tuples and refusing unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)
+
+
+def asdict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How CelebA-layout images become training tensors: ``[3, image_size, image_size]`` in ``[-1, 1]``."""
+
+    attributes: tuple[str, ...] = ("Smiling",)
+    crop: int = 178  # center crop (pixels of the 178x218 aligned images) before resizing
+    image_size: int = 64
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Convolutional VAE: ``[N, 3, R, R]`` in [-1, 1] <-> latent ``[N, latent_channels, R/2^k, R/2^k]``."""
+
+    in_channels: int = 3
+    channels: tuple[int, ...] = (32, 64, 128)  # one entry per resolution; len-1 downsamplings
+    blocks_per_level: int = 1
+    latent_channels: int = 4
+    groups: int = 16  # GroupNorm groups
+    attention_reduction: int = 8  # squeeze-excitation bottleneck ratio
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Latent denoiser: ``(x_t [N, C, H, W], t [N] in 0..T-1, labels [N, A] in {0, 1, null_label}) -> [N, C, H, W]``."""
+
+    in_channels: int = 4
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 2
+    attention_levels: tuple[int, ...] = (1, 2)  # levels (0 = full latent resolution) with self-attention
+    heads: int = 4
+    groups: int = 32
+    dropout: float = 0.0
+    num_attributes: int = 1
+    null_label: int = 2  # label index meaning "attribute not given" (classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Forward process ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` and what the network predicts."""
+
+    timesteps: int = 1000
+    kind: str = "cosine"  # "cosine" (Nichol & Dhariwal) or "linear" (Ho et al.)
+    prediction: str = "v"  # "v" (Salimans & Ho), well-posed at abar_T ~ 0; or "eps"
+    linear_beta_start: float = 1e-4
+    linear_beta_end: float = 2e-2
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling defaults stored with a diffusion checkpoint."""
+
+    guidance_scale: float = 3.0
+    ddim_eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    kl_weight: float = 1e-4
+    perceptual_weight: float = 0.5
+    adversarial_weight: float = 0.0  # > 0 enables the PatchGAN discriminator
+    adversarial_start: int = 1000  # step at which the adversarial loss starts
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 500  # resumable training state, not a checkpoint version
+
+
+@dataclass(frozen=True)
+class DiffusionTrainConfig:
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 3e-4
+    warmup: int = 200
+    label_dropout: float = 0.15  # probability of training a sample with the null label
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 500

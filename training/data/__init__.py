@@ -1,0 +1,1 @@
+"""CelebA-layout data: the reader (:mod:`training.data.celeba`) and the synthetic-face writer."""

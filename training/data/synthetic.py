@@ -1,0 +1,255 @@
+"""Procedural synthetic faces written in the official CelebA layout.
+
+``write_dataset(out, count, seed)`` draws ``count`` faces (178x218 JPEGs, like aligned CelebA) and writes
+``list_attr_celeba.txt`` (all 40 attribute names; ``Smiling``, ``Eyeglasses``, ``Male`` and ``Young`` vary
+independently, every other attribute is -1) and ``list_eval_partition.txt`` (80/10/10 train/val/test).
+Face *i* depends only on ``(seed, i)``, so a folder is reproducible whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+from .layout import ATTR_FILE, ATTRIBUTE_NAMES, IMAGE_DIR, IMAGE_HEIGHT, IMAGE_WIDTH, PARTITION_FILE
+
+VARIED_ATTRIBUTES = ("Smiling", "Eyeglasses", "Male", "Young")
+ATTRIBUTE_PROBABILITY = {"Smiling": 0.5, "Eyeglasses": 0.3, "Male": 0.5, "Young": 0.6}
+SUPERSAMPLE = 2  # faces are drawn at 2x and downsampled with a Lanczos filter (anti-aliasing)
+
+SKIN_TONES = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 96), (161, 102, 68),
+              (120, 76, 50), (88, 56, 38), (236, 205, 180)]
+HAIR_COLOURS = [(30, 22, 18), (70, 45, 30), (120, 80, 45), (200, 160, 90), (160, 60, 30), (15, 15, 20)]
+GREY_HAIR = [(180, 180, 180), (215, 215, 210), (140, 138, 135)]
+IRIS_COLOURS = [(60, 40, 25), (40, 90, 140), (70, 110, 60), (100, 70, 40), (30, 30, 30)]
+HAIR_STYLES = ("short", "long", "bangs", "side_part", "bald", "bun")
+
+
+@dataclass(frozen=True)
+class FaceAttributes:
+    smiling: bool
+    eyeglasses: bool
+    male: bool
+    young: bool
+
+
+def _jitter(rng: random.Random, colour: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)  # type: ignore[return-value]
+
+
+def _shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, int(c * factor))) for c in colour)  # type: ignore[return-value]
+
+
+def sample_attributes(rng: random.Random) -> FaceAttributes:
+    p = ATTRIBUTE_PROBABILITY
+    return FaceAttributes(rng.random() < p["Smiling"], rng.random() < p["Eyeglasses"],
+                          rng.random() < p["Male"], rng.random() < p["Young"])
+
+
+def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+    """Vertical two-colour gradient with a few soft blobs."""
+    top = (rng.randint(40, 230), rng.randint(40, 230), rng.randint(40, 230))
+    bottom = _jitter(rng, top, 70)
+    column = Image.new("RGB", (1, h))
+    for y in range(h):
+        a = y / (h - 1)
+        column.putpixel((0, y), tuple(int(top[i] * (1 - a) + bottom[i] * a) for i in range(3)))
+    image = column.resize((w, h))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(0, 3)):
+        cx, cy, r = rng.randint(0, w), rng.randint(0, h), rng.randint(w // 10, w // 3)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_jitter(rng, top, 40))
+    return image.filter(ImageFilter.GaussianBlur(6 * SUPERSAMPLE))
+
+
+def _draw_mouth(draw: ImageDraw.ImageDraw, rng: random.Random, cx: float, cy: float, width: float,
+                smiling: bool, lip: tuple[int, int, int], s: int) -> None:
+    """A smile curves up at the corners (closed, or open with teeth); a neutral mouth is flat or turned down."""
+    half = width / 2
+    thickness = max(2, int(rng.uniform(2.5, 4.0) * s))
+    if smiling:
+        depth = rng.uniform(0.35, 0.6) * width  # how far the middle sits below the corners
+        if rng.random() < 0.5:  # open smile: a half-disc with teeth
+            box = [cx - half, cy - depth, cx + half, cy + depth]
+            draw.chord(box, 0, 180, fill=(90, 20, 30))
+            draw.chord([cx - half * 0.9, cy - depth * 0.95, cx + half * 0.9, cy + depth * 0.45], 0, 180,
+                       fill=(245, 245, 240))
+            draw.arc(box, 0, 180, fill=lip, width=thickness)
+            draw.line([cx - half, cy, cx + half, cy], fill=lip, width=thickness)
+        else:  # closed smile: a thick upward-curving arc
+            draw.arc([cx - half, cy - depth, cx + half, cy + depth], 10, 170, fill=lip, width=thickness + s)
+    else:
+        droop = rng.uniform(-0.12, 0.02) * width  # <0: corners turned down
+        if droop < -0.05 * width:
+            draw.arc([cx - half, cy + droop, cx + half, cy - droop * 1.2], 200, 340, fill=lip, width=thickness)
+        else:
+            draw.line([cx - half * 0.85, cy, cx + half * 0.85, cy], fill=lip, width=thickness)
+
+
+def draw_face(rng: random.Random, attrs: FaceAttributes) -> Image.Image:
+    """One face as a 178x218 RGB image, centred in the 178x178 square a CelebA-style center crop keeps."""
+    s = SUPERSAMPLE
+    w, h = IMAGE_WIDTH * s, IMAGE_HEIGHT * s
+    image = _background(rng, w, h)
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+
+    skin = _jitter(rng, rng.choice(SKIN_TONES), 12)
+    hair = rng.choice(HAIR_COLOURS if attrs.young else GREY_HAIR)
+    hair = _jitter(rng, hair, 10)
+    scale = rng.uniform(0.88, 1.1)
+    cx = w / 2 + rng.uniform(-6, 6) * s
+    cy = h / 2 + rng.uniform(-4, 6) * s
+    face_w = rng.uniform(88, 102) * s * scale
+    face_h = face_w * rng.uniform(1.18, 1.42)
+    top, bottom = cy - face_h / 2, cy + face_h / 2
+    style = rng.choice(HAIR_STYLES if not attrs.male else ("short", "short", "side_part", "bald", "bangs"))
+    if not attrs.male and rng.random() < 0.5:
+        style = "long"
+
+    # Shoulders, neck, hair behind the head.
+    clothes = (rng.randint(20, 230), rng.randint(20, 230), rng.randint(20, 230))
+    draw.ellipse([cx - face_w * 1.6, bottom + face_h * 0.15, cx + face_w * 1.6, bottom + face_h * 1.4], fill=clothes)
+    draw.rectangle([cx - face_w * 0.22, cy, cx + face_w * 0.22, bottom + face_h * 0.3], fill=_shade(skin, 0.85))
+    if style == "long":
+        draw.rounded_rectangle([cx - face_w * 0.72, top - face_h * 0.1, cx + face_w * 0.72, bottom + face_h * 0.35],
+                               radius=int(face_w * 0.4), fill=hair)
+    # Ears, face.
+    for side in (-1, 1):
+        ex = cx + side * face_w * 0.5
+        draw.ellipse([ex - face_w * 0.08, cy - face_h * 0.08, ex + face_w * 0.08, cy + face_h * 0.1], fill=_shade(skin, 0.93))
+    draw.ellipse([cx - face_w / 2, top, cx + face_w / 2, bottom], fill=skin)
+
+    if attrs.male and rng.random() < 0.8:  # beard or stubble along the jaw, mustache
+        beard = hair if rng.random() < 0.6 else _shade(skin, 0.7)
+        draw.chord([cx - face_w / 2, top + face_h * 0.25, cx + face_w / 2, bottom + face_h * 0.02], 20, 160, fill=beard)
+        draw.ellipse([cx - face_w * 0.3, cy + face_h * 0.08, cx + face_w * 0.3, cy + face_h * 0.36], fill=skin)
+        if rng.random() < 0.6:
+            draw.rectangle([cx - face_w * 0.2, cy + face_h * 0.14, cx + face_w * 0.2, cy + face_h * 0.18], fill=beard)
+
+    # Hair on top.
+    if style != "bald":
+        cap = [cx - face_w * 0.54, top - face_h * 0.08, cx + face_w * 0.54, top + face_h * 0.5]
+        draw.chord(cap, 180, 360, fill=hair)
+        if style == "bangs":
+            draw.rectangle([cx - face_w * 0.45, top + face_h * 0.05, cx + face_w * 0.45, top + face_h * 0.22], fill=hair)
+        elif style == "side_part":
+            draw.polygon([(cx - face_w * 0.5, top + face_h * 0.28), (cx + face_w * 0.1, top + face_h * 0.05),
+                          (cx - face_w * 0.5, top + face_h * 0.05)], fill=hair)
+        elif style == "bun":
+            r = face_w * 0.2
+            draw.ellipse([cx - r, top - face_h * 0.12 - r, cx + r, top - face_h * 0.12 + r], fill=hair)
+
+    # Eyes and brows.
+    eye_y = cy - face_h * rng.uniform(0.04, 0.1)
+    eye_dx = face_w * rng.uniform(0.19, 0.24)
+    eye_w, eye_h = face_w * rng.uniform(0.13, 0.17), face_h * rng.uniform(0.045, 0.065)
+    iris = rng.choice(IRIS_COLOURS)
+    brow_lift, brow_tilt = face_h * rng.uniform(0.07, 0.11), rng.uniform(-0.04, 0.06) * face_h
+    brow = _shade(hair, 0.8) if attrs.young else (120, 115, 110)
+    for side in (-1, 1):
+        ex = cx + side * eye_dx
+        draw.ellipse([ex - eye_w / 2, eye_y - eye_h / 2, ex + eye_w / 2, eye_y + eye_h / 2], fill=(250, 250, 250))
+        r = eye_h * 0.48
+        draw.ellipse([ex - r, eye_y - r, ex + r, eye_y + r], fill=iris)
+        draw.ellipse([ex - r / 2, eye_y - r / 2, ex + r / 2, eye_y + r / 2], fill=(10, 10, 10))
+        by = eye_y - brow_lift
+        draw.line([ex - side * eye_w * 0.55, by + brow_tilt * 0.3, ex + side * eye_w * 0.6, by - brow_tilt * 0.3],
+                  fill=brow, width=int(rng.uniform(2, 4) * s))
+    if not attrs.young:  # wrinkles: forehead lines and bags under the eyes
+        line = _shade(skin, 0.72)
+        for k in range(rng.randint(2, 3)):
+            y = top + face_h * (0.2 + 0.05 * k) + face_h * 0.04
+            draw.arc([cx - face_w * 0.25, y, cx + face_w * 0.25, y + face_h * 0.06], 200, 340, fill=line, width=s * 2)
+        for side in (-1, 1):
+            ex = cx + side * eye_dx
+            draw.arc([ex - eye_w / 2, eye_y, ex + eye_w / 2, eye_y + eye_h * 1.4], 20, 160, fill=line, width=s * 2)
+
+    # Nose.
+    nose_y = cy + face_h * rng.uniform(0.07, 0.12)
+    nose_w = face_w * rng.uniform(0.07, 0.11)
+    draw.line([cx, eye_y + eye_h, cx - nose_w * 0.3, nose_y], fill=_shade(skin, 0.8), width=2 * s)
+    draw.arc([cx - nose_w, nose_y - nose_w * 0.6, cx + nose_w, nose_y + nose_w * 0.5], 20, 160,
+             fill=_shade(skin, 0.7), width=2 * s)
+
+    # Mouth: the attribute the product controls.
+    lip = _jitter(rng, (150, 60, 60) if not attrs.male else _shade(skin, 0.6), 20)
+    mouth_y = cy + face_h * rng.uniform(0.23, 0.27)
+    _draw_mouth(draw, rng, cx, mouth_y, face_w * rng.uniform(0.32, 0.42), attrs.smiling, lip, s)
+
+    if attrs.eyeglasses:
+        frame = rng.choice([(15, 15, 15), (90, 60, 30), (140, 140, 150), (120, 20, 20)])
+        lens = eye_w * rng.uniform(0.62, 0.75)
+        width = int(rng.uniform(2, 3.5) * s)
+        round_frames = rng.random() < 0.5
+        for side in (-1, 1):
+            ex = cx + side * eye_dx
+            box = [ex - lens, eye_y - lens * 0.75, ex + lens, eye_y + lens * 0.75]
+            if round_frames:
+                draw.ellipse(box, outline=frame, width=width)
+            else:
+                draw.rectangle(box, outline=frame, width=width)
+        draw.line([cx - eye_dx + lens, eye_y, cx + eye_dx - lens, eye_y], fill=frame, width=width)
+        for side in (-1, 1):
+            draw.line([cx + side * (eye_dx + lens), eye_y, cx + side * face_w * 0.5, eye_y - lens * 0.2],
+                      fill=frame, width=width)
+
+    angle = rng.uniform(-8, 8)  # small head roll
+    layer = layer.rotate(angle, resample=Image.BICUBIC, center=(cx, cy + face_h * 0.2))
+    image.paste(layer, (0, 0), layer)
+    return image.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.LANCZOS)
+
+
+def face(seed: int, index: int) -> tuple[Image.Image, FaceAttributes]:
+    """Face number ``index`` of the dataset with this ``seed`` (deterministic)."""
+    rng = random.Random(f"{seed}:{index}")
+    attrs = sample_attributes(rng)
+    return draw_face(rng, attrs), attrs
+
+
+def _write_one(args: tuple[Path, int, int]) -> FaceAttributes:
+    out, seed, index = args
+    image, attrs = face(seed, index)
+    image.save(out / IMAGE_DIR / file_name(index), quality=95)
+    return attrs
+
+
+def file_name(index: int) -> str:
+    return f"{index + 1:06d}.jpg"
+
+
+def attribute_row(attrs: FaceAttributes) -> list[int]:
+    """The 40 CelebA values (1 / -1) for one face."""
+    given = {"Smiling": attrs.smiling, "Eyeglasses": attrs.eyeglasses, "Male": attrs.male, "Young": attrs.young}
+    return [1 if given.get(name, False) else -1 for name in ATTRIBUTE_NAMES]
+
+
+def split_of(index: int, count: int) -> int:
+    """0/1/2 = train/val/test: the first 80% train, the next 10% val, the rest test."""
+    if index < math.floor(count * 0.8):
+        return 0
+    return 1 if index < math.floor(count * 0.9) else 2
+
+
+def write_dataset(out: str | Path, count: int, seed: int, workers: int = 1) -> Path:
+    """Write ``count`` synthetic faces to ``out`` in the CelebA layout; returns ``out``."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    out = Path(out)
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    jobs = [(out, seed, i) for i in range(count)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            attributes = list(pool.map(_write_one, jobs, chunksize=64))
+    else:
+        attributes = [_write_one(job) for job in jobs]
+    rows = [f"{file_name(i)} " + " ".join(f"{v:2d}" for v in attribute_row(a)) for i, a in enumerate(attributes)]
+    (out / ATTR_FILE).write_text(f"{count}\n" + " ".join(ATTRIBUTE_NAMES) + "\n" + "\n".join(rows) + "\n")
+    (out / PARTITION_FILE).write_text("".join(f"{file_name(i)} {split_of(i, count)}\n" for i in range(count)))
+    return out

@@ -1,0 +1,158 @@
+"""Reverse-process samplers behind one interface (as diffusers' schedulers):
+
+``sampler.set_timesteps(n)`` picks ``n`` training-scale timesteps ``T-1 = t_0 > t_1 > ... > t_{n-1} >= 0``
+("trailing" spacing, so the chain starts from pure noise), then ``sampler.step(output, i, x)`` moves ``x_{t_i}``
+to ``x_{t_{i+1}}`` (``x_0`` after the last step) given the network's ``output`` at ``(x_{t_i}, t_i)``, returning
+``(prev_sample, pred_x0)``. Every step costs one network evaluation. ``pred_x0`` is clamped to
+``[-x0_clip, x0_clip]`` (the range measured on the training latents) before it is used.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .noise import ImageNoise
+from .schedule import NoiseSchedule, eps_from_x0
+
+
+class StepOutput(NamedTuple):
+    prev_sample: torch.Tensor  # x at the next (smaller) timestep, [N, C, H, W]
+    pred_x0: torch.Tensor  # the clamped x_0 prediction used for the step, [N, C, H, W]
+
+
+def trailing_timesteps(train_steps: int, n: int) -> list[int]:
+    """``n`` distinct timesteps from ``T-1`` down: ``round(T - k T / n) - 1`` for ``k = 0..n-1``."""
+    if not 1 <= n <= train_steps:
+        raise ValueError(f"steps must be in 1..{train_steps}, got {n}")
+    return [int(round(train_steps - k * train_steps / n)) - 1 for k in range(n)]
+
+
+class Sampler(ABC):
+    """Base class: holds the schedule, the chosen timesteps and the x0 clamp."""
+
+    stochastic = False  # whether ``step`` needs fresh noise
+
+    def __init__(self, schedule: NoiseSchedule, x0_clip: float | None = None):
+        self.schedule = schedule
+        self.x0_clip = x0_clip
+        self.timesteps: list[int] = []
+
+    def set_timesteps(self, n: int) -> None:
+        self.timesteps = trailing_timesteps(self.schedule.timesteps, n)
+        self._reset()
+
+    def _reset(self) -> None:  # noqa: B027 - optional hook: only multistep samplers keep state
+        """Clear multistep state between chains."""
+
+    def abar_at(self, i: int) -> float:
+        """``abar`` at ``t_i``; ``i == n`` (after the last step) is the clean sample, ``abar = 1``."""
+        return 1.0 if i >= len(self.timesteps) else float(self.schedule.alphas_cumprod[self.timesteps[i]])
+
+    def predict_x0(self, output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        x0, _ = self.schedule.split(output, x, self.abar_at(i))
+        return x0.clamp(-self.x0_clip, self.x0_clip) if self.x0_clip else x0
+
+    @abstractmethod
+    def step(self, output: torch.Tensor, i: int, x: torch.Tensor, noise: torch.Tensor | None = None) -> StepOutput:
+        ...
+
+
+class DDIMSampler(Sampler):
+    """Song et al. (2021) eq. 12: ``x_prev = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z`` with
+    ``sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')``; eta = 0 is deterministic."""
+
+    def __init__(self, schedule: NoiseSchedule, x0_clip: float | None = None, eta: float = 0.0):
+        super().__init__(schedule, x0_clip)
+        self.eta = eta
+        self.stochastic = eta > 0
+
+    def step(self, output, i, x, noise=None):
+        abar, abar_prev = self.abar_at(i), self.abar_at(i + 1)
+        x0 = self.predict_x0(output, i, x)
+        eps = eps_from_x0(x, x0, abar)
+        sigma = self.eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            prev = prev + sigma * noise
+        return StepOutput(prev, x0)
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling from the posterior ``q(x_prev | x_t, x_0)`` (Ho et al. 2020 eqs. 6-7), respaced to
+    the chosen timesteps (``beta = 1 - abar / abar'``); with all ``T`` steps it is the original method."""
+
+    stochastic = True
+
+    def step(self, output, i, x, noise=None):
+        abar, abar_prev = self.abar_at(i), self.abar_at(i + 1)
+        x0 = self.predict_x0(output, i, x)
+        beta = 1 - abar / abar_prev
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)) * x
+        variance = beta * (1 - abar_prev) / (1 - abar)
+        prev = mean + math.sqrt(variance) * noise if variance > 0 else mean
+        return StepOutput(prev, x0)
+
+
+class DPMSolverPP2MSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, with ``lambda = log(alpha / sigma)``:
+    ``x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D``, ``D = (1 + 1/2r) x0_s - (1/2r) x0_prev``,
+    ``r = h_prev / h``; first order on the first step and on the final step to ``sigma = 0`` (where ``x = x0``)."""
+
+    def _reset(self) -> None:
+        self._previous: tuple[torch.Tensor, float] | None = None  # (x0 at the previous step, its h)
+
+    def step(self, output, i, x, noise=None):
+        abar_s, abar_t = self.abar_at(i), self.abar_at(i + 1)
+        x0 = self.predict_x0(output, i, x)
+        if abar_t >= 1.0:
+            self._previous = None
+            return StepOutput(x0, x0)
+        alpha_s, sigma_s = math.sqrt(abar_s), math.sqrt(1 - abar_s)
+        alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
+        h = math.log(alpha_t / sigma_t) - math.log(alpha_s / sigma_s)
+        data = x0
+        if self._previous is not None:
+            x0_prev, h_prev = self._previous
+            r = h_prev / h
+            data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        self._previous = (x0, h)
+        prev = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * data
+        return StepOutput(prev, x0)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp": DPMSolverPP2MSampler}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, x0_clip: float | None, ddim_eta: float = 0.0) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
+    if name == "ddim":
+        return DDIMSampler(schedule, x0_clip, eta=ddim_eta)
+    return SAMPLERS[name](schedule, x0_clip)
+
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [N, C, H, W], t [N]) -> output
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x_prev, pred_x0)
+
+
+def run_chain(model_fn: ModelFn, sampler: Sampler, steps: int, noise: ImageNoise, shape: tuple[int, ...],
+              callback: StepCallback | None = None) -> torch.Tensor:
+    """Run the reverse chain from ``x_T ~ noise.draw(shape)`` and return ``x_0 [N, *shape]``.
+
+    ``callback(i, x, pred_x0)`` runs after every step (progress, trajectories, cancel by raising).
+    """
+    sampler.set_timesteps(steps)
+    x = noise.draw(shape)
+    for i, t in enumerate(sampler.timesteps):
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        output = model_fn(x, t_batch).float()
+        step_noise = noise.draw(shape) if sampler.stochastic and i + 1 < len(sampler.timesteps) else None
+        x, x0 = sampler.step(output, i, x, step_noise)
+        if callback is not None:
+            callback(i, x, x0)
+    return x

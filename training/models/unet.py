@@ -1,0 +1,98 @@
+"""Class-conditional denoising UNet for VAE latents.
+
+``UNet(x_t [N, C, H, W], t [N] (training-scale timesteps 0..T-1, float or int), labels [N, A])`` returns a
+tensor shaped like ``x_t``; what it means (noise or velocity) is the diffusion code's business. ``labels`` holds,
+per attribute, 0 (absent), 1 (present) or ``config.null_label`` (not given: the unconditional branch of
+classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import UNetConfig
+from .blocks import Downsample, ResBlock, SelfAttention, Upsample, group_norm
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[N, dim]`` of timesteps ``t [N]``: ``[cos(t w_k), sin(t w_k)]``,
+    ``w_k = max_period^(-k / (dim/2))``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class AttributeEmbedding(nn.Module):
+    """Sum over attributes of a learned vector per value (0, 1 or null): ``labels [N, A] -> [N, dim]``."""
+
+    def __init__(self, num_attributes: int, null_label: int, dim: int):
+        super().__init__()
+        self.values = null_label + 1
+        self.table = nn.Embedding(num_attributes * self.values, dim)
+        self.register_buffer("offsets", torch.arange(num_attributes) * self.values, persistent=False)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels.long() + self.offsets).sum(dim=1)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        base, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embedding = AttributeEmbedding(cfg.num_attributes, cfg.null_label, emb_dim)
+        self.stem = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+
+        def block(in_ch: int, out_ch: int, level: int) -> nn.ModuleList:
+            parts = [ResBlock(in_ch, out_ch, cfg.groups, emb_dim, cfg.dropout)]
+            if level in cfg.attention_levels:
+                parts.append(SelfAttention(out_ch, cfg.heads, cfg.groups))
+            return nn.ModuleList(parts)
+
+        self.down = nn.ModuleList()
+        skip_channels = [base]
+        ch = base
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.blocks_per_level):
+                self.down.append(block(ch, base * mult, level))
+                ch = base * mult
+                skip_channels.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+        self.middle = nn.ModuleList([ResBlock(ch, ch, cfg.groups, emb_dim, cfg.dropout),
+                                     SelfAttention(ch, cfg.heads, cfg.groups),
+                                     ResBlock(ch, ch, cfg.groups, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.blocks_per_level + 1):
+                self.up.append(block(ch + skip_channels.pop(), base * mult, level))
+                ch = base * mult
+                if level > 0 and i == cfg.blocks_per_level:
+                    self.up[-1].append(Upsample(ch))
+        self.out = nn.Sequential(group_norm(ch, cfg.groups), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    @staticmethod
+    def _run(parts: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for part in parts:
+            h = part(h, emb) if isinstance(part, ResBlock) else part(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels)) + self.label_embedding(labels)
+        h = self.stem(x)
+        skips = [h]
+        for parts in self.down:
+            h = self._run(parts, h, emb)
+            skips.append(h)
+        h = self._run(self.middle, h, emb)
+        for parts in self.up:
+            h = self._run(parts, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)

@@ -1,0 +1,154 @@
+"""What both training loops share: device and precision, DDP under torchrun, EMA, resumable state, batches."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """Compute dtype: ``auto`` is fp16 on CUDA and bf16 on CPU (CPU fp16 is ~100x slower here)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Distributed:
+    """Process-group facts; a plain run is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> Distributed:
+        """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class EMA:
+    """Exponential moving average of a module's parameters: ``ema = d * ema + (1 - d) * param``."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1 - self.decay)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class BatchStream:
+    """Endless shuffled mini-batch indices over ``size`` items; each rank takes its slice of every global batch.
+
+    Identical on every rank for a seed (the permutation generator is shared); its state resumes exactly.
+    """
+
+    size: int
+    batch_size: int
+    seed: int
+    distributed: Distributed = field(default_factory=Distributed)
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.distributed.world:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by {self.distributed.world} processes")
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._order = torch.randperm(self.size, generator=self.generator)
+        self._position = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._position + self.batch_size > self.size:
+            self._order = torch.randperm(self.size, generator=self.generator)
+            self._position = 0
+        batch = self._order[self._position:self._position + self.batch_size]
+        self._position += self.batch_size
+        per_rank = self.batch_size // self.distributed.world
+        return batch[self.distributed.rank * per_rank:(self.distributed.rank + 1) * per_rank]
+
+    def state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self._order, "position": self._position}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._position = state["order"], int(state["position"])
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Resumable training state (tensors and plain values only), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a state saved by :func:`save_state`; ``weights_only`` refuses anything but tensors and containers."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Log:
+    """JSON-lines training log (main rank only) with wall-clock time since start."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.start = time.monotonic()
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        if self.path:
+            record = {"elapsed_s": round(time.monotonic() - self.start, 1), **record}
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
