@@ -160,5 +160,6 @@ META_PROGRESS = "progress"  # {"step": s, "total": T}: denoising steps done, upd
 META_RESOLVED = "resolved"  # the parameters actually used: steps, guidance_scale, sampler, model version
 META_ARTIFACTS = "artifacts"  # {"grid": key, "animation": key}, set when the job finishes
 META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
+META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job shared
 DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
 ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}

@@ -86,7 +86,7 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels)) + self.label_embedding(labels)
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype)) + self.label_embedding(labels)
         h = self.stem(x)
         skips = [h]
         for parts in self.down:

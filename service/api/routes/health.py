@@ -1,0 +1,44 @@
+"""Health: /healthz (the process answers) and /readyz (Redis answers and a worker serves the default model)."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service import jobs
+from service.api.deps import RedisDep
+from service.schemas import Health, Readiness
+from worker import spec
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness",
+            description="200 while the process serves requests; touches no backend. Never needs an API key.")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness",
+    description='200 when Redis answers and at least one live worker has published the default model ("latest"); '
+    "503 with the reason otherwise. Never needs an API key.",
+    responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
+)
+def readyz(conn: RedisDep) -> Readiness | JSONResponse:
+    try:
+        conn.ping()
+        latest = jobs.find_model(jobs.read_models(conn), spec.LATEST)
+    except redis.RedisError:
+        return _unready(Readiness(status="unavailable", redis=False, reason="Redis is unreachable"))
+    if latest is None:
+        return _unready(Readiness(status="unavailable", redis=True,
+                                  reason="no live worker has published the default model"))
+    return Readiness(status="ready", redis=True, latest_model=latest.version)
+
+
+def _unready(body: Readiness) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": "5"})

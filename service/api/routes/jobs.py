@@ -1,0 +1,297 @@
+"""Jobs: POST /generate queues one, /jobs/{id} reads or cancels it, /jobs/{id}/result|animation fetch its images."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated, Any
+
+import redis
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from rq.job import Job, JobStatus
+
+from service import jobs
+from service.api.deps import (
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    ApiError,
+    ClientDep,
+    MetricsDep,
+    QueueDep,
+    RedisDep,
+    SettingsDep,
+    require_api_key,
+    require_json,
+)
+from service.schemas import (
+    MAX_RANDOM_SEED,
+    ErrorPublic,
+    JobAccepted,
+    JobCreate,
+    JobLinks,
+    JobPublic,
+    JobStateError,
+    Progress,
+)
+from worker import spec
+
+router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
+
+NOT_FOUND = {404: {"model": ErrorPublic, "description": "No such job."}}
+GONE = {410: {"model": ErrorPublic, "description": "The job (or its images) existed but has expired."}}
+ARTIFACT_TTL_NOTE = (
+    "Artifacts live as long as the finished job (ARTIFACT_TTL, default 24 h); after that the answer is 410."
+)
+STATE_NOTE = (
+    "409 when the job has no images in its current state: `status` in the body says why. While it is queued or "
+    "running (`queued`, `started`, …) the 409 carries `Retry-After`; a `failed`, `canceled` or `stopped` job never "
+    "gets images (the body's `error` says why) — resubmit instead."
+)
+
+
+def _links(request: Request, job_id: str, animation: bool) -> JobLinks:
+    base = request.scope.get("root_path", "").rstrip("/") + f"/jobs/{job_id}"
+    return JobLinks(self=base, result=f"{base}/result", animation=f"{base}/animation" if animation else None)
+
+
+def _validation_error(errors: list[tuple[tuple[str | int, ...], str, Any]]) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value} for loc, msg, value in errors]
+    )
+
+
+def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec.JobSpec:
+    extra = {name: getattr(body, name) for name in ("animation_frames", "animation_fps") if getattr(body, name)}
+    try:
+        return spec.JobSpec(
+            attributes=attributes,
+            count=body.count,
+            seed=seed,
+            steps=body.steps,
+            sampler=body.sampler,
+            guidance_scale=body.guidance_scale,
+            animation=body.animation,
+            model=body.model,
+            **extra,
+        )
+    except ValidationError as exc:  # e.g. an attribute name a worker published that the spec refuses
+        raise _validation_error([(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]) from None
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobAccepted,
+    dependencies=[Depends(require_json)],
+    summary="Queue a generation job",
+    description=(
+        "Validates the request against the models live workers serve (see GET /models; before any worker has "
+        'published, only the labels "smiling"/"not_smiling" and model "latest" are accepted), queues it and '
+        "answers at once with the job id. Poll `links.self`, then fetch `links.result` (PNG grid) and, when "
+        "`animation` was asked for, `links.animation` (GIF).\n\n"
+        "Send an `Idempotency-Key` header to make retries safe: the same key with the same body returns the same "
+        "job (header `Idempotent-Replayed: true`); the same key with another body is refused with 422."
+    ),
+    responses={
+        202: {"description": "Queued.", "headers": {"Location": {"description": "The job's URL."}}},
+        413: {"model": ErrorPublic, "description": "Body larger than MAX_BODY_BYTES."},
+        415: {"model": ErrorPublic, "description": "Body not sent as `application/json`."},
+        422: {"description": "A field is invalid (`detail[].loc` names it) or the Idempotency-Key was reused "
+                             "with another body."},
+        429: {"model": ErrorPublic, "description": "Queue full; retry after `Retry-After` seconds."},
+        **UNAVAILABLE,
+    },
+)
+def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    conn: RedisDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    client: ClientDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Any unique string (e.g. a UUID) chosen by the client; remembered for IDEMPOTENCY_TTL.",
+        ),
+    ] = None,
+) -> JobAccepted:
+    problems = [((name,), message, getattr(body, name)) for name, message in body.field_errors()]
+    if problems:
+        raise _validation_error(problems)
+    try:
+        models = jobs.read_models(conn)
+        try:
+            attributes = jobs.resolve_attributes(models, body.model, body.label, body.attributes)
+        except jobs.FieldError as exc:
+            raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
+        job_spec = _build_spec(body, attributes, seed)
+        idempotency = None
+        if idempotency_key is not None:
+            idempotency = (jobs.idempotency_key(client, idempotency_key),
+                           jobs.fingerprint(body.model_dump_json()))
+        submission = jobs.submit(conn, queue, job_spec, settings, idempotency)
+    except jobs.QueueFull as exc:
+        metrics.jobs_rejected.labels("queue_full").inc()
+        raise ApiError(
+            429, f"queue full ({exc.depth} jobs waiting); retry later",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        ) from None
+    except jobs.IdempotencyMismatch as exc:
+        metrics.jobs_rejected.labels("idempotency_conflict").inc()
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": str(exc), "input": idempotency_key}]
+        ) from None
+    except redis.RedisError:
+        metrics.jobs_rejected.labels("redis_unavailable").inc()
+        raise
+    if submission.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        metrics.jobs_submitted.labels(job_spec.sampler.value).inc()
+    links = _links(request, submission.job_id, job_spec.animation)
+    response.headers["Location"] = links.self
+    return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
+
+
+def _public(request: Request, conn: RedisDep, job: Job) -> JobPublic:
+    job_spec = jobs.job_spec_of(job)
+    progress = jobs.progress_of(job)
+    resolved = job.meta.get(spec.META_RESOLVED)
+    return JobPublic(
+        id=job.id,
+        status=jobs.status_of(job),
+        queue_position=jobs.queue_position(job),
+        progress=Progress(**progress) if progress else None,
+        cancel_requested=jobs.cancel_requested(conn, job),
+        submitted_at=jobs.submitted_at_of(job),
+        enqueued_at=job.enqueued_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        parameters=job_spec,
+        resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
+        error=jobs.error_of(job),
+        links=_links(request, job.id, job_spec.animation),
+    )
+
+
+def _fetch(conn: RedisDep, job_id: str) -> Job:
+    try:
+        return jobs.fetch(conn, job_id)
+    except jobs.JobNotFound:
+        raise ApiError(404, "job not found") from None
+    except jobs.JobGone:
+        raise ApiError(410, "job expired") from None
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobPublic,
+    summary="Job status and progress",
+    description="Status (RQ's job statuses), queue position, progress, timestamps, parameters as queued and as "
+    "resolved by the worker, and a one-line error when it failed. Finished jobs are kept for ARTIFACT_TTL; "
+    "after that this answers 410 (for TOMBSTONE_TTL, then 404).",
+    responses={**NOT_FOUND, **GONE, **UNAVAILABLE},
+)
+def read_job(job_id: str, request: Request, conn: RedisDep, settings: SettingsDep, metrics: MetricsDep) -> JobPublic:
+    job = _fetch(conn, job_id)
+    if jobs.first_sighting(conn, job, settings.tombstone_ttl):
+        metrics.observe_ended(job)
+    return _public(request, conn, job)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    description="A queued job is canceled at once (200, status `canceled`). A running job is asked to stop: the "
+    "worker checks between denoising steps and ends it as canceled (202, status still `started`, "
+    "`cancel_requested` true). A job that has already ended answers 409.",
+    responses={
+        200: {"description": "Canceled."},
+        202: {"description": "Running: cancellation requested."},
+        409: {"model": JobStateError, "description": "The job has already ended."},
+        **NOT_FOUND, **GONE, **UNAVAILABLE,
+    },
+)
+def cancel_job(
+    job_id: str, request: Request, response: Response, conn: RedisDep, settings: SettingsDep
+) -> JobPublic:
+    job = _fetch(conn, job_id)
+    try:
+        new_status = jobs.cancel(conn, job, settings)
+    except jobs.NotReady as exc:
+        raise ApiError(409, f"job already {exc.status.value}", status=exc.status.value, error=exc.error) from None
+    if new_status != JobStatus.CANCELED:
+        response.status_code = 202
+    return _public(request, conn, jobs.fetch(conn, job_id))
+
+
+def _artifact(conn: redis.Redis, job_id: str, kind: str) -> Response:
+    try:
+        data = jobs.read_artifact(conn, job_id, kind)
+    except jobs.JobNotFound:
+        raise ApiError(404, "job not found" if kind == "grid" else "no animation: job not found or not asked for "
+                                                                   "one") from None
+    except jobs.JobGone:
+        raise ApiError(410, f"{'images' if kind == 'grid' else 'animation'} expired") from None
+    except jobs.NotReady as exc:
+        pending = exc.status not in jobs.ENDED
+        raise ApiError(
+            409,
+            "not ready yet" if pending else f"job {exc.status.value}: no {'images' if kind == 'grid' else 'animation'}",
+            headers={"Retry-After": "1"} if pending else None,
+            status=exc.status.value,
+            error=exc.error,
+        ) from None
+    extension = "png" if kind == "grid" else "gif"
+    return Response(
+        content=data,
+        media_type=spec.ARTIFACT_MEDIA_TYPES[kind],
+        headers={
+            "Cache-Control": "private, max-age=3600, immutable",
+            "Content-Disposition": f'inline; filename="facegen-{job_id}.{extension}"',
+        },
+    )
+
+
+ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"model": JobStateError, "description": "No images in the job's current state (see description)."},
+    **GONE,
+    **UNAVAILABLE,
+}
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    response_class=Response,
+    summary="The image grid (PNG)",
+    description=f"The finished job's images as one PNG grid. {STATE_NOTE} {ARTIFACT_TTL_NOTE}",
+    responses={200: {"content": {"image/png": {}}, "description": "PNG grid."}, **NOT_FOUND, **ARTIFACT_RESPONSES},
+)
+def read_result(job_id: str, conn: RedisDep) -> Response:
+    return _artifact(conn, job_id, "grid")
+
+
+@router.get(
+    "/jobs/{job_id}/animation",
+    response_class=Response,
+    summary="The denoising animation (GIF)",
+    description=f"The reverse-diffusion trajectory as a GIF, noise first. 404 when the request did not ask for "
+    f"`animation`. {STATE_NOTE} {ARTIFACT_TTL_NOTE}",
+    responses={
+        200: {"content": {"image/gif": {}}, "description": "GIF."},
+        404: {"model": ErrorPublic, "description": "No such job, or it did not ask for an animation."},
+        **ARTIFACT_RESPONSES,
+    },
+)
+def read_animation(job_id: str, conn: RedisDep) -> Response:
+    return _artifact(conn, job_id, "animation")

@@ -1,0 +1,150 @@
+"""The application factory: ``create_app(settings)`` wires settings, Redis, metrics, routers and error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import jobs
+from service.api.deps import ApiError
+from service.api.routes import docs, health, models, playground
+from service.api.routes import jobs as job_routes
+from service.api.routes import metrics as metrics_routes
+from service.config import Settings, get_settings
+from service.metrics import Metrics, MetricsMiddleware, QueueCollector
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """\
+Attribute-conditioned face generation with a latent diffusion model.
+
+`POST /generate` queues a job and answers 202 at once; poll `GET /jobs/{id}` (status, progress), then fetch
+`GET /jobs/{id}/result` (PNG grid) and `GET /jobs/{id}/animation` (GIF of the denoising trajectory).
+Labels, attributes and models come from the live workers: see `GET /models`.
+
+Errors are JSON `{"detail": ...}`; validation errors (422) list the failing fields in `detail[].loc`.
+When the server has API keys, every route except `/healthz`, `/readyz`, `/metrics` and the playground page
+needs `Authorization: Bearer <key>`.
+"""
+
+TAGS = [
+    {"name": "jobs", "description": "Queue, follow, cancel generation jobs; fetch their images."},
+    {"name": "models", "description": "Model versions the live workers serve."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+    {"name": "metrics", "description": "Prometheus metrics."},
+]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app. ``settings`` default to the environment's (``get_settings()``)."""
+    settings = settings or get_settings()
+    conn = jobs.connect(settings)
+    metrics = Metrics()
+    metrics.registry.register(QueueCollector(conn, settings.queue_name))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        conn.close()
+
+    app = FastAPI(
+        title="facegen",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served by routes/docs.py, behind the API key when keys are set
+    )
+    app.state.settings = settings
+    app.state.redis = conn
+    app.state.metrics = metrics
+    app.dependency_overrides[get_settings] = lambda: settings
+
+    for module in (job_routes, models, health, metrics_routes, playground, docs):
+        app.include_router(module.router)
+    _add_error_handlers(app, settings, metrics)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer, CORS's included
+    return app
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_bytes``: at once from Content-Length, else while the body streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body too large (limit {self.max_bytes} bytes)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            error = self._too_large()
+            await JSONResponse({"detail": error.detail}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()  # inside a route: rendered as JSON by FastAPI's handler
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        body = {"detail": exc.detail, **{k: v for k, v in exc.extra.items() if v is not None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        route = request.scope.get("route")
+        if getattr(route, "path", None) == "/generate":
+            metrics.jobs_rejected.labels("invalid").inc()
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("Redis error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return JSONResponse(
+            {"detail": "the job queue (Redis) is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)

@@ -1,0 +1,356 @@
+"""Redis and RQ access for the API: submit, read, cancel jobs; read artifacts and the workers' model registry.
+
+Knows nothing of HTTP: problems are raised as the exceptions below and the routes map them onto status codes.
+Keys owned by the API (the worker never reads them):
+
+- ``facegen:tombstone:<job_id>`` -> ``{"animation": bool}``, kept ``tombstone_ttl`` (longer than the job), so an
+  expired job answers 410 rather than 404;
+- ``facegen:idempotency:<sha256(api key, Idempotency-Key)>`` -> ``{"job_id", "fingerprint", "seed"}``;
+- ``facegen:observed:<job_id>``: set the first time any API replica sees the job ended (metrics count it once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from pydantic import ValidationError
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry as RedisRetry
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from service.config import Settings
+from worker import spec
+
+PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
+                     JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
+ENDED = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
+GENERIC_ERROR = "generation failed"
+# Without any worker in the registry, requests may still name these (they wait in the queue for one).
+FALLBACK_ATTRIBUTES = ["Smiling"]
+
+
+class JobNotFound(Exception):
+    """No such job (never submitted, or not a generation job)."""
+
+
+class JobGone(Exception):
+    """The job, or the artifact asked for, existed but has expired."""
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int):
+        super().__init__(f"queue holds {depth} jobs")
+        self.depth = depth
+
+
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key was used before with another request body."""
+
+
+class NotReady(Exception):
+    """The artifact does not exist in the job's current state."""
+
+    def __init__(self, status: JobStatus, error: str | None = None):
+        super().__init__(status.value)
+        self.status = status
+        self.error = error
+
+
+class FieldError(Exception):
+    """A request field names something the workers don't offer (unknown label, attribute, model)."""
+
+    def __init__(self, field: str | tuple[str, ...], message: str, value: object = None):
+        super().__init__(message)
+        self.loc = (field,) if isinstance(field, str) else field
+        self.message = message
+        self.value = value
+
+
+# ----- connections --------------------------------------------------------------------------------------------
+def connect(settings: Settings) -> redis.Redis:
+    """A pooled client that fails fast (a couple of short retries, then the routes answer 503)."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        retry=RedisRetry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+    )
+
+
+def make_queue(conn: redis.Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=conn)
+
+
+# ----- keys ---------------------------------------------------------------------------------------------------
+def tombstone_key(job_id: str) -> str:
+    return f"{spec.KEY_PREFIX}:tombstone:{job_id}"
+
+
+def observed_key(job_id: str) -> str:
+    return f"{spec.KEY_PREFIX}:observed:{job_id}"
+
+
+def idempotency_key(client: str, key: str) -> str:
+    digest = hashlib.sha256(f"{client}\0{key}".encode()).hexdigest()
+    return f"{spec.KEY_PREFIX}:idempotency:{digest}"
+
+
+# ----- model registry -----------------------------------------------------------------------------------------
+def read_models(conn: redis.Redis) -> list[spec.ModelInfo]:
+    """Model descriptions live workers publish (entries that don't parse are skipped), sorted by version."""
+    keys = sorted(conn.scan_iter(match=spec.MODEL_REGISTRY_PATTERN, count=200))
+    models = []
+    for raw in conn.mget(keys) if keys else []:
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            models.append(spec.ModelInfo.model_validate_json(raw))
+        except ValidationError:
+            continue
+    return sorted(models, key=lambda m: m.version)
+
+
+def find_model(models: list[spec.ModelInfo], version: str) -> spec.ModelInfo | None:
+    """The entry serving ``version``; for ``"latest"`` the one flagged ``is_latest`` (the newest if several)."""
+    if version == spec.LATEST:
+        latest = [m for m in models if m.is_latest]
+        return latest[-1] if latest else None
+    return next((m for m in models if m.version == version), None)
+
+
+def resolve_attributes(
+    models: list[spec.ModelInfo], version: str, label: str | None, attributes: dict[str, bool] | None
+) -> dict[str, bool]:
+    """The request's condition as ``{attribute name: wanted}``, checked against the model that will serve it.
+
+    Raises ``FieldError`` for an unknown model, label or attribute.
+    """
+    if models:
+        model = find_model(models, version)
+        if model is None:
+            known = ", ".join([spec.LATEST] + [m.version for m in models])
+            raise FieldError("model", f"unknown model {version!r}; live workers serve: {known}", version)
+        names = model.attributes
+    elif version == spec.LATEST:
+        names = FALLBACK_ATTRIBUTES
+    else:
+        raise FieldError("model", f"unknown model {version!r}: no worker has published a model yet; use 'latest'",
+                         version)
+    if label is not None:
+        try:
+            return spec.label_to_attributes(label, names)
+        except ValueError as exc:
+            raise FieldError("label", str(exc), label) from None
+    by_lower = {name.lower(): name for name in names}
+    resolved = {}
+    for name, wanted in (attributes or {}).items():
+        canonical = by_lower.get(name.lower())
+        if canonical is None:
+            raise FieldError(("attributes", name), f"unknown attribute {name!r}; valid: {', '.join(names)}", name)
+        resolved[canonical] = wanted
+    return resolved
+
+
+# ----- submit -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    seed: int
+    status: JobStatus
+    replayed: bool  # an earlier request with the same Idempotency-Key created this job
+
+
+def fingerprint(payload: str) -> str:
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def submit(
+    conn: redis.Redis,
+    queue: Queue,
+    job_spec: spec.JobSpec,
+    settings: Settings,
+    idempotency: tuple[str, str] | None = None,
+) -> Submission:
+    """Enqueue ``job_spec`` (by the worker function's dotted name) and remember its id.
+
+    ``idempotency`` is ``(redis key, request fingerprint)``: the first request with that key creates the job, later
+    ones with the same fingerprint get the same job back, with another fingerprint ``IdempotencyMismatch``.
+    Raises ``QueueFull`` when the queue already holds ``settings.max_queued`` jobs.
+    """
+    job_id = str(uuid.uuid4())
+    if idempotency is not None:
+        key, print_ = idempotency
+        record = json.dumps({"job_id": job_id, "fingerprint": print_, "seed": job_spec.seed})
+        if not conn.set(key, record, nx=True, ex=settings.idempotency_ttl):
+            return _replay(conn, key, print_)
+    try:
+        depth = queue.count
+        if depth >= settings.max_queued:
+            raise QueueFull(depth)
+        submitted_at = datetime.now(UTC).isoformat()
+        with conn.pipeline() as pipe:
+            queue.enqueue(
+                spec.JOB_FUNCTION,
+                job_spec.model_dump(mode="json"),
+                job_id=job_id,
+                result_ttl=settings.artifact_ttl,
+                failure_ttl=settings.failure_ttl,
+                job_timeout=settings.job_timeout,
+                retry=Retry(max=2),
+                meta={"submitted_at": submitted_at},
+                description=f"generate {job_spec.label()} x{job_spec.count}",
+                pipeline=pipe,
+            )
+            pipe.set(tombstone_key(job_id), json.dumps({"animation": job_spec.animation}), ex=settings.tombstone_ttl)
+            pipe.execute()
+    except BaseException:
+        if idempotency is not None:
+            conn.delete(idempotency[0])
+        raise
+    return Submission(job_id=job_id, seed=job_spec.seed, status=JobStatus.QUEUED, replayed=False)
+
+
+def _replay(conn: redis.Redis, key: str, print_: str) -> Submission:
+    raw = conn.get(key)
+    if raw is None:  # expired in between: extremely rare; let the client retry
+        raise IdempotencyMismatch("the Idempotency-Key expired while this request ran; retry")
+    record = json.loads(raw)
+    if record["fingerprint"] != print_:
+        raise IdempotencyMismatch("this Idempotency-Key was already used with a different request body")
+    try:
+        status = Job.fetch(record["job_id"], connection=conn).get_status(refresh=False)
+    except NoSuchJobError:
+        # Being enqueued by a concurrent request with the same key, or expired (GET /jobs/{id} tells which).
+        status = JobStatus.QUEUED
+    return Submission(job_id=record["job_id"], seed=record["seed"], status=status, replayed=True)
+
+
+# ----- read ---------------------------------------------------------------------------------------------------
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
+    except ValueError:
+        return False
+
+
+def fetch(conn: redis.Redis, job_id: str) -> Job:
+    """The generation job ``job_id``; raises ``JobGone`` when it expired, ``JobNotFound`` when it never existed."""
+    if not _is_uuid(job_id):
+        raise JobNotFound(job_id)
+    try:
+        job = Job.fetch(job_id, connection=conn)
+        if job.func_name == spec.JOB_FUNCTION:
+            return job
+    except NoSuchJobError:
+        pass
+    except redis.RedisError:
+        raise
+    except Exception:  # a job hash we cannot decode is not one of ours
+        pass
+    if conn.exists(tombstone_key(job_id)):
+        raise JobGone(job_id)
+    raise JobNotFound(job_id)
+
+
+def job_spec_of(job: Job) -> spec.JobSpec:
+    return spec.JobSpec.model_validate(job.args[0])
+
+
+def status_of(job: Job) -> JobStatus:
+    return job.get_status(refresh=False)
+
+
+def progress_of(job: Job) -> dict[str, int] | None:
+    value = job.meta.get(spec.META_PROGRESS)
+    if isinstance(value, dict) and isinstance(value.get("step"), int) and isinstance(value.get("total"), int):
+        return {"step": value["step"], "total": value["total"]}
+    return None
+
+
+def error_of(job: Job) -> str | None:
+    """The worker's one-line reason for a failed job, else a generic line: never a traceback."""
+    status = status_of(job)
+    if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+        return None
+    reason = job.meta.get(spec.META_ERROR)
+    if isinstance(reason, str) and reason.strip():
+        return reason.strip().splitlines()[0][:500]
+    if status == JobStatus.CANCELED:
+        return "canceled"
+    if status == JobStatus.STOPPED:
+        return "stopped"
+    return GENERIC_ERROR
+
+
+def submitted_at_of(job: Job) -> datetime | None:
+    raw = job.meta.get("submitted_at")
+    try:
+        return datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
+def queue_position(job: Job) -> int | None:
+    return job.get_position() if status_of(job) == JobStatus.QUEUED else None
+
+
+def cancel_requested(conn: redis.Redis, job: Job) -> bool:
+    return status_of(job) not in ENDED and bool(conn.exists(spec.cancel_key(job.id)))
+
+
+def first_sighting(conn: redis.Redis, job: Job, ttl: int) -> bool:
+    """True exactly once per ended job across all API replicas (for the finished/failed metrics)."""
+    if status_of(job) not in ENDED:
+        return False
+    return bool(conn.set(observed_key(job.id), b"1", nx=True, ex=ttl))
+
+
+def animation_requested(conn: redis.Redis, job_id: str) -> bool:
+    raw = conn.get(tombstone_key(job_id))
+    return bool(raw and json.loads(raw).get("animation"))
+
+
+def read_artifact(conn: redis.Redis, job_id: str, kind: str) -> bytes:
+    """The artifact bytes of a finished job; raises ``JobNotFound`` (also for an animation nobody asked for),
+    ``JobGone`` (expired) or ``NotReady`` (not finished)."""
+    try:
+        job = fetch(conn, job_id)
+    except JobGone:
+        if kind == "animation" and not animation_requested(conn, job_id):
+            raise JobNotFound(job_id) from None
+        raise
+    if kind == "animation" and not job_spec_of(job).animation:
+        raise JobNotFound(job_id)
+    status = status_of(job)
+    if status != JobStatus.FINISHED:
+        raise NotReady(status, error_of(job))
+    data = conn.get(spec.artifact_key(job_id, kind))
+    if data is None:
+        raise JobGone(job_id)
+    return data
+
+
+# ----- cancel -------------------------------------------------------------------------------------------------
+def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:
+    """Cancel a pending job now, or ask the worker to stop a running one; returns the status after the call.
+
+    The cancel flag is set in both cases (a worker may have just dequeued the job). Raises ``NotReady`` with the
+    job's status when it has already ended.
+    """
+    status = status_of(job)
+    if status in ENDED:
+        raise NotReady(status, error_of(job))
+    conn.set(spec.cancel_key(job.id), b"1", ex=settings.job_timeout + 60)
+    if status in PENDING:
+        job.cancel()
+        conn.expire(job.key, settings.failure_ttl)
+        return JobStatus.CANCELED
+    return status

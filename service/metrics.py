@@ -1,0 +1,150 @@
+"""Prometheus metrics of one app, in its own CollectorRegistry (tests build many apps in one process).
+
+Request metrics come from ``MetricsMiddleware`` (labelled by route template, never by raw path); queue metrics
+are read from Redis at scrape time by ``QueueCollector``. With ``WORKERS > 1`` each uvicorn process keeps its own
+counters: scale with replicas (one process each) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from rq import Queue
+from rq.job import Job, JobStatus
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import jobs
+
+log = logging.getLogger(__name__)
+
+UNMATCHED = "<unmatched>"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+JOB_LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "facegen_api_requests", "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"], registry=r,
+        )
+        self.request_latency = Histogram(
+            "facegen_api_request_duration_seconds", "HTTP request latency by route template.",
+            ["route", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.jobs_submitted = Counter(
+            "facegen_api_jobs_submitted", "Jobs enqueued by POST /generate, by sampler.", ["sampler"], registry=r,
+        )
+        self.jobs_rejected = Counter(
+            "facegen_api_jobs_rejected",
+            "POST /generate requests refused, by reason (queue_full, redis_unavailable, invalid, "
+            "idempotency_conflict, unauthorized).",
+            ["reason"], registry=r,
+        )
+        self.jobs_ended = Counter(
+            "facegen_api_jobs_ended",
+            "Ended jobs by final status, counted once when an API replica first sees them ended.",
+            ["status"], registry=r,
+        )
+        self.job_latency = Histogram(
+            "facegen_api_job_latency_seconds",
+            "End-to-end latency of finished jobs, enqueued_at to ended_at (observed when first seen finished).",
+            buckets=JOB_LATENCY_BUCKETS, registry=r,
+        )
+
+    def observe_ended(self, job: Job) -> None:
+        status = jobs.status_of(job)
+        self.jobs_ended.labels(status.value).inc()
+        if status == JobStatus.FINISHED and job.enqueued_at and job.ended_at:
+            self.job_latency.observe(max(0.0, (job.ended_at - job.enqueued_at).total_seconds()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class QueueCollector(Collector):
+    """Queue depth, RQ registry sizes and live models, read from Redis when Prometheus scrapes."""
+
+    def __init__(self, conn: redis.Redis, queue_name: str) -> None:
+        self.conn = conn
+        self.queue_name = queue_name
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected lazily; nothing to check at registration
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily("facegen_redis_up", "1 when Redis answered this scrape.")
+        try:
+            queue = Queue(self.queue_name, connection=self.conn)
+            depth = queue.count
+            registries = {
+                JobStatus.STARTED.value: queue.started_job_registry,
+                JobStatus.FINISHED.value: queue.finished_job_registry,
+                JobStatus.FAILED.value: queue.failed_job_registry,
+                JobStatus.CANCELED.value: queue.canceled_job_registry,
+                JobStatus.DEFERRED.value: queue.deferred_job_registry,
+                JobStatus.SCHEDULED.value: queue.scheduled_job_registry,
+            }
+            counts = {name: reg.get_job_count(cleanup=False) for name, reg in registries.items()}
+            models = jobs.read_models(self.conn)
+        except redis.RedisError as exc:
+            log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        queued = GaugeMetricFamily("facegen_queue_depth", "Jobs waiting in the RQ queue.", labels=["queue"])
+        queued.add_metric([self.queue_name], depth)
+        yield queued
+        held = GaugeMetricFamily(
+            "facegen_queue_registry_jobs", "Jobs in each RQ registry (retained for result/failure TTL).",
+            labels=["queue", "registry"],
+        )
+        for name, count in counts.items():
+            held.add_metric([self.queue_name, name], count)
+        yield held
+        live = GaugeMetricFamily(
+            "facegen_models_live", "Model versions published by live workers (1 per version).", labels=["version"]
+        )
+        for model in models:
+            live.add_metric([model.version], 1)
+        yield live
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request under its route template (``/jobs/{job_id}``)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path_format", None) or getattr(route, "path", None) or UNMATCHED
+            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.request_latency.labels(template, scope["method"]).observe(time.perf_counter() - start)
+

@@ -1,0 +1,226 @@
+"""HTTP schemas: what clients send and receive. The job spec itself (what the worker gets) lives in worker.spec."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from rq.job import JobStatus
+
+from worker import spec
+
+# Seeds the API draws itself stay below 2**53 so that JavaScript clients (the playground) read them exactly.
+MAX_RANDOM_SEED = 2**53 - 1
+
+GENERATE_EXAMPLES = [
+    {"label": "smiling", "count": 4, "seed": 1234},
+    {"label": "not_smiling", "count": 16, "sampler": "ddim", "steps": 50, "guidance_scale": 3.5},
+    {"attributes": {"Smiling": True, "Eyeglasses": False}, "count": 8, "animation": True},
+]
+
+
+class JobCreate(BaseModel):
+    """A generation request. Give exactly one of ``label`` and ``attributes``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": GENERATE_EXAMPLES})
+
+    label: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=64,
+            description='Condition as one label, case-insensitive: "smiling" or "not_smiling" (any attribute '
+            "the model knows, with or without the not_ prefix; see GET /models).",
+            examples=["smiling"],
+        ),
+    ] = None
+    attributes: Annotated[
+        dict[str, bool] | None,
+        Field(
+            min_length=1,
+            max_length=40,
+            description="Condition on several attributes at once (multi-attribute models): attribute name -> wanted. "
+            "Names as listed by GET /models, case-insensitive.",
+            examples=[{"Smiling": True, "Eyeglasses": False}],
+        ),
+    ] = None
+    count: Annotated[int, Field(ge=1, le=spec.MAX_COUNT, description="Images in the grid.")] = spec.DEFAULT_COUNT
+    seed: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=spec.MAX_SEED,
+            description="Random seed; the same seed gives the same images whatever the count. "
+            "Drawn at random (below 2^53) when absent, and echoed back.",
+        ),
+    ] = None
+    steps: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=spec.MAX_STEPS,
+            description="Denoising steps; default: the sampler's ("
+            + ", ".join(f"{k.value} {v}" for k, v in spec.DEFAULT_STEPS.items())
+            + ").",
+        ),
+    ] = None
+    sampler: Annotated[spec.Sampler, Field(description="Reverse-diffusion sampler.")] = spec.DEFAULT_SAMPLER
+    guidance_scale: Annotated[
+        float | None,
+        Field(
+            ge=0.0,
+            le=spec.MAX_GUIDANCE,
+            allow_inf_nan=False,
+            description="Classifier-free guidance scale (0 = unconditional); default: the model's.",
+        ),
+    ] = None
+    animation: Annotated[bool, Field(description="Also render the denoising trajectory as a GIF.")] = False
+    animation_frames: Annotated[
+        int | None,
+        Field(
+            ge=2,
+            le=spec.MAX_ANIMATION_FRAMES,
+            description=f"GIF frames (needs animation: true); default {spec.DEFAULT_ANIMATION_FRAMES}.",
+        ),
+    ] = None
+    animation_fps: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            le=spec.MAX_ANIMATION_FPS,
+            description=f"GIF frame rate (needs animation: true); default {spec.DEFAULT_ANIMATION_FPS}.",
+        ),
+    ] = None
+    model: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=64,
+            pattern=r"^[A-Za-z0-9._-]+$",
+            description='Model version (see GET /models); "latest" is the newest one the workers serve.',
+        ),
+    ] = spec.LATEST
+
+    @field_validator("label")
+    @classmethod
+    def _normalise_label(cls, value: str | None) -> str | None:
+        return value.strip().lower() if value is not None else None
+
+    def field_errors(self) -> list[tuple[str, str]]:
+        """Cross-field problems as ``(field, message)``; empty when the request is consistent."""
+        errors = []
+        if (self.label is None) == (self.attributes is None):
+            which = "both were given" if self.label is not None else "neither was given"
+            errors.append(("label", f"give exactly one of 'label' and 'attributes' ({which})"))
+        if not self.animation:
+            for name in ("animation_frames", "animation_fps"):
+                if getattr(self, name) is not None:
+                    errors.append((name, f"'{name}' needs 'animation': true"))
+        return errors
+
+
+class JobLinks(BaseModel):
+    self: Annotated[str, Field(description="This job (GET for status, DELETE to cancel).")]
+    result: Annotated[str, Field(description="The PNG grid, once the job has finished.")]
+    animation: Annotated[
+        str | None, Field(description="The GIF, once finished; present only when the request asked for it.")
+    ] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("animation") is None:
+            data.pop("animation", None)
+        return data
+
+
+class JobAccepted(BaseModel):
+    """Answer to POST /generate."""
+
+    job_id: Annotated[str, Field(description="Unguessable job id (uuid4).")]
+    status: Annotated[JobStatus, Field(description="RQ job status.")]
+    seed: Annotated[int, Field(description="The seed used: yours, or the one drawn for you.")]
+    links: JobLinks
+
+
+class Progress(BaseModel):
+    step: Annotated[int, Field(ge=0, description="Denoising steps done.")]
+    total: Annotated[int, Field(ge=0, description="Denoising steps in all.")]
+
+
+class JobPublic(BaseModel):
+    """A job as GET /jobs/{id} shows it."""
+
+    id: str
+    status: Annotated[JobStatus, Field(description="RQ job status (queued, started, finished, failed, canceled, …).")]
+    queue_position: Annotated[
+        int | None, Field(description="While queued: jobs ahead of this one (0 = next).")
+    ] = None
+    progress: Annotated[Progress | None, Field(description="While running or finished: denoising progress.")] = None
+    cancel_requested: Annotated[
+        bool, Field(description="DELETE was called while the job ran; the worker stops at its next step.")
+    ] = False
+    submitted_at: datetime | None = None
+    enqueued_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    parameters: Annotated[
+        spec.JobSpec,
+        Field(description="The job spec as queued (steps and guidance_scale null = model/sampler default)."),
+    ]
+    resolved: Annotated[
+        dict[str, Any] | None,
+        Field(description="Parameters the worker actually used (steps, guidance_scale, sampler, model version)."),
+    ] = None
+    error: Annotated[str | None, Field(description="One-line reason when the job failed.")] = None
+    links: JobLinks
+
+
+class ModelPublic(BaseModel):
+    """A model version that a live worker serves."""
+
+    version: str
+    vae_version: str
+    attributes: Annotated[list[str], Field(description="Attribute names the model is conditioned on.")]
+    labels: Annotated[list[str], Field(description='Values accepted for "label".')]
+    resolution: Annotated[int, Field(description="Image side in pixels.")]
+    default_guidance_scale: float
+    default_steps: Annotated[dict[str, int], Field(description="Default steps per sampler.")]
+    is_latest: Annotated[bool, Field(description='Serves model "latest".')]
+    device: str
+    dtype: str
+    workers: list[str] = []
+
+    @classmethod
+    def from_info(cls, info: spec.ModelInfo) -> ModelPublic:
+        return cls(**info.model_dump(), labels=info.labels())
+
+
+class ModelList(BaseModel):
+    models: list[ModelPublic]
+    latest: Annotated[str | None, Field(description='Version that "latest" means now; null when no worker is live.')]
+
+
+class Health(BaseModel):
+    status: Annotated[str, Field(examples=["ok"])]
+
+
+class Readiness(BaseModel):
+    status: Annotated[str, Field(description='"ready" or "unavailable".', examples=["ready"])]
+    redis: Annotated[bool, Field(description="Redis answered.")]
+    latest_model: Annotated[str | None, Field(description='Version a live worker serves as "latest".')] = None
+    reason: Annotated[str | None, Field(description="Why the API is not ready.")] = None
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer except 422 (which lists the failing fields in FastAPI's format)."""
+
+    detail: Annotated[str, Field(examples=["job not found"])]
+
+
+class JobStateError(ErrorPublic):
+    """409 on an artifact: the job is not finished (yet); ``status`` says which case."""
+
+    status: JobStatus
+    error: str | None = None

@@ -1,0 +1,92 @@
+"""``python -m worker``: load the model once, publish it in Redis, serve metrics, and work the queue.
+
+Refuses to start (exit code 2, one clear line) when the checkpoint is missing, corrupt or tampered with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+import threading
+import uuid
+
+import redis
+import torch
+from rq import Queue
+
+from training.checkpoints import CheckpointError, list_versions
+
+from . import jobs
+from .engine import Engine
+from .metrics import WorkerMetrics
+from .settings import WorkerSettings
+from .spec import DEFAULT_STEPS, ModelInfo, model_registry_key
+
+log = logging.getLogger("worker")
+REGISTRY_TTL_S = 30  # a model entry disappears this long after its last worker stops refreshing it
+
+
+def model_info(engine: Engine, settings: WorkerSettings, worker_name: str) -> ModelInfo:
+    versions = list_versions(settings.checkpoint_dir, "diffusion")
+    return ModelInfo(
+        version=engine.version, vae_version=engine.model.manifest["vae_version"], attributes=engine.model.attributes,
+        resolution=engine.model.image_size, default_guidance_scale=engine.model.sampling.guidance_scale,
+        default_steps={sampler.value: steps for sampler, steps in DEFAULT_STEPS.items()},
+        is_latest=bool(versions) and versions[-1]["version"] == engine.version,
+        device=engine.device.type, dtype=str(engine.dtype).removeprefix("torch."), workers=[worker_name])
+
+
+def publish_model(connection: redis.Redis, info: ModelInfo, stop: threading.Event) -> None:
+    """Keep this worker's model entry alive in Redis until ``stop`` is set (a dead worker's entry expires)."""
+    key = model_registry_key(info.version)
+    while not stop.is_set():
+        try:
+            connection.set(key, info.model_dump_json(), ex=REGISTRY_TTL_S)
+        except redis.RedisError as exc:
+            log.warning("could not refresh the model registry: %s", exc)
+        stop.wait(REGISTRY_TTL_S / 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    parser.add_argument("--name", default=None, help="worker name (default: host + random suffix)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = WorkerSettings()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        engine = Engine(settings.checkpoint_dir, settings.model_version, settings.device, settings.precision,
+                        settings.max_batch)
+    except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
+        print(f"worker: cannot load model {settings.model_version!r} from {settings.checkpoint_dir}: {exc}",
+              file=sys.stderr)
+        return 2
+    metrics = WorkerMetrics()
+    name = args.name or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    info = model_info(engine, settings, name)
+    metrics.model.info({"version": info.version, "vae_version": info.vae_version, "device": info.device,
+                        "dtype": info.dtype})
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    connection = redis.Redis.from_url(settings.redis_url)
+    jobs.RUNTIME = jobs.WorkerRuntime(engine, settings, metrics)
+    stop = threading.Event()
+    threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
+    queues = [Queue(name_, connection=connection) for name_ in settings.queue_names()]
+    worker = jobs.FacegenWorker(queues, connection=connection, name=name, runtime=jobs.RUNTIME)
+    log.info("serving model %s (%s)", info.version, json.dumps({"device": info.device, "dtype": info.dtype,
+                                                                "max_batch": settings.max_batch}))
+    try:
+        worker.work(burst=args.burst, with_scheduler=False)
+    finally:
+        stop.set()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The loaded model and how it turns a batch of requests into images.
+
+One :class:`Engine` per worker process: networks loaded once, on one device, in one precision (fp16 on CUDA,
+bf16 on CPU by default). :meth:`Engine.run` takes the requests of several compatible jobs, lays their images
+out as rows (row of image ``i`` of a request with seed ``s`` draws its noise from stream ``(s, i)``), runs the
+chain in chunks of at most ``max_batch`` images, and returns each request's images and, when asked, its
+trajectory frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.data.celeba import to_uint8
+from training.diffusion.noise import ImageNoise
+from training.pipeline import LatentDiffusion
+from training.runtime import pick_device, pick_dtype
+
+log = logging.getLogger(__name__)
+
+
+class OutOfMemory(RuntimeError):
+    """Even one image does not fit on the device."""
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One job's share of a batch."""
+
+    key: str  # the job id
+    attributes: dict[str, bool]
+    seed: int
+    count: int
+    frames: int = 0  # trajectory frames wanted (0 = no animation)
+
+
+@dataclass
+class RequestOutput:
+    images: torch.Tensor  # uint8 [count, 3, H, W]
+    frames: list[torch.Tensor] = field(default_factory=list)  # each uint8 [count, 3, H, W], noise first
+
+
+@dataclass
+class RunStats:
+    images: int = 0
+    chunks: int = 0
+    sampling_s: float = 0.0
+    decoding_s: float = 0.0
+    precision_fallbacks: int = 0
+    denoiser_steps: int = 0
+
+
+ProgressFn = Callable[[int, int], None]  # (steps done, total steps) across chunks; may raise to abort
+
+
+def trajectory_indices(steps: int, frames: int) -> list[int]:
+    """Which step outputs become GIF frames after the leading noise frame: ``min(frames, steps + 1) - 1`` distinct
+    step indices spread evenly from the first step to the last (the final sample)."""
+    wanted = min(frames, steps + 1) - 1
+    if wanted <= 0:
+        return []
+    if wanted == 1:
+        return [steps - 1]
+    return sorted({round(k * (steps - 1) / (wanted - 1)) for k in range(wanted)})
+
+
+class Engine:
+    def __init__(self, checkpoints: Path, version: str, device: str = "auto", precision: str = "auto",
+                 max_batch: int = 32):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, precision)
+        self.max_batch = max_batch
+        self.model = LatentDiffusion.load(checkpoints, version, self.device, self.dtype)
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def _fallback_dtype(self) -> torch.dtype:
+        if self.dtype == torch.float16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def decode(self, latents: torch.Tensor, stats: RunStats) -> torch.Tensor:
+        """Scaled latents -> ``uint8 [N, 3, H, W]``; a non-finite fp16 decode is redone in bf16, then fp32."""
+        images = self.model.decode(latents)
+        for dtype in (self._fallback_dtype(), torch.float32):
+            if bool(torch.isfinite(images).all()) or dtype == self.dtype:
+                break
+            stats.precision_fallbacks += 1
+            log.warning("decoder produced NaN/Inf in %s; decoding this batch again in %s", self.dtype, dtype)
+            images = self.model.decode(latents, dtype)
+        return to_uint8(images)
+
+    def run(self, requests: list[ImageRequest], sampler: str, steps: int, guidance_scale: float,
+            progress: ProgressFn | None = None) -> tuple[dict[str, RequestOutput], RunStats]:
+        """Generate every request's images (and trajectory frames where asked).
+
+        Raises ``ValueError`` for an attribute the model does not know, :class:`OutOfMemory` when a single
+        image does not fit, and whatever ``progress`` raises (e.g. to cancel).
+        """
+        rows = [(r, i) for r, request in enumerate(requests) for i in range(request.count)]
+        request_labels = torch.stack([self.model.labels_for(request.attributes) for request in requests])
+        labels = request_labels[[r for r, _ in rows]]
+        pairs = [(requests[r].seed, i) for r, i in rows]
+        wants = torch.tensor([requests[r].frames > 0 for r, _ in rows])
+        frame_steps = [trajectory_indices(steps, request.frames) for request in requests]
+        capture = sorted({i for indices in frame_steps for i in indices})
+        chunks = [list(range(start, min(start + self.max_batch, len(rows))))
+                  for start in range(0, len(rows), self.max_batch)]
+        total = steps * len(chunks)
+        stats = RunStats(images=len(rows))
+        images: list[torch.Tensor] = []
+        noise_frames: list[torch.Tensor] = []  # decoded x_T of the rows that want frames, chunk by chunk
+        step_frames: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
+        for number, chunk in enumerate(chunks):
+            def on_step(i: int, base: int = number * steps) -> None:
+                if progress is not None:
+                    progress(base + i + 1, total)
+
+            t0 = time.perf_counter()
+            latents, captured = self._sample(labels[chunk], [pairs[k] for k in chunk], wants[chunk], sampler, steps,
+                                             guidance_scale, capture, on_step)
+            t1 = time.perf_counter()
+            images.append(self.decode(latents, stats))
+            if bool(wants[chunk].any()):
+                start = ImageNoise([pairs[k] for k, w in zip(chunk, wants[chunk].tolist(), strict=True) if w])
+                noise_frames.append(self.decode(start.draw(self.model.latent_shape), stats))
+                for i in capture:
+                    step_frames[i].append(self.decode(captured[i], stats))
+            stats.chunks += 1
+            stats.denoiser_steps += steps
+            stats.sampling_s += t1 - t0
+            stats.decoding_s += time.perf_counter() - t1
+
+        all_images = torch.cat(images)
+        want_position = (torch.cumsum(wants.long(), 0) - 1).tolist()  # row -> index among rows wanting frames
+        all_noise = torch.cat(noise_frames) if noise_frames else None
+        all_steps = {i: torch.cat(parts) for i, parts in step_frames.items()}
+        outputs: dict[str, RequestOutput] = {}
+        for r, request in enumerate(requests):
+            row_ids = [k for k, (rr, _) in enumerate(rows) if rr == r]
+            output = RequestOutput(all_images[row_ids])
+            if request.frames > 0 and all_noise is not None:
+                positions = [want_position[k] for k in row_ids]
+                output.frames = [all_noise[positions]] + [all_steps[i][positions] for i in frame_steps[r]]
+            outputs[request.key] = output
+        return outputs, stats
+
+    def _sample(self, labels: torch.Tensor, pairs: list[tuple[int, int]], wants: torch.Tensor, sampler: str,
+                steps: int, guidance: float, capture: list[int], on_step: Callable[[int], None]
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One chain over ``labels [n, A]``: final latents ``[n, C, h, w]`` and the x0 predictions at the
+        ``capture`` step indices for the rows in ``wants``. On device OOM it empties the cache and runs the two
+        halves separately (fresh noise streams give the same images)."""
+        captured: dict[int, torch.Tensor] = {}
+        keep = wants.to(self.device)
+        any_wanted = bool(wants.any())
+
+        def callback(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            if any_wanted and i in capture:
+                captured[i] = x0[keep].cpu()
+            on_step(i)
+
+        try:
+            latents = self.model.sample_latents(labels, ImageNoise(pairs, self.device), sampler, steps, guidance,
+                                                callback)
+            return latents, captured
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(pairs) == 1:
+                raise OutOfMemory("out of device memory for a single image; lower the resolution or use a "
+                                  "larger device") from None
+            log.warning("out of device memory for %d images; splitting the batch", len(pairs))
+        half = len(pairs) // 2
+        first = self._sample(labels[:half], pairs[:half], wants[:half], sampler, steps, guidance, capture, on_step)
+        second = self._sample(labels[half:], pairs[half:], wants[half:], sampler, steps, guidance, capture, on_step)
+        merged = {i: torch.cat([first[1][i], second[1][i]]) for i in first[1].keys() & second[1].keys()}
+        merged |= {i: v for part in (first[1], second[1]) for i, v in part.items() if i not in merged}
+        return torch.cat([first[0], second[0]]), merged

@@ -1,0 +1,55 @@
+"""Artifacts: a PNG grid of images and a GIF of the denoising trajectory.
+
+Images come in as ``uint8 [N, 3, H, W]``; the outputs are encoded file bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+from PIL import Image
+
+GRID_PADDING = 2  # pixels between and around tiles
+GRID_BACKGROUND = (255, 255, 255)
+FINAL_FRAME_HOLD = 4  # the last GIF frame stays this many frame durations
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """``(rows, cols)`` for ``count`` tiles: as square as possible, never an empty row."""
+    cols = math.ceil(math.sqrt(count))
+    return math.ceil(count / cols), cols
+
+
+def grid_image(images: torch.Tensor) -> Image.Image:
+    """Tile ``uint8 [N, 3, H, W]`` row-major into one RGB image with ``GRID_PADDING`` px gaps."""
+    n, _, h, w = images.shape
+    rows, cols = grid_shape(n)
+    pad = GRID_PADDING
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), GRID_BACKGROUND)
+    array = images.permute(0, 2, 3, 1).cpu().numpy()
+    for index in range(n):
+        r, c = divmod(index, cols)
+        canvas.paste(Image.fromarray(array[index]), (pad + c * (w + pad), pad + r * (h + pad)))
+    return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif_bytes(frames: list[torch.Tensor], fps: int) -> bytes:
+    """Looping GIF of grids, one per frame (each ``uint8 [N, 3, H, W]``); the last frame is held longer."""
+    images = [grid_image(frame) for frame in frames]
+    duration = round(1000 / fps)
+    durations = [duration] * (len(images) - 1) + [duration * FINAL_FRAME_HOLD]
+    palette_images = [image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+                      for image in images]
+    buffer = io.BytesIO()
+    palette_images[0].save(buffer, format="GIF", save_all=True, append_images=palette_images[1:], duration=durations,
+                           loop=0, disposal=1, optimize=False)
+    return buffer.getvalue()
+

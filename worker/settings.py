@@ -1,0 +1,38 @@
+"""Worker settings from the environment (pydantic-settings); every default defined here once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .spec import DEFAULT_ARTIFACT_TTL_S, DEFAULT_QUEUE, LATEST
+
+BUNDLED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    checkpoint_dir: Path = BUNDLED_CHECKPOINTS
+    model_version: str = LATEST
+    device: str = Field("auto", pattern="^(auto|cuda|cpu)$")
+    precision: str = Field("auto", pattern="^(auto|fp16|bf16|fp32)$")
+    max_batch: int = Field(32, ge=1, le=1024)  # images per denoising batch (guidance doubles the rows)
+    queues: str = DEFAULT_QUEUE  # comma-separated
+    metrics_port: int = Field(9100, ge=0, le=65535)  # 0 = no metrics server
+    artifact_ttl: int = Field(DEFAULT_ARTIFACT_TTL_S, ge=60)
+    heartbeat_ttl: int = Field(90, ge=10)  # a job whose worker stops heartbeating is retried after this
+    progress_interval: float = Field(0.1, gt=0)  # seconds between progress writes (~10/s at most)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads
+
+    def queue_names(self) -> list[str]:
+        return [name.strip() for name in self.queues.split(",") if name.strip()]
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()
