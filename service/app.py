@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import iter_route_contexts
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import jobs
@@ -22,6 +27,7 @@ from service.api.routes import jobs as job_routes
 from service.api.routes import metrics as metrics_routes
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
+from worker import spec
 
 log = logging.getLogger("service")
 
@@ -74,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (job_routes, models, health, metrics_routes, playground, docs):
         app.include_router(module.router)
+    _exact_openapi_bounds(app)
     _add_error_handlers(app, settings, metrics)
 
     if settings.cors_origins:
@@ -122,6 +129,33 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+def _exact_openapi_bounds(app: FastAPI) -> None:
+    """FastAPI's OpenAPI model stores numeric bounds as floats (64.0, and 2**63-1 rounded up to 2**63): give
+    integral bounds back as exact integers."""
+    generate = app.openapi
+
+    def fix(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key in _BOUND_KEYS and isinstance(item, float) and item.is_integer():
+                    node[key] = spec.MAX_SEED if item == float(spec.MAX_SEED) else int(item)
+                else:
+                    fix(item)
+        elif isinstance(node, list):
+            for item in node:
+                fix(item)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            fix(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+_BOUND_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+
+
 def _add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -131,9 +165,10 @@ def _add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> N
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         route = request.scope.get("route")
-        if getattr(route, "path", None) == "/generate":
+        if getattr(route, "path", None) == "/generate" and not getattr(request.state, "rejection_counted", False):
             metrics.jobs_rejected.labels("invalid").inc()
-        return await request_validation_exception_handler(request, exc)
+        # FastAPI's own handler would echo a NaN/Infinity input and then fail to render it (500).
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(redis.RedisError)
     async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -144,7 +179,37 @@ def _add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> N
             headers={"Retry-After": str(settings.retry_after_s)},
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not UTF-8: a malformed body like any other, so 422.
+            detail = [{"type": "json_invalid", "loc": ["body"], "msg": "body is not valid UTF-8 JSON", "input": None}]
+            return JSONResponse({"detail": detail}, status_code=422)
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette lists only the first matching route's methods; GET and DELETE /jobs/{id} are two routes.
+        allowed = sorted({
+            method
+            for route in iter_route_contexts(request.app.routes)
+            if (regex := getattr(route, "path_regex", None)) is not None and regex.match(request.scope["path"])
+            for method in (route.methods or ())
+        })
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value

@@ -260,8 +260,12 @@ def fetch(conn: redis.Redis, job_id: str) -> Job:
     raise JobNotFound(job_id)
 
 
-def job_spec_of(job: Job) -> spec.JobSpec:
-    return spec.JobSpec.model_validate(job.args[0])
+def job_spec_of(job: Job) -> spec.JobSpec | None:
+    """The job's spec; ``None`` when its arguments don't parse (e.g. queued by an incompatible API version)."""
+    try:
+        return spec.JobSpec.model_validate(job.args[0])
+    except (ValidationError, IndexError, TypeError):
+        return None
 
 
 def status_of(job: Job) -> JobStatus:
@@ -327,7 +331,9 @@ def read_artifact(conn: redis.Redis, job_id: str, kind: str) -> bytes:
         if kind == "animation" and not animation_requested(conn, job_id):
             raise JobNotFound(job_id) from None
         raise
-    if kind == "animation" and not job_spec_of(job).animation:
+    job_spec = job_spec_of(job)
+    wants_animation = job_spec.animation if job_spec is not None else animation_requested(conn, job_id)
+    if kind == "animation" and not wants_animation:
         raise JobNotFound(job_id)
     status = status_of(job)
     if status != JobStatus.FINISHED:

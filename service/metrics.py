@@ -46,7 +46,7 @@ class Metrics:
         self.jobs_rejected = Counter(
             "facegen_api_jobs_rejected",
             "POST /generate requests refused, by reason (queue_full, redis_unavailable, invalid, "
-            "idempotency_conflict, unauthorized).",
+            "idempotency_conflict).",
             ["reason"], registry=r,
         )
         self.jobs_ended = Counter(

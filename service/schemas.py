@@ -23,7 +23,14 @@ GENERATE_EXAMPLES = [
 class JobCreate(BaseModel):
     """A generation request. Give exactly one of ``label`` and ``attributes``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": GENERATE_EXAMPLES})
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": GENERATE_EXAMPLES,
+            "oneOf": [{"required": ["label"]}, {"required": ["attributes"]}],
+        },
+    )
 
     label: Annotated[
         str | None,
@@ -65,7 +72,9 @@ class JobCreate(BaseModel):
             + ").",
         ),
     ] = None
-    sampler: Annotated[spec.Sampler, Field(description="Reverse-diffusion sampler.")] = spec.DEFAULT_SAMPLER
+    sampler: Annotated[spec.Sampler, Field(strict=False, description="Reverse-diffusion sampler.")] = (
+        spec.DEFAULT_SAMPLER
+    )
     guidance_scale: Annotated[
         float | None,
         Field(
@@ -81,7 +90,7 @@ class JobCreate(BaseModel):
         Field(
             ge=2,
             le=spec.MAX_ANIMATION_FRAMES,
-            description=f"GIF frames (needs animation: true); default {spec.DEFAULT_ANIMATION_FRAMES}.",
+            description=f"GIF frames (used when animation is true); default {spec.DEFAULT_ANIMATION_FRAMES}.",
         ),
     ] = None
     animation_fps: Annotated[
@@ -89,7 +98,7 @@ class JobCreate(BaseModel):
         Field(
             ge=1,
             le=spec.MAX_ANIMATION_FPS,
-            description=f"GIF frame rate (needs animation: true); default {spec.DEFAULT_ANIMATION_FPS}.",
+            description=f"GIF frame rate (used when animation is true); default {spec.DEFAULT_ANIMATION_FPS}.",
         ),
     ] = None
     model: Annotated[
@@ -109,15 +118,10 @@ class JobCreate(BaseModel):
 
     def field_errors(self) -> list[tuple[str, str]]:
         """Cross-field problems as ``(field, message)``; empty when the request is consistent."""
-        errors = []
         if (self.label is None) == (self.attributes is None):
             which = "both were given" if self.label is not None else "neither was given"
-            errors.append(("label", f"give exactly one of 'label' and 'attributes' ({which})"))
-        if not self.animation:
-            for name in ("animation_frames", "animation_fps"):
-                if getattr(self, name) is not None:
-                    errors.append((name, f"'{name}' needs 'animation': true"))
-        return errors
+            return [("label", f"give exactly one of 'label' and 'attributes' ({which})")]
+        return []
 
 
 class JobLinks(BaseModel):
@@ -166,7 +170,7 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     parameters: Annotated[
-        spec.JobSpec,
+        spec.JobSpec | None,
         Field(description="The job spec as queued (steps and guidance_scale null = model/sampler default)."),
     ]
     resolved: Annotated[

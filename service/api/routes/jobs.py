@@ -63,7 +63,9 @@ def _validation_error(errors: list[tuple[tuple[str | int, ...], str, Any]]) -> R
 
 
 def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec.JobSpec:
-    extra = {name: getattr(body, name) for name in ("animation_frames", "animation_fps") if getattr(body, name)}
+    extra = {}
+    if body.animation:  # frames and fps only matter with a GIF; otherwise the spec's defaults stand
+        extra = {name: getattr(body, name) for name in ("animation_frames", "animation_fps") if getattr(body, name)}
     try:
         return spec.JobSpec(
             attributes=attributes,
@@ -147,6 +149,7 @@ def create_job(
         ) from None
     except jobs.IdempotencyMismatch as exc:
         metrics.jobs_rejected.labels("idempotency_conflict").inc()
+        request.state.rejection_counted = True
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": str(exc), "input": idempotency_key}]
         ) from None
@@ -179,7 +182,7 @@ def _public(request: Request, conn: RedisDep, job: Job) -> JobPublic:
         parameters=job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=jobs.error_of(job),
-        links=_links(request, job.id, job_spec.animation),
+        links=_links(request, job.id, job_spec.animation if job_spec else jobs.animation_requested(conn, job.id)),
     )
 
 
@@ -259,6 +262,7 @@ def _artifact(conn: redis.Redis, job_id: str, kind: str) -> Response:
         headers={
             "Cache-Control": "private, max-age=3600, immutable",
             "Content-Disposition": f'inline; filename="facegen-{job_id}.{extension}"',
+            "X-Content-Type-Options": "nosniff",
         },
     )
 

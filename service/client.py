@@ -1,0 +1,283 @@
+"""Command-line client for the facegen API (httpx; a tqdm progress bar when tqdm is installed).
+
+    python -m service.client generate --label smiling --count 16 --seed 1 --out grid.png [--gif anim.gif]
+    python -m service.client status JOB_ID
+    python -m service.client fetch JOB_ID --out grid.png [--gif anim.gif]
+    python -m service.client cancel JOB_ID
+    python -m service.client models
+
+Every command takes ``--url`` (default ``$FACEGEN_URL`` or http://127.0.0.1:8000) and ``--api-key``
+(default ``$FACEGEN_API_KEY``). Exit status: 0 done, 1 the API refused or the job failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+ENDED = {"finished", "failed", "canceled", "stopped"}
+
+
+class ClientError(Exception):
+    """The API refused a request, the job failed, or the server could not be reached."""
+
+    def __init__(self, message: str, status_code: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return response.text.strip()[:200] or response.reason_phrase
+    if isinstance(detail, list):  # 422: [{"loc": [...], "msg": ...}]
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:]) or 'body'}: {e.get('msg')}" for e in detail)
+    return str(detail)
+
+
+class FacegenClient:
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> FacegenClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            retry_after = response.headers.get("Retry-After", "")
+            raise ClientError(
+                f"{_detail(response)} (HTTP {response.status_code})",
+                response.status_code,
+                float(retry_after) if retry_after.isdigit() else None,
+            )
+        return response
+
+    def generate(self, request: dict[str, Any], retries: int = 5) -> dict[str, Any]:
+        """Queue a job; on 429/503 waits Retry-After and retries (safely: one Idempotency-Key for all tries)."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        for attempt in range(retries + 1):
+            try:
+                return self._request("POST", "/generate", json=request, headers=headers).json()
+            except ClientError as exc:
+                if exc.status_code not in (429, 503) or attempt == retries:
+                    raise
+                print(f"{exc}; retrying", file=sys.stderr)
+                time.sleep(min(30.0, exc.retry_after or 2.0))
+        raise AssertionError("unreachable")
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/jobs/{job_id}").json()
+
+    def models(self) -> dict[str, Any]:
+        return self._request("GET", "/models").json()
+
+    def artifact(self, job_id: str, kind: str = "result") -> bytes:
+        """``kind``: ``"result"`` (PNG grid) or ``"animation"`` (GIF)."""
+        return self._request("GET", f"/jobs/{job_id}/{kind}").content
+
+    def wait(
+        self,
+        job_id: str,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 0.5,
+        timeout_s: float = 3600.0,
+    ) -> dict[str, Any]:
+        """Poll until the job ends; returns its final status, raises ``ClientError`` unless it finished."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.status(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] in ENDED:
+                if job["status"] != "finished":
+                    raise ClientError(f"job {job_id} {job['status']}: {job.get('error') or 'no reason given'}")
+                return job
+            if time.monotonic() > deadline:
+                raise ClientError(f"job {job_id} still {job['status']} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+
+class _Progress:
+    """Denoising progress on stderr: a tqdm bar when available, else a line per change."""
+
+    def __init__(self) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._tqdm = tqdm
+        self._bar: Any = None
+        self._last: tuple[str, int, int] | None = None
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        progress = job.get("progress") or {}
+        step, total = int(progress.get("step", 0)), int(progress.get("total", 0))
+        state = (job["status"], step, total)
+        if state == self._last:
+            return
+        self._last = state
+        if self._tqdm is not None and total:
+            if self._bar is None:
+                self._bar = self._tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+            self._bar.update(step - self._bar.n)
+        elif self._tqdm is None or job["status"] != "started":
+            where = f" (position {job['queue_position']})" if job.get("queue_position") is not None else ""
+            steps = f" {step}/{total} steps" if total else ""
+            print(f"{job['status']}{where}{steps}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _write(path: str, data: bytes) -> None:
+    Path(path).write_bytes(data)
+    print(f"wrote {path} ({len(data)} bytes)", file=sys.stderr)
+
+
+def _parse_attributes(text: str) -> dict[str, bool]:
+    """``"Smiling=true,Eyeglasses=false"`` -> ``{"Smiling": True, "Eyeglasses": False}``."""
+    result = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"attribute {name!r}: value must be true or false")
+        result[name.strip()] = value.lower() in ("true", "1", "yes")
+    return result
+
+
+def _fetch(client: FacegenClient, job_id: str, out: str | None, gif: str | None) -> None:
+    if out:
+        _write(out, client.artifact(job_id, "result"))
+    if gif:
+        _write(gif, client.artifact(job_id, "animation"))
+
+
+def cmd_generate(client: FacegenClient, args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"count": args.count, "sampler": args.sampler, "model": args.model}
+    if args.attributes:
+        request["attributes"] = args.attributes
+    else:
+        request["label"] = args.label
+    for name in ("seed", "steps", "guidance_scale"):
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
+    if args.gif:
+        request["animation"] = True
+    accepted = client.generate(request)
+    job_id = accepted["job_id"]
+    print(f"job {job_id} queued (seed {accepted['seed']})", file=sys.stderr)
+    progress = _Progress()
+    try:
+        client.wait(job_id, on_update=progress, timeout_s=args.timeout)
+    finally:
+        progress.close()
+    _fetch(client, job_id, args.out, args.gif)
+    print(job_id)
+    return 0
+
+
+def cmd_status(client: FacegenClient, args: argparse.Namespace) -> int:
+    print(json.dumps(client.status(args.job_id), indent=2))
+    return 0
+
+
+def cmd_fetch(client: FacegenClient, args: argparse.Namespace) -> int:
+    _fetch(client, args.job_id, args.out, args.gif)
+    return 0
+
+
+def cmd_cancel(client: FacegenClient, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job_id)
+    print(f"job {args.job_id}: {job['status']}" + (" (cancel requested)" if job.get("cancel_requested") else ""))
+    return 0
+
+
+def cmd_models(client: FacegenClient, args: argparse.Namespace) -> int:
+    print(json.dumps(client.models(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("FACEGEN_URL", DEFAULT_URL),
+                        help="API base URL (default $FACEGEN_URL or %(default)s)")
+    common.add_argument("--api-key", default=os.environ.get("FACEGEN_API_KEY"),
+                        help="API key (default $FACEGEN_API_KEY)")
+    parser = argparse.ArgumentParser(prog="python -m service.client", description="facegen API client")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", parents=[common], help="queue a job, wait, save the images")
+    gen.add_argument("--label", default="smiling", help='"smiling", "not_smiling", … (default %(default)s)')
+    gen.add_argument("--attributes", type=_parse_attributes, help="instead of --label: Smiling=true,Eyeglasses=false")
+    gen.add_argument("--count", type=int, default=4)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--sampler", choices=["dpmpp", "ddim", "ddpm"], default="dpmpp")
+    gen.add_argument("--guidance", dest="guidance_scale", type=float)
+    gen.add_argument("--model", default="latest")
+    gen.add_argument("--out", required=True, help="PNG grid path")
+    gen.add_argument("--gif", help="also render the denoising animation to this GIF path")
+    gen.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    gen.set_defaults(run=cmd_generate)
+
+    status = commands.add_parser("status", parents=[common], help="print a job's status as JSON")
+    status.add_argument("job_id")
+    status.set_defaults(run=cmd_status)
+
+    fetch = commands.add_parser("fetch", parents=[common], help="save a finished job's images")
+    fetch.add_argument("job_id")
+    fetch.add_argument("--out", required=True, help="PNG grid path")
+    fetch.add_argument("--gif", help="GIF path (the job must have asked for an animation)")
+    fetch.set_defaults(run=cmd_fetch)
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(run=cmd_cancel)
+
+    models = commands.add_parser("models", parents=[common], help="list the models live workers serve")
+    models.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with FacegenClient(args.url, args.api_key) as client:
+        try:
+            return args.run(client, args)
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

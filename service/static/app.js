@@ -1,0 +1,309 @@
+// facegen playground: submit a request, poll its progress, show the PNG grid and the GIF.
+// The query string mirrors the form (?label=smiling&count=4&seed=1&run=1), so a URL reproduces a request.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FALLBACK_LABELS = ["smiling", "not_smiling"];
+const POLL_MS = 400;
+
+let current = null; // {id, links, animation}
+let defaults = null; // the served model's {default_steps, default_guidance_scale}
+let pollTimer = null;
+const objectUrls = [];
+
+function setState(state) { document.body.dataset.state = state; }
+
+function showError(message) {
+  const el = $("error");
+  el.textContent = message;
+  el.hidden = !message;
+}
+
+function setStatus(text, fraction) {
+  $("status").textContent = text;
+  if (fraction === null || fraction === undefined) {
+    $("progress").removeAttribute("value"); // indeterminate
+  } else {
+    $("progress").value = Math.max(0, Math.min(1, fraction));
+  }
+}
+
+function apiKey() { return $("apikey").value.trim(); }
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (apiKey()) h.Authorization = "Bearer " + apiKey();
+  return h;
+}
+
+function api(path) { return new URL(path.replace(/^\//, ""), document.baseURI).toString(); }
+
+async function errorText(response) {
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (response.status === 401) return "This server needs an API key: enter it under 'API key'.";
+  if (body && Array.isArray(body.detail)) {
+    return body.detail.map((e) => (e.loc || []).slice(1).join(".") + ": " + e.msg).join("\n");
+  }
+  if (body && body.detail) return body.detail + (body.error ? " — " + body.error : "");
+  return "HTTP " + response.status;
+}
+
+// ----- models and labels ---------------------------------------------------------------------------------
+function fillSelect(select, values, wanted) {
+  select.textContent = "";
+  for (const value of values) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = value;
+    select.appendChild(option);
+  }
+  if (wanted && !values.includes(wanted)) {
+    const option = document.createElement("option");
+    option.value = wanted;
+    option.textContent = wanted;
+    select.appendChild(option);
+  }
+  if (wanted) select.value = wanted;
+}
+
+async function loadModels(wantedLabel, wantedModel) {
+  let labels = FALLBACK_LABELS;
+  let versions = ["latest"];
+  try {
+    const response = await fetch(api("models"), { headers: headers() });
+    if (response.ok) {
+      const body = await response.json();
+      const latest = body.models.find((m) => m.version === body.latest) || body.models[0];
+      if (latest && latest.labels.length) labels = latest.labels;
+      if (latest) defaults = latest;
+      versions = ["latest"].concat(body.models.map((m) => m.version));
+    }
+  } catch (e) { /* keep the fallback */ }
+  fillSelect($("label"), labels, wantedLabel || $("label").value || labels[0]);
+  fillSelect($("model"), versions, wantedModel || $("model").value || "latest");
+  showDefaults();
+}
+
+function showDefaults() {
+  if (!defaults) return;
+  const steps = defaults.default_steps[$("sampler").value];
+  $("steps").placeholder = steps ? "default (" + steps + ")" : "default";
+  $("guidance").placeholder = "default (" + defaults.default_guidance_scale + ")";
+}
+
+// ----- query string <-> form ------------------------------------------------------------------------------
+function readQuery() {
+  const q = new URLSearchParams(window.location.search);
+  const get = (name) => q.get(name);
+  if (get("count")) $("count").value = get("count");
+  if (get("seed")) $("seed").value = get("seed");
+  if (get("sampler")) $("sampler").value = get("sampler");
+  if (get("steps")) $("steps").value = get("steps");
+  if (get("guidance")) $("guidance").value = get("guidance");
+  $("animation").checked = ["1", "true", "yes"].includes((get("animation") || "").toLowerCase());
+  return { label: get("label"), model: get("model"), run: ["1", "true", "yes"].includes((get("run") || "").toLowerCase()) };
+}
+
+function formQuery(seed) {
+  const q = new URLSearchParams();
+  q.set("label", $("label").value);
+  if ($("model").value && $("model").value !== "latest") q.set("model", $("model").value);
+  q.set("count", $("count").value);
+  q.set("seed", seed);
+  q.set("sampler", $("sampler").value);
+  if ($("steps").value) q.set("steps", $("steps").value);
+  if ($("guidance").value) q.set("guidance", $("guidance").value);
+  if ($("animation").checked) q.set("animation", "1");
+  return q;
+}
+
+function showShare(seed) {
+  const q = formQuery(seed);
+  window.history.replaceState(null, "", "?" + q.toString());
+  q.set("run", "1");
+  const url = new URL(window.location.href);
+  url.search = q.toString();
+  $("share").value = url.toString();
+  $("share-row").hidden = false;
+}
+
+// ----- submit and poll -------------------------------------------------------------------------------------
+function requestBody() {
+  const body = {
+    label: $("label").value,
+    count: parseInt($("count").value, 10),
+    sampler: $("sampler").value,
+    model: $("model").value || "latest",
+    animation: $("animation").checked,
+  };
+  if ($("steps").value) body.steps = parseInt($("steps").value, 10);
+  if ($("guidance").value) body.guidance_scale = parseFloat($("guidance").value);
+  const seed = $("seed").value.trim();
+  let json = JSON.stringify(body);
+  if (seed) {
+    if (!/^[0-9]{1,19}$/.test(seed)) throw new Error("seed: a whole number from 0 to 9223372036854775807");
+    // Spliced in as text: seeds above 2^53 would lose digits as JavaScript numbers.
+    json = json.slice(0, -1) + ',"seed":' + seed.replace(/^0+(?=\d)/, "") + "}";
+  }
+  return json;
+}
+
+function idempotencyKey() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  return String(Date.now()) + "-" + String(Math.random()).slice(2);
+}
+
+function clearResults() {
+  while (objectUrls.length) URL.revokeObjectURL(objectUrls.pop());
+  $("grid-figure").hidden = true;
+  $("anim-figure").hidden = true;
+  $("result-image").removeAttribute("src");
+  $("animation-image").removeAttribute("src");
+}
+
+async function submit(event) {
+  if (event) event.preventDefault();
+  stopPolling();
+  showError("");
+  clearResults();
+  let body;
+  try { body = requestBody(); } catch (e) { showError(e.message); return; }
+  setState("submitting");
+  setStatus("Submitting…", 0);
+  $("submit").disabled = true;
+  try {
+    const response = await fetch(api("generate"), {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json", "Idempotency-Key": idempotencyKey() }),
+      body: body,
+    });
+    if (response.status !== 202) {
+      const retry = response.headers.get("Retry-After");
+      throw new Error((await errorText(response)) + (retry ? " (retry in " + retry + " s)" : ""));
+    }
+    const accepted = await response.json();
+    // A typed seed is kept as text; the API's own random seeds stay below 2^53, so accepted.seed is exact.
+    const seed = $("seed").value.trim() || String(accepted.seed);
+    current = { id: accepted.job_id, links: accepted.links, animation: Boolean(accepted.links.animation) };
+    showShare(seed);
+    $("cancel").disabled = false;
+    setState("running");
+    poll();
+  } catch (e) {
+    fail(e.message);
+  }
+}
+
+function stopPolling() {
+  if (pollTimer) clearTimeout(pollTimer);
+  pollTimer = null;
+}
+
+function fail(message) {
+  stopPolling();
+  setState("error");
+  setStatus("Failed.", 0);
+  showError(message);
+  $("submit").disabled = false;
+  $("cancel").disabled = true;
+}
+
+async function poll() {
+  if (!current) return;
+  const job = current;
+  let body;
+  try {
+    const response = await fetch(api(job.links.self), { headers: headers() });
+    if (!response.ok) throw new Error(await errorText(response));
+    body = await response.json();
+  } catch (e) {
+    fail(e.message);
+    return;
+  }
+  if (job !== current) return;
+  const progress = body.progress;
+  if (body.status === "queued") {
+    const ahead = body.queue_position;
+    setStatus("Queued" + (ahead !== null && ahead !== undefined ? " — " + ahead + " job(s) ahead" : "") + "…", null);
+  } else if (body.status === "started") {
+    const text = progress ? "Denoising: step " + progress.step + " / " + progress.total : "Starting…";
+    setStatus(text + (body.cancel_requested ? " (cancelling)" : ""), progress && progress.total ? progress.step / progress.total : null);
+  } else if (body.status === "finished") {
+    setStatus("Finished — loading images…", 1);
+    await showImages(job);
+    return;
+  } else if (["failed", "canceled", "stopped"].includes(body.status)) {
+    fail("Job " + body.status + (body.error ? ": " + body.error : "."));
+    return;
+  } else {
+    setStatus(body.status + "…", null);
+  }
+  pollTimer = setTimeout(poll, POLL_MS);
+}
+
+async function loadImage(url, img, link, name) {
+  const response = await fetch(api(url), { headers: headers() });
+  if (!response.ok) throw new Error(await errorText(response));
+  const blobUrl = URL.createObjectURL(await response.blob());
+  objectUrls.push(blobUrl);
+  await new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error("could not decode " + name));
+    img.src = blobUrl;
+  });
+  link.href = blobUrl;
+  link.download = name;
+}
+
+async function showImages(job) {
+  try {
+    await loadImage(job.links.result, $("result-image"), $("grid-download"), "facegen-" + job.id + ".png");
+    $("grid-figure").hidden = false;
+    if (job.animation) {
+      await loadImage(job.links.animation, $("animation-image"), $("anim-download"), "facegen-" + job.id + ".gif");
+      $("anim-figure").hidden = false;
+    }
+  } catch (e) {
+    fail(e.message);
+    return;
+  }
+  setStatus("Done.", 1);
+  $("submit").disabled = false;
+  $("cancel").disabled = true;
+  setState("done");
+}
+
+async function cancel() {
+  if (!current) return;
+  $("cancel").disabled = true;
+  try {
+    const response = await fetch(api(current.links.self), { method: "DELETE", headers: headers() });
+    if (!response.ok && response.status !== 409) throw new Error(await errorText(response));
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function copyShare() {
+  $("share").select();
+  try { await navigator.clipboard.writeText($("share").value); } catch (e) { document.execCommand("copy"); }
+}
+
+async function init() {
+  $("apikey").value = sessionStorage.getItem("facegen-api-key") || "";
+  $("apikey").addEventListener("change", () => {
+    sessionStorage.setItem("facegen-api-key", apiKey());
+    loadModels();
+  });
+  $("form").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancel);
+  $("copy").addEventListener("click", copyShare);
+  $("sampler").addEventListener("change", showDefaults);
+  const wanted = readQuery();
+  await loadModels(wanted.label, wanted.model);
+  setState("ready");
+  if (wanted.run) submit();
+}
+
+document.addEventListener("DOMContentLoaded", init);

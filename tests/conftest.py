@@ -1,0 +1,53 @@
+"""Shared fixtures: a reachable Redis (``make test`` provides ``REDIS_URL``), a tiny synthetic CelebA-layout
+folder and tiny checkpoints trained from it by the real training code (a few steps: random-ish weights)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY_VAE = {"channels": (16, 32), "blocks_per_level": 1, "groups": 8, "attention_reduction": 4}
+TINY_UNET = {"base_channels": 32, "channel_mult": (1, 2), "blocks_per_level": 1, "attention_levels": (1,),
+             "heads": 2, "groups": 8}
+
+
+def redis_base_url() -> str:
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_url_for_db(db: int) -> str:
+    """The reachable Redis with another database number (each test module family owns one)."""
+    base = redis_base_url().rsplit("/", 1)[0]
+    return f"{base}/{db}"
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synth"), 120, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> Path:
+    """A checkpoints folder with one tiny VAE and one tiny diffusion version (3 training steps each)."""
+    from training.config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
+    from training.config import VAEConfig, VAETrainConfig
+    from training.train_diffusion import train_diffusion
+    from training.train_vae import RunOptions, train_vae
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    runs = tmp_path_factory.mktemp("runs")
+    opts = RunOptions(synth_dir, root, runs / "vae", precision="bf16", threads=1)
+    train_vae(DataConfig(), VAEConfig(**TINY_VAE), VAETrainConfig(steps=3, batch_size=8, log_every=1), opts)
+    opts = RunOptions(synth_dir, root, runs / "diffusion", precision="bf16", threads=1)
+    train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(),
+                    DiffusionTrainConfig(steps=3, batch_size=16, warmup=1, log_every=1), opts)
+    return root

@@ -1,0 +1,28 @@
+"""The API process never imports torch (nor the worker's modules other than worker.spec)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.service.conftest import REPO
+
+PROBE = """
+import json, sys
+from service.app import create_app
+from service.config import Settings
+import service.__main__, service.client
+app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+app.openapi()
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "worker", "training", "numpy"))))
+"""
+
+
+def test_building_the_app_imports_no_torch():
+    # A fresh interpreter: other tests in this process may have imported torch themselves.
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "torch" not in modules
+    assert [m for m in modules if m.split(".")[0] in ("worker", "training")] == ["worker", "worker.spec"]

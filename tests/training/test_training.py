@@ -1,0 +1,100 @@
+"""Training: losses go down, runs are reproducible for a seed, resume continues exactly, DDP keeps ranks in sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import ROOT, TINY_UNET, TINY_VAE
+from training.checkpoints import load_checkpoint
+from training.config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
+from training.config import VAEConfig, VAETrainConfig
+from training.models.unet import UNet
+from training.pipeline import LatentDiffusion
+from training.train_diffusion import train_diffusion
+from training.train_vae import RunOptions, train_vae
+
+
+def _vae(data: Path, root: Path, run: Path, steps: int, **train) -> Path:
+    opts = RunOptions(data, root, run, precision="fp32", threads=1)
+    cfg = VAETrainConfig(steps=steps, batch_size=8, log_every=1, save_every=2, **train)
+    return train_vae(DataConfig(image_size=32), VAEConfig(**TINY_VAE), cfg, opts)
+
+
+def _losses(run: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_vae_loss_goes_down(synth_dir: Path, tmp_path: Path) -> None:
+    _vae(synth_dir, tmp_path / "ck", tmp_path / "run", 24, lr=2e-3)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+
+
+def test_same_seed_same_weights_and_resume_is_exact(synth_dir: Path, tmp_path: Path) -> None:
+    a = _vae(synth_dir, tmp_path / "ck", tmp_path / "a", 4)
+    b = _vae(synth_dir, tmp_path / "ck", tmp_path / "b", 4)
+    _vae(synth_dir, tmp_path / "ck", tmp_path / "c", 2)  # stop after 2 steps (state saved) ...
+    c = _vae(synth_dir, tmp_path / "ck", tmp_path / "c", 4)  # ... and resume to 4
+    d = _vae(synth_dir, tmp_path / "ck", tmp_path / "d", 4, seed=1)
+    weights = {k: load_checkpoint(tmp_path / "ck", "vae", p.name).state_dict for k, p in zip("abcd", (a, b, c, d))}
+    for name in weights["a"]:
+        assert torch.equal(weights["a"][name], weights["b"][name]), name
+        assert torch.equal(weights["a"][name], weights["c"][name]), name
+    assert any(not torch.equal(weights["a"][n], weights["d"][n]) for n in weights["a"])
+
+
+def test_diffusion_loss_goes_down_and_manifest_describes_the_model(tiny_checkpoints: Path, synth_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    opts = RunOptions(synth_dir, tiny_checkpoints, tmp_path / "run", precision="bf16", threads=1)
+    cfg = DiffusionTrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=2, log_every=1)
+    folder = train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(), cfg, opts)
+    smoothed = _losses(tmp_path / "run", "loss_avg")  # exponential moving average of the step losses
+    assert len(smoothed) == 30 and smoothed[-1] < smoothed[0] - 0.005
+    manifest = load_checkpoint(tiny_checkpoints, "diffusion", folder.name).manifest
+    vae_manifest = load_checkpoint(tiny_checkpoints, "vae", manifest["vae_version"]).manifest
+    assert manifest["attributes"] == ["Smiling"] and manifest["latent_shape"][0] == 4
+    assert 0 < manifest["latent_scale"] < 100 and manifest["latent_clip"] > 1
+    assert manifest["dataset_fingerprint"] == vae_manifest["dataset_fingerprint"]
+    model = LatentDiffusion.load(tiny_checkpoints, folder.name)  # rebuilt from the manifests alone
+    assert model.unet.config.base_channels == TINY_UNET["base_channels"]
+
+
+def test_ddp_two_cpu_processes_stay_in_sync(tiny_checkpoints: Path, synth_dir: Path, tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes: both ranks end with identical weights and rank 0 writes the checkpoint."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(f"""
+import os, sys, torch
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from training.config import DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
+from training.train_vae import RunOptions
+import training.train_diffusion as td
+trained = {{}}
+class RecordingEMA(td.EMA):  # keeps a handle on each rank's trained network
+    def __init__(self, model, decay):
+        super().__init__(model, decay)
+        trained["model"] = model
+td.EMA = RecordingEMA
+opts = RunOptions(Path({str(synth_dir)!r}), Path({str(tiny_checkpoints)!r}), Path({str(tmp_path / "run")!r}),
+                  precision="fp32", threads=1)
+td.train_diffusion("latest", UNetConfig(**{TINY_UNET!r}), ScheduleConfig(), SamplingConfig(),
+                   DiffusionTrainConfig(steps=3, batch_size=8, warmup=1, log_every=1), opts)
+weights = torch.cat([p.detach().flatten() for p in trained["model"].parameters()])
+torch.save(weights, {str(tmp_path)!r} + "/rank" + os.environ["RANK"] + ".pt")
+""")
+    before = len(list((tiny_checkpoints / "diffusion").iterdir()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0, rank1)
+    assert rank0.numel() == sum(p.numel() for p in UNet(UNetConfig(**TINY_UNET)).parameters())
+    assert len(list((tiny_checkpoints / "diffusion").iterdir())) == before + 1
