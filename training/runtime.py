@@ -70,16 +70,20 @@ class Distributed:
 
 
 class EMA:
-    """Exponential moving average of a module's parameters: ``ema = d * ema + (1 - d) * param``."""
+    """Exponential moving average of a module's parameters: ``ema = d_k * ema + (1 - d_k) * param`` with the
+    warm-up ``d_k = min(decay, (1 + k) / (10 + k))`` at update ``k``, so early random weights fade out fast."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1 - self.decay)
+            ema_p.lerp_(p.detach(), 1 - decay)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

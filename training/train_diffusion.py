@@ -17,14 +17,32 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoints import load_checkpoint, save_checkpoint
-from .config import (DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig, VAEConfig, asdict,
-                     from_dict)
+from .config import (
+    DataConfig,
+    DiffusionTrainConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    UNetConfig,
+    VAEConfig,
+    asdict,
+    from_dict,
+)
 from .data.celeba import fingerprint, load_split, to_float
 from .diffusion.schedule import NoiseSchedule
 from .models.unet import UNet
 from .models.vae import VAE
-from .runtime import (EMA, BatchStream, Distributed, Log, autocast, load_state, pick_device, pick_dtype, save_state,
-                      unwrap)
+from .runtime import (
+    EMA,
+    BatchStream,
+    Distributed,
+    Log,
+    autocast,
+    load_state,
+    pick_device,
+    pick_dtype,
+    save_state,
+    unwrap,
+)
 from .train_vae import RunOptions
 
 
@@ -104,6 +122,7 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
         state = load_state(state_path)
         unet.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
+        ema.updates = state["step"]
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         stream.load(state["stream"])

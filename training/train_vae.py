@@ -21,7 +21,6 @@ from .models.discriminator import PatchDiscriminator, hinge_discriminator_loss, 
 from .models.vae import VAE, kl_divergence
 from .perceptual import PerceptualLoss
 from .runtime import (
-    EMA,
     BatchStream,
     Distributed,
     Log,
@@ -98,14 +97,12 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     stream = BatchStream(len(images), cfg.batch_size, cfg.seed, ddp)
     flips = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + ddp.rank)
-    ema = EMA(vae, 0.999)
 
     state_path = opts.run_dir / "state.pt"
     start = 0
     if state_path.is_file():
         state = load_state(state_path)
         vae.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         stream.load(state["stream"])
@@ -136,7 +133,6 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        ema.update(vae)
         if adversarial:
             with autocast(device, dtype):
                 d_loss = hinge_discriminator_loss(disc(x).float(), disc(recon.detach()).float())
@@ -156,7 +152,7 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
                 rng_states = [torch.empty_like(rng_states[0]) for _ in range(ddp.world)]
                 torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
             if ddp.is_main:
-                state = {"step": step + 1, "model": vae.state_dict(), "ema": ema.model.state_dict(),
+                state = {"step": step + 1, "model": vae.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "stream": stream.state(),
                          "flips": flips.get_state(), "torch_rng": rng_states}
                 if disc is not None:
@@ -165,18 +161,19 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
 
     result = None
     if ddp.is_main:
-        val_psnr = psnr(reconstruct(ema.model, val_images, device, dtype), to_float(val_images))
+        vae.eval()
+        val_psnr = psnr(reconstruct(vae, val_images, device, dtype), to_float(val_images))
         log.write(step=cfg.steps, val_psnr_db=val_psnr)
         manifest = {
             "model": asdict(vae_cfg), "data": asdict(data_cfg), "attributes": list(data_cfg.attributes),
             "dataset_fingerprint": fingerprint(opts.data),
             "training": {"config": asdict(cfg), "steps": cfg.steps, "train_images": len(images),
                          "precision": str(dtype).removeprefix("torch."), "world_size": ddp.world,
-                         "device": device.type, "weights": "ema"},
+                         "device": device.type},
             "metrics": {"val_psnr_db": round(val_psnr, 3)},
         }
         export = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[opts.export_dtype]
-        result = save_checkpoint(opts.checkpoints, "vae", ema.model.state_dict(), manifest, dtype=export)
+        result = save_checkpoint(opts.checkpoints, "vae", vae.state_dict(), manifest, dtype=export)
         print(f"vae checkpoint: {result} (val PSNR {val_psnr:.2f} dB)")
     ddp.close()
     return result

@@ -180,6 +180,7 @@ class FacegenWorker(SimpleWorker):
             pipe.execute()
         if job.get_status(refresh=True) != JobStatus.CANCELED:
             job.cancel()
+        self.connection.expire(job.key, job.failure_ttl or self.runtime.settings.artifact_ttl)
         self.runtime.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", job.id)
 
@@ -205,6 +206,11 @@ def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Red
         prepared[job.id] = Prepared(spec, resolved={"steps": job_key.steps, "guidance_scale": job_key.guidance_scale,
                                                     "sampler": job_key.sampler.value, "model": engine.version})
         valid.append(job)
+    with connection.pipeline() as pipe:
+        for job in valid:
+            pipe.exists(cancel_key(job.id))
+        canceled.update(job.id for job, flag in zip(valid, pipe.execute(), strict=True) if flag)
+    valid = [job for job in valid if job.id not in canceled]
     if not valid:
         return prepared
     for job in valid:
@@ -304,7 +310,7 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
         raise error
     started = time.perf_counter()
     spec_model = prepared.spec
-    ttl = runtime.settings.artifact_ttl
+    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else runtime.settings.artifact_ttl
     artifacts = {"grid": artifact_key(job.id, "grid")}
     with job.connection.pipeline() as pipe:
         pipe.set(artifacts["grid"], png_bytes(grid_image(prepared.output.images)), ex=ttl)
