@@ -1,0 +1,160 @@
+"""A real ``python -m worker`` process against a real Redis: batching, determinism, progress, cancel, failures,
+metrics and refusing bad checkpoints."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+
+from scripts.redisctl import free_port
+from tests.conftest import ROOT, redis_url_for_db
+from worker.render import GRID_PADDING
+from worker.spec import (DEFAULT_QUEUE, JOB_FUNCTION, META_ARTIFACTS, META_BATCH, META_ERROR, META_PROGRESS,
+                         JobSpec, artifact_key, cancel_key)
+
+REDIS_URL = redis_url_for_db(12)
+TILE = 64
+
+
+@pytest.fixture()
+def connection() -> redis.Redis:
+    conn = redis.Redis.from_url(REDIS_URL)
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+
+
+def worker_env(checkpoints: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "REDIS_URL": REDIS_URL, "CHECKPOINT_DIR": str(checkpoints), "METRICS_PORT": "0",
+            "THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_burst(checkpoints: Path, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker", "--burst"], cwd=ROOT, env=worker_env(checkpoints, **extra),
+                          capture_output=True, text=True, timeout=300)
+
+
+def enqueue(queue: Queue, **fields) -> Job:
+    spec = JobSpec(**{"attributes": {"Smiling": True}, "seed": 1, "count": 1, "steps": 4, **fields})
+    return queue.enqueue(JOB_FUNCTION, spec.model_dump(mode="json"), retry=Retry(max=2), result_ttl=600)
+
+
+def tiles(png: bytes, count: int) -> list[bytes]:
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    cols = image.width // (TILE + GRID_PADDING)
+    out = []
+    for k in range(count):
+        r, c = divmod(k, cols)
+        x, y = GRID_PADDING + c * (TILE + GRID_PADDING), GRID_PADDING + r * (TILE + GRID_PADDING)
+        out.append(image.crop((x, y, x + TILE, y + TILE)).tobytes())
+    return out
+
+
+def test_compatible_jobs_share_one_batch_and_keep_their_own_results(tiny_checkpoints, connection) -> None:
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    a = enqueue(queue, seed=5, count=3)
+    b = enqueue(queue, seed=6, count=2, attributes={"Smiling": False})
+    other = enqueue(queue, seed=5, count=1, steps=5)  # other steps: cannot join
+    c = enqueue(queue, seed=5, count=1, animation=True, animation_frames=4)
+    result = run_burst(tiny_checkpoints)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job in (a, b, c, other):
+        job.refresh()
+        assert job.get_status() == JobStatus.FINISHED, job.meta
+    assert a.meta[META_BATCH] == b.meta[META_BATCH] == c.meta[META_BATCH] == {"jobs": 3, "images": 6}
+    assert other.meta[META_BATCH] == {"jobs": 1, "images": 1}
+    assert a.meta[META_PROGRESS] == {"step": 4, "total": 4}
+    grids = {job.id: connection.get(artifact_key(job.id, "grid")) for job in (a, b, c)}
+    assert Image.open(io.BytesIO(grids[a.id])).size == (2 * (TILE + GRID_PADDING) + GRID_PADDING,) * 2
+    assert Image.open(io.BytesIO(grids[b.id])).size == (2 * (TILE + GRID_PADDING) + GRID_PADDING, TILE + 2 * GRID_PADDING)
+    a_tiles, c_tiles = tiles(grids[a.id], 3), tiles(grids[c.id], 1)
+    assert c_tiles[0] == a_tiles[0]  # same (seed, index): same pixels, batched differently
+    assert len(set(a_tiles)) == 3
+    assert connection.get(artifact_key(a.id, "animation")) is None
+    gif = Image.open(io.BytesIO(connection.get(artifact_key(c.id, "animation"))))
+    assert gif.format == "GIF" and gif.n_frames == 4
+    assert set(c.meta[META_ARTIFACTS]) == {"grid", "animation"}
+    assert 0 < connection.ttl(artifact_key(a.id, "grid")) <= 600
+
+
+def test_same_request_gives_identical_png_bytes(tiny_checkpoints, connection) -> None:
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    first = enqueue(queue, seed=11, count=2, sampler="ddpm", steps=6)
+    assert run_burst(tiny_checkpoints, MAX_BATCH="1").returncode == 0
+    second = enqueue(queue, seed=11, count=2, sampler="ddpm", steps=6)
+    enqueue(queue, seed=12, count=3, sampler="ddpm", steps=6)
+    assert run_burst(tiny_checkpoints, MAX_BATCH="8").returncode == 0
+    assert connection.get(artifact_key(first.id, "grid")) == connection.get(artifact_key(second.id, "grid"))
+
+
+def test_bad_jobs_fail_with_a_reason_and_the_worker_goes_on(tiny_checkpoints, connection) -> None:
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    malformed = queue.enqueue(JOB_FUNCTION, {"attributes": {"Smiling": True}, "count": 0, "seed": 1}, retry=Retry(max=2))
+    unknown = enqueue(queue, attributes={"Wearing_Hat": True})
+    wrong_model = enqueue(queue, model="no-such-version")
+    fine = enqueue(queue)
+    assert run_burst(tiny_checkpoints).returncode == 0
+    for job, reason in ((malformed, "invalid job spec: count"), (unknown, "unknown attribute"),
+                        (wrong_model, "not served by this worker")):
+        job.refresh()
+        assert job.get_status() == JobStatus.FAILED
+        assert reason in job.meta[META_ERROR] and "Traceback" not in job.meta[META_ERROR]
+        assert job.retries_left == 0  # permanent errors are not retried
+    fine.refresh()
+    assert fine.get_status() == JobStatus.FINISHED
+
+
+def test_running_job_is_canceled_between_steps_and_metrics_are_served(tiny_checkpoints, connection) -> None:
+    port = free_port()
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    long_job = enqueue(queue, sampler="ddpm", steps=1000, count=2)
+    process = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT,
+                               env=worker_env(tiny_checkpoints, METRICS_PORT=str(port)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (long_job.refresh() or (long_job.meta.get(META_PROGRESS) or {}).get("step", 0) < 5):
+            assert time.monotonic() < deadline and process.poll() is None, "job never made progress"
+            time.sleep(0.2)
+        connection.set(cancel_key(long_job.id), 1, ex=600)
+        while long_job.get_status(refresh=True) != JobStatus.CANCELED:
+            assert time.monotonic() < deadline, long_job.get_status()
+            time.sleep(0.2)
+        assert long_job.meta[META_PROGRESS]["step"] < 1000
+        assert connection.get(artifact_key(long_job.id, "grid")) is None
+        after = enqueue(queue, seed=3)
+        while after.get_status(refresh=True) != JobStatus.FINISHED:
+            assert time.monotonic() < deadline, after.get_status()
+            time.sleep(0.2)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'facegen_worker_jobs_total{outcome="canceled"} 1.0' in metrics
+        assert 'facegen_worker_images_total{label="smiling"} 1.0' in metrics
+        assert "facegen_worker_phase_seconds_bucket" in metrics and "facegen_worker_model_info" in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_missing_or_tampered_checkpoint_stops_the_worker_at_start(tiny_checkpoints, tmp_path, connection) -> None:
+    missing = run_burst(tmp_path / "nothing-here")
+    assert missing.returncode == 2 and "no diffusion checkpoints" in missing.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoints, broken)
+    weights = next((broken / "vae").glob("*/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    tampered = run_burst(broken)
+    assert tampered.returncode == 2 and "does not match the manifest" in tampered.stderr
