@@ -4,11 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -16,13 +15,11 @@ demo: $(STAMP)
 	$(PY) -m scripts.demo
 
 test: $(STAMP)
+	./scripts/ensure_chromium.sh
 	$(PY) -m scripts.redisctl run -- $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-
-bench: $(STAMP)
-	$(PY) -m scripts.redisctl run -- $(PY) -m bench.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""``make demo``: Redis (reused or started), one worker with the bundled demo model, and the API.
+
+Prints the playground URL once the API is ready; Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from scripts.redisctl import ensure_redis
+from training.checkpoints import list_versions
+from worker.settings import WorkerSettings
+
+READY_TIMEOUT_S = 180
+
+
+def wait_ready(url: str, processes: list[subprocess.Popen]) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            return False
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def main() -> int:
+    redis_url, redis_server = ensure_redis()
+    env = {**os.environ, "REDIS_URL": redis_url}
+    port = env.setdefault("PORT", "8000")
+    url = f"http://127.0.0.1:{port}"
+    settings = WorkerSettings()
+    processes: list[subprocess.Popen] = []
+    if list_versions(settings.checkpoint_dir, "diffusion"):
+        processes.append(subprocess.Popen([sys.executable, "-m", "worker"], env=env))
+    else:
+        print(f"[demo] no diffusion checkpoint under {settings.checkpoint_dir}: starting the API without a worker "
+              "(train one: see README, 'Reproduce the demo model')", file=sys.stderr)
+    processes.append(subprocess.Popen([sys.executable, "-m", "service", "--port", port], env=env))
+    try:
+        if wait_ready(url, processes):
+            print(f"\n[demo] facegen is ready: open {url}/  (API docs: {url}/openapi.json; Ctrl-C stops)\n", flush=True)
+        else:
+            print(f"[demo] not ready after {READY_TIMEOUT_S}s; see the logs above ({url}/readyz says why)",
+                  file=sys.stderr)
+        while all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if redis_server:
+            redis_server.stop()
+        print("[demo] stopped", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
