@@ -38,8 +38,15 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> Path:
     """A checkpoints folder with one tiny VAE and one tiny diffusion version (3 training steps each)."""
-    from training.config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
-    from training.config import VAEConfig, VAETrainConfig
+    from training.config import (
+        DataConfig,
+        DiffusionTrainConfig,
+        SamplingConfig,
+        ScheduleConfig,
+        UNetConfig,
+        VAEConfig,
+        VAETrainConfig,
+    )
     from training.train_diffusion import train_diffusion
     from training.train_vae import RunOptions, train_vae
 

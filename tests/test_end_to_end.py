@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.conftest import ROOT, redis_url_for_db
 from tests.service.conftest import LiveServer
-from worker.render import GRID_PADDING
+from training.imaging import GRID_PADDING
 
 REDIS_URL = redis_url_for_db(13)
 

@@ -79,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(diffusion, SamplingConfig, "sampling_")
     add_config_flags(diffusion, DiffusionTrainConfig)
 
+    visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
+    visualize.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    visualize.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
+    visualize.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (its test split is used)")
+    visualize.add_argument("--out", type=Path, required=True)
+    visualize.add_argument("--count", type=int, default=8)
+    visualize.add_argument("--sampler", default="dpmpp", choices=["dpmpp", "ddim", "ddpm"])
+    visualize.add_argument("--steps", type=int, default=20)
+    visualize.add_argument("--frames", type=int, default=10)
+    visualize.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     if args.command == "synth":
         from .data.synthetic import write_dataset
@@ -101,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                         config_from_args(ScheduleConfig, args, "schedule_"),
                         config_from_args(SamplingConfig, args, "sampling_"),
                         config_from_args(DiffusionTrainConfig, args), opts)
+    elif args.command == "visualize":
+        from .visualize import visualize as make_pictures
+
+        for path in make_pictures(args.checkpoints, args.diffusion, args.data, args.out, args.count, args.sampler,
+                                  args.steps, args.frames, args.seed):
+            print(path)
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 
 from training.data.celeba import to_uint8
 from training.diffusion.noise import ImageNoise
+from training.diffusion.samplers import trajectory_indices
 from training.pipeline import LatentDiffusion
 from training.runtime import pick_device, pick_dtype
 
@@ -57,17 +58,6 @@ class RunStats:
 
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps) across chunks; may raise to abort
-
-
-def trajectory_indices(steps: int, frames: int) -> list[int]:
-    """Which step outputs become GIF frames after the leading noise frame: ``min(frames, steps + 1) - 1`` distinct
-    step indices spread evenly from the first step to the last (the final sample)."""
-    wanted = min(frames, steps + 1) - 1
-    if wanted <= 0:
-        return []
-    if wanted == 1:
-        return [steps - 1]
-    return sorted({round(k * (steps - 1) / (wanted - 1)) for k in range(wanted)})
 
 
 class Engine:

@@ -21,9 +21,10 @@ from rq import SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
+from training.imaging import gif_bytes, grid_image, png_bytes
+
 from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput
 from .metrics import WorkerMetrics
-from .render import gif_bytes, grid_image, png_bytes
 from .settings import WorkerSettings
 from .spec import (
     LATEST,

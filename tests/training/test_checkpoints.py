@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoints import (MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, list_versions, load_checkpoint,
-                                  resolve_version, save_checkpoint, update_metrics)
+from training.checkpoints import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    list_versions,
+    load_checkpoint,
+    resolve_version,
+    save_checkpoint,
+    update_metrics,
+)
 
 
 def _save(root: Path, version: str | None = None, value: float = 1.0) -> Path:

@@ -12,8 +12,15 @@ import torch
 
 from tests.conftest import ROOT, TINY_UNET, TINY_VAE
 from training.checkpoints import load_checkpoint
-from training.config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
-from training.config import VAEConfig, VAETrainConfig
+from training.config import (
+    DataConfig,
+    DiffusionTrainConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    UNetConfig,
+    VAEConfig,
+    VAETrainConfig,
+)
 from training.models.unet import UNet
 from training.pipeline import LatentDiffusion
 from training.train_diffusion import train_diffusion
@@ -43,7 +50,7 @@ def test_same_seed_same_weights_and_resume_is_exact(synth_dir: Path, tmp_path: P
     _vae(synth_dir, tmp_path / "ck", tmp_path / "c", 2)  # stop after 2 steps (state saved) ...
     c = _vae(synth_dir, tmp_path / "ck", tmp_path / "c", 4)  # ... and resume to 4
     d = _vae(synth_dir, tmp_path / "ck", tmp_path / "d", 4, seed=1)
-    weights = {k: load_checkpoint(tmp_path / "ck", "vae", p.name).state_dict for k, p in zip("abcd", (a, b, c, d))}
+    weights = {k: load_checkpoint(tmp_path / "ck", "vae", p.name).state_dict for k, p in zip("abcd", (a, b, c, d), strict=True)}
     for name in weights["a"]:
         assert torch.equal(weights["a"][name], weights["b"][name]), name
         assert torch.equal(weights["a"][name], weights["c"][name]), name

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine import Engine, ImageRequest, OutOfMemory, trajectory_indices
+from training.diffusion.samplers import trajectory_indices
+from worker.engine import Engine, ImageRequest, OutOfMemory
 
 
 @pytest.fixture(scope="module")

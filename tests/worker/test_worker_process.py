@@ -20,9 +20,18 @@ from rq.job import Job, JobStatus
 
 from scripts.redisctl import free_port
 from tests.conftest import ROOT, redis_url_for_db
-from worker.render import GRID_PADDING
-from worker.spec import (DEFAULT_QUEUE, JOB_FUNCTION, META_ARTIFACTS, META_BATCH, META_ERROR, META_PROGRESS,
-                         JobSpec, artifact_key, cancel_key)
+from training.imaging import GRID_PADDING
+from worker.spec import (
+    DEFAULT_QUEUE,
+    JOB_FUNCTION,
+    META_ARTIFACTS,
+    META_BATCH,
+    META_ERROR,
+    META_PROGRESS,
+    JobSpec,
+    artifact_key,
+    cancel_key,
+)
 
 REDIS_URL = redis_url_for_db(12)
 TILE = 64

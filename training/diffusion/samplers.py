@@ -32,6 +32,17 @@ def trailing_timesteps(train_steps: int, n: int) -> list[int]:
     return [int(round(train_steps - k * train_steps / n)) - 1 for k in range(n)]
 
 
+def trajectory_indices(steps: int, frames: int) -> list[int]:
+    """Which step outputs become GIF frames after the leading noise frame: ``min(frames, steps + 1) - 1`` distinct
+    step indices spread evenly from the first step to the last (the final sample)."""
+    wanted = min(frames, steps + 1) - 1
+    if wanted <= 0:
+        return []
+    if wanted == 1:
+        return [steps - 1]
+    return sorted({round(k * (steps - 1) / (wanted - 1)) for k in range(wanted)})
+
+
 class Sampler(ABC):
     """Base class: holds the schedule, the chosen timesteps and the x0 clamp."""
 

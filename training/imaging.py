@@ -1,6 +1,6 @@
-"""Artifacts: a PNG grid of images and a GIF of the denoising trajectory.
+"""Image grids and GIF animations, for the worker's artifacts and the training visualisations.
 
-Images come in as ``uint8 [N, 3, H, W]``; the outputs are encoded file bytes.
+Images come in as ``uint8 [N, 3, H, W]``; the outputs are PIL images or encoded file bytes.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ def grid_shape(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
-def grid_image(images: torch.Tensor) -> Image.Image:
-    """Tile ``uint8 [N, 3, H, W]`` row-major into one RGB image with ``GRID_PADDING`` px gaps."""
+def grid_image(images: torch.Tensor, cols: int | None = None) -> Image.Image:
+    """Tile ``uint8 [N, 3, H, W]`` row-major into one RGB image with ``GRID_PADDING`` px gaps (``cols`` per row,
+    default :func:`grid_shape`)."""
     n, _, h, w = images.shape
-    rows, cols = grid_shape(n)
+    rows, cols = grid_shape(n) if cols is None else (-(-n // cols), cols)
     pad = GRID_PADDING
     canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), GRID_BACKGROUND)
     array = images.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,27 @@
+"""``python -m training visualize`` on the tiny model: every picture is written and decodes with the right shape."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import ROOT
+from training.imaging import GRID_PADDING
+
+
+def test_visualize_writes_every_picture(tiny_checkpoints, synth_dir, tmp_path) -> None:
+    out = tmp_path / "pictures"
+    result = subprocess.run([sys.executable, "-m", "training", "visualize", "--checkpoints", str(tiny_checkpoints),
+                             "--data", str(synth_dir), "--out", str(out), "--count", "3", "--steps", "6",
+                             "--frames", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = {p.name for p in out.iterdir()}
+    assert names == {"reconstruction.png", "samples_smiling.png", "samples_not_smiling.png",
+                     "denoising_path_smiling.png", "denoising_path_not_smiling.png", "denoising_smiling.gif",
+                     "denoising_not_smiling.gif", "latent_pca.png", "latent_tsne.png"}
+    tile = 64 + GRID_PADDING
+    assert Image.open(out / "reconstruction.png").size == (3 * tile + GRID_PADDING, 2 * tile + GRID_PADDING)
+    assert Image.open(out / "denoising_path_smiling.png").size == (4 * tile + GRID_PADDING, 3 * tile + GRID_PADDING)
+    assert Image.open(out / "denoising_smiling.gif").n_frames == 4

@@ -1,0 +1,99 @@
+"""``python -m training visualize``: the pictures the research code promised, made honestly.
+
+- ``reconstruction.png``: test images (top row) above their VAE reconstructions (bottom row);
+- ``samples_<label>.png``: a grid per label of the first attribute;
+- ``latent_pca.png`` / ``latent_tsne.png``: test-set latents (posterior means) projected to 2-D, coloured by
+  the attribute;
+- ``denoising_path_<label>.png``: one row per sample, the **true** reverse trajectory left to right: the starting
+  noise, then the x0 predictions at evenly spaced steps, ending at the final sample;
+- ``denoising_<label>.gif``: the same trajectory as an animation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, from_dict
+from .data.celeba import load_split, to_float, to_uint8
+from .diffusion.noise import ImageNoise
+from .diffusion.samplers import trajectory_indices
+from .imaging import gif_bytes, grid_image
+from .pipeline import LatentDiffusion
+
+
+def denoising_trajectory(model: LatentDiffusion, attributes: dict[str, bool], seed: int, count: int, sampler: str,
+                         steps: int, guidance: float, frames: int) -> list[torch.Tensor]:
+    """``frames`` decoded states, each ``uint8 [count, 3, H, W]``: the starting noise, then x0 predictions."""
+    pairs = [(seed, i) for i in range(count)]
+    labels = model.labels_for(attributes).expand(count, -1)
+    wanted = trajectory_indices(steps, frames)
+    captured: list[torch.Tensor] = []
+    model.sample_latents(labels, ImageNoise(pairs, model.device), sampler, steps, guidance,
+                         lambda i, x, x0: captured.append(x0.clone()) if i in wanted else None)
+    start = ImageNoise(pairs, model.device).draw(model.latent_shape)
+    return [to_uint8(model.decode(latents)) for latents in [start, *captured]]
+
+
+def latent_projections(means: torch.Tensor, labels: torch.Tensor, attribute: str, out: Path) -> list[Path]:
+    """Scatter plots of PCA and t-SNE projections of ``means [N, C, h, w]`` coloured by ``labels [N]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    flat = means.flatten(1).numpy()
+    written = []
+    for name, projector in (("pca", PCA(n_components=2, random_state=0)),
+                            ("tsne", TSNE(n_components=2, random_state=0, init="pca", perplexity=min(30, len(flat) - 1)))):
+        points = projector.fit_transform(flat)
+        figure, axes = plt.subplots(figsize=(5, 5))
+        for value, colour in ((0, "tab:blue"), (1, "tab:orange")):
+            chosen = labels.numpy() == value
+            axes.scatter(points[chosen, 0], points[chosen, 1], s=6, c=colour, label=f"{'' if value else 'not '}{attribute}")
+        axes.set_title(f"VAE latents ({name.upper()})")
+        axes.legend()
+        path = out / f"latent_{name}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+@torch.no_grad()
+def visualize(checkpoints: Path, version: str, data: Path, out: Path, count: int = 8, sampler: str = "dpmpp",
+              steps: int = 20, frames: int = 10, seed: int = 0, projection_images: int = 1000) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    model = LatentDiffusion.load(checkpoints, version)
+    guidance = model.sampling.guidance_scale
+    data_cfg = from_dict(DataConfig, model.manifest["data"])
+    images, labels = load_split(data, "test", data_cfg, limit=projection_images)
+    written: list[Path] = []
+
+    originals = images[:count]
+    means, _ = model.vae.encode(to_float(originals))
+    recon = to_uint8(model.vae.decode(means).clamp(-1, 1))
+    path = out / "reconstruction.png"
+    grid_image(torch.cat([originals, recon]), cols=count).save(path)
+    written.append(path)
+
+    attribute = model.attributes[0]
+    for value in (True, False):
+        label = ("" if value else "not_") + attribute.lower()
+        trajectory = denoising_trajectory(model, {attribute: value}, seed, count, sampler, steps, guidance, frames)
+        path = out / f"samples_{label}.png"
+        grid_image(trajectory[-1]).save(path)
+        written.append(path)
+        path = out / f"denoising_path_{label}.png"  # row r: sample r from noise (left) to image (right)
+        grid_image(torch.stack(trajectory, dim=1).flatten(0, 1), cols=len(trajectory)).save(path)
+        written.append(path)
+        path = out / f"denoising_{label}.gif"
+        path.write_bytes(gif_bytes(trajectory, fps=6))
+        written.append(path)
+
+    all_means = torch.cat([model.vae.encode(to_float(chunk))[0] for chunk in images.split(128)])
+    written += latent_projections(all_means, labels[:, 0], attribute, out)
+    return written
