@@ -79,6 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(diffusion, SamplingConfig, "sampling_")
     add_config_flags(diffusion, DiffusionTrainConfig)
 
+    evaluate = commands.add_parser("evaluate", help="FID, attribute accuracy and VAE reconstruction")
+    evaluate.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    evaluate.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
+    evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: classifier, test: FID)")
+    evaluate.add_argument("--n", type=int, default=1000, help="generated images per label and setting")
+    evaluate.add_argument("--sampler", default="dpmpp", choices=["dpmpp", "ddim", "ddpm"])
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    evaluate.add_argument("--sweep", action="store_true", help="all samplers, step counts and guidance scales")
+    evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
+    evaluate.add_argument("--classifier-steps", type=int, default=400)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
+
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
     visualize.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     visualize.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
@@ -112,6 +126,22 @@ def main(argv: list[str] | None = None) -> int:
                         config_from_args(ScheduleConfig, args, "schedule_"),
                         config_from_args(SamplingConfig, args, "sampling_"),
                         config_from_args(DiffusionTrainConfig, args), opts)
+    elif args.command == "evaluate":
+        from .evaluate import Setting, markdown_report, sweep_settings
+        from .evaluate import evaluate as run_evaluation
+        from .pipeline import LatentDiffusion
+
+        guidance = args.guidance
+        if guidance is None:
+            guidance = LatentDiffusion.load(args.checkpoints, args.diffusion).sampling.guidance_scale
+        settings = sweep_settings(guidance) if args.sweep else [Setting(args.sampler, args.steps, guidance)]
+        results = run_evaluation(args.checkpoints, args.diffusion, args.data, args.n, settings, args.seed,
+                                 args.classifier_steps, fid=not args.no_fid)
+        report = markdown_report(results, "python -m training " + " ".join(sys.argv[1:] if argv is None else argv))
+        print(report)
+        if args.report:
+            with args.report.open("a") as handle:
+                handle.write(report + "\n")
     elif args.command == "visualize":
         from .visualize import visualize as make_pictures
 

@@ -86,6 +86,41 @@ class EMA:
             ema_p.lerp_(p.detach(), 1 - decay)
 
 
+def start_run(device_name: str, precision: str, threads: int | None, seed: int
+              ) -> tuple[torch.device, torch.dtype, Distributed]:
+    """Device (this rank's GPU under torchrun), compute dtype and process group of a training run; seeds torch's
+    global generator per rank."""
+    device = pick_device(device_name)
+    dtype = pick_dtype(device, precision)
+    if threads:
+        torch.set_num_threads(threads)
+    ddp = Distributed.from_env(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+    torch.manual_seed(seed * 1000 + ddp.rank)
+    return device, dtype, ddp
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   parameters: Iterator[nn.Parameter], clip: float) -> None:
+    """Backward through the (possibly loss-scaled) loss, unscale, clip the true gradient norm, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+    torch.nn.utils.clip_grad_norm_(parameters, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def gather_per_rank(value: Any, ddp: Distributed) -> list[Any]:
+    """``value`` from every rank, in rank order (e.g. RNG states for an exact resume)."""
+    if ddp.world == 1:
+        return [value]
+    values: list[Any] = [None] * ddp.world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -34,13 +34,13 @@ from .models.vae import VAE
 from .runtime import (
     EMA,
     BatchStream,
-    Distributed,
     Log,
     autocast,
+    gather_per_rank,
     load_state,
-    pick_device,
-    pick_dtype,
+    optimizer_step,
     save_state,
+    start_run,
     unwrap,
 )
 from .train_vae import RunOptions
@@ -89,14 +89,7 @@ def learning_rate(step: int, cfg: DiffusionTrainConfig) -> float:
 def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: ScheduleConfig,
                     sampling_cfg: SamplingConfig, cfg: DiffusionTrainConfig, opts: RunOptions) -> Path | None:
     """Train (or resume from ``opts.run_dir/state.pt``); returns the new checkpoint folder on the main rank."""
-    device = pick_device(opts.device)
-    dtype = pick_dtype(device, opts.precision)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    ddp = Distributed.from_env(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", ddp.local_rank)
-    torch.manual_seed(cfg.seed * 1000 + ddp.rank)
+    device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
 
     vae, vae_manifest = load_vae(opts.checkpoints, vae_version, device)
     data_cfg = from_dict(DataConfig, vae_manifest["data"])
@@ -149,12 +142,7 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
             group["lr"] = learning_rate(step, cfg)
         with autocast(device, dtype):
             loss = (model(x_t, t, y).float() - schedule.target(z0, noise, t)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, unet.parameters(), cfg.grad_clip)
         ema.update(unet)
         value = loss.item()
         if not math.isfinite(value):
@@ -164,10 +152,7 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
             log.write(step=step + 1, loss=value, loss_avg=loss_avg, lr=learning_rate(step, cfg))
             progress.set_postfix(loss=f"{loss_avg:.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            noise_states = [noise_gen.get_state()]
-            if ddp.world > 1:
-                noise_states = [None] * ddp.world
-                torch.distributed.all_gather_object(noise_states, noise_gen.get_state())
+            noise_states = gather_per_rank(noise_gen.get_state(), ddp)
             if ddp.is_main:
                 save_state(state_path, {"step": step + 1, "model": unet.state_dict(), "ema": ema.model.state_dict(),
                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

@@ -22,13 +22,13 @@ from .models.vae import VAE, kl_divergence
 from .perceptual import PerceptualLoss
 from .runtime import (
     BatchStream,
-    Distributed,
     Log,
     autocast,
+    gather_per_rank,
     load_state,
-    pick_device,
-    pick_dtype,
+    optimizer_step,
     save_state,
+    start_run,
     unwrap,
 )
 
@@ -74,14 +74,7 @@ def reconstruct(vae: VAE, images: torch.Tensor, device: torch.device, dtype: tor
 
 def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opts: RunOptions) -> Path | None:
     """Train (or resume from ``opts.run_dir/state.pt``); returns the new checkpoint folder on the main rank."""
-    device = pick_device(opts.device)
-    dtype = pick_dtype(device, opts.precision)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    ddp = Distributed.from_env(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", ddp.local_rank)
-    torch.manual_seed(cfg.seed * 1000 + ddp.rank)
+    device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
 
     images, _ = load_split(opts.data, "train", data_cfg, limit=opts.limit)
     val_images, _ = load_split(opts.data, "val", data_cfg, limit=256)
@@ -127,12 +120,7 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
             adversarial = disc is not None and step >= cfg.adversarial_start
             if adversarial:
                 loss = loss + cfg.adversarial_weight * hinge_generator_loss(disc(recon).float())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, vae.parameters(), cfg.grad_clip)
         if adversarial:
             with autocast(device, dtype):
                 d_loss = hinge_discriminator_loss(disc(x).float(), disc(recon.detach()).float())
@@ -147,10 +135,7 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
             log.write(**record)
             progress.set_postfix(l1=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            rng_states = [torch.get_rng_state()]
-            if ddp.world > 1:
-                rng_states = [torch.empty_like(rng_states[0]) for _ in range(ddp.world)]
-                torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
+            rng_states = gather_per_rank(torch.get_rng_state(), ddp)
             if ddp.is_main:
                 state = {"step": step + 1, "model": vae.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "stream": stream.state(),
