@@ -47,9 +47,10 @@ def sweep_settings(guidance: float) -> list[Setting]:
 
 
 class AttributeClassifier(nn.Module):
-    """``[N, 3, 64, 64]`` in [-1, 1] -> logits ``[N, A]``: four stride-2 convolutions and global pooling."""
+    """``[N, 3, S, S]`` in [-1, 1] -> logits ``[N, A]``: four stride-2 convolutions, then a linear layer over the
+    whole ``S/16 x S/16`` feature map (where a feature is, the mouth, matters)."""
 
-    def __init__(self, attributes: int):
+    def __init__(self, attributes: int, image_size: int):
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
@@ -57,10 +58,10 @@ class AttributeClassifier(nn.Module):
             layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
             channels = width
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, attributes)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(channels * (image_size // 16) ** 2, attributes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.features(x))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -69,15 +70,15 @@ class AttributeClassifier(nn.Module):
         return torch.cat([(self(to_float(chunk)) > 0).long() for chunk in images.split(batch)])
 
 
-def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, batch: int = 128
+def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, batch: int = 64
                      ) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor, float]:
     """Train on the train split; returns the classifier, the test images and labels, and its test accuracy."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     images, labels = load_split(data, "train", data_cfg)
     test_images, test_labels = load_split(data, "test", data_cfg)
-    classifier = AttributeClassifier(labels.shape[1])
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3)
+    classifier = AttributeClassifier(labels.shape[1], data_cfg.image_size)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=0.05)
     classifier.train()
     for _ in range(steps):
         index = torch.randint(0, len(images), (batch,), generator=generator)
@@ -133,9 +134,8 @@ def generate(model: LatentDiffusion, attributes: dict[str, bool], n: int, settin
     return torch.cat(out)
 
 
-@torch.no_grad()
-def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list[Setting], seed: int = 0,
-             classifier_steps: int = 400, device: str = "cpu", fid: bool = True) -> dict[str, Any]:
+def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list[Setting], seed: int,
+             classifier_steps: int, device: str = "cpu", fid: bool = True) -> dict[str, Any]:
     """Every number of the report, as a dict (also merged into the diffusion manifest's ``metrics``)."""
     model = LatentDiffusion.load(checkpoints, version, device)
     data_cfg = from_dict(DataConfig, model.manifest["data"])
@@ -144,8 +144,9 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
     results: dict[str, Any] = {"attribute": attribute, "n_per_label": n, "classifier_test_accuracy": classifier_accuracy,
                                "test_images": len(test_images)}
 
-    means = torch.cat([model.vae.encode(to_float(chunk).to(model.device))[0] for chunk in test_images.split(128)])
-    recon = torch.cat([to_uint8(model.decode(chunk * model.manifest["latent_scale"])) for chunk in means.split(128)])
+    with torch.no_grad():
+        means = torch.cat([model.vae.encode(to_float(chunk).to(model.device))[0] for chunk in test_images.split(128)])
+        recon = torch.cat([to_uint8(model.decode(c * model.manifest["latent_scale"])) for c in means.split(128)])
     results["vae_psnr_db"] = psnr(to_float(recon), to_float(test_images))
     results["vae_attribute_agreement"] = float((classifier.predict(recon)[:, 0] == classifier.predict(test_images)[:, 0])
                                                .float().mean())
