@@ -55,12 +55,12 @@ def load_vae(checkpoints: Path, version: str, device: torch.device) -> tuple[VAE
 
 
 @torch.no_grad()
-def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, batch: int = 128
+def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors: bool, batch: int = 128
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior ``(mean, logvar)`` for ``uint8 [N, 3, H, W]`` images and their mirrors: each ``[2N, L, h, w]``
-    float32 on the CPU (rows ``N..2N-1`` are the mirrored images)."""
+    """Posterior ``(mean, logvar)`` for ``uint8 [N, 3, H, W]`` images, each ``[N, L, h, w]`` float32 on the CPU;
+    with ``mirrors`` also for the mirrored images (``[2N, ...]``, rows ``N..2N-1`` mirrored)."""
     means, logvars = [], []
-    for flipped in (False, True):
+    for flipped in (False, True) if mirrors else (False,):
         for chunk in images.split(batch):
             x = to_float(chunk).to(device)
             mean, logvar = vae.encode(x.flip(-1) if flipped else x)
@@ -94,8 +94,9 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     vae, vae_manifest = load_vae(opts.checkpoints, vae_version, device)
     data_cfg = from_dict(DataConfig, vae_manifest["data"])
     images, labels = load_split(opts.data, "train", data_cfg, limit=opts.limit)
-    means, logvars = encode_dataset(vae, images, device)
-    labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
+    means, logvars = encode_dataset(vae, images, device, mirrors=data_cfg.hflip)
+    if data_cfg.hflip:
+        labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
     scale, clip = latent_statistics(means, logvars, cfg.seed)
     del vae, images
 

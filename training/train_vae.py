@@ -109,7 +109,8 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
 
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ddp.is_main, desc="vae")
     for step in progress:
-        x = flip_batch(to_float(images[next(stream)]), flips).to(device)
+        x = to_float(images[next(stream)])
+        x = (flip_batch(x, flips) if data_cfg.hflip else x).to(device)
         with autocast(device, dtype):
             recon, mean, logvar = model(x)
             recon = recon.float()

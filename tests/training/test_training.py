@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from training.config import (
 )
 from training.models.unet import UNet
 from training.pipeline import LatentDiffusion
+from training.runtime import load_state
 from training.train_diffusion import train_diffusion
 from training.train_vae import RunOptions, train_vae
 
@@ -105,3 +107,10 @@ torch.save(weights, {str(tmp_path)!r} + "/rank" + os.environ["RANK"] + ".pt")
     assert torch.equal(rank0, rank1)
     assert rank0.numel() == sum(p.numel() for p in UNet(UNetConfig(**TINY_UNET)).parameters())
     assert len(list((tiny_checkpoints / "diffusion").iterdir())) == before + 1
+
+
+def test_adversarial_vae_training_runs_with_a_patch_discriminator(synth_dir: Path, tmp_path: Path) -> None:
+    _vae(synth_dir, tmp_path / "ck", tmp_path / "run", 4, adversarial_weight=0.1, adversarial_start=2)
+    state = load_state(tmp_path / "run" / "state.pt")
+    assert state["step"] == 4 and "disc" in state and "disc_optimizer" in state
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "run"))
