@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from worker.spec import DEFAULT_COUNT, DEFAULT_SAMPLER, LATEST, Sampler
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 ENDED = {"finished", "failed", "canceled", "stopped"}
 
@@ -237,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", parents=[common], help="queue a job, wait, save the images")
     gen.add_argument("--label", default="smiling", help='"smiling", "not_smiling", … (default %(default)s)')
     gen.add_argument("--attributes", type=_parse_attributes, help="instead of --label: Smiling=true,Eyeglasses=false")
-    gen.add_argument("--count", type=int, default=4)
+    gen.add_argument("--count", type=int, default=DEFAULT_COUNT)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--steps", type=int)
-    gen.add_argument("--sampler", choices=["dpmpp", "ddim", "ddpm"], default="dpmpp")
+    gen.add_argument("--sampler", choices=[s.value for s in Sampler], default=DEFAULT_SAMPLER.value)
     gen.add_argument("--guidance", dest="guidance_scale", type=float)
-    gen.add_argument("--model", default="latest")
+    gen.add_argument("--model", default=LATEST)
     gen.add_argument("--out", required=True, help="PNG grid path")
     gen.add_argument("--gif", help="also render the denoising animation to this GIF path")
     gen.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")

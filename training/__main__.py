@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--steps", type=int, default=20)
     evaluate.add_argument("--guidance", type=float, default=None, help="default: the model's")
     evaluate.add_argument("--sweep", action="store_true", help="all samplers, step counts and guidance scales")
+    evaluate.add_argument("--settings", default=None,
+                          help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=400)
     evaluate.add_argument("--seed", type=int, default=0)
@@ -134,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         guidance = args.guidance
         if guidance is None:
             guidance = LatentDiffusion.load(args.checkpoints, args.diffusion).sampling.guidance_scale
-        settings = sweep_settings(guidance) if args.sweep else [Setting(args.sampler, args.steps, guidance)]
+        if args.settings:
+            settings = [Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else guidance)
+                        for parts in (item.split(":") for item in args.settings.split(","))]
+        elif args.sweep:
+            settings = sweep_settings(guidance)
+        else:
+            settings = [Setting(args.sampler, args.steps, guidance)]
         results = run_evaluation(args.checkpoints, args.diffusion, args.data, args.n, settings, args.seed,
                                  args.classifier_steps, fid=not args.no_fid)
         report = markdown_report(results, "python -m training " + " ".join(sys.argv[1:] if argv is None else argv))
