@@ -186,6 +186,14 @@ class FacegenWorker(SimpleWorker):
         log.info("job %s canceled", job.id)
 
 
+def cancel_flags(connection: redis.Redis, jobs: list[Job]) -> list[bool]:
+    """Whether the service asked to cancel each job (one round trip)."""
+    with connection.pipeline() as pipe:
+        for job in jobs:
+            pipe.exists(cancel_key(job.id))
+        return [bool(flag) for flag in pipe.execute()]
+
+
 def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Redis, canceled: set[str],
                   heartbeat: Any = None) -> dict[str, Prepared]:
     """Run the engine once for all valid jobs; returns each job's :class:`Prepared` (output or error)."""
@@ -207,10 +215,7 @@ def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Red
         prepared[job.id] = Prepared(spec, resolved={"steps": job_key.steps, "guidance_scale": job_key.guidance_scale,
                                                     "sampler": job_key.sampler.value, "model": engine.version})
         valid.append(job)
-    with connection.pipeline() as pipe:
-        for job in valid:
-            pipe.exists(cancel_key(job.id))
-        canceled.update(job.id for job, flag in zip(valid, pipe.execute(), strict=True) if flag)
+    canceled.update(job.id for job, flag in zip(valid, cancel_flags(connection, valid), strict=True) if flag)
     valid = [job for job in valid if job.id not in canceled]
     if not valid:
         return prepared
@@ -230,11 +235,7 @@ def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Red
         if now - last_write < settings.progress_interval and step < total:
             return
         last_write = now
-        with connection.pipeline() as pipe:
-            for job in valid:
-                pipe.exists(cancel_key(job.id))
-            flags = pipe.execute()
-        for job, flag in zip(valid, flags, strict=True):
+        for job, flag in zip(valid, cancel_flags(connection, valid), strict=True):
             if flag:
                 canceled.add(job.id)
             else:
