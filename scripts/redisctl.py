@@ -52,12 +52,15 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    """A private redis-server process on 127.0.0.1; ``appendonly`` turns on the AOF (``appendfsync always``)."""
+    """A private redis-server process on 127.0.0.1; ``appendonly`` turns on the AOF, synced to disk by the
+    ``appendfsync`` policy (``always``: before each reply; ``everysec``: once a second, as compose and k8s run it)."""
 
-    def __init__(self, port: int | None = None, workdir: str | None = None, appendonly: bool = False):
+    def __init__(self, port: int | None = None, workdir: str | None = None, appendonly: bool = False,
+                 appendfsync: str = "always"):
         self.port = port or free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="facegen-redis-")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen | None = None
 
     @property
@@ -68,7 +71,7 @@ class RedisServer:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.workdir,
                 "--save", "", "--daemonize", "no", "--logfile", "redis.log"]
         if self.appendonly:
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not reachable(self.url, timeout=0.2):

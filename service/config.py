@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     idempotency_ttl: Annotated[int, Field(ge=60)] = _DAY_S
     # RQ job timeout: the worker gives up on one job after this many seconds.
     job_timeout: Annotated[int, Field(ge=1)] = 900
+    # A job that fails with a transient error, or whose worker dies, is run again up to this many times.
+    job_retries: Annotated[int, Field(ge=0, le=10)] = 2
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     workers: Annotated[int, Field(ge=1, le=64)] = 1

@@ -32,6 +32,8 @@ PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, Jo
                      JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
 ENDED = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
 GENERIC_ERROR = "generation failed"
+# RQ's maintenance found the job started by a worker that stopped heartbeating, with no retries left.
+ABANDONED_ERROR = "the worker running this job stopped unexpectedly, and its retries are used up"
 # Without any worker in the registry, requests may still name these (they wait in the queue for one).
 FALLBACK_ATTRIBUTES = ["Smiling"]
 
@@ -172,6 +174,25 @@ def fingerprint(payload: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+# Runs last inside the enqueue transaction, so no other client's command falls between RQ's push and this check:
+# over the cap, the job just pushed (the queue's tail), its hash and its tombstone are removed again.
+ADMISSION_SCRIPT = """
+local depth = redis.call('LLEN', KEYS[1])
+if depth > tonumber(ARGV[2]) then
+  redis.call('LREM', KEYS[1], -1, ARGV[1])
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return -depth
+end
+return depth
+"""
+
+
+def _admit(queue: Queue, job_id: str, max_queued: int, pipe: redis.client.Pipeline) -> None:
+    """Queue the admission check on ``pipe``; its result is the queue depth, or ``-(depth before) - 1`` when the
+    job was refused because ``max_queued`` jobs were already waiting."""
+    pipe.eval(ADMISSION_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id, max_queued)
+
+
 def submit(
     conn: redis.Redis,
     queue: Queue,
@@ -192,11 +213,8 @@ def submit(
         if not conn.set(key, record, nx=True, ex=settings.idempotency_ttl):
             return _replay(conn, key, print_)
     try:
-        depth = queue.count
-        if depth >= settings.max_queued:
-            raise QueueFull(depth)
         submitted_at = datetime.now(UTC).isoformat()
-        with conn.pipeline() as pipe:
+        with conn.pipeline() as pipe:  # MULTI ... EXEC: RQ's writes and the admission check run as one
             queue.enqueue(
                 spec.JOB_FUNCTION,
                 job_spec.model_dump(mode="json"),
@@ -204,13 +222,16 @@ def submit(
                 result_ttl=settings.artifact_ttl,
                 failure_ttl=settings.failure_ttl,
                 job_timeout=settings.job_timeout,
-                retry=Retry(max=2),
+                retry=Retry(max=settings.job_retries) if settings.job_retries else None,
                 meta={"submitted_at": submitted_at},
                 description=f"generate {job_spec.label()} x{job_spec.count}",
                 pipeline=pipe,
             )
             pipe.set(tombstone_key(job_id), json.dumps({"animation": job_spec.animation}), ex=settings.tombstone_ttl)
-            pipe.execute()
+            _admit(queue, job_id, settings.max_queued, pipe)
+            depth = pipe.execute()[-1]
+        if depth < 0:
+            raise QueueFull(-depth - 1)
     except BaseException:
         if idempotency is not None:
             conn.delete(idempotency[0])
@@ -291,6 +312,9 @@ def error_of(job: Job) -> str | None:
         return "canceled"
     if status == JobStatus.STOPPED:
         return "stopped"
+    latest = job.latest_result()
+    if latest is not None and "AbandonedJobError" in (latest.exc_string or ""):
+        return ABANDONED_ERROR
     return GENERIC_ERROR
 
 

@@ -112,8 +112,10 @@ class FacegenWorker(SimpleWorker):
     """SimpleWorker that batches compatible jobs and heartbeats while it samples."""
 
     def __init__(self, *args: Any, runtime: WorkerRuntime, **kwargs: Any):
-        kwargs.setdefault("maintenance_interval", 30)
-        super().__init__(*args, **kwargs)
+        # RQ runs maintenance between dequeues and an idle worker blocks for ``worker_ttl - 15`` s per dequeue:
+        # tie that block to the maintenance interval, or a dead worker's job would wait up to 7 minutes.
+        interval = runtime.settings.maintenance_interval
+        super().__init__(*args, maintenance_interval=interval, worker_ttl=interval + 15, **kwargs)
         self.runtime = runtime
         self._claim = self.connection.register_script(CLAIM_SCRIPT)
 
@@ -235,15 +237,20 @@ def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Red
         if now - last_write < settings.progress_interval and step < total:
             return
         last_write = now
-        for job, flag in zip(valid, cancel_flags(connection, valid), strict=True):
-            if flag:
-                canceled.add(job.id)
-            else:
-                job.meta[META_PROGRESS] = {"step": step, "total": total}
-                job.save_meta()
-        if heartbeat is not None and now - last_beat > settings.heartbeat_ttl / 6:
-            last_beat = now
-            heartbeat()
+        try:
+            for job, flag in zip(valid, cancel_flags(connection, valid), strict=True):
+                if flag:
+                    canceled.add(job.id)
+                else:
+                    job.meta[META_PROGRESS] = {"step": step, "total": total}
+                    job.save_meta()
+            if heartbeat is not None and now - last_beat > settings.heartbeat_ttl / 6:
+                last_beat = now
+                heartbeat()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Progress is advisory: keep denoising through a short Redis outage (the results are stored at the end;
+            # an outage longer than HEARTBEAT_TTL lets another worker retry the jobs).
+            log.warning("progress not recorded at step %d/%d: %s", step, total, exc)
         if all(job.id in canceled for job in valid):
             raise JobCanceled()
 

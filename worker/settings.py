@@ -26,6 +26,8 @@ class WorkerSettings(BaseSettings):
     metrics_port: int = Field(9100, ge=0, le=65535)  # 0 = no metrics server
     artifact_ttl: int = Field(DEFAULT_ARTIFACT_TTL_S, ge=60)
     heartbeat_ttl: int = Field(90, ge=10)  # a job whose worker stops heartbeating is retried after this
+    # seconds between RQ maintenance passes (retrying jobs of dead workers, expiring registries)
+    maintenance_interval: int = Field(30, ge=1)
     progress_interval: float = Field(0.1, gt=0)  # seconds between progress writes (~10/s at most)
     threads: int | None = Field(None, ge=1)  # torch CPU threads
 

@@ -1,0 +1,83 @@
+"""Helpers for breaking things on purpose: real worker processes and a real API process on a real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT
+
+ENDED = ("finished", "failed", "canceled", "stopped")
+
+
+class WorkerProcess:
+    """``python -m worker`` against ``redis_url``; ``kill()`` is a crash (SIGKILL), ``stop()`` a shutdown."""
+
+    def __init__(self, redis_url: str, checkpoints: Path, **env: str):
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"facegen-worker-{os.getpid()}-{time.time_ns()}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "REDIS_URL": redis_url, "CHECKPOINT_DIR": str(checkpoints), "METRICS_PORT": "0",
+                 "THREADS": "1", "PYTHONPATH": str(ROOT), **env},
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    """Poll ``predicate()`` until it returns something truthy; fail the test naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def job_state(url: str, job_id: str) -> dict:
+    response = httpx.get(f"{url}/jobs/{job_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_ended(url: str, job_ids: list[str], timeout: float) -> dict[str, dict]:
+    """Every job's final state (fails the test if any is still pending after ``timeout`` seconds)."""
+    states: dict[str, dict] = {}
+
+    def all_ended() -> bool:
+        for job_id in job_ids:
+            if job_id not in states:
+                state = job_state(url, job_id)
+                if state["status"] in ENDED:
+                    states[job_id] = state
+        return len(states) == len(job_ids)
+
+    wait_for(all_ended, timeout, f"{len(job_ids) - len(states)} of {len(job_ids)} jobs to end", poll=0.5)
+    return states

@@ -1,0 +1,87 @@
+"""A worker is SIGKILLed in the middle of a job: the job runs again (at-least-once) and finishes, or, with no
+retries left, ends ``failed`` with a clear reason; it is never left ``started``, and the queued jobs all finish."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import redis
+from rq.job import Job
+
+from tests.conftest import redis_url_for_db
+from tests.reliability.conftest import WorkerProcess, job_state, wait_ended, wait_for
+from tests.service.conftest import LiveServer
+
+REDIS_URL = redis_url_for_db(14)
+# A dead worker's job is noticed once its heartbeat (HEARTBEAT_TTL) expires, at the next maintenance pass.
+FAST_RECOVERY = {"HEARTBEAT_TTL": "10", "MAINTENANCE_INTERVAL": "1", "MAX_BATCH": "1"}
+LONG_JOB = {"label": "smiling", "count": 1, "seed": 3, "sampler": "ddpm", "steps": 1000}
+SHORT_JOB = {"label": "not_smiling", "count": 2, "steps": 4}
+
+
+@pytest.fixture()
+def conn():
+    connection = redis.Redis.from_url(REDIS_URL)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+def submit(url: str, body: dict) -> str:
+    response = httpx.post(f"{url}/generate", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def crash_during(server: LiveServer, checkpoints, job_id: str) -> None:
+    """Start a worker, wait until it is denoising ``job_id``, then SIGKILL it."""
+    first = WorkerProcess(REDIS_URL, checkpoints, **FAST_RECOVERY)
+    try:
+        wait_for(lambda: (job_state(server.url, job_id).get("progress") or {}).get("step", 0) > 0, 120,
+                 "the first worker to start denoising")
+    except AssertionError:
+        first.stop()
+        raise AssertionError(first.output()) from None
+    first.kill()
+    assert job_state(server.url, job_id)["status"] == "started"  # what a dead worker leaves behind
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_job_is_retried_and_every_job_finishes(tiny_checkpoints, conn) -> None:
+    server = LiveServer(REDIS_URL)
+    try:
+        crashed = submit(server.url, LONG_JOB)
+        queued = [submit(server.url, {**SHORT_JOB, "seed": seed}) for seed in range(3)]
+        crash_during(server, tiny_checkpoints, crashed)
+        second = WorkerProcess(REDIS_URL, tiny_checkpoints, **FAST_RECOVERY)
+        try:
+            states = wait_ended(server.url, [crashed, *queued], timeout=180)
+        finally:
+            second.stop()
+        assert {job_id: state["status"] for job_id, state in states.items()} == dict.fromkeys(
+            [crashed, *queued], "finished")
+        assert Job.fetch(crashed, connection=conn).retries_left == 1  # ran twice: once killed, once to the end
+        result = httpx.get(f"{server.url}/jobs/{crashed}/result", timeout=10)
+        assert result.status_code == 200 and result.content.startswith(b"\x89PNG")
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_job_without_retries_fails_with_a_reason(tiny_checkpoints, conn) -> None:
+    server = LiveServer(REDIS_URL, env={"JOB_RETRIES": "0"})
+    try:
+        crashed = submit(server.url, LONG_JOB)
+        queued = submit(server.url, SHORT_JOB)
+        crash_during(server, tiny_checkpoints, crashed)
+        second = WorkerProcess(REDIS_URL, tiny_checkpoints, **FAST_RECOVERY)
+        try:
+            states = wait_ended(server.url, [crashed, queued], timeout=180)
+        finally:
+            second.stop()
+        assert states[crashed]["status"] == "failed"
+        assert "worker running this job stopped unexpectedly" in states[crashed]["error"]
+        assert states[queued]["status"] == "finished"
+        assert httpx.get(f"{server.url}/jobs/{crashed}/result", timeout=10).status_code == 409
+    finally:
+        server.stop()
