@@ -75,8 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = conn
+    app.state.queue = jobs.make_queue(conn, settings)
     app.state.metrics = metrics
-    app.dependency_overrides[get_settings] = lambda: settings
 
     for module in (job_routes, models, health, metrics_routes, playground, docs):
         app.include_router(module.router)

@@ -108,10 +108,10 @@ def idempotency_key(client: str, key: str) -> str:
 # ----- model registry -----------------------------------------------------------------------------------------
 def read_models(conn: redis.Redis) -> list[spec.ModelInfo]:
     """Model descriptions live workers publish (entries that don't parse are skipped), sorted by version."""
-    keys = sorted(conn.scan_iter(match=spec.MODEL_REGISTRY_PATTERN, count=200))
+    versions = sorted(conn.smembers(spec.MODEL_INDEX_KEY))
     models = []
-    for raw in conn.mget(keys) if keys else []:
-        if raw is None:  # expired between SCAN and MGET
+    for raw in conn.mget([spec.model_registry_key(v.decode()) for v in versions]) if versions else []:
+        if raw is None:  # no live worker serves that version any more (its entry expired)
             continue
         try:
             models.append(spec.ModelInfo.model_validate_json(raw))

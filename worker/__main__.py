@@ -23,7 +23,7 @@ from . import jobs
 from .engine import Engine
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
-from .spec import DEFAULT_STEPS, ModelInfo, model_registry_key
+from .spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
 
 log = logging.getLogger("worker")
 REGISTRY_TTL_S = 30  # a model entry disappears this long after its last worker stops refreshing it
@@ -41,10 +41,9 @@ def model_info(engine: Engine, settings: WorkerSettings, worker_name: str) -> Mo
 
 def publish_model(connection: redis.Redis, info: ModelInfo, stop: threading.Event) -> None:
     """Keep this worker's model entry alive in Redis until ``stop`` is set (a dead worker's entry expires)."""
-    key = model_registry_key(info.version)
     while not stop.is_set():
         try:
-            connection.set(key, info.model_dump_json(), ex=REGISTRY_TTL_S)
+            publish_model_entry(connection, info, REGISTRY_TTL_S)
         except redis.RedisError as exc:
             log.warning("could not refresh the model registry: %s", exc)
         stop.wait(REGISTRY_TTL_S / 3)
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings.threads)
     try:
         engine = Engine(settings.checkpoint_dir, settings.model_version, settings.device, settings.precision,
-                        settings.max_batch)
+                        settings.max_batch, settings.compile)
     except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
         print(f"worker: cannot load model {settings.model_version!r} from {settings.checkpoint_dir}: {exc}",
               file=sys.stderr)

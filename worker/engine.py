@@ -62,11 +62,15 @@ ProgressFn = Callable[[int, int], None]  # (steps done, total steps) across chun
 
 class Engine:
     def __init__(self, checkpoints: Path, version: str, device: str = "auto", precision: str = "auto",
-                 max_batch: int = 32):
+                 max_batch: int = 32, compile_mode: str = "off"):
+        """``compile_mode``: ``off``, or a ``torch.compile`` mode for the UNet (``default``, ``reduce-overhead``
+        = CUDA graphs, ``max-autotune``); each new batch shape compiles once."""
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, precision)
         self.max_batch = max_batch
         self.model = LatentDiffusion.load(checkpoints, version, self.device, self.dtype)
+        if compile_mode != "off":
+            self.model.unet = torch.compile(self.model.unet, mode=compile_mode, dynamic=False)
 
     @property
     def version(self) -> str:

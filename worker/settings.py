@@ -21,6 +21,8 @@ class WorkerSettings(BaseSettings):
     model_version: str = LATEST
     device: str = Field("auto", pattern="^(auto|cuda|cpu)$")
     precision: str = Field("auto", pattern="^(auto|fp16|bf16|fp32)$")
+    # torch.compile mode for the UNet: off, default, reduce-overhead (CUDA graphs) or max-autotune
+    compile: str = Field("off", pattern="^(off|default|reduce-overhead|max-autotune)$")
     max_batch: int = Field(32, ge=1, le=1024)  # images per denoising batch (guidance doubles the rows)
     queues: str = DEFAULT_QUEUE  # comma-separated
     metrics_port: int = Field(9100, ge=0, le=65535)  # 0 = no metrics server

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -133,7 +133,9 @@ def model_registry_key(version: str) -> str:
     return f"{KEY_PREFIX}:model:{version}"
 
 
-MODEL_REGISTRY_PATTERN = f"{KEY_PREFIX}:model:*"
+# Set of every version ever published, so readers find the entries without scanning the keyspace.
+MODEL_INDEX_KEY = f"{KEY_PREFIX}:models"
+
 
 
 class ModelInfo(BaseModel):
@@ -163,3 +165,11 @@ META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
 META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job shared
 DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
 ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}
+
+
+def publish_model_entry(connection: Any, info: ModelInfo, ttl_s: int) -> None:
+    """Write (or refresh) ``info`` in the registry for ``ttl_s`` seconds; ``connection`` is a redis client."""
+    with connection.pipeline() as pipe:
+        pipe.set(model_registry_key(info.version), info.model_dump_json(), ex=ttl_s)
+        pipe.sadd(MODEL_INDEX_KEY, info.version)
+        pipe.execute()

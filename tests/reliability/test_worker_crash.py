@@ -3,6 +3,8 @@ retries left, ends ``failed`` with a clear reason; it is never left ``started``,
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import redis
@@ -33,8 +35,8 @@ def submit(url: str, body: dict) -> str:
     return response.json()["job_id"]
 
 
-def crash_during(server: LiveServer, checkpoints, job_id: str) -> None:
-    """Start a worker, wait until it is denoising ``job_id``, then SIGKILL it."""
+def crash_during(server: LiveServer, checkpoints, job_id: str) -> float:
+    """Start a worker, wait until it is denoising ``job_id``, then SIGKILL it; returns the time of the kill."""
     first = WorkerProcess(REDIS_URL, checkpoints, **FAST_RECOVERY)
     try:
         wait_for(lambda: (job_state(server.url, job_id).get("progress") or {}).get("step", 0) > 0, 120,
@@ -43,7 +45,9 @@ def crash_during(server: LiveServer, checkpoints, job_id: str) -> None:
         first.stop()
         raise AssertionError(first.output()) from None
     first.kill()
+    killed_at = time.monotonic()
     assert job_state(server.url, job_id)["status"] == "started"  # what a dead worker leaves behind
+    return killed_at
 
 
 @pytest.mark.timeout(300)
@@ -52,10 +56,11 @@ def test_killed_worker_job_is_retried_and_every_job_finishes(tiny_checkpoints, c
     try:
         crashed = submit(server.url, LONG_JOB)
         queued = [submit(server.url, {**SHORT_JOB, "seed": seed}) for seed in range(3)]
-        crash_during(server, tiny_checkpoints, crashed)
+        killed_at = crash_during(server, tiny_checkpoints, crashed)
         second = WorkerProcess(REDIS_URL, tiny_checkpoints, **FAST_RECOVERY)
         try:
             states = wait_ended(server.url, [crashed, *queued], timeout=180)
+            recovered_s = time.monotonic() - killed_at
         finally:
             second.stop()
         assert {job_id: state["status"] for job_id, state in states.items()} == dict.fromkeys(
@@ -63,6 +68,8 @@ def test_killed_worker_job_is_retried_and_every_job_finishes(tiny_checkpoints, c
         assert Job.fetch(crashed, connection=conn).retries_left == 1  # ran twice: once killed, once to the end
         result = httpx.get(f"{server.url}/jobs/{crashed}/result", timeout=10)
         assert result.status_code == 200 and result.content.startswith(b"\x89PNG")
+        print(f"[worker crash] killed mid-job; all {1 + len(queued)} jobs finished {recovered_s:.1f} s after the kill "
+              f"(HEARTBEAT_TTL={FAST_RECOVERY['HEARTBEAT_TTL']} s)")
     finally:
         server.stop()
 
@@ -73,15 +80,17 @@ def test_killed_worker_job_without_retries_fails_with_a_reason(tiny_checkpoints,
     try:
         crashed = submit(server.url, LONG_JOB)
         queued = submit(server.url, SHORT_JOB)
-        crash_during(server, tiny_checkpoints, crashed)
+        killed_at = crash_during(server, tiny_checkpoints, crashed)
         second = WorkerProcess(REDIS_URL, tiny_checkpoints, **FAST_RECOVERY)
         try:
             states = wait_ended(server.url, [crashed, queued], timeout=180)
+            failed_s = time.monotonic() - killed_at
         finally:
             second.stop()
         assert states[crashed]["status"] == "failed"
         assert "worker running this job stopped unexpectedly" in states[crashed]["error"]
         assert states[queued]["status"] == "finished"
         assert httpx.get(f"{server.url}/jobs/{crashed}/result", timeout=10).status_code == 409
+        print(f"[worker crash, no retries] job failed with a reason {failed_s:.1f} s after the kill")
     finally:
         server.stop()

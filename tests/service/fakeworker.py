@@ -57,7 +57,7 @@ def model_info(
 
 def publish_model(conn: redis.Redis, info: spec.ModelInfo | None = None, ttl: int = 60) -> spec.ModelInfo:
     info = info or model_info()
-    conn.set(spec.model_registry_key(info.version), info.model_dump_json(), ex=ttl)
+    spec.publish_model_entry(conn, info, ttl)
     return info
 
 

@@ -15,6 +15,7 @@ def test_models_lists_registry_entries(client, conn):
     publish_model(conn, model_info("v1", is_latest=False))
     publish_model(conn, model_info("v2", attributes=["Smiling", "Eyeglasses"], resolution=64))
     conn.set(spec.model_registry_key("broken"), b"{not json", ex=60)  # a bad entry is skipped
+    conn.sadd(spec.MODEL_INDEX_KEY, "broken")
     body = client.get("/models").json()
     assert body["latest"] == "v2"
     assert [m["version"] for m in body["models"]] == ["v1", "v2"]

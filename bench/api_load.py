@@ -1,0 +1,95 @@
+"""API alone: enqueue throughput and latency of ``POST /generate`` at ``--clients`` concurrent connections, with
+``wrk`` (Debian package) as the load generator against ``python -m service`` under uvicorn, Redis on loopback.
+
+    python -m bench.api_load --clients 64 --seconds 10 --workers 1,2
+
+No GPU worker runs: jobs pile up in the queue (the cap is lifted), and afterwards the queue length is checked
+against the number of 202 answers, so every counted request really enqueued a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.common import markdown_table, save
+from bench.stack import start_api, start_redis
+from worker.spec import DEFAULT_QUEUE
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"label": "smiling", "count": 1, "seed": 7}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Requests, errors, requests/s and latency percentiles (ms) from ``wrk --latency`` output."""
+    def ms(text: str) -> float:
+        value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+        return float(value) * UNITS[unit]
+
+    percentiles = {f"p{p}": ms(v) for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)$", output, re.MULTILINE)}
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: (.*)", output)
+    return {
+        "requests": int(re.search(r"(\d+) requests in", output).group(1)),
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+        **percentiles,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--workers", default="1,2", help="uvicorn worker processes to compare")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    server = start_redis()
+    conn = redis.Redis.from_url(server.url)
+    records, rows = [], []
+    try:
+        for workers in (int(w) for w in args.workers.split(",")):
+            conn.flushdb()
+            api, url = start_api(server.url, workers=workers, MAX_QUEUED="100000000")
+            try:
+                wrk = subprocess.run(["wrk", "-t", str(args.threads), "-c", str(args.clients), "-d",
+                                      f"{args.seconds}s", "--latency", "-s", str(script), f"{url}/generate"],
+                                     capture_output=True, text=True, check=True)
+            finally:
+                api.stop()
+            result = parse_wrk(wrk.stdout)
+            result["jobs_in_queue"] = conn.llen(f"rq:queue:{DEFAULT_QUEUE}")
+            result |= {"uvicorn_workers": workers, "clients": args.clients, "seconds": args.seconds}
+            if result["jobs_in_queue"] != result["requests"] - result["non_2xx"]:
+                print(f"warning: {result['requests'] - result['non_2xx']} accepted but {result['jobs_in_queue']} queued")
+            records.append(result)
+            rows.append([workers, args.clients, result["requests_per_s"], result["p50"], result["p90"],
+                         result["p99"], result["non_2xx"], result["jobs_in_queue"]])
+            print(wrk.stdout, flush=True)
+    finally:
+        server.stop()
+    table = markdown_table(["uvicorn workers", "clients", "requests/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx",
+                            "jobs queued"], rows)
+    save("api_load", {"results": records}, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""What every benchmark shares: a description of the machine, a timer, and writing results as JSON + Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, accelerator and library versions of the machine running the benchmark."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: Any = "cpu", repeat: int = 3, warmup: int = 1,
+          min_total_s: float = 0.0) -> float:
+    """Median wall seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs (more runs until the measured
+    runs add up to ``min_total_s``)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    while len(times) < repeat or sum(times) < min_total_s:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
+    """Write ``bench/results/<name>.json`` (with the machine and the command) and print the Markdown."""
+    import sys
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "machine": machine(), "command": "python -m bench." + name + " " + " ".join(sys.argv[1:]),
+              "at": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    print(f"\n## {name}\n\n`{record['command'].strip()}` on {record['machine']}\n\n{markdown}\n")
+    return path
