@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from bench.common import markdown_table, save, timed
+from training.checkpoints import BUNDLED_CHECKPOINTS
 from worker.engine import Engine, ImageRequest
-from worker.settings import BUNDLED_CHECKPOINTS
 
 SAMPLERS = [("dpmpp", 20), ("dpmpp", 10), ("ddim", 50), ("ddim", 20), ("ddpm", 1000)]
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batches.split(",")]
-    ddpm_batches = {int(b) for b in args.ddpm_batches.split(",")}
+    ddpm_batches = {int(b) for b in args.ddpm_batches.split(",") if b}
     samplers = [(name, int(steps)) for name, steps in (s.split(":") for s in args.samplers.split(","))]
     rows: list[list[Any]] = []
     records = []

@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app. ``settings`` default to the environment's (``get_settings()``)."""
     settings = settings or get_settings()
     conn = jobs.connect(settings)
+    async_conn = jobs.connect_async(settings)
     metrics = Metrics()
     metrics.registry.register(QueueCollector(conn, settings.queue_name))
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         conn.close()
+        await async_conn.aclose()
 
     app = FastAPI(
         title="facegen",
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = conn
+    app.state.async_redis = async_conn
     app.state.queue = jobs.make_queue(conn, settings)
     app.state.metrics = metrics
 

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
+import redis.asyncio
 from pydantic import ValidationError
+from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from worker import spec
@@ -87,6 +90,17 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
+def connect_async(settings: Settings) -> redis.asyncio.Redis:
+    """The asyncio twin of :func:`connect`, for the routes that must not leave the event loop (POST /generate)."""
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        retry=AsyncRedisRetry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+    )
+
+
 def make_queue(conn: redis.Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=conn)
 
@@ -108,9 +122,23 @@ def idempotency_key(client: str, key: str) -> str:
 # ----- model registry -----------------------------------------------------------------------------------------
 def read_models(conn: redis.Redis) -> list[spec.ModelInfo]:
     """Model descriptions live workers publish (entries that don't parse are skipped), sorted by version."""
-    versions = sorted(conn.smembers(spec.MODEL_INDEX_KEY))
+    versions = conn.smembers(spec.MODEL_INDEX_KEY)
+    return _parse_models(conn.mget(_registry_keys(versions)) if versions else [])
+
+
+async def read_models_async(conn: redis.asyncio.Redis) -> list[spec.ModelInfo]:
+    """:func:`read_models` on the asyncio client."""
+    versions = await conn.smembers(spec.MODEL_INDEX_KEY)
+    return _parse_models(await conn.mget(_registry_keys(versions)) if versions else [])
+
+
+def _registry_keys(versions: set[bytes]) -> list[str]:
+    return [spec.model_registry_key(v.decode()) for v in sorted(versions)]
+
+
+def _parse_models(raws: list[bytes | None]) -> list[spec.ModelInfo]:
     models = []
-    for raw in conn.mget([spec.model_registry_key(v.decode()) for v in versions]) if versions else []:
+    for raw in raws:
         if raw is None:  # no live worker serves that version any more (its entry expired)
             continue
         try:
@@ -175,7 +203,8 @@ def fingerprint(payload: str) -> str:
 
 
 # Runs last inside the enqueue transaction, so no other client's command falls between RQ's push and this check:
-# over the cap, the job just pushed (the queue's tail), its hash and its tombstone are removed again.
+# over the cap, the job just pushed (the queue's tail), its hash and its tombstone are removed again. Returns the
+# queue depth, or -(depth) when the job was refused.
 ADMISSION_SCRIPT = """
 local depth = redis.call('LLEN', KEYS[1])
 if depth > tonumber(ARGV[2]) then
@@ -187,20 +216,18 @@ return depth
 """
 
 
-def _admit(queue: Queue, job_id: str, max_queued: int, pipe: redis.client.Pipeline) -> None:
-    """Queue the admission check on ``pipe``; its result is the queue depth, or ``-(depth before) - 1`` when the
-    job was refused because ``max_queued`` jobs were already waiting."""
-    pipe.eval(ADMISSION_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id, max_queued)
-
-
-def submit(
-    conn: redis.Redis,
+async def submit(
+    conn: redis.asyncio.Redis,
     queue: Queue,
     job_spec: spec.JobSpec,
     settings: Settings,
     idempotency: tuple[str, str] | None = None,
 ) -> Submission:
     """Enqueue ``job_spec`` (by the worker function's dotted name) and remember its id.
+
+    RQ builds the job and its writes (on ``queue``'s synchronous client, into a pipeline that is never run there);
+    the same commands then run as one MULTI/EXEC on the asyncio client, followed by the admission check, so the
+    event loop never waits on a thread.
 
     ``idempotency`` is ``(redis key, request fingerprint)``: the first request with that key creates the job, later
     ones with the same fingerprint get the same job back, with another fingerprint ``IdempotencyMismatch``.
@@ -210,11 +237,12 @@ def submit(
     if idempotency is not None:
         key, print_ = idempotency
         record = json.dumps({"job_id": job_id, "fingerprint": print_, "seed": job_spec.seed})
-        if not conn.set(key, record, nx=True, ex=settings.idempotency_ttl):
-            return _replay(conn, key, print_)
+        if not await conn.set(key, record, nx=True, ex=settings.idempotency_ttl):
+            return await _replay(conn, queue, key, print_)
     try:
-        submitted_at = datetime.now(UTC).isoformat()
-        with conn.pipeline() as pipe:  # MULTI ... EXEC: RQ's writes and the admission check run as one
+        if queue.redis_server_version is None:  # RQ asks the server once per queue object (a blocking INFO)
+            await run_in_threadpool(queue.get_redis_server_version)
+        with queue.connection.pipeline() as recorder:
             queue.enqueue(
                 spec.JOB_FUNCTION,
                 job_spec.model_dump(mode="json"),
@@ -223,31 +251,37 @@ def submit(
                 failure_ttl=settings.failure_ttl,
                 job_timeout=settings.job_timeout,
                 retry=Retry(max=settings.job_retries) if settings.job_retries else None,
-                meta={"submitted_at": submitted_at},
+                meta={"submitted_at": datetime.now(UTC).isoformat()},
                 description=f"generate {job_spec.label()} x{job_spec.count}",
-                pipeline=pipe,
+                pipeline=recorder,
             )
-            pipe.set(tombstone_key(job_id), json.dumps({"animation": job_spec.animation}), ex=settings.tombstone_ttl)
-            _admit(queue, job_id, settings.max_queued, pipe)
-            depth = pipe.execute()[-1]
+            async with conn.pipeline(transaction=True) as pipe:
+                for args, options in recorder.command_stack:
+                    pipe.execute_command(*args, **options)
+                pipe.set(tombstone_key(job_id), json.dumps({"animation": job_spec.animation}),
+                         ex=settings.tombstone_ttl)
+                pipe.eval(ADMISSION_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id,
+                          settings.max_queued)
+                depth = (await pipe.execute())[-1]
         if depth < 0:
             raise QueueFull(-depth - 1)
     except BaseException:
         if idempotency is not None:
-            conn.delete(idempotency[0])
+            await conn.delete(idempotency[0])
         raise
     return Submission(job_id=job_id, seed=job_spec.seed, status=JobStatus.QUEUED, replayed=False)
 
 
-def _replay(conn: redis.Redis, key: str, print_: str) -> Submission:
-    raw = conn.get(key)
+async def _replay(conn: redis.asyncio.Redis, queue: Queue, key: str, print_: str) -> Submission:
+    raw = await conn.get(key)
     if raw is None:  # expired in between: extremely rare; let the client retry
         raise IdempotencyMismatch("the Idempotency-Key expired while this request ran; retry")
     record = json.loads(raw)
     if record["fingerprint"] != print_:
         raise IdempotencyMismatch("this Idempotency-Key was already used with a different request body")
     try:
-        status = Job.fetch(record["job_id"], connection=conn).get_status(refresh=False)
+        job = await run_in_threadpool(Job.fetch, record["job_id"], connection=queue.connection)
+        status = job.get_status(refresh=False)
     except NoSuchJobError:
         # Being enqueued by a concurrent request with the same key, or expired (GET /jobs/{id} tells which).
         status = JobStatus.QUEUED

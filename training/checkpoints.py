@@ -29,6 +29,9 @@ MANIFEST_FILE = "manifest.json"
 KINDS = ("vae", "diffusion")
 LATEST = "latest"
 
+# The checkpoints shipped in this repository (the demo model); the worker serves them unless told otherwise.
+BUNDLED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, truncated, tampered with or of the wrong kind."""

@@ -8,9 +8,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .spec import DEFAULT_ARTIFACT_TTL_S, DEFAULT_QUEUE, LATEST
+from training.checkpoints import BUNDLED_CHECKPOINTS
 
-BUNDLED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+from .spec import DEFAULT_ARTIFACT_TTL_S, DEFAULT_QUEUE, LATEST
 
 
 class WorkerSettings(BaseSettings):

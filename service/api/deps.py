@@ -1,7 +1,8 @@
 """Dependencies shared by the routers, as ``Annotated`` aliases.
 
 They are ``async def`` because none of them blocks: FastAPI runs a plain ``def`` dependency in its thread pool,
-a hop that cost more CPU than POST /generate's own work. The routes that talk to Redis stay ``def``.
+a hop that cost more CPU than POST /generate's own work. POST /generate is ``async`` too (asyncio Redis
+client); the other routes use RQ's synchronous API and stay ``def``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hmac
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
@@ -35,6 +37,13 @@ async def get_redis(request: Request) -> redis.Redis:
 
 
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+
+
+async def get_async_redis(request: Request) -> redis.asyncio.Redis:
+    return request.app.state.async_redis
+
+
+AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 
 
 async def get_queue(request: Request) -> Queue:

@@ -94,3 +94,16 @@ def test_non_finite_decode_falls_back_to_a_wider_dtype(engine: Engine, monkeypat
     out, stats = run(engine, [ImageRequest("f", {"Smiling": True}, 1, 2)], max_batch=64)
     assert stats.precision_fallbacks == 1 and dtypes == [None, torch.float32]
     assert out["f"].images.shape == (2, 3, 64, 64)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_unet_gives_the_eager_images(tiny_checkpoints: Path, engine: Engine) -> None:
+    """COMPILE=default (inductor with frozen, pre-packed weights on CPU) changes speed, not pictures."""
+    compiled = Engine(tiny_checkpoints, "latest", device="cpu", precision="auto", max_batch=4, compile_mode="default")
+    requests = [ImageRequest("a", {"Smiling": True}, seed=3, count=2), ImageRequest("b", {"Smiling": False}, 4, 2)]
+    fast, _ = run(compiled, requests, max_batch=4)
+    eager, _ = run(engine, requests, max_batch=4)
+    for key in ("a", "b"):
+        difference = (fast[key].images.int() - eager[key].images.int()).abs().float()
+        assert difference.mean() < 2.0, difference.mean()  # bf16 rounding differs; the image does not
+    assert not torch.equal(fast["a"].images, fast["b"].images)

@@ -17,6 +17,7 @@ from service.api.deps import (
     UNAUTHORIZED,
     UNAVAILABLE,
     ApiError,
+    AsyncRedisDep,
     ClientDep,
     MetricsDep,
     QueueDep,
@@ -106,11 +107,11 @@ def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec
         **UNAVAILABLE,
     },
 )
-def create_job(
+async def create_job(
     body: JobCreate,
     request: Request,
     response: Response,
-    conn: RedisDep,
+    conn: AsyncRedisDep,
     queue: QueueDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -129,7 +130,7 @@ def create_job(
     if problems:
         raise _validation_error(problems)
     try:
-        models = jobs.read_models(conn)
+        models = await jobs.read_models_async(conn)
         try:
             attributes = jobs.resolve_attributes(models, body.model, body.label, body.attributes)
         except jobs.FieldError as exc:
@@ -140,7 +141,7 @@ def create_job(
         if idempotency_key is not None:
             idempotency = (jobs.idempotency_key(client, idempotency_key),
                            jobs.fingerprint(body.model_dump_json()))
-        submission = jobs.submit(conn, queue, job_spec, settings, idempotency)
+        submission = await jobs.submit(conn, queue, job_spec, settings, idempotency)
     except jobs.QueueFull as exc:
         metrics.jobs_rejected.labels("queue_full").inc()
         raise ApiError(

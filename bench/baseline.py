@@ -1,0 +1,70 @@
+"""Side by side on the same model, in one run: the original's sampler (1000 ancestral DDPM steps) against our
+default (DPM-Solver++ 20 steps), both through the worker's ``Engine`` in the worker's precision. Speed is measured
+here; FID and attribute accuracy come from the evaluation tool's results stored in the checkpoint manifest
+(``python -m training evaluate --settings ddpm:1000,dpmpp:20 ...``).
+
+    python -m bench.baseline --batches 1,32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.common import markdown_table, save
+from bench.samplers import measure
+from training.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint
+from worker.engine import Engine
+
+BASELINE = ("ddpm", 1000)
+DEFAULT = ("dpmpp", 20)
+
+
+def evaluation_of(checkpoints: str, version: str, guidance: float) -> dict[str, dict]:
+    """``{"ddpm-1000": {...}, "dpmpp-20": {...}}`` from the manifest's stored evaluation, where present."""
+    manifest = load_checkpoint(checkpoints, "diffusion", version).manifest
+    settings = manifest.get("metrics", {}).get("evaluation", {}).get("settings", [])
+    wanted = {f"{s}-{n}-g{guidance:g}": f"{s}-{n}" for s, n in (BASELINE, DEFAULT)}
+    return {wanted[entry["setting"]]: entry for entry in settings if entry.get("setting") in wanted}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", default=str(BUNDLED_CHECKPOINTS))
+    parser.add_argument("--model", default="latest")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batches", default="1,32")
+    args = parser.parse_args(argv)
+
+    engine = Engine(args.checkpoints, args.model, args.device, args.precision,
+                    max_batch=max(int(b) for b in args.batches.split(",")))
+    guidance = engine.model.sampling.guidance_scale
+    speed = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        for sampler, steps in (DEFAULT, BASELINE):
+            speed[(sampler, batch)] = measure(engine, batch, sampler, steps, guidance, repeat=3)
+            print(f"{sampler} {steps} batch {batch}: {speed[(sampler, batch)]:.3f} images/s", flush=True)
+    quality = evaluation_of(args.checkpoints, engine.version, guidance)
+
+    rows = []
+    for sampler, steps in (BASELINE, DEFAULT):
+        entry = quality.get(f"{sampler}-{steps}", {})
+        rows.append([f"{sampler} {steps}", *(speed[(sampler, int(b))] for b in args.batches.split(",")),
+                     entry.get("fid", "not evaluated"), entry.get("accuracy_smiling", "-"),
+                     entry.get("accuracy_not_smiling", "-")])
+    batches = [int(b) for b in args.batches.split(",")]
+    ratios = {f"batch_{b}": speed[(DEFAULT[0], b)] / speed[(BASELINE[0], b)] for b in batches}
+    ratios["ours_vs_original"] = speed[(DEFAULT[0], max(batches))] / speed[(BASELINE[0], min(batches))]
+    fid_ratio = (quality["dpmpp-20"]["fid"] / quality["ddpm-1000"]["fid"]) if len(quality) == 2 else None
+    table = markdown_table(["sampler", *(f"images/s, batch {b}" for b in batches), "FID", "accuracy smiling",
+                            "accuracy not smiling"], rows)
+    table += "\n\n" + ", ".join(f"speed-up {k}: **{v:.1f}x**" for k, v in ratios.items())
+    if fid_ratio is not None:
+        table += f"; FID ratio (ours / DDPM 1000): **{fid_ratio:.3f}**"
+    save("baseline", {"guidance": guidance, "images_per_s": {f"{s}@{b}": v for (s, b), v in speed.items()},
+                      "speedups": ratios, "fid_ratio": fid_ratio, "evaluation": quality}, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
