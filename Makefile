@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	./scripts/ensure_chromium.sh
 	$(PY) -m scripts.redisctl run -- $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	./bench/cpu.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

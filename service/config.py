@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Seconds to wait for Redis before answering 503 (connect and per command).
     redis_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Connections POST /generate may hold at once (per process); more concurrent requests wait for one.
+    redis_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64
     queue_name: Annotated[str, Field(min_length=1)] = spec.DEFAULT_QUEUE
     # POST /generate answers 429 once the queue holds this many jobs.
     max_queued: Annotated[int, Field(ge=0)] = 1000

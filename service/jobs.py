@@ -91,14 +91,20 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 def connect_async(settings: Settings) -> redis.asyncio.Redis:
-    """The asyncio twin of :func:`connect`, for the routes that must not leave the event loop (POST /generate)."""
-    return redis.asyncio.Redis.from_url(
+    """The asyncio twin of :func:`connect`, for the routes that must not leave the event loop (POST /generate).
+
+    At most ``redis_max_connections`` connections; a request beyond them waits for a free one (up to the Redis
+    timeout) instead of failing, so a burst of clients queues here rather than answering 503."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
         retry=AsyncRedisRetry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
     )
+    return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
 
 
 def make_queue(conn: redis.Redis, settings: Settings) -> Queue:

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=400)
+    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                          help="sampling precision (auto: the worker's, fp16 on CUDA and bf16 on CPU)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             settings = [Setting(args.sampler, args.steps, guidance)]
         results = run_evaluation(args.checkpoints, args.diffusion, args.data, args.n, settings, args.seed,
-                                 args.classifier_steps, fid=not args.no_fid)
+                                 args.classifier_steps, fid=not args.no_fid, precision=args.precision)
         report = markdown_report(results, "python -m training " + " ".join(sys.argv[1:] if argv is None else argv))
         print(report)
         if args.report:

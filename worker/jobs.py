@@ -153,6 +153,9 @@ class FacegenWorker(SimpleWorker):
         return [job for job in jobs if job is not None]
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        window = self.runtime.settings.batch_window_ms / 1000
+        if window > 0 and queue.count < self.runtime.engine.max_batch:
+            time.sleep(window)  # let a burst that is still arriving join this batch
         group = [job, *self.claim_companions(job, queue)]
         executions = {}
         for member in group:

@@ -24,6 +24,9 @@ class WorkerSettings(BaseSettings):
     # torch.compile mode for the UNet: off, default, reduce-overhead (CUDA graphs) or max-autotune
     compile: str = Field("off", pattern="^(off|default|reduce-overhead|max-autotune)$")
     max_batch: int = Field(32, ge=1, le=1024)  # images per denoising batch (guidance doubles the rows)
+    # after taking a job with fewer than MAX_BATCH others waiting, wait this long for more to join its batch
+    # (dynamic batching's queue delay: trades a lone job's latency for a burst's throughput)
+    batch_window_ms: int = Field(0, ge=0, le=10_000)
     queues: str = DEFAULT_QUEUE  # comma-separated
     metrics_port: int = Field(9100, ge=0, le=65535)  # 0 = no metrics server
     artifact_ttl: int = Field(DEFAULT_ARTIFACT_TTL_S, ge=60)

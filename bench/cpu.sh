@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every CPU benchmark of BENCHMARKS.md in one run (about 25 minutes on 2 cores); run it on a quiet machine.
+# Tables go to stdout, JSON to bench/results/. Needs `make test` or `make demo` to have built .venv, and wrk
+# (apt-get install wrk) for the API load test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONUNBUFFERED=1
+$PY -m bench.samplers --precisions bf16,fp32 --batches 1,4,16,64 --ddpm-batches 1
+$PY -m bench.roofline --precisions bf16,fp32 --batches 1,16,64 --compile off,default
+$PY -m bench.baseline --batches 1,32
+$PY -m bench.api_e2e --clients 32
+$PY -m bench.api_load --clients 64 --seconds 10 --workers 1,2
