@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import markdown_table, save
+from bench.common import markdown_table, model_arguments, save
 from bench.samplers import measure
-from training.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint
+from training.checkpoints import load_checkpoint
 from worker.engine import Engine
 
 BASELINE = ("ddpm", 1000)
@@ -29,9 +29,7 @@ def evaluation_of(checkpoints: str, version: str, guidance: float) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", default=str(BUNDLED_CHECKPOINTS))
-    parser.add_argument("--model", default="latest")
-    parser.add_argument("--device", default="cpu")
+    model_arguments(parser)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--batches", default="1,32")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -32,6 +33,15 @@ def machine() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags naming the model and where it runs, shared by the model benchmarks."""
+    from training.checkpoints import BUNDLED_CHECKPOINTS
+
+    parser.add_argument("--checkpoints", default=str(BUNDLED_CHECKPOINTS))
+    parser.add_argument("--model", default="latest", help="diffusion checkpoint version")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
 def sync(device: Any) -> None:

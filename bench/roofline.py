@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import markdown_table, save, timed
-from training.checkpoints import BUNDLED_CHECKPOINTS
+from bench.common import markdown_table, model_arguments, save, timed
 from training.diffusion.guidance import guided
 from training.diffusion.noise import ImageNoise
 from training.diffusion.samplers import make_sampler, run_chain
@@ -71,9 +70,7 @@ def chain_seconds(model: LatentDiffusion, unet: torch.nn.Module, batch: int, ste
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", default=str(BUNDLED_CHECKPOINTS))
-    parser.add_argument("--model", default="latest")
-    parser.add_argument("--device", default="cpu")
+    model_arguments(parser)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per timed chain")

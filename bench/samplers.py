@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from bench.common import markdown_table, save, timed
-from training.checkpoints import BUNDLED_CHECKPOINTS
+from bench.common import markdown_table, model_arguments, save, timed
 from worker.engine import Engine, ImageRequest
 
 SAMPLERS = [("dpmpp", 20), ("dpmpp", 10), ("ddim", 50), ("ddim", 20), ("ddpm", 1000)]
@@ -39,9 +38,7 @@ def measure(engine: Engine, batch: int, sampler: str, steps: int, guidance: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", default=str(BUNDLED_CHECKPOINTS))
-    parser.add_argument("--model", default="latest")
-    parser.add_argument("--device", default="cpu")
+    model_arguments(parser)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--compile", default="off", help="comma-separated torch.compile modes (off = eager)")
     parser.add_argument("--batches", default="1,4,16,64")

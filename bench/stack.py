@@ -13,6 +13,7 @@ import httpx
 import redis
 from rq import Worker
 
+from scripts.processes import stop_process
 from scripts.redisctl import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,13 +36,7 @@ class Process:
             raise RuntimeError(f"{self.log_path.stem} exited with {self.process.returncode}; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=30)
         self.log.close()
 
 

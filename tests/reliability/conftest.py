@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from scripts.processes import stop_process
 from tests.conftest import ROOT
 
 ENDED = ("finished", "failed", "canceled", "stopped")
@@ -37,13 +38,7 @@ class WorkerProcess:
         self.log.close()
 
     def stop(self) -> None:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=30)
         self.log.close()
 
     def output(self) -> str:

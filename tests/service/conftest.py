@@ -17,6 +17,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from scripts.processes import stop_process
 from service.app import create_app
 from service.config import Settings
 from tests.service.fakeworker import BackgroundWorker, FakeWorker
@@ -126,13 +127,7 @@ class LiveServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 

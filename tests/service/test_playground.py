@@ -15,6 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from scripts.processes import stop_process
 from tests.service.conftest import LiveServer
 from tests.service.fakeworker import wait_until
 
@@ -68,12 +69,7 @@ class DevTools:
         try:
             self.ws.close()
         finally:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process, grace_s=15)
 
 
 @pytest.fixture
