@@ -18,6 +18,7 @@ from PIL import Image
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
+from scripts.processes import stop_process
 from scripts.redisctl import free_port
 from tests.conftest import ROOT, redis_url_for_db
 from training.imaging import GRID_PADDING
@@ -152,8 +153,28 @@ def test_running_job_is_canceled_between_steps_and_metrics_are_served(tiny_check
         assert 'facegen_worker_images_total{label="smiling"} 1.0' in metrics
         assert "facegen_worker_phase_seconds_bucket" in metrics and "facegen_worker_model_info" in metrics
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_process(process, grace_s=30)
+
+
+def test_batch_window_lets_jobs_arriving_after_the_first_join_its_batch(tiny_checkpoints, connection) -> None:
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    first = enqueue(queue, seed=1)
+    process = subprocess.Popen([sys.executable, "-m", "worker", "--burst"], cwd=ROOT,
+                               env=worker_env(tiny_checkpoints, BATCH_WINDOW_MS="3000"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while queue.count:  # the worker took the first job and is waiting out its window
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        late = [enqueue(queue, seed=2), enqueue(queue, seed=3)]
+        assert process.wait(timeout=120) == 0
+    finally:
+        stop_process(process)
+    for job in (first, *late):
+        job.refresh()
+        assert job.get_status() == JobStatus.FINISHED
+        assert job.meta[META_BATCH] == {"jobs": 3, "images": 3}
 
 
 def test_missing_or_tampered_checkpoint_stops_the_worker_at_start(tiny_checkpoints, tmp_path, connection) -> None:
