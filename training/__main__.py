@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     visualize.add_argument("--frames", type=int, default=10)
     visualize.add_argument("--seed", type=int, default=0)
 
+    retune = commands.add_parser("retune", help="a new diffusion version: same weights, other sampling defaults")
+    retune.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    retune.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
+    add_config_flags(retune, SamplingConfig)
+
     args = parser.parse_args(argv)
     if args.command == "synth":
         from .data.synthetic import write_dataset
@@ -158,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in make_pictures(args.checkpoints, args.diffusion, args.data, args.out, args.count, args.sampler,
                                   args.steps, args.frames, args.seed):
             print(path)
+    elif args.command == "retune":
+        from .checkpoints import derive_checkpoint, load_checkpoint
+
+        source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
+        kept = {name: value for name, value in source["sampling"].items() if getattr(args, name, None) is None}
+        sampling = dataclasses.asdict(config_from_args(SamplingConfig, args, **kept))
+        print(derive_checkpoint(args.checkpoints, "diffusion", source["version"], {"sampling": sampling}))
     return 0
 
 

@@ -186,3 +186,13 @@ def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> dict[str, 
     manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
     _write_manifest(directory, manifest)
     return read_manifest(directory)
+
+
+def derive_checkpoint(root: str | Path, kind: str, version: str, changes: dict[str, Any]) -> Path:
+    """A new version with ``version``'s weights (bit for bit) and its manifest updated by ``changes`` (top-level keys,
+    e.g. ``{"sampling": {...}}``), recording ``derived_from``; the original version is left as it was."""
+    source = load_checkpoint(root, kind, version)
+    generated = {"format_version", "kind", "version", "created_at", "weights_dtype", "files", "integrity"}
+    manifest = {k: v for k, v in source.manifest.items() if k not in generated}
+    manifest |= {**changes, "derived_from": source.manifest["version"]}
+    return save_checkpoint(root, kind, source.state_dict, manifest)

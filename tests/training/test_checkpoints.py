@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -91,3 +92,18 @@ def test_update_metrics_reseals_the_manifest(tmp_path: Path) -> None:
     folder = _save(tmp_path)
     update_metrics(folder, {"fid": 12.5})
     assert load_checkpoint(tmp_path, "vae", folder.name).manifest["metrics"] == {"fid": 12.5}
+
+
+def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Path, tmp_path: Path) -> None:
+    from training.__main__ import main
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_checkpoints, root)
+    source = load_checkpoint(root, "diffusion")
+    assert main(["retune", "--checkpoints", str(root), "--guidance-scale", "5"]) == 0
+    derived = load_checkpoint(root, "diffusion")  # the newest version
+    assert derived.version != source.version and derived.manifest["derived_from"] == source.version
+    assert derived.manifest["sampling"] == {**source.manifest["sampling"], "guidance_scale": 5.0}
+    assert derived.manifest["files"] == source.manifest["files"]  # identical weight bytes
+    assert derived.manifest["vae_version"] == source.manifest["vae_version"]
+    assert load_checkpoint(root, "diffusion", source.version).manifest == source.manifest  # untouched
