@@ -79,15 +79,20 @@ class FieldError(Exception):
 
 
 # ----- connections --------------------------------------------------------------------------------------------
+# Both clients fail fast: a couple of short retries, then the routes answer 503.
+_BACKOFF = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+_RETRIES = 2
+
+
+def _client_options(settings: Settings) -> dict[str, float]:
+    return {"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s,
+            "health_check_interval": 30}
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A pooled client that fails fast (a couple of short retries, then the routes answer 503)."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=30,
-        retry=RedisRetry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
-    )
+    return redis.Redis.from_url(settings.redis_url, **_client_options(settings),
+                                retry=RedisRetry(_BACKOFF, retries=_RETRIES))
 
 
 def connect_async(settings: Settings) -> redis.asyncio.Redis:
@@ -99,10 +104,8 @@ def connect_async(settings: Settings) -> redis.asyncio.Redis:
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=30,
-        retry=AsyncRedisRetry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        **_client_options(settings),
+        retry=AsyncRedisRetry(_BACKOFF, retries=_RETRIES),
     )
     return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
 

@@ -114,11 +114,15 @@ class FID:
                                                resample_mode=h.resample_mode, quant=True)
                                for chunk in images.split(64)])
 
-    def distance(self, reference: np.ndarray, generated: np.ndarray) -> float:
-        """FID between two feature sets."""
+    @staticmethod
+    def statistics(features: np.ndarray) -> dict[str, np.ndarray]:
+        """Mean ``[2048]`` and covariance ``[2048, 2048]`` of a feature set."""
+        return {"mu": features.mean(axis=0), "sigma": np.cov(features, rowvar=False)}
+
+    def distance(self, reference: dict[str, np.ndarray], generated: np.ndarray) -> float:
+        """FID between reference statistics and a generated feature set."""
         h = self.helper
-        h.ref_stat_dict = {"mu": reference.mean(axis=0), "sigma": np.cov(reference, rowvar=False)}
-        h.eval_stat_dict = {"mu": generated.mean(axis=0), "sigma": np.cov(generated, rowvar=False)}
+        h.ref_stat_dict, h.eval_stat_dict = reference, self.statistics(generated)
         return float(h.compute_fid_score())
 
 
@@ -160,7 +164,10 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
     scorer = FID(model.device) if fid else None
     if scorer:
         test_features = scorer.features(test_images)
-        reference = {value: test_features[(test_labels[:, 0] == int(value)).numpy()] for value in (True, False)}
+        # reference statistics once: overall (key None) and per label
+        reference = {value: scorer.statistics(test_features[(test_labels[:, 0] == int(value)).numpy()])
+                     for value in (True, False)}
+        reference[None] = scorer.statistics(test_features)
     rows = []
     for setting in settings:
         row: dict[str, Any] = {"setting": setting.name(), "sampler": setting.sampler, "steps": setting.steps,
@@ -177,7 +184,7 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
             if scorer:
                 row[f"fid_{label}"] = scorer.distance(reference[value], features[value])
         if scorer:
-            row["fid"] = scorer.distance(test_features, np.concatenate([features[True], features[False]]))
+            row["fid"] = scorer.distance(reference[None], np.concatenate([features[True], features[False]]))
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     results["settings"] = rows
