@@ -4,7 +4,8 @@
     python -m bench.api_load --clients 64 --seconds 10 --workers 1,2
 
 No GPU worker runs: jobs pile up in the queue (the cap is lifted), and afterwards the queue length is checked
-against the number of 202 answers, so every counted request really enqueued a job.
+against the number of 202 answers, so every counted request really enqueued a job. A warm-up run
+(``--warmup-seconds``, its jobs then flushed) comes first, so the figures are the steady state's.
 """
 
 from __future__ import annotations
@@ -49,10 +50,17 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
+def run_wrk(url: str, script: Path, threads: int, clients: int, seconds: int) -> str:
+    """``wrk --latency`` output of ``seconds`` of load on ``url`` (request from the Lua ``script``)."""
+    return subprocess.run(["wrk", "-t", str(threads), "-c", str(clients), "-d", f"{seconds}s", "--latency",
+                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--warmup-seconds", type=int, default=3, help="load before the measured run, not counted")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", default="1,2", help="uvicorn worker processes to compare")
     args = parser.parse_args(argv)
@@ -69,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             conn.flushdb()
             api, url = start_api(server.url, workers=workers, MAX_QUEUED="100000000")
             try:
-                wrk = subprocess.run(["wrk", "-t", str(args.threads), "-c", str(args.clients), "-d",
-                                      f"{args.seconds}s", "--latency", "-s", str(script), f"{url}/generate"],
-                                     capture_output=True, text=True, check=True)
+                # Warm-up first: connections opened, pools filled, first-call work done.
+                run_wrk(f"{url}/generate", script, args.threads, args.clients, args.warmup_seconds)
+                conn.flushdb()
+                output = run_wrk(f"{url}/generate", script, args.threads, args.clients, args.seconds)
             finally:
                 api.stop()
-            result = parse_wrk(wrk.stdout)
+            result = parse_wrk(output)
             result["jobs_in_queue"] = conn.llen(f"rq:queue:{DEFAULT_QUEUE}")
             result |= {"uvicorn_workers": workers, "clients": args.clients, "seconds": args.seconds}
             # wrk stops counting with up to --clients requests in flight; those still enqueue their job.
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(result)
             rows.append([workers, args.clients, result["requests_per_s"], result["p50"], result["p90"],
                          result["p99"], result["non_2xx"], result["jobs_in_queue"]])
-            print(wrk.stdout, flush=True)
+            print(output, flush=True)
     finally:
         server.stop()
     table = markdown_table(["uvicorn workers", "clients", "requests/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx",

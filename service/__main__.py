@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default=settings.log_level, help=f"(default {settings.log_level})")
     args = parser.parse_args(argv)
     uvicorn.run(
-        "service.app:create_app",
+        "service.app:create_served_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     queue_name: Annotated[str, Field(min_length=1)] = spec.DEFAULT_QUEUE
     # POST /generate answers 429 once the queue holds this many jobs.
     max_queued: Annotated[int, Field(ge=0)] = 1000
+    # POST /generate checks requests against the model registry as read at most this many seconds ago
+    # (0 = read it for every request); a request naming a model or attribute not in that view re-reads it.
+    model_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     # Value of the Retry-After header on 429 and 503 answers.
     retry_after_s: Annotated[int, Field(ge=1)] = 5
     # Comma-separated bearer tokens; none = open API.

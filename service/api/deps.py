@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
@@ -18,47 +19,30 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 
 from service.config import Settings
+from service.jobs import LiveModels
 from service.metrics import Metrics
 
 
-async def get_app_settings(request: Request) -> Settings:
-    """The settings the app was created with (``create_app``; by default ``get_settings()``, read once).
+@dataclass(frozen=True)
+class Services:
+    """What the routes work with, built once by ``create_app`` and kept on ``app.state.services``."""
 
-    Kept on ``app.state`` rather than swapped in with ``dependency_overrides``: any override makes FastAPI
-    re-analyse every dependency's signature on every request (it was 70% of POST /generate's CPU time)."""
-    return request.app.state.settings
-
-
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-
-
-async def get_redis(request: Request) -> redis.Redis:
-    return request.app.state.redis
+    settings: Settings  # as the app was created (``create_app``; by default ``get_settings()``, read once)
+    redis: redis.Redis  # synchronous client, for RQ's API (the ``def`` routes, run in the thread pool)
+    async_redis: redis.asyncio.Redis  # for POST /generate, which stays on the event loop
+    queue: Queue  # the one RQ queue object: RQ caches the server version on it (one INFO per process)
+    metrics: Metrics
+    live_models: LiveModels
 
 
-RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+async def get_services(request: Request) -> Services:
+    """One dependency for all of them: FastAPI's per-request cost grows with every dependency node (POST
+    /generate spent half its non-Redis CPU time there), and with ``dependency_overrides`` it re-analyses every
+    signature on every request, so tests build apps with their own settings instead of overriding."""
+    return request.app.state.services
 
 
-async def get_async_redis(request: Request) -> redis.asyncio.Redis:
-    return request.app.state.async_redis
-
-
-AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
-
-
-async def get_queue(request: Request) -> Queue:
-    """The app's one RQ queue object (RQ caches the server version on it: one INFO per process, not per job)."""
-    return request.app.state.queue
-
-
-QueueDep = Annotated[Queue, Depends(get_queue)]
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -76,13 +60,17 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 
 
 async def require_api_key(
-    settings: SettingsDep,
+    request: Request,
+    services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> str:
-    """Checks the bearer key when API keys are configured; returns a stable, non-secret id of the caller."""
-    keys = settings.api_key_values()
+) -> None:
+    """Checks the bearer key when API keys are configured; puts a stable, non-secret id of the caller in
+    ``request.state.client`` (routes read it there rather than depending on this a second time, which would
+    make FastAPI solve its sub-dependencies twice)."""
+    keys = services.settings.api_key_values()
     if not keys:
-        return "anonymous"
+        request.state.client = "anonymous"
+        return
     token = credentials.credentials.encode() if credentials is not None else b""
     matched = False
     for key in keys:  # compare with every key, constant time each: no early exit that would leak which matched
@@ -93,10 +81,7 @@ async def require_api_key(
             detail="missing or invalid API key",
             headers={"WWW-Authenticate": 'Bearer realm="facegen"'},
         )
-    return hashlib.sha256(token).hexdigest()[:32]
-
-
-ClientDep = Annotated[str, Depends(require_api_key)]
+    request.state.client = hashlib.sha256(token).hexdigest()[:32]
 
 
 async def require_json(request: Request) -> None:

@@ -291,6 +291,27 @@ def test_labels_follow_the_published_model(client, conn):
     assert client.post("/generate", json={"label": "smiling", "model": "fake-v0"}).status_code == 422
 
 
+def test_a_newly_published_model_is_usable_at_once_despite_the_cache(make_client, conn):
+    client = make_client(model_cache_s=60)
+    assert client.post("/generate", json={"label": "eyeglasses"}).status_code == 422  # cached: no models yet
+    publish_model(conn, model_info(attributes=["Smiling", "Eyeglasses"]))
+    assert client.post("/generate", json={"label": "eyeglasses"}).status_code == 202  # re-read on the miss
+    conn.delete(spec.model_registry_key(model_info().version), spec.MODEL_INDEX_KEY)
+    # Within MODEL_CACHE_S the cached view still answers (the worker's entry could as well have been alive) ...
+    assert client.post("/generate", json={"label": "eyeglasses"}).status_code == 202
+    # ... while with 0 every request reads the registry.
+    assert make_client(model_cache_s=0).post("/generate", json={"label": "eyeglasses"}).status_code == 422
+
+
+def test_only_admitted_jobs_get_a_tombstone(make_client, conn):
+    client = make_client(max_queued=1, tombstone_ttl=3600)
+    admitted = submit(client)["job_id"]
+    assert conn.exists(jobs.tombstone_key(admitted), f"rq:job:{admitted}") == 2
+    assert 3590 < conn.ttl(jobs.tombstone_key(admitted)) <= 3600
+    assert client.post("/generate", json={"label": "smiling"}).status_code == 429
+    assert len(conn.keys(jobs.tombstone_key("*"))) == 1 and len(conn.keys("rq:job:*")) == 1
+
+
 def test_wait_until_helper_fails_loudly():
     with pytest.raises(AssertionError, match="timed out waiting for nothing"):
         wait_until(lambda: False, timeout=0.05, what="nothing")

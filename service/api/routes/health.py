@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service import jobs
-from service.api.deps import RedisDep
+from service.api.deps import ServicesDep
 from service.schemas import Health, Readiness
 from worker import spec
 
@@ -28,10 +28,10 @@ def healthz() -> Health:
     "503 with the reason otherwise. Never needs an API key.",
     responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
 )
-def readyz(conn: RedisDep) -> Readiness | JSONResponse:
+def readyz(services: ServicesDep) -> Readiness | JSONResponse:
     try:
-        conn.ping()
-        latest = jobs.find_model(jobs.read_models(conn), spec.LATEST)
+        services.redis.ping()
+        latest = jobs.find_model(jobs.read_models(services.redis), spec.LATEST)
     except redis.RedisError:
         return _unready(Readiness(status="unavailable", redis=False, reason="Redis is unreachable"))
     if latest is None:

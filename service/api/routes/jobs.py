@@ -13,19 +13,7 @@ from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
 from service import jobs
-from service.api.deps import (
-    UNAUTHORIZED,
-    UNAVAILABLE,
-    ApiError,
-    AsyncRedisDep,
-    ClientDep,
-    MetricsDep,
-    QueueDep,
-    RedisDep,
-    SettingsDep,
-    require_api_key,
-    require_json,
-)
+from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key, require_json
 from service.schemas import (
     MAX_RANDOM_SEED,
     ErrorPublic,
@@ -111,11 +99,7 @@ async def create_job(
     body: JobCreate,
     request: Request,
     response: Response,
-    conn: AsyncRedisDep,
-    queue: QueueDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    client: ClientDep,
+    services: ServicesDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -126,22 +110,22 @@ async def create_job(
         ),
     ] = None,
 ) -> JobAccepted:
+    settings, metrics = services.settings, services.metrics
     problems = [((name,), message, getattr(body, name)) for name, message in body.field_errors()]
     if problems:
         raise _validation_error(problems)
     try:
-        models = await jobs.read_models_async(conn)
         try:
-            attributes = jobs.resolve_attributes(models, body.model, body.label, body.attributes)
+            attributes = await services.live_models.resolve(body.model, body.label, body.attributes)
         except jobs.FieldError as exc:
             raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
         job_spec = _build_spec(body, attributes, seed)
         idempotency = None
         if idempotency_key is not None:
-            idempotency = (jobs.idempotency_key(client, idempotency_key),
+            idempotency = (jobs.idempotency_key(request.state.client, idempotency_key),
                            jobs.fingerprint(body.model_dump_json()))
-        submission = await jobs.submit(conn, queue, job_spec, settings, idempotency)
+        submission = await jobs.submit(services.async_redis, services.queue, job_spec, settings, idempotency)
     except jobs.QueueFull as exc:
         metrics.jobs_rejected.labels("queue_full").inc()
         raise ApiError(
@@ -166,7 +150,7 @@ async def create_job(
     return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
 
 
-def _public(request: Request, conn: RedisDep, job: Job) -> JobPublic:
+def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
     job_spec = jobs.job_spec_of(job)
     progress = jobs.progress_of(job)
     resolved = job.meta.get(spec.META_RESOLVED)
@@ -187,7 +171,7 @@ def _public(request: Request, conn: RedisDep, job: Job) -> JobPublic:
     )
 
 
-def _fetch(conn: RedisDep, job_id: str) -> Job:
+def _fetch(conn: redis.Redis, job_id: str) -> Job:
     try:
         return jobs.fetch(conn, job_id)
     except jobs.JobNotFound:
@@ -205,11 +189,11 @@ def _fetch(conn: RedisDep, job_id: str) -> Job:
     "after that this answers 410 (for TOMBSTONE_TTL, then 404).",
     responses={**NOT_FOUND, **GONE, **UNAVAILABLE},
 )
-def read_job(job_id: str, request: Request, conn: RedisDep, settings: SettingsDep, metrics: MetricsDep) -> JobPublic:
-    job = _fetch(conn, job_id)
-    if jobs.first_sighting(conn, job, settings.tombstone_ttl):
-        metrics.observe_ended(job)
-    return _public(request, conn, job)
+def read_job(job_id: str, request: Request, services: ServicesDep) -> JobPublic:
+    job = _fetch(services.redis, job_id)
+    if jobs.first_sighting(services.redis, job, services.settings.tombstone_ttl):
+        services.metrics.observe_ended(job)
+    return _public(request, services.redis, job)
 
 
 @router.delete(
@@ -226,12 +210,11 @@ def read_job(job_id: str, request: Request, conn: RedisDep, settings: SettingsDe
         **NOT_FOUND, **GONE, **UNAVAILABLE,
     },
 )
-def cancel_job(
-    job_id: str, request: Request, response: Response, conn: RedisDep, settings: SettingsDep
-) -> JobPublic:
+def cancel_job(job_id: str, request: Request, response: Response, services: ServicesDep) -> JobPublic:
+    conn = services.redis
     job = _fetch(conn, job_id)
     try:
-        new_status = jobs.cancel(conn, job, settings)
+        new_status = jobs.cancel(conn, job, services.settings)
     except jobs.NotReady as exc:
         raise ApiError(409, f"job already {exc.status.value}", status=exc.status.value, error=exc.error) from None
     if new_status != JobStatus.CANCELED:
@@ -282,8 +265,8 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     description=f"The finished job's images as one PNG grid. {STATE_NOTE} {ARTIFACT_TTL_NOTE}",
     responses={200: {"content": {"image/png": {}}, "description": "PNG grid."}, **NOT_FOUND, **ARTIFACT_RESPONSES},
 )
-def read_result(job_id: str, conn: RedisDep) -> Response:
-    return _artifact(conn, job_id, "grid")
+def read_result(job_id: str, services: ServicesDep) -> Response:
+    return _artifact(services.redis, job_id, "grid")
 
 
 @router.get(
@@ -298,5 +281,5 @@ def read_result(job_id: str, conn: RedisDep) -> Response:
         **ARTIFACT_RESPONSES,
     },
 )
-def read_animation(job_id: str, conn: RedisDep) -> Response:
-    return _artifact(conn, job_id, "animation")
+def read_animation(job_id: str, services: ServicesDep) -> Response:
+    return _artifact(services.redis, job_id, "animation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service import jobs
-from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, RedisDep, require_api_key
+from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
 from service.schemas import ErrorPublic, ModelList, ModelPublic
 from worker import spec
 
@@ -21,8 +21,8 @@ router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(requ
     "device and dtype, as published by live workers (entries vanish shortly after their worker stops). "
     "Empty when no worker is live.",
 )
-def list_models(conn: RedisDep) -> ModelList:
-    models = jobs.read_models(conn)
+def list_models(services: ServicesDep) -> ModelList:
+    models = jobs.read_models(services.redis)
     latest = jobs.find_model(models, spec.LATEST)
     return ModelList(models=[ModelPublic.from_info(m) for m in models], latest=latest.version if latest else None)
 
@@ -34,8 +34,8 @@ def list_models(conn: RedisDep) -> ModelList:
     description='A version as listed by GET /models; "latest" names the newest one served.',
     responses={404: {"model": ErrorPublic, "description": "No live worker serves this version."}},
 )
-def read_model(version: str, conn: RedisDep) -> ModelPublic:
-    model = jobs.find_model(jobs.read_models(conn), version)
+def read_model(version: str, services: ServicesDep) -> ModelPublic:
+    model = jobs.find_model(jobs.read_models(services.redis), version)
     if model is None:
         raise ApiError(404, f"no live worker serves model {version!r}")
     return ModelPublic.from_info(model)
