@@ -10,4 +10,5 @@ $PY -m bench.samplers --precisions bf16,fp32 --batches 1,4,16,64 --ddpm-batches 
 $PY -m bench.roofline --precisions bf16,fp32 --batches 1,16,64 --compile off,default
 $PY -m bench.baseline --batches 1,32
 $PY -m bench.api_e2e --clients 32
+$PY -m bench.api_cpu --requests 12000 --concurrency 16
 $PY -m bench.api_load --clients 64 --seconds 10 --workers 1,2
