@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=400)
     evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                          help="sampling precision (auto: the worker's: fp16 on CUDA; on CPU bf16 with AMX, "
-                               "else fp32)")
+                          help="sampling precision (auto: the worker's, fp16 on CUDA and bf16 on CPU)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 

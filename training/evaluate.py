@@ -144,7 +144,7 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
              classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto") -> dict[str, Any]:
     """Every number of the report, as a dict (also merged into the diffusion manifest's ``metrics``).
 
-    ``precision`` is the sampling precision (``auto``: the worker's, see ``pick_dtype``)."""
+    ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     data_cfg = from_dict(DataConfig, model.manifest["data"])

@@ -27,22 +27,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Sapphire Rapids and later), where oneDNN runs bf16 matmuls and convolutions
-    on the matrix units. ``torch.cpu._is_amx_tile_supported`` is private but present in the pinned torch."""
-    return torch.cpu._is_amx_tile_supported()
-
-
 def pick_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """Compute dtype. ``auto`` is fp16 on CUDA; on CPU bf16 where the cores have AMX matrix units and fp32
-    elsewhere. Measured on the bundled UNet (BENCHMARKS.md): with AMX bf16 is 2.3x fp32 at batch 64; on AVX-512
-    cores without AMX it is 1.45x *slower* than fp32 at batch 32. CPU fp16 is ~100x slower still."""
+    """Compute dtype: ``auto`` is fp16 on CUDA and bf16 on CPU.
+
+    On CPU, bf16 is the precision whose convolutions give each image the same bits whatever batch it shares
+    (oneDNN's fp32 kernels change with the batch size), which "same seed, same pixels" and deterministic retries
+    rest on. It is also 2.3x fp32 at batch 64 where the CPU has AMX; without AMX fp32 is 1.45x faster
+    (BENCHMARKS.md), for those who set ``fp32`` and give up that invariance. CPU fp16 is ~100x slower."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_amx() else torch.float32
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

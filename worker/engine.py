@@ -1,7 +1,7 @@
 """The loaded model and how it turns a batch of requests into images.
 
 One :class:`Engine` per worker process: networks loaded once, on one device, in one precision (fp16 on CUDA,
-on CPU bf16 with AMX and fp32 without, by default: ``pick_dtype``). :meth:`Engine.run` takes the requests of several compatible jobs, lays their images
+bf16 on CPU by default). :meth:`Engine.run` takes the requests of several compatible jobs, lays their images
 out as rows (row of image ``i`` of a request with seed ``s`` draws its noise from stream ``(s, i)``), runs the
 chain in chunks of at most ``max_batch`` images, and returns each request's images and, when asked, its
 trajectory frames.
