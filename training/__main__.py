@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    PRECISIONS,
     DataConfig,
     DiffusionTrainConfig,
     SamplingConfig,
@@ -48,7 +49,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     parser.add_argument("--run-dir", type=Path, required=True, help="resumable state and log.jsonl")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--export-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=400)
-    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    evaluate.add_argument("--precision", default="auto", choices=PRECISIONS,
                           help="sampling precision (auto: the worker's, fp16 on CUDA and bf16 on CPU)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")

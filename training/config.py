@@ -10,6 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+# Compute precisions every entry point accepts (``training.runtime.pick_dtype`` turns one into a dtype).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 T = TypeVar("T")
 
 

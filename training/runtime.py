@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .config import PRECISIONS
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.checkpoints import BUNDLED_CHECKPOINTS
+from training.config import PRECISIONS
 
 from .spec import DEFAULT_ARTIFACT_TTL_S, DEFAULT_QUEUE, LATEST
 
@@ -20,7 +21,7 @@ class WorkerSettings(BaseSettings):
     checkpoint_dir: Path = BUNDLED_CHECKPOINTS
     model_version: str = LATEST
     device: str = Field("auto", pattern="^(auto|cuda|cpu)$")
-    precision: str = Field("auto", pattern="^(auto|fp16|bf16|fp32)$")
+    precision: str = Field("auto", pattern=f"^({'|'.join(PRECISIONS)})$")
     # torch.compile mode for the UNet: off, default, reduce-overhead (CUDA graphs) or max-autotune
     compile: str = Field("off", pattern="^(off|default|reduce-overhead|max-autotune)$")
     max_batch: int = Field(32, ge=1, le=1024)  # images per denoising batch (guidance doubles the rows)
