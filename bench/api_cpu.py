@@ -52,6 +52,7 @@ async def post_generate(app: Any) -> int:
 
 async def measure(redis_url: str, requests: int, concurrency: int) -> dict[str, float]:
     app = create_app(Settings(redis_url=redis_url, max_queued=10**9))
+    conn = redis.Redis.from_url(redis_url)
     per_task = requests // concurrency
 
     async def client(count: int) -> None:
@@ -61,12 +62,13 @@ async def measure(redis_url: str, requests: int, concurrency: int) -> dict[str, 
                 raise RuntimeError(f"POST /generate answered {status}")
 
     await client(200)  # warm-up: connections, first-call work
-    redis.Redis.from_url(redis_url).flushdb()
+    conn.flushdb()
     cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*(client(per_task) for _ in range(concurrency)))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     done = per_task * concurrency
-    queued = redis.Redis.from_url(redis_url).llen(f"rq:queue:{DEFAULT_QUEUE}")
+    queued = conn.llen(f"rq:queue:{DEFAULT_QUEUE}")
+    conn.close()
     if queued != done:
         raise RuntimeError(f"{done} requests answered 202 but {queued} jobs are queued")
     return {"requests": done, "cpu_us_per_request": 1e6 * cpu / done, "requests_per_s": done / wall}
