@@ -1,18 +1,23 @@
 """``python -m service [--host H] [--port P] [--workers N]``: serve the API with uvicorn.
 
-Defaults come from the settings (HOST, PORT, WORKERS, LOG_LEVEL; REDIS_URL etc. are read by the app).
+Defaults come from the settings (HOST, PORT, WORKERS, LOG_LEVEL; REDIS_URL etc. are read by the app). Refuses to
+start (exit code 2, one line) when Redis refuses the credentials or the TLS set-up; an unreachable Redis is no
+reason not to start (the API answers 503 until it is back).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import uvicorn
 
+from service import jobs
 from service.config import get_settings
+from worker.connection import credentials_problem
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python -m service", description="facegen HTTP API")
     parser.add_argument("--host", default=settings.host, help=f"bind address (default {settings.host})")
@@ -21,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"uvicorn worker processes (default {settings.workers})")
     parser.add_argument("--log-level", default=settings.log_level, help=f"(default {settings.log_level})")
     args = parser.parse_args(argv)
+    with jobs.connect(settings) as conn:
+        problem = credentials_problem(conn, settings)
+    if problem is not None:
+        print(f"service: {problem}", file=sys.stderr)
+        return 2
     uvicorn.run(
         "service.app:create_served_app",
         factory=True,
@@ -31,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         proxy_headers=True,
         server_header=False,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

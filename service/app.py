@@ -55,9 +55,9 @@ TAGS = [
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app. ``settings`` default to the environment's (``get_settings()``)."""
     settings = settings or get_settings()
-    conn = jobs.connect(settings)
-    async_conn = jobs.connect_async(settings)
     metrics = Metrics()
+    conn = jobs.connect(settings, on_error=metrics.count_redis_error)
+    async_conn = jobs.connect_async(settings, on_error=metrics.count_redis_error)
     metrics.registry.register(QueueCollector(conn, settings.queue_name))
 
     @asynccontextmanager

@@ -11,9 +11,10 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from worker import spec
+from worker.connection import RedisSettings
 
 _DAY_S = 24 * 3600
 
@@ -25,12 +26,15 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
-class Settings(BaseSettings):
+class Settings(RedisSettings):
+    """The API's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings` (the worker
+    shares them). ``REDIS_TIMEOUT_S`` bounds how long a request waits for Redis before answering 503."""
+
     model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True)
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Seconds to wait for Redis before answering 503 (connect and per command).
-    redis_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # POST /generate answers 202 only once this many replicas hold the job (Redis WAIT, up to REDIS_TIMEOUT_S),
+    # or all the primary has when it has fewer; 0 = don't wait. A primary without replicas is never waited on.
+    redis_min_replicas_ack: Annotated[int, Field(ge=0, le=16)] = 1
     # Connections POST /generate may hold at once (per process); more concurrent requests wait for one.
     redis_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64
     queue_name: Annotated[str, Field(min_length=1)] = spec.DEFAULT_QUEUE

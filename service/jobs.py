@@ -6,7 +6,9 @@ Keys owned by the API (the worker never reads them):
 - ``facegen:tombstone:<job_id>`` -> ``{"animation": bool}``, kept ``tombstone_ttl`` (longer than the job), so an
   expired job answers 410 rather than 404;
 - ``facegen:idempotency:<sha256(api key, Idempotency-Key)>`` -> ``{"job_id", "fingerprint", "seed"}``;
-- ``facegen:observed:<job_id>``: set the first time any API replica sees the job ended (metrics count it once).
+- ``facegen:observed:<job_id>``: set the first time any API replica sees the job ended (metrics count it once);
+- ``facegen:replication-mark``: a counter admission bumps after a job's writes, so that ``WAIT`` on any pooled
+  connection covers them (WAIT counts the writes of its own connection).
 """
 
 from __future__ import annotations
@@ -24,16 +26,13 @@ import hiredis
 import redis
 import redis.asyncio
 from pydantic import ValidationError
-from redis.asyncio.retry import Retry as AsyncRedisRetry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
-from worker import spec
+from worker import connection, spec
 
 PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
                      JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
@@ -57,6 +56,13 @@ class QueueFull(Exception):
     def __init__(self, depth: int):
         super().__init__(f"queue holds {depth} jobs")
         self.depth = depth
+
+
+class NotReplicated(redis.RedisError):
+    """The primary has replicas but none acknowledged the job within ``REDIS_TIMEOUT_S``: it was withdrawn."""
+
+    def __init__(self, acked: int, wanted: int):
+        super().__init__(f"{acked} of {wanted} replicas acknowledged the job")
 
 
 class IdempotencyMismatch(Exception):
@@ -83,37 +89,25 @@ class FieldError(Exception):
 
 
 # ----- connections --------------------------------------------------------------------------------------------
-# Both clients fail fast: a couple of short retries, then the routes answer 503.
-_BACKOFF = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
-_RETRIES = 2
+# Timeouts, keep-alive, health checks, retries, TLS and Sentinel come from the policy both processes share
+# (worker.connection); both clients fail fast: a couple of short retries, then the routes answer 503.
+def connect(settings: Settings, on_error: connection.OnError | None = None) -> redis.Redis:
+    """The synchronous client, for RQ's API (the ``def`` routes)."""
+    return connection.connect(settings, on_error=on_error)
 
 
-def _client_options(settings: Settings) -> dict[str, float]:
-    return {"socket_timeout": settings.redis_timeout_s, "socket_connect_timeout": settings.redis_timeout_s,
-            "health_check_interval": 30}
-
-
-def connect(settings: Settings) -> redis.Redis:
-    """A pooled client that fails fast (a couple of short retries, then the routes answer 503)."""
-    return redis.Redis.from_url(settings.redis_url, **_client_options(settings),
-                                retry=RedisRetry(_BACKOFF, retries=_RETRIES))
-
-
-def connect_async(settings: Settings) -> redis.asyncio.Redis:
-    """The asyncio twin of :func:`connect`, for the routes that must not leave the event loop (POST /generate).
+def connect_async(settings: Settings, on_error: connection.OnError | None = None) -> redis.asyncio.Redis:
+    """The asyncio client, for the routes that must not leave the event loop (POST /generate).
 
     At most ``redis_max_connections`` connections; a request beyond them waits for a free one (up to the Redis
-    timeout) instead of failing, so a burst of clients queues here rather than answering 503."""
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_s,
-        **_client_options(settings),
-        retry=AsyncRedisRetry(_BACKOFF, retries=_RETRIES),
-    )
-    base = pool.connection_class  # chosen by the URL's scheme (TCP, TLS, Unix socket)
+    timeout) instead of failing, so a burst of clients queues here rather than answering 503. Its reads may
+    also wait out admission's ``WAIT`` for a replica."""
+    client = connection.connect_async(settings, settings.redis_max_connections,
+                                      blocking_s=replica_wait_s(settings), on_error=on_error)
+    pool = client.connection_pool
+    base = pool.connection_class  # chosen by the URL's scheme (TCP, TLS, Unix socket) or the Sentinel pool
     pool.connection_class = type(f"CPacked{base.__name__}", (_CPackedCommands, base), {})
-    return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
+    return client
 
 
 class _CPackedCommands:
@@ -137,6 +131,9 @@ def make_queue(conn: redis.Redis, settings: Settings) -> Queue:
 # ----- keys ---------------------------------------------------------------------------------------------------
 def tombstone_key(job_id: str) -> str:
     return f"{spec.KEY_PREFIX}:tombstone:{job_id}"
+
+
+REPLICATION_MARK_KEY = f"{spec.KEY_PREFIX}:replication-mark"
 
 
 def observed_key(job_id: str) -> str:
@@ -271,6 +268,34 @@ end
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return depth
 """
+# Takes back a job that admission pushed but could not get replicated, unless a worker has taken it already.
+# KEYS: queue, job hash, tombstone; ARGV: job id. Returns 1 when the job was withdrawn.
+WITHDRAW_SCRIPT = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 1
+end
+return 0
+"""
+
+
+def replica_wait_s(settings: Settings) -> float:
+    """The longest admission waits for replicas to acknowledge a job (a blocking command of the asyncio client)."""
+    return settings.redis_timeout_s if settings.redis_min_replicas_ack else 0.0
+
+
+async def _await_replicas(conn: redis.asyncio.Redis, role: list[Any], settings: Settings) -> None:
+    """Wait until ``redis_min_replicas_ack`` replicas (or all the primary has, if fewer) hold what this client
+    wrote; ``role`` is the primary's ROLE reply, read in the job's transaction. Raises ``NotReplicated``."""
+    wanted = min(settings.redis_min_replicas_ack, len(role[2]) if role[0] == b"master" else 0)
+    if not wanted:
+        return
+    async with conn.pipeline(transaction=False) as pipe:  # one connection: the mark is this connection's write
+        pipe.incr(REPLICATION_MARK_KEY)
+        pipe.wait(wanted, int(replica_wait_s(settings) * 1000))
+        acked = (await pipe.execute())[-1]
+    if acked < wanted:
+        raise NotReplicated(acked, wanted)
 
 
 async def submit(
@@ -288,7 +313,8 @@ async def submit(
 
     ``idempotency`` is ``(redis key, request fingerprint)``: the first request with that key creates the job, later
     ones with the same fingerprint get the same job back, with another fingerprint ``IdempotencyMismatch``.
-    Raises ``QueueFull`` when the queue already holds ``settings.max_queued`` jobs.
+    Raises ``QueueFull`` when the queue already holds ``settings.max_queued`` jobs, ``NotReplicated`` when the
+    primary's replicas did not acknowledge the job in time (see ``Settings.redis_min_replicas_ack``).
     """
     job_id = str(uuid.uuid4())
     if idempotency is not None:
@@ -317,9 +343,17 @@ async def submit(
                     pipe.execute_command(*args, **options)
                 pipe.eval(ADMISSION_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id,
                           settings.max_queued, json.dumps({"animation": job_spec.animation}), settings.tombstone_ttl)
-                depth = (await pipe.execute())[-1]
-        if depth < 0:
-            raise QueueFull(-depth - 1)
+                if settings.redis_min_replicas_ack:
+                    pipe.execute_command("ROLE")  # the replicas the primary had when it ran the transaction
+                replies = (await pipe.execute())[len(recorder.command_stack):]
+        if replies[0] < 0:
+            raise QueueFull(-replies[0] - 1)
+        if settings.redis_min_replicas_ack:
+            try:
+                await _await_replicas(conn, replies[1], settings)
+            except NotReplicated:
+                await conn.eval(WITHDRAW_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id)
+                raise
     except BaseException:
         if idempotency is not None:
             await conn.delete(idempotency[0])

@@ -45,8 +45,8 @@ class Metrics:
         )
         self.jobs_rejected = Counter(
             "facegen_api_jobs_rejected",
-            "POST /generate requests refused, by reason (queue_full, redis_unavailable, invalid, "
-            "idempotency_conflict).",
+            "POST /generate requests refused, by reason (queue_full, redis_unavailable, not_replicated, "
+            "invalid, idempotency_conflict).",
             ["reason"], registry=r,
         )
         self.jobs_ended = Counter(
@@ -59,6 +59,14 @@ class Metrics:
             "End-to-end latency of finished jobs, enqueued_at to ended_at (observed when first seen finished).",
             buckets=JOB_LATENCY_BUCKETS, registry=r,
         )
+
+        self.redis_errors = Counter(
+            "facegen_api_redis_errors", "Errors on Redis connections (each failed attempt, retried or not), by type.",
+            ["error"], registry=r,
+        )
+
+    def count_redis_error(self, error: Exception) -> None:
+        self.redis_errors.labels(type(error).__name__).inc()
 
     def observe_ended(self, job: Job) -> None:
         status = jobs.status_of(job)

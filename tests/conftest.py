@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -23,9 +24,9 @@ def redis_base_url() -> str:
 
 
 def redis_url_for_db(db: int) -> str:
-    """The reachable Redis with another database number (each test module family owns one)."""
-    base = redis_base_url().rsplit("/", 1)[0]
-    return f"{base}/{db}"
+    """The reachable Redis with another database number (each test module family owns one); the URL's user,
+    password and parameters stay (a TLS run passes its CA as ``?ssl_ca_certs=``)."""
+    return urlunsplit(urlsplit(redis_base_url())._replace(path=f"/{db}"))
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +53,9 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) 
 
     root = tmp_path_factory.mktemp("checkpoints")
     runs = tmp_path_factory.mktemp("runs")
-    opts = RunOptions(synth_dir, root, runs / "vae", precision="bf16", threads=1)
+    opts = RunOptions(synth_dir, root, runs / "vae", precision="fp32", threads=1)
     train_vae(DataConfig(), VAEConfig(**TINY_VAE), VAETrainConfig(steps=3, batch_size=8, log_every=1), opts)
-    opts = RunOptions(synth_dir, root, runs / "diffusion", precision="bf16", threads=1)
+    opts = RunOptions(synth_dir, root, runs / "diffusion", precision="fp32", threads=1)
     train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(),
                     DiffusionTrainConfig(steps=3, batch_size=16, warmup=1, log_every=1), opts)
     return root

@@ -1,6 +1,7 @@
 """``python -m worker``: load the model once, publish it in Redis, serve metrics, and work the queue.
 
-Refuses to start (exit code 2, one clear line) when the checkpoint is missing, corrupt or tampered with.
+Refuses to start (exit code 2, one clear line) when Redis refuses its credentials or TLS set-up, or when the
+checkpoint is missing, corrupt or tampered with.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rq import Queue
 from training.checkpoints import CheckpointError, list_versions
 
 from . import jobs
+from .connection import connect, credentials_problem, describe
 from .engine import Engine
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
@@ -56,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = WorkerSettings()
+    metrics = WorkerMetrics()
+    connection = connect(settings, blocking_s=jobs.dequeue_wait_s(settings), on_error=metrics.count_redis_error)
+    problem = credentials_problem(connection, settings)
+    if problem is not None:  # a configuration error: retrying would only loop
+        print(f"worker: {problem}", file=sys.stderr)
+        return 2
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
@@ -65,21 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: cannot load model {settings.model_version!r} from {settings.checkpoint_dir}: {exc}",
               file=sys.stderr)
         return 2
-    metrics = WorkerMetrics()
     name = args.name or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     info = model_info(engine, settings, name)
     metrics.model.info({"version": info.version, "vae_version": info.vae_version, "device": info.device,
                         "dtype": info.dtype})
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    connection = redis.Redis.from_url(settings.redis_url)
     jobs.RUNTIME = jobs.WorkerRuntime(engine, settings, metrics)
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
     queues = [Queue(name_, connection=connection) for name_ in settings.queue_names()]
     worker = jobs.FacegenWorker(queues, connection=connection, name=name, runtime=jobs.RUNTIME)
-    log.info("serving model %s (%s)", info.version, json.dumps({"device": info.device, "dtype": info.dtype,
-                                                                "max_batch": settings.max_batch}))
+    log.info("serving model %s (%s) from Redis at %s", info.version,
+             json.dumps({"device": info.device, "dtype": info.dtype, "max_batch": settings.max_batch}),
+             describe(settings))
     try:
         worker.work(burst=args.burst, with_scheduler=False)
     finally:

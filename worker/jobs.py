@@ -23,6 +23,7 @@ from rq.queue import Queue
 
 from training.imaging import gif_bytes, grid_image, png_bytes
 
+from .connection import RECONNECT_WAIT_MAX_S, read_timeout_s
 from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
@@ -108,16 +109,33 @@ return claimed
 """
 
 
+def dequeue_wait_s(settings: WorkerSettings) -> int:
+    """How long an idle worker blocks on the queue per dequeue. RQ runs its maintenance between dequeues, so this
+    is the maintenance interval (RQ's default block, 405 s, would let a dead worker's job wait 7 minutes)."""
+    return settings.maintenance_interval
+
+
 class FacegenWorker(SimpleWorker):
     """SimpleWorker that batches compatible jobs and heartbeats while it samples."""
 
+    # Between reconnect attempts RQ waits 1, 2, 4 s… up to this (its own cap is a minute, and a job arriving
+    # during such a wait waited with it).
+    max_connection_wait_time = RECONNECT_WAIT_MAX_S
+
     def __init__(self, *args: Any, runtime: WorkerRuntime, **kwargs: Any):
-        # RQ runs maintenance between dequeues and an idle worker blocks for ``worker_ttl - 15`` s per dequeue:
-        # tie that block to the maintenance interval, or a dead worker's job would wait up to 7 minutes.
+        self.runtime = runtime  # before RQ's __init__, which reads the timeouts below
         interval = runtime.settings.maintenance_interval
         super().__init__(*args, maintenance_interval=interval, worker_ttl=interval + 15, **kwargs)
-        self.runtime = runtime
         self._claim = self.connection.register_script(CLAIM_SCRIPT)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return dequeue_wait_s(self.runtime.settings)
+
+    @property
+    def connection_timeout(self) -> float:
+        """The read timeout RQ makes sure its client has: the connection policy's, over the dequeue wait."""
+        return read_timeout_s(self.runtime.settings, self.dequeue_timeout)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.runtime.settings.heartbeat_ttl

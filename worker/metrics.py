@@ -29,6 +29,12 @@ class WorkerMetrics:
         self.model = Info("facegen_worker_model", "Model served by this worker", registry=r)
         self.gpu_memory = Gauge("facegen_worker_gpu_memory_bytes", "CUDA memory allocated (peak since start)",
                                 ["kind"], registry=r)
+        self.redis_errors = Counter("facegen_worker_redis_errors",
+                                    "Errors on Redis connections (each failed attempt, retried or not), by type",
+                                    ["error"], registry=r)
+
+    def count_redis_error(self, error: Exception) -> None:
+        self.redis_errors.labels(type(error).__name__).inc()
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

@@ -6,18 +6,21 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from training.checkpoints import BUNDLED_CHECKPOINTS
 from training.config import PRECISIONS
 
+from .connection import RedisSettings
 from .spec import DEFAULT_ARTIFACT_TTL_S, DEFAULT_QUEUE, LATEST
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(RedisSettings):
+    """The worker's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings` (the API
+    shares them)."""
+
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
     checkpoint_dir: Path = BUNDLED_CHECKPOINTS
     model_version: str = LATEST
     device: str = Field("auto", pattern="^(auto|cuda|cpu)$")

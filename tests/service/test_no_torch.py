@@ -1,4 +1,5 @@
-"""The API process never imports torch (nor the worker's modules other than worker.spec)."""
+"""The API process never imports torch, nor any module of the worker but the two light ones both processes share:
+worker.spec (the job contract) and worker.connection (the Redis connection policy)."""
 
 from __future__ import annotations
 
@@ -25,4 +26,5 @@ def test_building_the_app_imports_no_torch():
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert "torch" not in modules
-    assert [m for m in modules if m.split(".")[0] in ("worker", "training")] == ["worker", "worker.spec"]
+    shared = ["worker", "worker.connection", "worker.spec"]
+    assert [m for m in modules if m.split(".")[0] in ("worker", "training")] == shared

@@ -138,6 +138,9 @@ async def create_job(
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": str(exc), "input": idempotency_key}]
         ) from None
+    except jobs.NotReplicated:
+        metrics.jobs_rejected.labels("not_replicated").inc()
+        raise
     except redis.RedisError:
         metrics.jobs_rejected.labels("redis_unavailable").inc()
         raise
