@@ -10,6 +10,8 @@ from typing import Any
 
 from .config import (
     PRECISIONS,
+    REPORT_SEED,
+    TUNING_SEED,
     DataConfig,
     DiffusionTrainConfig,
     SamplingConfig,
@@ -44,6 +46,16 @@ def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **fi
     return cls(**{**given, **fixed})
 
 
+def inherited_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """A warm-started diffusion run keeps its parent's serving defaults, except those given as flags."""
+    if not args.init_from:
+        return {}
+    from .checkpoints import read_manifest, resolve_version
+
+    parent = read_manifest(resolve_version(args.checkpoints, "diffusion", args.init_from))
+    return {name: value for name, value in parent["sampling"].items() if getattr(args, "sampling_" + name) is None}
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="CelebA-layout folder")
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
@@ -53,6 +65,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--init-from", default=None, metavar="VERSION",
+                        help="warm-start from this exported version (its architecture and weights; 'latest' allowed)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("evaluate", help="FID, attribute accuracy and VAE reconstruction")
     evaluate.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-    evaluate.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
+    evaluate.add_argument("--diffusion", nargs="+", default=["latest"],
+                          help="diffusion checkpoint version(s), judged side by side by one judge")
     evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: classifier, test: FID)")
-    evaluate.add_argument("--n", type=int, default=1000, help="generated images per label and setting")
+    evaluate.add_argument("--n", type=int, default=500, help="generated images per label and setting")
     evaluate.add_argument("--sampler", default="dpmpp", choices=["dpmpp", "ddim", "ddpm"])
     evaluate.add_argument("--steps", type=int, default=20)
     evaluate.add_argument("--guidance", type=float, default=None, help="default: the model's")
@@ -92,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--settings", default=None,
                           help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
-    evaluate.add_argument("--classifier-steps", type=int, default=400)
+    evaluate.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
     evaluate.add_argument("--precision", default="auto", choices=PRECISIONS,
                           help="sampling precision (auto: the worker's, fp16 on CUDA and bf16 on CPU)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=None,
+                          help=f"noise seeds (default: {REPORT_SEED} for a report, {TUNING_SEED} with --tuning)")
+    evaluate.add_argument("--tuning", action="store_true",
+                          help="choosing serving defaults: tuning seeds, stored as metrics.tuning, not as the report")
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
@@ -123,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train_vae import RunOptions, train_vae
 
         opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
-                          args.limit, args.perceptual_weights, args.threads)
+                          args.limit, args.perceptual_weights, args.threads, args.init_from)
         train_vae(config_from_args(DataConfig, args, "data_"), config_from_args(VAEConfig, args, "vae_"),
                   config_from_args(VAETrainConfig, args), opts)
     elif args.command == "diffusion":
@@ -131,19 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         from .train_vae import RunOptions
 
         opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
-                          args.limit, None, args.threads)
+                          args.limit, None, args.threads, args.init_from)
+        sampling = config_from_args(SamplingConfig, args, "sampling_", **inherited_sampling(args))
         train_diffusion(args.vae, config_from_args(UNetConfig, args, "unet_"),
-                        config_from_args(ScheduleConfig, args, "schedule_"),
-                        config_from_args(SamplingConfig, args, "sampling_"),
+                        config_from_args(ScheduleConfig, args, "schedule_"), sampling,
                         config_from_args(DiffusionTrainConfig, args), opts)
     elif args.command == "evaluate":
-        from .evaluate import Setting, markdown_report, sweep_settings
-        from .evaluate import evaluate as run_evaluation
-        from .pipeline import LatentDiffusion
+        from .evaluate import Setting, evaluate_versions, markdown_report, sweep_settings
 
-        guidance = args.guidance
-        if guidance is None:
-            guidance = LatentDiffusion.load(args.checkpoints, args.diffusion).sampling.guidance_scale
+        guidance = args.guidance  # None: each model's own default
         if args.settings:
             settings = [Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else guidance)
                         for parts in (item.split(":") for item in args.settings.split(","))]
@@ -151,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             settings = sweep_settings(guidance)
         else:
             settings = [Setting(args.sampler, args.steps, guidance)]
-        results = run_evaluation(args.checkpoints, args.diffusion, args.data, args.n, settings, args.seed,
-                                 args.classifier_steps, fid=not args.no_fid, precision=args.precision)
-        report = markdown_report(results, "python -m training " + " ".join(sys.argv[1:] if argv is None else argv))
+        seed = args.seed if args.seed is not None else TUNING_SEED if args.tuning else REPORT_SEED
+        command = "python -m training " + " ".join(sys.argv[1:] if argv is None else argv)
+        report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
+            args.checkpoints, args.diffusion, args.data, args.n, settings, seed, args.classifier_steps,
+            fid=not args.no_fid, precision=args.precision, tuning=args.tuning))
         print(report)
         if args.report:
             with args.report.open("a") as handle:

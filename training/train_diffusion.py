@@ -3,8 +3,10 @@ checkpoint version whose manifest names its parent VAE and the measured latent s
 
 Latents are encoded once (posterior mean and log-variance of each training image and of its mirror image) and
 sampled every step: ``z = scale * (mean + exp(logvar / 2) * eps)``, with ``scale = 1 / std(z)`` measured here.
-The loss is ``|| unet(x_t, t, labels) - target ||^2`` (target per the schedule's prediction type), labels
-replaced by the null label with probability ``label_dropout`` (classifier-free guidance).
+The loss is ``w(t) || unet(x_t, t, labels) - target ||^2`` (target per the schedule's prediction type, ``w`` the
+Min-SNR-gamma weight), labels replaced by the null label with probability ``label_dropout`` (classifier-free
+guidance). ``--init-from`` warm-starts from an exported diffusion version (its UNet and schedule, its EMA weights),
+also on the latents of a newer VAE, and records the lineage in the manifest.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint, warm_start
 from .config import (
     DataConfig,
     DiffusionTrainConfig,
@@ -100,9 +102,19 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     scale, clip = latent_statistics(means, logvars, cfg.seed)
     del vae, images
 
+    parent = lineage = None
+    if opts.init_from:
+        parent, lineage = warm_start(opts.checkpoints, "diffusion", opts.init_from)
+        unet_cfg = from_dict(UNetConfig, parent.manifest["model"])
+        schedule_cfg = from_dict(ScheduleConfig, parent.manifest["schedule"])
+        if (unet_cfg.in_channels, unet_cfg.num_attributes) != (means.shape[1], labels.shape[1]):
+            raise ValueError(f"--init-from {opts.init_from}: its UNet takes {unet_cfg.in_channels} latent channels and "
+                             f"{unet_cfg.num_attributes} attributes, the data gives {means.shape[1]} and {labels.shape[1]}")
     unet_cfg = UNetConfig(**{**asdict(unet_cfg), "in_channels": means.shape[1], "num_attributes": labels.shape[1]})
     schedule = NoiseSchedule(schedule_cfg)
     unet = UNet(unet_cfg).to(device)
+    if parent is not None:
+        unet.load_state_dict(parent.state_dict)
     model = DistributedDataParallel(unet) if ddp.world > 1 else unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -142,7 +154,8 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with autocast(device, dtype):
-            loss = (model(x_t, t, y).float() - schedule.target(z0, noise, t)).pow(2).mean()
+            error = (model(x_t, t, y).float() - schedule.target(z0, noise, t)).pow(2)
+            loss = (schedule.min_snr_weight(t, cfg.min_snr_gamma, error) * error).mean()
         optimizer_step(loss, optimizer, scaler, unet.parameters(), cfg.grad_clip)
         ema.update(unet)
         value = loss.item()
@@ -169,7 +182,7 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
             "dataset_fingerprint": fingerprint(opts.data),
             "training": {"config": asdict(cfg), "steps": cfg.steps, "train_latents": len(means),
                          "precision": str(dtype).removeprefix("torch."), "world_size": ddp.world,
-                         "device": device.type, "weights": "ema"},
+                         "device": device.type, "weights": "ema", "init_from": lineage},
             "metrics": {"train_loss_ema": round(loss_avg, 5) if loss_avg is not None else None},
         }
         export = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[opts.export_dtype]

@@ -1,7 +1,9 @@
 """Train the attention VAE on a CelebA-layout folder and write a ``vae`` checkpoint version.
 
-Loss: ``L1(x, x') + perceptual_weight * P(x, x') + kl_weight * KL`` (+ ``adversarial_weight`` times the
-hinge generator loss of a PatchGAN once ``adversarial_start`` is reached).
+Loss: ``L1_w(x, x') + perceptual_weight * P(x, x') + kl_weight * KL`` (+ ``adversarial_weight`` times the
+hinge generator loss of a PatchGAN once ``adversarial_start`` is reached). ``L1_w`` weighs the pixels around eyes
+and mouth ``1 + landmark_weight`` times as much when the folder has CelebA's landmark file (plain L1 without it).
+``--init-from`` warm-starts from an exported version (its architecture, its weights) and records the lineage.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoints import save_checkpoint
-from .config import DataConfig, VAEConfig, VAETrainConfig, asdict
-from .data.celeba import fingerprint, load_split, to_float
+from .checkpoints import save_checkpoint, warm_start
+from .config import DataConfig, VAEConfig, VAETrainConfig, asdict, from_dict
+from .data.celeba import fingerprint, load_landmarks, load_split, to_float
 from .models.discriminator import PatchDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from .models.vae import VAE, kl_divergence
 from .perceptual import PerceptualLoss
+from .regions import landmark_weights, weighted_l1
 from .runtime import (
     BatchStream,
     Log,
@@ -46,6 +49,7 @@ class RunOptions:
     limit: int | None = None  # use only the first N training images (tests, quick trials)
     perceptual_weights: Path | None = None
     threads: int | None = None
+    init_from: str | None = None  # exported version whose weights start the run (architecture taken from it)
 
 
 def flip_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -77,8 +81,15 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
 
     images, _ = load_split(opts.data, "train", data_cfg, limit=opts.limit)
+    landmarks = load_landmarks(opts.data, "train", data_cfg, limit=opts.limit)
     val_images, _ = load_split(opts.data, "val", data_cfg, limit=256)
+    parent = lineage = None
+    if opts.init_from:
+        parent, lineage = warm_start(opts.checkpoints, "vae", opts.init_from)
+        vae_cfg = from_dict(VAEConfig, parent.manifest["model"])
     vae = VAE(vae_cfg).to(device)
+    if parent is not None:
+        vae.load_state_dict(parent.state_dict)
     model = DistributedDataParallel(vae) if ddp.world > 1 else vae
     perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
@@ -108,13 +119,19 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     log = Log(opts.run_dir / "log.jsonl" if ddp.is_main else None)
 
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ddp.is_main, desc="vae")
+    use_landmarks = landmarks is not None and cfg.landmark_weight > 0
     for step in progress:
-        x = to_float(images[next(stream)])
+        index = next(stream)
+        x = to_float(images[index])
+        if use_landmarks:  # the weight map travels with the image through the flip: channel 3
+            x = torch.cat([x, landmark_weights(landmarks[index], data_cfg.image_size, cfg.landmark_sigma,
+                                               cfg.landmark_weight)], dim=1)
         x = (flip_batch(x, flips) if data_cfg.hflip else x).to(device)
+        x, weights = (x[:, :3], x[:, 3:]) if use_landmarks else (x, None)
         with autocast(device, dtype):
             recon, mean, logvar = model(x)
             recon = recon.float()
-            rec_loss = (recon - x).abs().mean()
+            rec_loss = weighted_l1(recon, x, weights)
             perc_loss = perceptual(recon, x)
             kl = kl_divergence(mean.float(), logvar.float())
             loss = rec_loss + cfg.perceptual_weight * perc_loss + cfg.kl_weight * kl
@@ -155,7 +172,7 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
             "dataset_fingerprint": fingerprint(opts.data),
             "training": {"config": asdict(cfg), "steps": cfg.steps, "train_images": len(images),
                          "precision": str(dtype).removeprefix("torch."), "world_size": ddp.world,
-                         "device": device.type},
+                         "device": device.type, "landmarks": use_landmarks, "init_from": lineage},
             "metrics": {"val_psnr_db": round(val_psnr, 3)},
         }
         export = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[opts.export_dtype]

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from training.config import DataConfig
-from training.data.celeba import DatasetError, load_split, read_annotations
-from training.data.layout import ATTR_FILE, ATTRIBUTE_NAMES, IMAGE_DIR, PARTITION_FILE
+from training.data.celeba import DatasetError, load_landmarks, load_split, read_annotations, read_landmarks
+from training.data.layout import (
+    ATTR_FILE,
+    ATTRIBUTE_NAMES,
+    IMAGE_DIR,
+    LANDMARK_FILE,
+    LANDMARK_NAMES,
+    PARTITION_FILE,
+)
 from training.data.synthetic import VARIED_ATTRIBUTES, write_dataset
 
 
@@ -101,3 +108,40 @@ def test_malformed_partition_line(copy_of: Path) -> None:
 def test_unknown_attribute_lists_valid_names(synth_dir: Path) -> None:
     with pytest.raises(DatasetError, match="unknown attribute 'Grinning'; valid names: 5_o_Clock_Shadow"):
         load_split(synth_dir, "train", DataConfig(attributes=("Grinning",)))
+
+
+def test_synthetic_landmarks_sit_on_eyes_nose_and_mouth(synth_dir: Path) -> None:
+    lines = (synth_dir / LANDMARK_FILE).read_text().splitlines()
+    assert lines[0] == "120" and tuple(lines[1].split()) == LANDMARK_NAMES
+    points = read_landmarks(synth_dir)
+    assert len(points) == 120
+    for xy in points.values():
+        left_eye, right_eye, nose, left_mouth, right_mouth = xy
+        assert left_eye[0] < nose[0] < right_eye[0] and left_mouth[0] < right_mouth[0]
+        assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
+        assert (0 <= xy[:, 0]).all() and (xy[:, 0] < 178).all() and (xy[:, 1] < 218).all()
+
+
+def test_landmarks_follow_the_crop_and_resize_of_the_images(synth_dir: Path) -> None:
+    config = DataConfig(image_size=32)
+    images, _ = load_split(synth_dir, "test", config)
+    landmarks = load_landmarks(synth_dir, "test", config)
+    assert landmarks.shape == (len(images), 5, 2)
+    raw = read_landmarks(synth_dir)["000109.jpg"]  # the first test image (rows 108.. are the test split)
+    expected = (torch.from_numpy(raw) - torch.tensor([0.0, 20.0]) + 0.5) * (32 / 178) - 0.5
+    assert torch.allclose(landmarks[0], expected)
+    # the irises are dark: at 64x64 the pixel under each eye landmark is darker than the 9x9 patch around it
+    images, _ = load_split(synth_dir, "test", DataConfig())
+    landmarks = load_landmarks(synth_dir, "test", DataConfig())
+    for row in range(len(images)):
+        grey = images[row].float().mean(dim=0)
+        for x, y in landmarks[row, :2].round().long().tolist():
+            assert grey[y, x] < grey[y - 4:y + 5, x - 4:x + 5].mean()
+
+
+def test_landmarks_are_optional_and_malformed_lines_are_named(copy_of: Path) -> None:
+    _rewrite(copy_of / LANDMARK_FILE, lambda lines: lines[:3] + ["000002.jpg 1 2 3"] + lines[4:])
+    with pytest.raises(DatasetError, match=f"{LANDMARK_FILE}:4: expected a file name and 10 numbers"):
+        load_landmarks(copy_of, "train", DataConfig())
+    (copy_of / LANDMARK_FILE).unlink()
+    assert load_landmarks(copy_of, "train", DataConfig()) is None

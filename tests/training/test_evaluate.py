@@ -1,32 +1,54 @@
-"""The evaluation tool end to end on the tiny model, and its attribute classifier on separable synthetic faces."""
+"""The evaluation tool end to end on the tiny model: every number with its interval, seeds kept apart."""
 
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
+
+import pytest
 
 from training.checkpoints import load_checkpoint
-from training.config import DataConfig
-from training.data.synthetic import write_dataset
-from training.evaluate import Setting, evaluate, markdown_report, train_classifier
+from training.config import REPORT_SEED, TUNING_SEED
+from training.evaluate import SeedError, Setting, evaluate, markdown_report
 
 
-def test_evaluation_produces_finite_numbers_and_records_them(tiny_checkpoints, synth_dir) -> None:
-    results = evaluate(tiny_checkpoints, "latest", synth_dir, n=6, settings=[Setting("dpmpp", 3, 2.0)], seed=0,
-                       classifier_steps=5)
+@pytest.fixture()
+def checkpoints(tiny_checkpoints: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny checkpoints: evaluation writes metrics into the manifest."""
+    return Path(shutil.copytree(tiny_checkpoints, tmp_path / "ck"))
+
+
+def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoints: Path, synth_dir: Path) -> None:
+    results = evaluate(checkpoints, "latest", synth_dir, n=6, settings=[Setting("dpmpp", 3, 2.0)], seed=REPORT_SEED,
+                       classifier_steps=5, precision="fp32")
     row = results["settings"][0]
-    for key in ("fid", "fid_smiling", "fid_not_smiling", "accuracy_smiling", "accuracy_not_smiling",
-                "seconds_per_image"):
+    for key in ("fid", "fid_smiling", "fid_not_smiling", "kid", "kid_std", "kid_smiling", "accuracy_smiling",
+                "accuracy_not_smiling", "seconds_per_image"):
         assert math.isfinite(row[key]), key
-    assert 0 <= row["accuracy_smiling"] <= 1 and row["fid"] >= 0
-    assert math.isfinite(results["vae_psnr_db"]) and 0 <= results["vae_attribute_agreement"] <= 1
-    manifest = load_checkpoint(tiny_checkpoints, "diffusion", "latest").manifest
+    for label in ("smiling", "not_smiling"):
+        low, high = row[f"accuracy_{label}_ci95"]
+        assert 0 <= low <= row[f"accuracy_{label}"] <= high <= 1 and high - low > 0.2  # n = 6: a wide interval
+    assert row["n_per_label"] == 6 and row["reference_images"] == 12
+    judge = results["judge"]
+    assert set(judge) >= {"sharp", "blurred", "reconstructed", "spread", "warning"}
+    assert judge["sharp"]["n"] == judge["reconstructed"]["n"] == 12
+    assert (judge["warning"] is None) == (judge["spread"] <= 0.02)
+    assert math.isfinite(results["vae_psnr_db"]) and 0 <= results["vae_attribute_agreement"]["rate"] <= 1
+    manifest = load_checkpoint(checkpoints, "diffusion", "latest").manifest
     assert manifest["metrics"]["evaluation"]["settings"][0]["setting"] == "dpmpp-3-g2"
+    assert manifest["metrics"]["evaluation"]["seed"] == REPORT_SEED
     report = markdown_report(results, "python -m training evaluate …")
-    assert "| dpmpp | 3 | 2 |" in report
+    assert "| dpmpp | 3 | 2 |" in report and "(12 / 12)" in report and "not a headline measurement" in report
 
 
-def test_classifier_learns_the_smile_of_synthetic_faces(tmp_path) -> None:
-    data = write_dataset(tmp_path / "faces", 1600, seed=21, workers=2)
-    _, test_images, _, accuracy = train_classifier(data, DataConfig(), steps=400, seed=0)
-    assert len(test_images) == 160
-    assert accuracy >= 0.9
+def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints: Path, synth_dir: Path) -> None:
+    args = dict(n=2, settings=[Setting("ddim", 2, 2.0)], classifier_steps=1, fid=False, precision="fp32")
+    with pytest.raises(SeedError, match=f"seed {TUNING_SEED} trained or tuned"):
+        evaluate(checkpoints, "latest", synth_dir, seed=TUNING_SEED, **args)
+    evaluate(checkpoints, "latest", synth_dir, seed=77, tuning=True, **args)
+    tuning = load_checkpoint(checkpoints, "diffusion", "latest").manifest["metrics"]["tuning"]
+    assert tuning["seeds"] == [77] and "evaluation" not in load_checkpoint(checkpoints, "diffusion", "latest").manifest[
+        "metrics"]
+    with pytest.raises(SeedError, match="seed 77"):  # once it has tuned, 77 no longer reports
+        evaluate(checkpoints, "latest", synth_dir, seed=77, **args)

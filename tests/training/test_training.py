@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_UNET, TINY_VAE
@@ -22,8 +24,11 @@ from training.config import (
     VAEConfig,
     VAETrainConfig,
 )
+from training.data.layout import LANDMARK_FILE
+from training.diffusion.schedule import NoiseSchedule
 from training.models.unet import UNet
 from training.pipeline import LatentDiffusion
+from training.regions import landmark_weights, weighted_l1
 from training.runtime import load_state
 from training.train_diffusion import train_diffusion
 from training.train_vae import RunOptions, train_vae
@@ -61,7 +66,7 @@ def test_same_seed_same_weights_and_resume_is_exact(synth_dir: Path, tmp_path: P
 
 def test_diffusion_loss_goes_down_and_manifest_describes_the_model(tiny_checkpoints: Path, synth_dir: Path,
                                                                   tmp_path: Path) -> None:
-    opts = RunOptions(synth_dir, tiny_checkpoints, tmp_path / "run", precision="bf16", threads=1)
+    opts = RunOptions(synth_dir, tiny_checkpoints, tmp_path / "run", precision="fp32", threads=1)
     cfg = DiffusionTrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=2, log_every=1)
     folder = train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(), cfg, opts)
     smoothed = _losses(tmp_path / "run", "loss_avg")  # exponential moving average of the step losses
@@ -114,3 +119,70 @@ def test_adversarial_vae_training_runs_with_a_patch_discriminator(synth_dir: Pat
     state = load_state(tmp_path / "run" / "state.pt")
     assert state["step"] == 4 and "disc" in state and "disc_optimizer" in state
     assert all(math.isfinite(loss) for loss in _losses(tmp_path / "run"))
+
+
+def test_warm_start_begins_at_the_parent_and_records_the_lineage(tiny_checkpoints: Path, synth_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints, root)
+    parent = load_checkpoint(root, "vae", "latest")
+    frozen = VAETrainConfig(steps=2, batch_size=4, lr=0.0, log_every=1)  # lr 0: the weights stay the parent's
+    opts = RunOptions(synth_dir, root, tmp_path / "child", precision="fp32", threads=1, init_from=parent.version)
+    child = load_checkpoint(root, "vae", train_vae(DataConfig(), VAEConfig(), frozen, opts).name)
+    assert child.manifest["model"] == parent.manifest["model"]  # the architecture comes from the parent
+    assert all(torch.equal(child.state_dict[name], value) for name, value in parent.state_dict.items())
+    assert child.manifest["training"]["init_from"] == {
+        "version": parent.version, "weights_sha256": parent.manifest["files"]["model.safetensors"],
+        "lineage": [parent.version]}
+
+    opts = RunOptions(synth_dir, root, tmp_path / "grandchild", precision="fp32", threads=1, init_from=child.version)
+    grandchild = load_checkpoint(root, "vae", train_vae(DataConfig(), VAEConfig(), VAETrainConfig(
+        steps=2, batch_size=4, lr=1e-3, log_every=1), opts).name)
+    assert grandchild.manifest["training"]["init_from"]["lineage"] == [parent.version, child.version]
+    assert any(not torch.equal(grandchild.state_dict[n], v) for n, v in child.state_dict.items())
+
+    unet_parent = load_checkpoint(root, "diffusion", "latest")
+    opts = RunOptions(synth_dir, root, tmp_path / "unet", precision="fp32", threads=1, init_from=unet_parent.version)
+    unet_child = load_checkpoint(root, "diffusion", train_diffusion(
+        grandchild.version, UNetConfig(), ScheduleConfig(), SamplingConfig(),
+        DiffusionTrainConfig(steps=2, batch_size=8, lr=0.0, warmup=1, log_every=1), opts).name)
+    assert unet_child.manifest["vae_version"] == grandchild.version  # continued on the newer VAE's latents
+    assert unet_child.manifest["model"] == unet_parent.manifest["model"]
+    assert all(torch.equal(unet_child.state_dict[name], value) for name, value in unet_parent.state_dict.items())
+    assert unet_child.manifest["training"]["init_from"]["lineage"] == [unet_parent.version]
+
+
+def test_landmarks_are_used_when_present_and_training_works_without_them(synth_dir: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(synth_dir, bare)
+    (bare / LANDMARK_FILE).unlink()
+    with_marks = load_checkpoint(tmp_path / "ck", "vae", _vae(synth_dir, tmp_path / "ck", tmp_path / "a", 2).name)
+    without = load_checkpoint(tmp_path / "ck", "vae", _vae(bare, tmp_path / "ck", tmp_path / "b", 2).name)
+    assert with_marks.manifest["training"]["landmarks"] is True
+    assert without.manifest["training"]["landmarks"] is False
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "b"))
+    # the weighted loss is a different objective: the same seed ends in different weights
+    assert any(not torch.equal(with_marks.state_dict[n], v) for n, v in without.state_dict.items())
+
+
+def test_landmark_weights_peak_on_the_features_and_uniform_weights_give_plain_l1() -> None:
+    marks = torch.tensor([[[20.0, 24.0], [44.0, 24.0], [32.0, 34.0], [24.0, 44.0], [40.0, 44.0]]])
+    weights = landmark_weights(marks, 64, sigma=0.06, gain=3.0)
+    assert weights.shape == (1, 1, 64, 64)
+    assert weights[0, 0, 24, 20] == pytest.approx(4.0) and weights[0, 0, 44, 32] == pytest.approx(4.0, abs=0.1)
+    assert weights[0, 0, 2, 2] == pytest.approx(1.0, abs=1e-4) and weights.min() >= 1
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    assert weighted_l1(a, b, torch.full((2, 1, 8, 8), 5.0)) == pytest.approx(float((a - b).abs().mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_min_snr_weight_caps_the_easy_timesteps(prediction: str) -> None:
+    schedule = NoiseSchedule(ScheduleConfig(prediction=prediction))
+    t = torch.tensor([0, 300, 999])
+    like = torch.zeros(3, 4, 2, 2)
+    abar = schedule.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    expected = snr.clamp(max=5.0) / (snr if prediction == "eps" else snr + 1)
+    assert torch.allclose(schedule.min_snr_weight(t, 5.0, like).flatten(), expected, rtol=1e-5)
+    assert schedule.min_snr_weight(t, 5.0, like)[0] < 0.01 if prediction == "v" else True  # t=0: SNR ~ 1e4
+    assert torch.equal(schedule.min_snr_weight(t, 0.0, like), torch.ones(3, 1, 1, 1))

@@ -1,8 +1,10 @@
 """Reader for CelebA in its official local layout (real CelebA or the synthetic faces).
 
 ``load_split(root, split, config)`` returns images ``uint8 [N, 3, S, S]`` (center crop, then resize) and binary
-labels ``int64 [N, A]`` (1 = attribute present, 0 = absent) for the attributes named in the config. Every
-problem raises :class:`DatasetError` naming the file and line; nothing is skipped silently.
+labels ``int64 [N, A]`` (1 = attribute present, 0 = absent) for the attributes named in the config;
+``load_landmarks`` the five facial landmarks of the same images in the same pixels, when the folder has the
+optional landmark file. Every problem raises :class:`DatasetError` naming the file and line; nothing is skipped
+silently.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from .layout import ATTR_FILE, IMAGE_DIR, PARTITION_FILE, SPLITS
+from .layout import (
+    ATTR_FILE,
+    IMAGE_DIR,
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    LANDMARK_FILE,
+    LANDMARK_NAMES,
+    PARTITION_FILE,
+    SPLITS,
+)
 
 
 class DatasetError(ValueError):
@@ -113,24 +124,74 @@ def load_image(path: Path, config: DataConfig) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image ({exc})") from None
 
 
-def load_split(root: str | Path, split: str, config: DataConfig, limit: int | None = None,
-               threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``uint8 [N, 3, S, S]`` and labels ``int64 [N, A]`` in {0, 1} of one split ("train", "val", "test")."""
+def split_indices(root: Path, annotations: Annotations, split: str, limit: int | None) -> list[int]:
+    """Row numbers of ``annotations`` in one split ("train", "val", "test"), the first ``limit`` of them."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}")
-    root = Path(root)
-    annotations = read_annotations(root)
-    columns = attribute_columns(annotations, config.attributes)
     indices = [i for i, f in enumerate(annotations.files) if annotations.partition[f] == SPLITS[split]]
     if limit is not None:
         indices = indices[:limit]
     if not indices:
         raise DatasetError(f"{root / PARTITION_FILE}: the {split!r} split is empty")
+    return indices
+
+
+def load_split(root: str | Path, split: str, config: DataConfig, limit: int | None = None,
+               threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``uint8 [N, 3, S, S]`` and labels ``int64 [N, A]`` in {0, 1} of one split ("train", "val", "test")."""
+    root = Path(root)
+    annotations = read_annotations(root)
+    columns = attribute_columns(annotations, config.attributes)
+    indices = split_indices(root, annotations, split, limit)
     paths = [root / IMAGE_DIR / annotations.files[i] for i in indices]
     with ThreadPoolExecutor(threads) as pool:
         images = list(pool.map(lambda p: load_image(p, config), paths))
     labels = (annotations.values[indices][:, columns] > 0).astype(np.int64)
     return torch.from_numpy(np.stack(images)), torch.from_numpy(labels)
+
+
+def read_landmarks(root: str | Path) -> dict[str, np.ndarray] | None:
+    """``list_landmarks_align_celeba.txt`` as ``{file: float32 [5, 2]}`` (x, y in the 178x218 aligned image:
+    left eye, right eye, nose, left and right mouth corner), or None when the folder has no landmark file."""
+    path = Path(root) / LANDMARK_FILE
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    if len(lines) < 2 or tuple(lines[1].split()) != LANDMARK_NAMES:
+        raise DatasetError(f"{path}:2: expected the column names {' '.join(LANDMARK_NAMES)}")
+    points: dict[str, np.ndarray] = {}
+    for number, line in enumerate(lines[2:], start=3):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 1 + len(LANDMARK_NAMES):
+                raise ValueError
+            xy = np.array([float(v) for v in fields[1:]], dtype=np.float32).reshape(5, 2)
+        except ValueError:
+            raise DatasetError(f"{path}:{number}: expected a file name and {len(LANDMARK_NAMES)} numbers") from None
+        points[fields[0]] = xy
+    return points
+
+
+def load_landmarks(root: str | Path, split: str, config: DataConfig, limit: int | None = None
+                   ) -> torch.Tensor | None:
+    """Landmarks ``float32 [N, 5, 2]`` (x, y in pixels of the ``S x S`` images ``load_split`` returns, same rows),
+    or None when the folder has no landmark file (it is optional in the layout)."""
+    root = Path(root)
+    points = read_landmarks(root)
+    if points is None:
+        return None
+    annotations = read_annotations(root)
+    files = [annotations.files[i] for i in split_indices(root, annotations, split, limit)]
+    missing = [f for f in files if f not in points]
+    if missing:
+        raise DatasetError(f"{root / LANDMARK_FILE}: no landmarks for {len(missing)} images, first {missing[0]!r}")
+    xy = torch.from_numpy(np.stack([points[f] for f in files]))
+    # the same center crop and resize as load_image (images are IMAGE_WIDTH x IMAGE_HEIGHT in the layout);
+    # pixel i spans [i, i + 1), so centres map as (i + 0.5) * scale - 0.5
+    offset = torch.tensor([(IMAGE_WIDTH - config.crop) // 2, (IMAGE_HEIGHT - config.crop) // 2], dtype=torch.float32)
+    return (xy - offset + 0.5) * (config.image_size / config.crop) - 0.5
 
 
 def fingerprint(root: str | Path) -> str:

@@ -2,7 +2,8 @@
 
 ``write_dataset(out, count, seed)`` draws ``count`` faces (178x218 JPEGs, like aligned CelebA) and writes
 ``list_attr_celeba.txt`` (all 40 attribute names; ``Smiling``, ``Eyeglasses``, ``Male`` and ``Young`` vary
-independently, every other attribute is -1) and ``list_eval_partition.txt`` (80/10/10 train/val/test).
+independently, every other attribute is -1), ``list_eval_partition.txt`` (80/10/10 train/val/test) and
+``list_landmarks_align_celeba.txt`` (eye centres, nose tip and mouth corners in pixels of the 178x218 image).
 Face *i* depends only on ``(seed, i)``, so a folder is reproducible whatever the number of processes.
 """
 
@@ -16,7 +17,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .layout import ATTR_FILE, ATTRIBUTE_NAMES, IMAGE_DIR, IMAGE_HEIGHT, IMAGE_WIDTH, PARTITION_FILE
+from .layout import (
+    ATTR_FILE,
+    ATTRIBUTE_NAMES,
+    IMAGE_DIR,
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    LANDMARK_FILE,
+    LANDMARK_NAMES,
+    PARTITION_FILE,
+)
 
 VARIED_ATTRIBUTES = ("Smiling", "Eyeglasses", "Male", "Young")
 ATTRIBUTE_PROBABILITY = {"Smiling": 0.5, "Eyeglasses": 0.3, "Male": 0.5, "Young": 0.6}
@@ -92,8 +102,21 @@ def _draw_mouth(draw: ImageDraw.ImageDraw, rng: random.Random, cx: float, cy: fl
             draw.line([cx - half * 0.85, cy, cx + half * 0.85, cy], fill=lip, width=thickness)
 
 
-def draw_face(rng: random.Random, attrs: FaceAttributes) -> Image.Image:
-    """One face as a 178x218 RGB image, centred in the 178x178 square a CelebA-style center crop keeps."""
+Landmarks = tuple[tuple[int, int], ...]  # five (x, y) pixel positions in the order of LANDMARK_NAMES
+
+
+def _rotate_points(points: list[tuple[float, float]], degrees: float, centre: tuple[float, float]
+                   ) -> list[tuple[float, float]]:
+    """Where ``points`` land after PIL's ``rotate(degrees, center=centre)`` (counter-clockwise on screen, y down)."""
+    a = math.radians(degrees)
+    cx, cy = centre
+    return [(cx + (x - cx) * math.cos(a) + (y - cy) * math.sin(a), cy - (x - cx) * math.sin(a) + (y - cy) * math.cos(a))
+            for x, y in points]
+
+
+def draw_face(rng: random.Random, attrs: FaceAttributes) -> tuple[Image.Image, Landmarks]:
+    """One face as a 178x218 RGB image, centred in the 178x178 square a CelebA-style center crop keeps, and its
+    five landmarks (eye centres, nose tip, mouth corners) in that image's pixels."""
     s = SUPERSAMPLE
     w, h = IMAGE_WIDTH * s, IMAGE_HEIGHT * s
     image = _background(rng, w, h)
@@ -181,7 +204,8 @@ def draw_face(rng: random.Random, attrs: FaceAttributes) -> Image.Image:
     # Mouth: the attribute the product controls.
     lip = _jitter(rng, (150, 60, 60) if not attrs.male else _shade(skin, 0.6), 20)
     mouth_y = cy + face_h * rng.uniform(0.23, 0.27)
-    _draw_mouth(draw, rng, cx, mouth_y, face_w * rng.uniform(0.32, 0.42), attrs.smiling, lip, s)
+    mouth_w = face_w * rng.uniform(0.32, 0.42)
+    _draw_mouth(draw, rng, cx, mouth_y, mouth_w, attrs.smiling, lip, s)
 
     if attrs.eyeglasses:
         frame = rng.choice([(15, 15, 15), (90, 60, 30), (140, 140, 150), (120, 20, 20)])
@@ -201,23 +225,28 @@ def draw_face(rng: random.Random, attrs: FaceAttributes) -> Image.Image:
                       fill=frame, width=width)
 
     angle = rng.uniform(-8, 8)  # small head roll
-    layer = layer.rotate(angle, resample=Image.BICUBIC, center=(cx, cy + face_h * 0.2))
+    centre = (cx, cy + face_h * 0.2)
+    layer = layer.rotate(angle, resample=Image.BICUBIC, center=centre)
     image.paste(layer, (0, 0), layer)
-    return image.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.LANCZOS)
+    points = [(cx - eye_dx, eye_y), (cx + eye_dx, eye_y), (cx, nose_y),
+              (cx - mouth_w / 2, mouth_y), (cx + mouth_w / 2, mouth_y)]
+    landmarks = tuple((round(x / s), round(y / s)) for x, y in _rotate_points(points, angle, centre))
+    return image.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.LANCZOS), landmarks
 
 
-def face(seed: int, index: int) -> tuple[Image.Image, FaceAttributes]:
-    """Face number ``index`` of the dataset with this ``seed`` (deterministic)."""
+def face(seed: int, index: int) -> tuple[Image.Image, FaceAttributes, Landmarks]:
+    """Face number ``index`` of the dataset with this ``seed`` (deterministic), its attributes and landmarks."""
     rng = random.Random(f"{seed}:{index}")
     attrs = sample_attributes(rng)
-    return draw_face(rng, attrs), attrs
+    image, landmarks = draw_face(rng, attrs)
+    return image, attrs, landmarks
 
 
-def _write_one(args: tuple[Path, int, int]) -> FaceAttributes:
+def _write_one(args: tuple[Path, int, int]) -> tuple[FaceAttributes, Landmarks]:
     out, seed, index = args
-    image, attrs = face(seed, index)
+    image, attrs, landmarks = face(seed, index)
     image.save(out / IMAGE_DIR / file_name(index), quality=95)
-    return attrs
+    return attrs, landmarks
 
 
 def file_name(index: int) -> str:
@@ -246,10 +275,12 @@ def write_dataset(out: str | Path, count: int, seed: int, workers: int = 1) -> P
     jobs = [(out, seed, i) for i in range(count)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            attributes = list(pool.map(_write_one, jobs, chunksize=64))
+            faces = list(pool.map(_write_one, jobs, chunksize=64))
     else:
-        attributes = [_write_one(job) for job in jobs]
-    rows = [f"{file_name(i)} " + " ".join(f"{v:2d}" for v in attribute_row(a)) for i, a in enumerate(attributes)]
+        faces = [_write_one(job) for job in jobs]
+    rows = [f"{file_name(i)} " + " ".join(f"{v:2d}" for v in attribute_row(a)) for i, (a, _) in enumerate(faces)]
     (out / ATTR_FILE).write_text(f"{count}\n" + " ".join(ATTRIBUTE_NAMES) + "\n" + "\n".join(rows) + "\n")
+    points = [f"{file_name(i)} " + " ".join(f"{v:4d}" for xy in marks for v in xy) for i, (_, marks) in enumerate(faces)]
+    (out / LANDMARK_FILE).write_text(f"{count}\n" + " ".join(LANDMARK_NAMES) + "\n" + "\n".join(points) + "\n")
     (out / PARTITION_FILE).write_text("".join(f"{file_name(i)} {split_of(i, count)}\n" for i in range(count)))
     return out

@@ -62,6 +62,18 @@ class NoiseSchedule:
         abar = self.abar(t, x0)
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
+    def min_snr_weight(self, t: torch.Tensor, gamma: float, like: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weight (Hang et al. 2023) for the prediction target, ``[N, 1, 1, 1]``.
+
+        With ``SNR_t = abar_t / (1 - abar_t)``, an x0-space error weighted by ``min(SNR_t, gamma)`` is an eps-space
+        error weighted by ``min(SNR_t, gamma) / SNR_t`` and a v-space error by ``min(SNR_t, gamma) / (SNR_t + 1)``:
+        the nearly clean timesteps stop dominating the gradient. ``gamma <= 0`` gives weight 1 (plain MSE)."""
+        if gamma <= 0:
+            return torch.ones_like(self.abar(t, like))
+        abar = self.abar(t, like)
+        snr = abar / (1 - abar)
+        return snr.clamp(max=gamma) / (snr if self.config.prediction == "eps" else snr + 1)
+
     def split(self, output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor | float
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output at ``x_t`` (with ``abar = abar_t``) -> ``(x0_pred, eps_pred)``.

