@@ -189,14 +189,14 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
     torch_device = pick_device(device)
     models = [LatentDiffusion.load(checkpoints, v, torch_device, pick_dtype(torch_device, precision)) for v in versions]
-    data_configs = {tuple(sorted(m.manifest["data"].items(), key=str)) for m in models}
+    data_configs = {from_dict(DataConfig, m.manifest["data"]) for m in models}
     if len(data_configs) != 1:
         raise ValueError(f"versions {versions} were trained on different data configs; evaluate them apart")
     for model in models:  # refuse before any work
         if not tuning and seed in seeds_used(model.manifest):
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
                             f"(default {REPORT_SEED}) or pass --tuning")
-    data_cfg = from_dict(DataConfig, models[0].manifest["data"])
+    (data_cfg,) = data_configs
     judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
     scorer = Scorer(torch_device, test_images, test_labels, seed) if fid else None
     tools = Instruments(judge, test_images, test_labels, scorer)
