@@ -156,6 +156,13 @@ class RedisServer:
             time.sleep(0.05)
         return self
 
+    def replicas_acknowledge(self, count: int = 1, timeout_ms: int = 200) -> bool:
+        """Whether ``count`` replicas acknowledge a write to this primary (a replica in its first second online
+        does not yet, as Redis streams writes to it only after its first acknowledgement)."""
+        with redis.Redis.from_url(self.url, single_connection_client=True) as conn:  # WAIT: this connection's
+            conn.incr("redisctl:probe")
+            return conn.wait(count, timeout_ms) >= count
+
     def stop(self) -> None:
         if self.process:
             stop_process(self.process)  # SIGTERM: Redis writes its AOF out before it exits

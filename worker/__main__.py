@@ -21,7 +21,7 @@ from rq import Queue
 from training.checkpoints import CheckpointError, list_versions
 
 from . import jobs
-from .connection import connect, credentials_problem, describe
+from .connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
 from .engine import Engine
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = WorkerSettings()
     metrics = WorkerMetrics()
-    connection = connect(settings, blocking_s=jobs.dequeue_wait_s(settings), on_error=metrics.count_redis_error)
+    connection = connect(settings, blocking_s=jobs.dequeue_wait_s(settings), on_error=metrics.count_redis_error,
+                         patience_s=OUTAGE_PATIENCE_S)
     problem = credentials_problem(connection, settings)
     if problem is not None:  # a configuration error: retrying would only loop
         print(f"worker: {problem}", file=sys.stderr)

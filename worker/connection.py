@@ -5,9 +5,10 @@
   worker's dequeue never ends in "Timeout reading from socket".
 - **Dead links are noticed.** TCP keep-alive probes a silent peer; a connection idle for longer than
   ``HEALTH_CHECK_INTERVAL_S`` is PINGed before it is used again (a load balancer or a failover may have cut it).
-- **Reconnects stay short.** A failed command is retried twice with a jittered backoff of at most half a second;
-  the worker's dequeue loop waits at most ``RECONNECT_WAIT_MAX_S`` between attempts. Every connection error is
-  reported to ``on_error`` (the processes count them in their metrics).
+- **Reconnects stay short.** Between attempts a client waits a jittered backoff of at most half a second. The API
+  retries a failed command twice, then answers 503; the worker keeps retrying for ``OUTAGE_PATIENCE_S``, long
+  enough to ride out a restart or a failover, and its dequeue loop waits at most ``RECONNECT_WAIT_MAX_S`` between
+  attempts. Every connection error is reported to ``on_error`` (the processes count them in their metrics).
 - **TLS and ACLs.** ``rediss://`` URLs, ``REDIS_CA_CERT``, ``REDIS_CLIENT_CERT``/``REDIS_CLIENT_KEY``, and an ACL
   user and password from the URL or ``REDIS_USERNAME``/``REDIS_PASSWORD`` (these win). Passwords never reach a
   log line: use :func:`describe`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,6 +49,9 @@ RETRIES = 2  # retries of a command that hit a connection error, after a jittere
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 0.5
 RECONNECT_WAIT_MAX_S = 2.0  # the worker's dequeue loop retries at least this often (RQ's default grows to 60 s)
+# The worker retries a failing command this long instead of twice: through a Redis restart or a Sentinel failover
+# it then finishes the job it holds instead of failing and exiting. The API keeps to RETRIES and answers 503.
+OUTAGE_PATIENCE_S = 30.0
 
 OnError = Callable[[Exception], None]
 # ``REDIS_URL`` query parameters whose values are secrets (redis-py passes unknown ones on to the connection).
@@ -142,40 +147,47 @@ def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S)
 
 
-class _CountingRetry(redis.retry.Retry):
-    """redis-py's retry that also reports each connection error to ``on_error``."""
+class _RetryPolicy:
+    """What both retry classes below add to redis-py's: every connection error goes to ``on_error``; a refused
+    password is never retried (no retry fixes it); with ``patience_s`` the retries go on until that many seconds
+    have passed since the first failure, else they stop after ``RETRIES``."""
 
-    def __init__(self, on_error: OnError | None):
-        super().__init__(_backoff(), RETRIES)
+    def __init__(self, on_error: OnError | None, patience_s: float):
+        super().__init__(_backoff(), -1 if patience_s else RETRIES)  # -1: until the deadline below
         self.on_error = on_error
+        self.patience_s = patience_s
 
-    def __deepcopy__(self, memo: dict) -> _CountingRetry:
-        return type(self)(self.on_error)  # redis-py copies the retry per connection: the copies share the reporter
+    def __deepcopy__(self, memo: dict) -> _RetryPolicy:
+        return type(self)(self.on_error, self.patience_s)  # redis-py copies it per connection: share the reporter
 
+    def _report(self, error: Exception, deadline: float) -> None:
+        """Called after redis-py's own failure handler (which drops the broken connection); raising gives up."""
+        if self.on_error is not None:
+            self.on_error(error)
+        if isinstance(error, redis.AuthenticationError) or (self.patience_s and time.monotonic() > deadline):
+            raise error
+
+
+class _CountingRetry(_RetryPolicy, redis.retry.Retry):
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # noqa: ANN001, ANN201
+        deadline = time.monotonic() + self.patience_s
+
         def counted(error: Exception, *failures: int) -> Any:
-            if self.on_error is not None:
-                self.on_error(error)
-            return fail(error, *failures)
+            result = fail(error, *failures)
+            self._report(error, deadline)
+            return result
 
         return super().call_with_retry(do, counted, is_retryable, with_failure_count)
 
 
-class _AsyncCountingRetry(redis.asyncio.retry.Retry):
-    """The asyncio twin of :class:`_CountingRetry`."""
-
-    def __init__(self, on_error: OnError | None):
-        super().__init__(_backoff(), RETRIES)
-        self.on_error = on_error
-
-    def __deepcopy__(self, memo: dict) -> _AsyncCountingRetry:
-        return type(self)(self.on_error)
-
+class _AsyncCountingRetry(_RetryPolicy, redis.asyncio.retry.Retry):
     async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # noqa: ANN001, ANN201
+        deadline = time.monotonic() + self.patience_s
+
         async def counted(error: Exception, *failures: int) -> Any:
-            if self.on_error is not None:
-                self.on_error(error)
-            return await fail(error, *failures)
+            result = await fail(error, *failures)
+            self._report(error, deadline)
+            return result
 
         return await super().call_with_retry(do, counted, is_retryable, with_failure_count)
 
@@ -236,10 +248,12 @@ def _sentinel_kwargs(settings: RedisSettings) -> dict[str, Any]:
 
 
 # ----- clients ------------------------------------------------------------------------------------------------
-def connect(settings: RedisSettings, blocking_s: float = 0.0, on_error: OnError | None = None) -> redis.Redis:
+def connect(settings: RedisSettings, blocking_s: float = 0.0, on_error: OnError | None = None,
+            patience_s: float = 0.0) -> redis.Redis:
     """A pooled synchronous client. ``blocking_s``: the longest blocking command the caller issues (the worker's
-    dequeue wait); ``on_error`` is called with every connection error, retried or not."""
-    options = {**_connection_kwargs(settings, blocking_s), "retry": _CountingRetry(on_error)}
+    dequeue wait); ``on_error`` is called with every connection error, retried or not; ``patience_s``: retry a
+    failing command for this long (0: ``RETRIES`` times)."""
+    options = {**_connection_kwargs(settings, blocking_s), "retry": _CountingRetry(on_error, patience_s)}
     if settings.redis_sentinels:
         sentinel = redis.sentinel.Sentinel(settings.redis_sentinels, sentinel_kwargs=_sentinel_kwargs(settings))
         return sentinel.master_for(settings.redis_sentinel_master, **options)
@@ -255,7 +269,7 @@ def connect_async(settings: RedisSettings, max_connections: int, blocking_s: flo
                   on_error: OnError | None = None) -> redis.asyncio.Redis:
     """The asyncio twin of :func:`connect`, with at most ``max_connections`` connections; a caller beyond them
     waits for one up to ``REDIS_TIMEOUT_S``. The client owns its pool (``aclose()`` closes both)."""
-    options = {**_connection_kwargs(settings, blocking_s, asyncio=True), "retry": _AsyncCountingRetry(on_error),
+    options = {**_connection_kwargs(settings, blocking_s, asyncio=True), "retry": _AsyncCountingRetry(on_error, 0.0),
                "max_connections": max_connections, "timeout": settings.redis_timeout_s}
     if settings.redis_sentinels:
         sentinel = redis.asyncio.sentinel.Sentinel(settings.redis_sentinels,

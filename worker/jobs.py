@@ -23,7 +23,7 @@ from rq.queue import Queue
 
 from training.imaging import gif_bytes, grid_image, png_bytes
 
-from .connection import RECONNECT_WAIT_MAX_S, read_timeout_s
+from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
 from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
@@ -269,8 +269,10 @@ def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Red
                 last_beat = now
                 heartbeat()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Progress is advisory: keep denoising through a short Redis outage (the results are stored at the end;
-            # an outage longer than HEARTBEAT_TTL lets another worker retry the jobs).
+            # Progress is advisory: the client already waited OUTAGE_PATIENCE_S for Redis, so keep denoising and
+            # try again that much later (the results are stored at the end; an outage longer than HEARTBEAT_TTL
+            # lets another worker retry the jobs).
+            last_write = time.monotonic() + OUTAGE_PATIENCE_S
             log.warning("progress not recorded at step %d/%d: %s", step, total, exc)
         if all(job.id in canceled for job in valid):
             raise JobCanceled()

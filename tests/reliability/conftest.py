@@ -45,6 +45,26 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
+class SupervisedWorker:
+    """Keeps one worker process running, restarting it when it exits (counted in ``restarts``), as a Deployment's
+    restart policy does for a worker that lost Redis in the middle of a job."""
+
+    def __init__(self, redis_url: str, checkpoints: Path, **env: str):
+        self.args = (redis_url, checkpoints)
+        self.env = env
+        self.current = WorkerProcess(*self.args, **env)
+        self.restarts = 0
+
+    def check(self) -> None:
+        if not self.current.alive():
+            self.current.stop()
+            self.current = WorkerProcess(*self.args, **self.env)
+            self.restarts += 1
+
+    def stop(self) -> None:
+        self.current.stop()
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     """Poll ``predicate()`` until it returns something truthy; fail the test naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -10,30 +10,12 @@ import httpx
 import pytest
 
 from scripts.redisctl import RedisServer
-from tests.reliability.conftest import WorkerProcess, wait_ended, wait_for
+from tests.reliability.conftest import SupervisedWorker, wait_ended, wait_for
 from tests.service.conftest import LiveServer
 
 # A worker that loses Redis mid-job may exit; like the Deployment's restartPolicy, the test starts it again.
 WORKER_ENV = {"HEARTBEAT_TTL": "10", "MAINTENANCE_INTERVAL": "1", "MAX_BATCH": "1"}
 FSYNC_PERIOD_S = 1.0  # appendfsync everysec
-
-
-class SupervisedWorker:
-    """Keeps one worker process running, restarting it when it exits (counted in ``restarts``)."""
-
-    def __init__(self, redis_url: str, checkpoints):
-        self.args = (redis_url, checkpoints)
-        self.current = WorkerProcess(*self.args, **WORKER_ENV)
-        self.restarts = 0
-
-    def check(self) -> None:
-        if not self.current.alive():
-            self.current.stop()
-            self.current = WorkerProcess(*self.args, **WORKER_ENV)
-            self.restarts += 1
-
-    def stop(self) -> None:
-        self.current.stop()
 
 
 def submit(url: str, body: dict) -> str:
@@ -52,7 +34,7 @@ def test_accepted_jobs_survive_a_redis_restart(tiny_checkpoints, how) -> None:
         # One long job keeps the worker busy while short ones wait in the queue.
         accepted = [submit(api.url, {"label": "smiling", "count": 1, "seed": 1, "sampler": "ddpm", "steps": 1000})]
         accepted += [submit(api.url, {"label": "not_smiling", "count": 2, "seed": s, "steps": 4}) for s in range(5)]
-        worker = SupervisedWorker(server.url, tiny_checkpoints)
+        worker = SupervisedWorker(server.url, tiny_checkpoints, **WORKER_ENV)
         wait_for(lambda: httpx.get(f"{api.url}/jobs/{accepted[0]}").json()["status"] == "started", 120,
                  "the worker to start the long job")
         if how == "restart":
