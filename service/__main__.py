@@ -1,8 +1,8 @@
 """``python -m service [--host H] [--port P] [--workers N]``: serve the API with uvicorn.
 
 Defaults come from the settings (HOST, PORT, WORKERS, LOG_LEVEL; REDIS_URL etc. are read by the app). Refuses to
-start (exit code 2, one line) when Redis refuses the credentials or the TLS set-up; an unreachable Redis is no
-reason not to start (the API answers 503 until it is back).
+start (exit code 2, one line) when Redis refuses the credentials or the TLS set-up, or the commands admission
+needs; an unreachable Redis is no reason not to start (the API answers 503 until it is back).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=settings.log_level, help=f"(default {settings.log_level})")
     args = parser.parse_args(argv)
     with jobs.connect(settings) as conn:
-        problem = credentials_problem(conn, settings)
+        problem = credentials_problem(conn, settings) or jobs.replication_problem(conn, settings)
     if problem is not None:
         print(f"service: {problem}", file=sys.stderr)
         return 2

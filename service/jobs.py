@@ -284,6 +284,23 @@ def replica_wait_s(settings: Settings) -> float:
     return settings.redis_timeout_s if settings.redis_min_replicas_ack else 0.0
 
 
+def replication_problem(conn: redis.Redis, settings: Settings) -> str | None:
+    """A one-line reason when admission could not wait for replicas because the Redis user may not run ROLE or
+    WAIT (a narrow ACL, some managed services): every POST /generate would fail. ``None`` when it can, or when
+    ``redis_min_replicas_ack`` is 0, or when Redis is unreachable now."""
+    if not settings.redis_min_replicas_ack:
+        return None
+    try:
+        conn.execute_command("ROLE")
+        conn.wait(0, 0)  # returns at once
+    except redis.ResponseError as exc:
+        return (f"REDIS_MIN_REPLICAS_ACK={settings.redis_min_replicas_ack} needs the Redis commands ROLE and WAIT "
+                f"({exc}); allow them to the user (+role +wait) or set REDIS_MIN_REPLICAS_ACK=0")
+    except redis.RedisError:
+        pass
+    return None
+
+
 async def _await_replicas(conn: redis.asyncio.Redis, role: list[Any], settings: Settings) -> None:
     """Wait until ``redis_min_replicas_ack`` replicas (or all the primary has, if fewer) hold what this client
     wrote; ``role`` is the primary's ROLE reply, read in the job's transaction. Raises ``NotReplicated``."""

@@ -214,7 +214,7 @@ def _credentials(settings: RedisSettings) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if settings.redis_username:
         options["username"] = settings.redis_username
-    if settings.redis_password is not None:
+    if settings.redis_password is not None and settings.redis_password.get_secret_value():
         options["password"] = settings.redis_password.get_secret_value()
     return options
 

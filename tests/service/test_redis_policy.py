@@ -10,6 +10,7 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from scripts.redisctl import AclUser, RedisServer
 from service import jobs
 from service.app import create_app
 from service.config import Settings
@@ -115,3 +116,18 @@ def test_a_wrong_password_is_a_start_up_problem_an_absent_redis_is_not(redis_url
     assert problem is not None and "refused the credentials" in problem and PASSWORD not in problem
     absent = RedisSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5)
     assert connection.credentials_problem(connection.connect(absent), absent) is None
+
+
+def test_a_user_who_may_not_run_role_or_wait_is_a_start_up_problem_unless_admission_does_not_wait() -> None:
+    server = RedisServer(user=AclUser("narrow", "narrow-pw")).start()
+    try:
+        conn = jobs.connect(Settings(redis_url=server.url))
+        conn.acl_setuser("narrow", enabled=True, passwords=["+narrow-pw"], keys=["*"], channels=["*"],
+                         commands=["+@all", "-role"], reset=True)  # a narrower ACL than the server gave it
+        problem = jobs.replication_problem(conn, Settings(redis_url=server.url))
+        assert problem is not None and "ROLE" in problem and "REDIS_MIN_REPLICAS_ACK=0" in problem
+        assert jobs.replication_problem(conn, Settings(redis_url=server.url, redis_min_replicas_ack=0)) is None
+        conn.acl_setuser("narrow", commands=["+role"])
+        assert jobs.replication_problem(conn, Settings(redis_url=server.url)) is None
+    finally:
+        server.stop()
