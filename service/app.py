@@ -59,9 +59,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     conn = jobs.connect(settings, on_error=metrics.count_redis_error)
     async_conn = jobs.connect_async(settings, on_error=metrics.count_redis_error)
     metrics.registry.register(QueueCollector(conn, settings.queue_name))
+    queue = jobs.make_queue(conn, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:  # RQ asks the server's version once per queue: now, rather than from a burst of first requests
+            queue.get_redis_server_version()
+        except redis.RedisError:
+            pass  # Redis is down: the first POST /generate asks
         yield
         conn.close()
         await async_conn.aclose()
@@ -80,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         redis=conn,
         async_redis=async_conn,
-        queue=jobs.make_queue(conn, settings),
+        queue=queue,
         metrics=metrics,
         live_models=jobs.LiveModels(async_conn, settings.model_cache_s),
     )

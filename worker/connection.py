@@ -274,9 +274,29 @@ def connect_async(settings: RedisSettings, max_connections: int, blocking_s: flo
     if settings.redis_sentinels:
         sentinel = redis.asyncio.sentinel.Sentinel(settings.redis_sentinels,
                                                    sentinel_kwargs=_sentinel_kwargs(settings))
-        return sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=_BlockingSentinelPool,
-                                   **options)
-    return redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool(**options))
+        client = sentinel.master_for(settings.redis_sentinel_master, connection_pool_class=_BlockingSentinelPool,
+                                     **options)
+    else:
+        client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool(**options))
+    pool = client.connection_pool
+    if issubclass(pool.connection_class, redis.asyncio.SSLConnection):
+        pool.connection_class = _sharing_ssl_context(pool.connection_class)
+    return client
+
+
+def _sharing_ssl_context(base: type[redis.asyncio.SSLConnection]) -> type[redis.asyncio.SSLConnection]:
+    """``base`` whose connections (all made by one pool, with the same options) share one SSL context. redis-py
+    builds a context per connection, loading the system's CA store each time (~35 ms of CPU, on the event loop):
+    a burst that opened the pool's 64 connections stalled the API for seconds and requests timed out waiting."""
+    shared: dict[str, Any] = {}
+
+    class SharedContextConnection(base):  # type: ignore[valid-type, misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.ssl_context = shared.setdefault("context", self.ssl_context)
+
+    SharedContextConnection.__name__ = f"SharedContext{base.__name__}"
+    return SharedContextConnection
 
 
 # ----- start-up -----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import redis
+import redis.asyncio
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -131,3 +132,12 @@ def test_a_user_who_may_not_run_role_or_wait_is_a_start_up_problem_unless_admiss
         assert jobs.replication_problem(conn, Settings(redis_url=server.url)) is None
     finally:
         server.stop()
+
+
+def test_tls_connections_of_the_asyncio_pool_share_one_ssl_context(tmp_path) -> None:
+    # redis-py would build (and load the system's CA store into) one context per connection, on the event loop.
+    settings = RedisSettings(redis_url="rediss://127.0.0.1:6380/0", redis_ca_cert=tmp_path / "ca.pem")
+    pool = connection.connect_async(settings, max_connections=4).connection_pool
+    first, second = pool.make_connection(), pool.make_connection()
+    assert isinstance(first, redis.asyncio.SSLConnection) and first is not second
+    assert first.ssl_context is second.ssl_context
