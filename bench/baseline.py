@@ -22,7 +22,7 @@ DEFAULT = ("dpmpp", 20)
 def evaluation_of(checkpoints: str, version: str, guidance: float) -> dict[str, dict]:
     """``{"ddpm-1000": {...}, "dpmpp-20": {...}}`` from the manifest's stored evaluation, where present."""
     manifest = load_checkpoint(checkpoints, "diffusion", version).manifest
-    settings = manifest.get("metrics", {}).get("evaluation", {}).get("settings", [])
+    settings = manifest.metrics.get("evaluation", {}).get("settings", [])
     wanted = {f"{s}-{n}-g{guidance:g}": f"{s}-{n}" for s, n in (BASELINE, DEFAULT)}
     return {wanted[entry["setting"]]: entry for entry in settings if entry.get("setting") in wanted}
 

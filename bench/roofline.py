@@ -57,7 +57,7 @@ def chain_seconds(model: LatentDiffusion, unet: torch.nn.Module, batch: int, ste
     """Median seconds of a guided DPM-Solver++ chain of ``steps`` for ``batch`` images (no decoding)."""
     labels = torch.ones(batch, len(model.attributes), dtype=torch.long, device=model.device)
     model_fn = guided(unet, labels, guidance, model.unet.config.null_label)
-    sampler = make_sampler("dpmpp", model.schedule, model.manifest["latent_clip"])
+    sampler = make_sampler("dpmpp", model.schedule, model.manifest.latent_clip)
     pairs = [(0, i) for i in range(batch)]
 
     def chain() -> None:

@@ -49,7 +49,8 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) 
         VAETrainConfig,
     )
     from training.train_diffusion import train_diffusion
-    from training.train_vae import RunOptions, train_vae
+    from training.train_vae import train_vae
+    from training.trainer import RunOptions
 
     root = tmp_path_factory.mktemp("checkpoints")
     runs = tmp_path_factory.mktemp("runs")

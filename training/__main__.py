@@ -1,4 +1,4 @@
-"""``python -m training {synth,vae,diffusion,evaluate,visualize} ...``"""
+"""``python -m training {synth,vae,diffusion,retune,evaluate,visualize} ...``"""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from .config import (
     VAEConfig,
     VAETrainConfig,
 )
+from .diffusion.samplers import SAMPLERS
+from .runtime import DTYPES
 
 DEFAULT_CHECKPOINTS = Path("checkpoints")
 
@@ -53,7 +55,8 @@ def inherited_sampling(args: argparse.Namespace) -> dict[str, Any]:
     from .checkpoints import read_manifest, resolve_version
 
     parent = read_manifest(resolve_version(args.checkpoints, "diffusion", args.init_from))
-    return {name: value for name, value in parent["sampling"].items() if getattr(args, "sampling_" + name) is None}
+    return {name: value for name, value in dataclasses.asdict(parent.sampling).items()
+            if getattr(args, "sampling_" + name) is None}
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,17 +65,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="resumable state and log.jsonl")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
-    parser.add_argument("--export-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--export-dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--init-from", default=None, metavar="VERSION",
                         help="warm-start from this exported version (its architecture and weights; 'latest' allowed)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_train_commands(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="write synthetic faces in the CelebA layout")
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--count", type=int, required=True)
@@ -94,15 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     add_config_flags(diffusion, SamplingConfig, "sampling_")
     add_config_flags(diffusion, DiffusionTrainConfig)
 
-    evaluate = commands.add_parser("evaluate", help="FID, attribute accuracy and VAE reconstruction")
+    retune = commands.add_parser("retune", help="a new diffusion version: same weights, other sampling defaults")
+    retune.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    retune.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
+    add_config_flags(retune, SamplingConfig)
+
+
+def add_measure_commands(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("evaluate", help="attribute accuracy, KID/FID and VAE reconstruction")
     evaluate.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     evaluate.add_argument("--diffusion", nargs="+", default=["latest"],
                           help="diffusion checkpoint version(s), judged side by side by one judge")
-    evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: classifier, test: FID)")
+    evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge, test: KID/FID)")
     evaluate.add_argument("--n", type=int, default=500, help="generated images per label and setting")
-    evaluate.add_argument("--sampler", default="dpmpp", choices=["dpmpp", "ddim", "ddpm"])
+    evaluate.add_argument("--sampler", default="dpmpp", choices=sorted(SAMPLERS))
     evaluate.add_argument("--steps", type=int, default=20)
-    evaluate.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    evaluate.add_argument("--guidance", type=float, default=None, help="default: each model's own")
     evaluate.add_argument("--sweep", action="store_true", help="all samplers, step counts and guidance scales")
     evaluate.add_argument("--settings", default=None,
                           help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
@@ -122,71 +129,99 @@ def main(argv: list[str] | None = None) -> int:
     visualize.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (its test split is used)")
     visualize.add_argument("--out", type=Path, required=True)
     visualize.add_argument("--count", type=int, default=8)
-    visualize.add_argument("--sampler", default="dpmpp", choices=["dpmpp", "ddim", "ddpm"])
+    visualize.add_argument("--sampler", default="dpmpp", choices=sorted(SAMPLERS))
     visualize.add_argument("--steps", type=int, default=20)
     visualize.add_argument("--frames", type=int, default=10)
     visualize.add_argument("--seed", type=int, default=0)
 
-    retune = commands.add_parser("retune", help="a new diffusion version: same weights, other sampling defaults")
-    retune.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-    retune.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
-    add_config_flags(retune, SamplingConfig)
 
+def run_options(args: argparse.Namespace, perceptual_weights: Path | None = None) -> Any:
+    from .trainer import RunOptions
+
+    return RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
+                      args.limit, perceptual_weights, args.threads, args.init_from)
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from .data.synthetic import write_dataset
+
+    print(write_dataset(args.out, args.count, args.seed, workers=args.workers))
+
+
+def run_vae(args: argparse.Namespace) -> None:
+    from .train_vae import train_vae
+
+    train_vae(config_from_args(DataConfig, args, "data_"), config_from_args(VAEConfig, args, "vae_"),
+              config_from_args(VAETrainConfig, args), run_options(args, args.perceptual_weights))
+
+
+def run_diffusion(args: argparse.Namespace) -> None:
+    from .train_diffusion import train_diffusion
+
+    sampling = config_from_args(SamplingConfig, args, "sampling_", **inherited_sampling(args))
+    train_diffusion(args.vae, config_from_args(UNetConfig, args, "unet_"),
+                    config_from_args(ScheduleConfig, args, "schedule_"), sampling,
+                    config_from_args(DiffusionTrainConfig, args), run_options(args))
+
+
+def evaluation_settings(args: argparse.Namespace) -> list[Any]:
+    """The rows to measure: ``--settings``, ``--sweep``, or the one ``--sampler/--steps/--guidance``."""
+    from .evaluate import Setting, sweep_settings
+
+    guidance = args.guidance  # None: each model's own default
+    if args.settings:
+        return [Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else guidance)
+                for parts in (item.split(":") for item in args.settings.split(","))]
+    if args.sweep:
+        return sweep_settings(guidance)
+    return [Setting(args.sampler, args.steps, guidance)]
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_versions, markdown_report
+
+    seed = args.seed if args.seed is not None else TUNING_SEED if args.tuning else REPORT_SEED
+    command = "python -m training " + " ".join(args.argv)
+    report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
+        args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed, args.classifier_steps,
+        fid=not args.no_fid, precision=args.precision, tuning=args.tuning))
+    print(report)
+    if args.report:
+        with args.report.open("a") as handle:
+            handle.write(report + "\n")
+
+
+def run_visualize(args: argparse.Namespace) -> None:
+    from .visualize import visualize as make_pictures
+
+    for path in make_pictures(args.checkpoints, args.diffusion, args.data, args.out, args.count, args.sampler,
+                              args.steps, args.frames, args.seed):
+        print(path)
+
+
+def run_retune(args: argparse.Namespace) -> None:
+    from .checkpoints import derive_checkpoint, load_checkpoint
+
+    source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
+    kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
+            if getattr(args, name, None) is None}
+    sampling = config_from_args(SamplingConfig, args, **kept)
+    print(derive_checkpoint(args.checkpoints, "diffusion", source.version, sampling=sampling))
+
+
+COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,
+            "visualize": run_visualize, "retune": run_retune}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_train_commands(commands)
+    add_measure_commands(commands)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.command == "synth":
-        from .data.synthetic import write_dataset
-
-        print(write_dataset(args.out, args.count, args.seed, workers=args.workers))
-    elif args.command == "vae":
-        from .train_vae import RunOptions, train_vae
-
-        opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
-                          args.limit, args.perceptual_weights, args.threads, args.init_from)
-        train_vae(config_from_args(DataConfig, args, "data_"), config_from_args(VAEConfig, args, "vae_"),
-                  config_from_args(VAETrainConfig, args), opts)
-    elif args.command == "diffusion":
-        from .train_diffusion import train_diffusion
-        from .train_vae import RunOptions
-
-        opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
-                          args.limit, None, args.threads, args.init_from)
-        sampling = config_from_args(SamplingConfig, args, "sampling_", **inherited_sampling(args))
-        train_diffusion(args.vae, config_from_args(UNetConfig, args, "unet_"),
-                        config_from_args(ScheduleConfig, args, "schedule_"), sampling,
-                        config_from_args(DiffusionTrainConfig, args), opts)
-    elif args.command == "evaluate":
-        from .evaluate import Setting, evaluate_versions, markdown_report, sweep_settings
-
-        guidance = args.guidance  # None: each model's own default
-        if args.settings:
-            settings = [Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else guidance)
-                        for parts in (item.split(":") for item in args.settings.split(","))]
-        elif args.sweep:
-            settings = sweep_settings(guidance)
-        else:
-            settings = [Setting(args.sampler, args.steps, guidance)]
-        seed = args.seed if args.seed is not None else TUNING_SEED if args.tuning else REPORT_SEED
-        command = "python -m training " + " ".join(sys.argv[1:] if argv is None else argv)
-        report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
-            args.checkpoints, args.diffusion, args.data, args.n, settings, seed, args.classifier_steps,
-            fid=not args.no_fid, precision=args.precision, tuning=args.tuning))
-        print(report)
-        if args.report:
-            with args.report.open("a") as handle:
-                handle.write(report + "\n")
-    elif args.command == "visualize":
-        from .visualize import visualize as make_pictures
-
-        for path in make_pictures(args.checkpoints, args.diffusion, args.data, args.out, args.count, args.sampler,
-                                  args.steps, args.frames, args.seed):
-            print(path)
-    elif args.command == "retune":
-        from .checkpoints import derive_checkpoint, load_checkpoint
-
-        source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
-        kept = {name: value for name, value in source["sampling"].items() if getattr(args, name, None) is None}
-        sampling = dataclasses.asdict(config_from_args(SamplingConfig, args, **kept))
-        print(derive_checkpoint(args.checkpoints, "diffusion", source["version"], {"sampling": sampling}))
+    args.argv = argv
+    COMMANDS[args.command](args)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Versioned, self-describing checkpoints: ``<root>/<kind>/<version>/{model.safetensors, manifest.json}``.
 
-The manifest holds everything needed to rebuild the network (configs), what it was trained on, and the
-sha256 of every weight file, plus an ``integrity`` hash of the manifest itself. Loading verifies both and
+The manifest (:mod:`training.manifest`, typed) holds everything needed to rebuild the network (configs), what it
+was trained on, and the sha256 of every weight file, plus an ``integrity`` hash of the manifest itself. Loading verifies both and
 refuses anything that does not match; weights are read with safetensors, never unpickled. A version is never
 overwritten; ``latest`` is the manifest with the newest ``created_at``.
 """
@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from .manifest import FORMAT_VERSION, KINDS, Manifest, ManifestError, Parent, parse_manifest
+
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-KINDS = ("vae", "diffusion")
 LATEST = "latest"
 
 # The checkpoints shipped in this repository (the demo model); the worker serves them unless told otherwise.
@@ -40,12 +40,12 @@ class CheckpointError(RuntimeError):
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     state_dict: dict[str, torch.Tensor]
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
 
 def sha256_file(path: Path) -> str:
@@ -67,21 +67,23 @@ def new_version() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def _write_manifest(directory: Path, typed: Manifest) -> None:
     """Seal the manifest with its integrity hash and replace the file atomically."""
-    manifest = {**manifest, "integrity": manifest_integrity(manifest)}
+    manifest = {k: v for k, v in typed.to_dict().items() if k != "integrity"}
+    manifest["integrity"] = manifest_integrity(manifest)
     tmp = directory / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, directory / MANIFEST_FILE)
 
 
-def save_checkpoint(root: str | Path, kind: str, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any],
+def save_checkpoint(root: str | Path, state_dict: dict[str, torch.Tensor], manifest: Manifest,
                     dtype: torch.dtype | None = None, version: str | None = None) -> Path:
-    """Write a new version atomically (temp dir, then rename) and return its folder.
+    """Write a new version of ``manifest.kind`` atomically (temp dir, then rename) and return its folder.
 
-    ``manifest`` carries the configs and training facts; format, kind, version, created_at and file hashes are
-    added here. ``dtype`` casts floating-point weights (e.g. ``torch.float16`` for the bundled model).
+    ``manifest`` carries the configs and training facts; format, version, created_at and file hashes are set
+    here. ``dtype`` casts floating-point weights (e.g. ``torch.float16`` for the bundled model).
     """
+    kind = manifest.kind
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     version = version or new_version()
@@ -97,11 +99,11 @@ def save_checkpoint(root: str | Path, kind: str, state_dict: dict[str, torch.Ten
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=kind_dir))
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE))
-        full = {**manifest, "format_version": FORMAT_VERSION, "kind": kind, "version": version,
-                "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
-                "weights_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-                "files": {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)}}
-        _write_manifest(staging, full)
+        sealed = manifest.replace(format_version=FORMAT_VERSION, version=version,
+                                  created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+                                  weights_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                                  files={WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)})
+        _write_manifest(staging, sealed)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -109,8 +111,8 @@ def save_checkpoint(root: str | Path, kind: str, state_dict: dict[str, torch.Ten
     return target
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Parse and integrity-check ``manifest.json`` in a version folder."""
+def read_manifest(directory: Path) -> Manifest:
+    """Parse and integrity-check ``manifest.json`` in a version folder (older formats migrated)."""
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: manifest not found")
@@ -120,12 +122,13 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("integrity") != manifest_integrity(manifest):
         raise CheckpointError(f"{path}: integrity hash does not match its content (edited or corrupt)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}")
-    return manifest
+    try:
+        return parse_manifest(manifest)
+    except ManifestError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
-def list_versions(root: str | Path, kind: str) -> list[dict[str, Any]]:
+def list_versions(root: str | Path, kind: str) -> list[Manifest]:
     """Manifests of every readable version of a kind, oldest first (by ``created_at``)."""
     kind_dir = Path(root) / kind
     if not kind_dir.is_dir():
@@ -137,7 +140,7 @@ def list_versions(root: str | Path, kind: str) -> list[dict[str, Any]]:
                 manifests.append(read_manifest(directory))
             except CheckpointError:
                 continue  # listing skips broken versions; loading one by name reports why
-    return sorted(manifests, key=lambda m: m["created_at"])
+    return sorted(manifests, key=lambda m: m.created_at)
 
 
 def resolve_version(root: str | Path, kind: str, version: str) -> Path:
@@ -146,7 +149,7 @@ def resolve_version(root: str | Path, kind: str, version: str) -> Path:
         versions = list_versions(root, kind)
         if not versions:
             raise CheckpointError(f"no {kind} checkpoints under {Path(root) / kind}")
-        version = versions[-1]["version"]
+        version = versions[-1].version
     if not version or "/" in version or version.startswith("."):
         raise CheckpointError(f"invalid checkpoint version {version!r}")
     directory = Path(root) / kind / version
@@ -159,9 +162,9 @@ def load_checkpoint(root: str | Path, kind: str, version: str = LATEST, device: 
     """Verify and load a version: manifest integrity, kind, every file's sha256, then the safetensors data."""
     directory = resolve_version(root, kind, version)
     manifest = read_manifest(directory)
-    if manifest.get("kind") != kind:
-        raise CheckpointError(f"{directory}: manifest kind {manifest.get('kind')!r}, expected {kind!r}")
-    files = manifest.get("files") or {}
+    if manifest.kind != kind:
+        raise CheckpointError(f"{directory}: manifest kind {manifest.kind!r}, expected {kind!r}")
+    files = manifest.files
     if WEIGHTS_FILE not in files:
         raise CheckpointError(f"{directory}: manifest lists no {WEIGHTS_FILE}")
     for name, expected in files.items():
@@ -179,32 +182,27 @@ def load_checkpoint(root: str | Path, kind: str, version: str = LATEST, device: 
     return Checkpoint(directory, manifest, state_dict)
 
 
-def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> Manifest:
     """Merge evaluation ``metrics`` into a version's manifest (weights untouched) and re-seal it."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
-    _write_manifest(directory, manifest)
+    _write_manifest(directory, manifest.replace(metrics={**manifest.metrics, **metrics}))
     return read_manifest(directory)
 
 
-def derive_checkpoint(root: str | Path, kind: str, version: str, changes: dict[str, Any]) -> Path:
-    """A new version with ``version``'s weights (bit for bit) and its manifest updated by ``changes`` (top-level keys,
-    e.g. ``{"sampling": {...}}``), recording ``derived_from``; the original version is left as it was."""
+def derive_checkpoint(root: str | Path, kind: str, version: str, **changes: Any) -> Path:
+    """A new version with ``version``'s weights (bit for bit) and its manifest's fields replaced by ``changes``
+    (e.g. ``sampling=SamplingConfig(...)``), recording ``derived_from``; the original version is left as it was."""
     source = load_checkpoint(root, kind, version)
-    generated = {"format_version", "kind", "version", "created_at", "weights_dtype", "files", "integrity"}
-    manifest = {k: v for k, v in source.manifest.items() if k not in generated}
-    manifest |= {**changes, "derived_from": source.manifest["version"]}
-    return save_checkpoint(root, kind, source.state_dict, manifest)
+    return save_checkpoint(root, source.state_dict, source.manifest.replace(**changes, derived_from=source.version))
 
 
-def warm_start(root: str | Path, kind: str, version: str) -> tuple[Checkpoint, dict[str, Any]]:
+def warm_start(root: str | Path, kind: str, version: str) -> tuple[Checkpoint, Parent]:
     """An exported version to start a new training run from: the verified checkpoint (weights as float32) and the
-    manifest entry that records the lineage, ``{"version", "weights_sha256", "lineage"}`` where ``lineage`` lists
-    every ancestor version, oldest first, ending with this one."""
+    :class:`Parent` record of the lineage (every ancestor version, oldest first, ending with this one)."""
     source = load_checkpoint(root, kind, version)
     state = {name: value.float() if value.is_floating_point() else value for name, value in source.state_dict.items()}
-    parent = source.manifest.get("training", {}).get("init_from") or {}
-    record = {"version": source.version, "weights_sha256": source.manifest["files"][WEIGHTS_FILE],
-              "lineage": [*parent.get("lineage", []), source.version]}
-    return Checkpoint(source.path, source.manifest, state), record
+    grandparent = source.manifest.training.init_from
+    parent = Parent(source.version, source.manifest.files[WEIGHTS_FILE],
+                    (*(grandparent.lineage if grandparent else ()), source.version))
+    return Checkpoint(source.path, source.manifest, state), parent

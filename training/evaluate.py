@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from .checkpoints import resolve_version, update_metrics
-from .config import REPORT_SEED, TUNING_SEED, DataConfig, from_dict
+from .config import REPORT_SEED, TUNING_SEED
 from .data.celeba import to_float, to_uint8
 from .diffusion.noise import ImageNoise
 from .judge import AttributeClassifier, rate, robustness, train_classifier
+from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
 from .pipeline import LatentDiffusion
 from .runtime import pick_device, pick_dtype
@@ -63,14 +64,9 @@ def sweep_settings(guidance: float | None) -> list[Setting]:
     return settings + [Setting("dpmpp", 20, g) for g in (1.0, 2.0, 4.0) if g != guidance]
 
 
-def seeds_used(manifest: dict[str, Any]) -> set[int]:
+def seeds_used(manifest: DiffusionManifest) -> set[int]:
     """Seeds that shaped a model: its training seed and every tuning seed recorded in its metrics."""
-    used = {TUNING_SEED}
-    training_seed = manifest.get("training", {}).get("config", {}).get("seed")
-    if training_seed is not None:
-        used.add(int(training_seed))
-    used.update(int(s) for s in manifest.get("metrics", {}).get("tuning", {}).get("seeds", []))
-    return used
+    return {TUNING_SEED, manifest.training.config.seed, *manifest.metrics.get("tuning", {}).get("seeds", [])}
 
 
 @torch.no_grad()
@@ -93,7 +89,7 @@ def reconstruct(model: LatentDiffusion, images: torch.Tensor, batch: int = 128) 
     out = []
     for chunk in images.split(batch):
         mean = model.vae.encode(to_float(chunk).to(model.device, model.dtype))[0].float()
-        out.append(to_uint8(model.decode(mean * model.manifest["latent_scale"])))
+        out.append(to_uint8(model.decode(mean * model.manifest.latent_scale)))
     return torch.cat(out)
 
 
@@ -171,7 +167,7 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
         print({"version": model.version} | {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
               flush=True)
     if tuning:
-        tuned = model.manifest.get("metrics", {}).get("tuning", {})
+        tuned = model.manifest.metrics.get("tuning", {})
         results["seeds"] = sorted({*tuned.get("seeds", []), seed})
     update_metrics(resolve_version(checkpoints, "diffusion", model.version),
                    {"tuning" if tuning else "evaluation": results})
@@ -189,7 +185,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
     torch_device = pick_device(device)
     models = [LatentDiffusion.load(checkpoints, v, torch_device, pick_dtype(torch_device, precision)) for v in versions]
-    data_configs = {from_dict(DataConfig, m.manifest["data"]) for m in models}
+    data_configs = {m.manifest.data for m in models}
     if len(data_configs) != 1:
         raise ValueError(f"versions {versions} were trained on different data configs; evaluate them apart")
     for model in models:  # refuse before any work

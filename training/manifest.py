@@ -125,9 +125,9 @@ def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
     examples = training.pop("train_images", None) or training.pop("train_latents", None)
     training["examples"] = int(examples or 0)
     training.setdefault("weights", "trained")
-    # format 1 runs predate these losses: record them as off, not as today's defaults
-    training["config"] = {**training.get("config", {}), **({"landmark_weight": 0.0} if raw.get("kind") == "vae"
-                                                           else {"min_snr_gamma": 0.0})}
+    # format 1 runs that predate these losses did not record them: they were off, not today's defaults
+    absent_means_off = {"landmark_weight": 0.0} if raw.get("kind") == "vae" else {"min_snr_gamma": 0.0}
+    training["config"] = {**absent_means_off, **training.get("config", {})}
     return {**raw, "training": training, "format_version": FORMAT_VERSION}
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .checkpoints import load_checkpoint
-from .config import SamplingConfig, ScheduleConfig, UNetConfig, VAEConfig, from_dict
+from .config import SamplingConfig
 from .diffusion.guidance import guided
 from .diffusion.noise import ImageNoise
 from .diffusion.samplers import StepCallback, make_sampler, run_chain
 from .diffusion.schedule import NoiseSchedule
+from .manifest import DiffusionManifest, VAEManifest
 from .models.unet import UNet
 from .models.vae import VAE
 
@@ -29,8 +29,8 @@ class LatentDiffusion:
     vae: VAE
     schedule: NoiseSchedule
     sampling: SamplingConfig
-    manifest: dict[str, Any]
-    vae_manifest: dict[str, Any]
+    manifest: DiffusionManifest
+    vae_manifest: VAEManifest
     device: torch.device
     dtype: torch.dtype  # compute dtype of the UNet and decoder weights
     _decoders: dict[torch.dtype, torch.nn.Module] = field(default_factory=dict, repr=False)
@@ -41,32 +41,31 @@ class LatentDiffusion:
         """Verify and load a diffusion checkpoint and the VAE version its manifest names."""
         device = torch.device(device)
         diffusion = load_checkpoint(checkpoints, "diffusion", version)
-        vae_checkpoint = load_checkpoint(checkpoints, "vae", diffusion.manifest["vae_version"])
-        unet = UNet(from_dict(UNetConfig, diffusion.manifest["model"]))
+        vae_checkpoint = load_checkpoint(checkpoints, "vae", diffusion.manifest.vae_version)
+        unet = UNet(diffusion.manifest.model)
         unet.load_state_dict(diffusion.state_dict)
-        vae = VAE(from_dict(VAEConfig, vae_checkpoint.manifest["model"]))
+        vae = VAE(vae_checkpoint.manifest.model)
         vae.load_state_dict(vae_checkpoint.state_dict)
         return cls(unet.to(device, dtype).eval().requires_grad_(False),
                    vae.to(device, dtype).eval().requires_grad_(False),
-                   NoiseSchedule(from_dict(ScheduleConfig, diffusion.manifest["schedule"])),
-                   from_dict(SamplingConfig, diffusion.manifest["sampling"]),
+                   NoiseSchedule(diffusion.manifest.schedule), diffusion.manifest.sampling,
                    diffusion.manifest, vae_checkpoint.manifest, device, dtype)
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     @property
     def attributes(self) -> list[str]:
-        return list(self.manifest["attributes"])
+        return list(self.manifest.attributes)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["latent_shape"])  # type: ignore[return-value]
+        return self.manifest.latent_shape
 
     @property
     def image_size(self) -> int:
-        return int(self.manifest["image_size"])
+        return self.manifest.image_size
 
     def labels_for(self, attributes: dict[str, bool]) -> torch.Tensor:
         """``int64 [A]``: 1/0 for each given attribute, the null label for the model's others.
@@ -82,7 +81,7 @@ class LatentDiffusion:
     def sample_latents(self, labels: torch.Tensor, noise: ImageNoise, sampler: str, steps: int,
                        guidance_scale: float, callback: StepCallback | None = None) -> torch.Tensor:
         """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``."""
-        chosen = make_sampler(sampler, self.schedule, self.manifest["latent_clip"], self.sampling.ddim_eta)
+        chosen = make_sampler(sampler, self.schedule, self.manifest.latent_clip, self.sampling.ddim_eta)
         guided_unet = guided(self.unet, labels.to(self.device), guidance_scale, self.unet.config.null_label)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -102,5 +101,5 @@ class LatentDiffusion:
             if dtype not in self._decoders:
                 self._decoders[dtype] = copy.deepcopy(self.vae.decoder).to(dtype)
             decoder = self._decoders[dtype]
-        images = decoder((latents / self.manifest["latent_scale"]).to(self.device, dtype)).float()
+        images = decoder((latents / self.manifest.latent_scale).to(self.device, dtype)).float()
         return images.clamp(-1, 1)

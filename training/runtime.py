@@ -18,6 +18,9 @@ from torch import nn
 
 from .config import PRECISIONS
 
+# The dtype of each precision name (compute precisions and checkpoint export dtypes alike).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -38,7 +41,7 @@ def pick_dtype(device: torch.device, precision: str) -> torch.dtype:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return DTYPES[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

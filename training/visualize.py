@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, from_dict
 from .data.celeba import load_split, to_float, to_uint8
 from .diffusion.noise import ImageNoise
 from .diffusion.samplers import trajectory_indices
@@ -69,7 +68,7 @@ def visualize(checkpoints: Path, version: str, data: Path, out: Path, count: int
     out.mkdir(parents=True, exist_ok=True)
     model = LatentDiffusion.load(checkpoints, version)
     guidance = model.sampling.guidance_scale
-    data_cfg = from_dict(DataConfig, model.manifest["data"])
+    data_cfg = model.manifest.data
     images, labels = load_split(data, "test", data_cfg, limit=projection_images)
     written: list[Path] = []
 

@@ -34,7 +34,7 @@ REGISTRY_TTL_S = 30  # a model entry disappears this long after its last worker 
 def model_info(engine: Engine, settings: WorkerSettings, worker_name: str) -> ModelInfo:
     versions = list_versions(settings.checkpoint_dir, "diffusion")
     return ModelInfo(
-        version=engine.version, vae_version=engine.model.manifest["vae_version"], attributes=engine.model.attributes,
+        version=engine.version, vae_version=engine.model.manifest.vae_version, attributes=engine.model.attributes,
         resolution=engine.model.image_size, default_guidance_scale=engine.model.sampling.guidance_scale,
         default_steps={sampler.value: steps for sampler, steps in DEFAULT_STEPS.items()},
         is_latest=bool(versions) and versions[-1]["version"] == engine.version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from training.checkpoints import (
+    BUNDLED_CHECKPOINTS,
     MANIFEST_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -20,11 +22,24 @@ from training.checkpoints import (
     save_checkpoint,
     update_metrics,
 )
+from training.config import DataConfig, VAEConfig, VAETrainConfig
+from training.manifest import (
+    FORMAT_VERSION,
+    DiffusionManifest,
+    ManifestError,
+    TrainingRun,
+    VAEManifest,
+    parse_manifest,
+)
+
+MANIFEST = VAEManifest(model=VAEConfig(channels=(8,)), data=DataConfig(), attributes=("Smiling",),
+                       dataset_fingerprint="f" * 64,
+                       training=TrainingRun(VAETrainConfig(steps=1), 1, 10, "float32", 1, "cpu"))
 
 
 def _save(root: Path, version: str | None = None, value: float = 1.0) -> Path:
     state = {"layer.weight": torch.full((3, 2), value), "layer.steps": torch.tensor([7])}
-    return save_checkpoint(root, "vae", state, {"model": {"width": 2}}, dtype=torch.float16, version=version)
+    return save_checkpoint(root, state, MANIFEST, dtype=torch.float16, version=version)
 
 
 def test_round_trip_casts_and_describes_itself(tmp_path: Path) -> None:
@@ -34,8 +49,10 @@ def test_round_trip_casts_and_describes_itself(tmp_path: Path) -> None:
     assert torch.equal(loaded.state_dict["layer.weight"].float(), torch.full((3, 2), 0.5))
     assert loaded.state_dict["layer.steps"].dtype == torch.int64  # integers are not cast
     manifest = loaded.manifest
-    assert manifest["kind"] == "vae" and manifest["version"] == folder.name and manifest["model"] == {"width": 2}
-    assert set(manifest["files"]) == {WEIGHTS_FILE} and len(manifest["files"][WEIGHTS_FILE]) == 64
+    assert manifest.kind == "vae" and manifest.version == folder.name and manifest.model == VAEConfig(channels=(8,))
+    assert set(manifest.files) == {WEIGHTS_FILE} and len(manifest.files[WEIGHTS_FILE]) == 64
+    assert manifest.format_version == FORMAT_VERSION and manifest.weights_dtype == "float16"
+    assert manifest.replace(version="", created_at="", weights_dtype="", files={}, integrity="") == MANIFEST
 
 
 def test_latest_is_the_newest_and_versions_are_never_overwritten(tmp_path: Path) -> None:
@@ -43,7 +60,7 @@ def test_latest_is_the_newest_and_versions_are_never_overwritten(tmp_path: Path)
     time.sleep(0.01)
     second = _save(tmp_path, "aaa-newer")
     assert resolve_version(tmp_path, "vae", "latest") == second  # by created_at, not by name
-    assert [m["version"] for m in list_versions(tmp_path, "vae")] == [first.name, second.name]
+    assert [m.version for m in list_versions(tmp_path, "vae")] == [first.name, second.name]
     with pytest.raises(CheckpointError, match="never overwritten"):
         _save(tmp_path, "zzz-older")
 
@@ -68,7 +85,7 @@ def test_truncated_weights_are_refused(tmp_path: Path) -> None:
 def test_edited_manifest_is_refused(tmp_path: Path) -> None:
     folder = _save(tmp_path)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["model"]["width"] = 3
+    manifest["model"]["latent_channels"] = 3
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="integrity hash does not match"):
         load_checkpoint(tmp_path, "vae", folder.name)
@@ -91,7 +108,7 @@ def test_wrong_kind_missing_and_bad_names(tmp_path: Path) -> None:
 def test_update_metrics_reseals_the_manifest(tmp_path: Path) -> None:
     folder = _save(tmp_path)
     update_metrics(folder, {"fid": 12.5})
-    assert load_checkpoint(tmp_path, "vae", folder.name).manifest["metrics"] == {"fid": 12.5}
+    assert load_checkpoint(tmp_path, "vae", folder.name).manifest.metrics == {"fid": 12.5}
 
 
 def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Path, tmp_path: Path) -> None:
@@ -102,8 +119,27 @@ def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Pa
     source = load_checkpoint(root, "diffusion")
     assert main(["retune", "--checkpoints", str(root), "--guidance-scale", "5"]) == 0
     derived = load_checkpoint(root, "diffusion")  # the newest version
-    assert derived.version != source.version and derived.manifest["derived_from"] == source.version
-    assert derived.manifest["sampling"] == {**source.manifest["sampling"], "guidance_scale": 5.0}
-    assert derived.manifest["files"] == source.manifest["files"]  # identical weight bytes
-    assert derived.manifest["vae_version"] == source.manifest["vae_version"]
+    assert derived.version != source.version and derived.manifest.derived_from == source.version
+    assert derived.manifest.sampling == dataclasses.replace(source.manifest.sampling, guidance_scale=5.0)
+    assert derived.manifest.files == source.manifest.files  # identical weight bytes
+    assert derived.manifest.vae_version == source.manifest.vae_version
     assert load_checkpoint(root, "diffusion", source.version).manifest == source.manifest  # untouched
+
+
+def test_bundled_format_1_manifests_migrate_to_typed_ones() -> None:
+    vae = load_checkpoint(BUNDLED_CHECKPOINTS, "vae", "20261129-025024-3a2c52").manifest
+    assert isinstance(vae, VAEManifest) and vae.training.examples == 24000
+    assert vae.training.config.landmark_weight == 0.0  # trained before the landmark loss existed
+    diffusion = next(m for m in list_versions(BUNDLED_CHECKPOINTS, "diffusion") if m.derived_from)
+    assert isinstance(diffusion, DiffusionManifest) and diffusion.training.weights == "ema"
+    assert diffusion.training.config.min_snr_gamma == 0.0 and diffusion.training.examples == 48000
+    assert parse_manifest(diffusion.to_dict()) == diffusion  # the JSON form round-trips
+
+
+def test_a_manifest_missing_a_field_or_from_an_unknown_format_is_refused(tmp_path: Path) -> None:
+    raw = MANIFEST.to_dict()
+    del raw["data"]
+    with pytest.raises(ManifestError, match="misses the field 'data'"):
+        parse_manifest(raw)
+    with pytest.raises(ManifestError, match="format_version 7"):
+        parse_manifest({**MANIFEST.to_dict(), "format_version": 7})

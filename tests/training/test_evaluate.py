@@ -36,8 +36,8 @@ def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoin
     assert (judge["warning"] is None) == (judge["spread"] <= 0.02)
     assert math.isfinite(results["vae_psnr_db"]) and 0 <= results["vae_attribute_agreement"]["rate"] <= 1
     manifest = load_checkpoint(checkpoints, "diffusion", "latest").manifest
-    assert manifest["metrics"]["evaluation"]["settings"][0]["setting"] == "dpmpp-3-g2"
-    assert manifest["metrics"]["evaluation"]["seed"] == REPORT_SEED
+    assert manifest.metrics["evaluation"]["settings"][0]["setting"] == "dpmpp-3-g2"
+    assert manifest.metrics["evaluation"]["seed"] == REPORT_SEED
     report = markdown_report(results, "python -m training evaluate …")
     assert "| dpmpp | 3 | 2 |" in report and "(12 / 12)" in report and "not a headline measurement" in report
 
@@ -47,8 +47,7 @@ def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints:
     with pytest.raises(SeedError, match=f"seed {TUNING_SEED} trained or tuned"):
         evaluate(checkpoints, "latest", synth_dir, seed=TUNING_SEED, **args)
     evaluate(checkpoints, "latest", synth_dir, seed=77, tuning=True, **args)
-    tuning = load_checkpoint(checkpoints, "diffusion", "latest").manifest["metrics"]["tuning"]
-    assert tuning["seeds"] == [77] and "evaluation" not in load_checkpoint(checkpoints, "diffusion", "latest").manifest[
-        "metrics"]
+    metrics = load_checkpoint(checkpoints, "diffusion", "latest").manifest.metrics
+    assert metrics["tuning"]["seeds"] == [77] and "evaluation" not in metrics
     with pytest.raises(SeedError, match="seed 77"):  # once it has tuned, 77 no longer reports
         evaluate(checkpoints, "latest", synth_dir, seed=77, **args)

@@ -49,6 +49,20 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
+def _attribute_row(line: str, width: int, where: str) -> list[int]:
+    """The ``width`` values (-1 / 1) after the file name of one ``list_attr_celeba.txt`` row."""
+    fields = line.split()
+    if len(fields) != width + 1:
+        raise DatasetError(f"{where}: expected a file name and {width} values, got {len(fields)} fields")
+    try:
+        row = [int(v) for v in fields[1:]]
+    except ValueError:
+        raise DatasetError(f"{where}: attribute values must be -1 or 1") from None
+    if any(v not in (-1, 1) for v in row):
+        raise DatasetError(f"{where}: attribute values must be -1 or 1")
+    return row
+
+
 def read_annotations(root: str | Path) -> Annotations:
     """Parse ``list_attr_celeba.txt`` and ``list_eval_partition.txt`` under ``root``."""
     root = Path(root)
@@ -69,17 +83,8 @@ def read_annotations(root: str | Path) -> Annotations:
     files: list[str] = []
     values = np.empty((count, len(names)), dtype=np.int8)
     for i, (number, line) in enumerate(rows):
-        fields = line.split()
-        if len(fields) != len(names) + 1:
-            raise DatasetError(f"{attr_path}:{number}: expected a file name and {len(names)} values, got {len(fields)} fields")
-        try:
-            row = [int(v) for v in fields[1:]]
-        except ValueError:
-            raise DatasetError(f"{attr_path}:{number}: attribute values must be -1 or 1") from None
-        if any(v not in (-1, 1) for v in row):
-            raise DatasetError(f"{attr_path}:{number}: attribute values must be -1 or 1")
-        files.append(fields[0])
-        values[i] = row
+        files.append(line.split()[0])
+        values[i] = _attribute_row(line, len(names), f"{attr_path}:{number}")
 
     part_path = root / PARTITION_FILE
     partition: dict[str, int] = {}

@@ -114,6 +114,152 @@ def _rotate_points(points: list[tuple[float, float]], degrees: float, centre: tu
             for x, y in points]
 
 
+@dataclass(frozen=True)
+class Head:
+    """Where the head sits on the supersampled canvas and its colours (pixels of the 2x canvas)."""
+
+    cx: float
+    cy: float
+    face_w: float
+    face_h: float
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    style: str
+
+    @property
+    def top(self) -> float:
+        return self.cy - self.face_h / 2
+
+    @property
+    def bottom(self) -> float:
+        return self.cy + self.face_h / 2
+
+
+@dataclass(frozen=True)
+class Eyes:
+    y: float
+    dx: float  # half the distance between the eye centres
+    w: float
+    h: float
+
+
+def _head(rng: random.Random, attrs: FaceAttributes, w: int, h: int) -> Head:
+    s = SUPERSAMPLE
+    skin = _jitter(rng, rng.choice(SKIN_TONES), 12)
+    hair = _jitter(rng, rng.choice(HAIR_COLOURS if attrs.young else GREY_HAIR), 10)
+    scale = rng.uniform(0.88, 1.1)
+    cx = w / 2 + rng.uniform(-6, 6) * s
+    cy = h / 2 + rng.uniform(-4, 6) * s
+    face_w = rng.uniform(88, 102) * s * scale
+    face_h = face_w * rng.uniform(1.18, 1.42)
+    style = rng.choice(HAIR_STYLES if not attrs.male else ("short", "short", "side_part", "bald", "bangs"))
+    if not attrs.male and rng.random() < 0.5:
+        style = "long"
+    return Head(cx, cy, face_w, face_h, skin, hair, style)
+
+
+def _draw_body(draw: ImageDraw.ImageDraw, rng: random.Random, g: Head) -> None:
+    """Shoulders, neck, long hair behind the head, ears and the face itself."""
+    cx, cy, fw, fh = g.cx, g.cy, g.face_w, g.face_h
+    clothes = (rng.randint(20, 230), rng.randint(20, 230), rng.randint(20, 230))
+    draw.ellipse([cx - fw * 1.6, g.bottom + fh * 0.15, cx + fw * 1.6, g.bottom + fh * 1.4], fill=clothes)
+    draw.rectangle([cx - fw * 0.22, cy, cx + fw * 0.22, g.bottom + fh * 0.3], fill=_shade(g.skin, 0.85))
+    if g.style == "long":
+        draw.rounded_rectangle([cx - fw * 0.72, g.top - fh * 0.1, cx + fw * 0.72, g.bottom + fh * 0.35],
+                               radius=int(fw * 0.4), fill=g.hair)
+    for side in (-1, 1):
+        ex = cx + side * fw * 0.5
+        draw.ellipse([ex - fw * 0.08, cy - fh * 0.08, ex + fw * 0.08, cy + fh * 0.1], fill=_shade(g.skin, 0.93))
+    draw.ellipse([cx - fw / 2, g.top, cx + fw / 2, g.bottom], fill=g.skin)
+
+
+def _draw_beard(draw: ImageDraw.ImageDraw, rng: random.Random, g: Head) -> None:
+    """Beard or stubble along the jaw, and a mustache, for most male faces."""
+    if rng.random() >= 0.8:
+        return
+    cx, cy, fw, fh = g.cx, g.cy, g.face_w, g.face_h
+    beard = g.hair if rng.random() < 0.6 else _shade(g.skin, 0.7)
+    draw.chord([cx - fw / 2, g.top + fh * 0.25, cx + fw / 2, g.bottom + fh * 0.02], 20, 160, fill=beard)
+    draw.ellipse([cx - fw * 0.3, cy + fh * 0.08, cx + fw * 0.3, cy + fh * 0.36], fill=g.skin)
+    if rng.random() < 0.6:
+        draw.rectangle([cx - fw * 0.2, cy + fh * 0.14, cx + fw * 0.2, cy + fh * 0.18], fill=beard)
+
+
+def _draw_hair(draw: ImageDraw.ImageDraw, g: Head) -> None:
+    """Hair on top of the head, by style (none when bald)."""
+    if g.style == "bald":
+        return
+    cx, top, fw, fh = g.cx, g.top, g.face_w, g.face_h
+    draw.chord([cx - fw * 0.54, top - fh * 0.08, cx + fw * 0.54, top + fh * 0.5], 180, 360, fill=g.hair)
+    if g.style == "bangs":
+        draw.rectangle([cx - fw * 0.45, top + fh * 0.05, cx + fw * 0.45, top + fh * 0.22], fill=g.hair)
+    elif g.style == "side_part":
+        draw.polygon([(cx - fw * 0.5, top + fh * 0.28), (cx + fw * 0.1, top + fh * 0.05),
+                      (cx - fw * 0.5, top + fh * 0.05)], fill=g.hair)
+    elif g.style == "bun":
+        r = fw * 0.2
+        draw.ellipse([cx - r, top - fh * 0.12 - r, cx + r, top - fh * 0.12 + r], fill=g.hair)
+
+
+def _draw_eyes(draw: ImageDraw.ImageDraw, rng: random.Random, attrs: FaceAttributes, g: Head) -> Eyes:
+    """Eyes with iris and pupil, and brows."""
+    s = SUPERSAMPLE
+    eyes = Eyes(g.cy - g.face_h * rng.uniform(0.04, 0.1), g.face_w * rng.uniform(0.19, 0.24),
+                g.face_w * rng.uniform(0.13, 0.17), g.face_h * rng.uniform(0.045, 0.065))
+    iris = rng.choice(IRIS_COLOURS)
+    brow_lift, brow_tilt = g.face_h * rng.uniform(0.07, 0.11), rng.uniform(-0.04, 0.06) * g.face_h
+    brow = _shade(g.hair, 0.8) if attrs.young else (120, 115, 110)
+    for side in (-1, 1):
+        ex, ey = g.cx + side * eyes.dx, eyes.y
+        draw.ellipse([ex - eyes.w / 2, ey - eyes.h / 2, ex + eyes.w / 2, ey + eyes.h / 2], fill=(250, 250, 250))
+        r = eyes.h * 0.48
+        draw.ellipse([ex - r, ey - r, ex + r, ey + r], fill=iris)
+        draw.ellipse([ex - r / 2, ey - r / 2, ex + r / 2, ey + r / 2], fill=(10, 10, 10))
+        by = ey - brow_lift
+        draw.line([ex - side * eyes.w * 0.55, by + brow_tilt * 0.3, ex + side * eyes.w * 0.6, by - brow_tilt * 0.3],
+                  fill=brow, width=int(rng.uniform(2, 4) * s))
+    return eyes
+
+
+def _draw_wrinkles(draw: ImageDraw.ImageDraw, rng: random.Random, g: Head, eyes: Eyes) -> None:
+    """Forehead lines and bags under the eyes (older faces)."""
+    s = SUPERSAMPLE
+    line = _shade(g.skin, 0.72)
+    for k in range(rng.randint(2, 3)):
+        y = g.top + g.face_h * (0.2 + 0.05 * k) + g.face_h * 0.04
+        draw.arc([g.cx - g.face_w * 0.25, y, g.cx + g.face_w * 0.25, y + g.face_h * 0.06], 200, 340, fill=line,
+                 width=s * 2)
+    for side in (-1, 1):
+        ex = g.cx + side * eyes.dx
+        draw.arc([ex - eyes.w / 2, eyes.y, ex + eyes.w / 2, eyes.y + eyes.h * 1.4], 20, 160, fill=line, width=s * 2)
+
+
+def _draw_nose(draw: ImageDraw.ImageDraw, rng: random.Random, g: Head, eyes: Eyes) -> float:
+    """The nose; returns the y of its tip."""
+    s = SUPERSAMPLE
+    nose_y = g.cy + g.face_h * rng.uniform(0.07, 0.12)
+    nose_w = g.face_w * rng.uniform(0.07, 0.11)
+    draw.line([g.cx, eyes.y + eyes.h, g.cx - nose_w * 0.3, nose_y], fill=_shade(g.skin, 0.8), width=2 * s)
+    draw.arc([g.cx - nose_w, nose_y - nose_w * 0.6, g.cx + nose_w, nose_y + nose_w * 0.5], 20, 160,
+             fill=_shade(g.skin, 0.7), width=2 * s)
+    return nose_y
+
+
+def _draw_glasses(draw: ImageDraw.ImageDraw, rng: random.Random, g: Head, eyes: Eyes) -> None:
+    """Round or rectangular frames over both eyes, with a bridge and temples."""
+    frame = rng.choice([(15, 15, 15), (90, 60, 30), (140, 140, 150), (120, 20, 20)])
+    lens = eyes.w * rng.uniform(0.62, 0.75)
+    width = int(rng.uniform(2, 3.5) * SUPERSAMPLE)
+    shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+    for side in (-1, 1):
+        ex = g.cx + side * eyes.dx
+        shape([ex - lens, eyes.y - lens * 0.75, ex + lens, eyes.y + lens * 0.75], outline=frame, width=width)
+    draw.line([g.cx - eyes.dx + lens, eyes.y, g.cx + eyes.dx - lens, eyes.y], fill=frame, width=width)
+    for side in (-1, 1):
+        draw.line([g.cx + side * (eyes.dx + lens), eyes.y, g.cx + side * g.face_w * 0.5, eyes.y - lens * 0.2],
+                  fill=frame, width=width)
+
+
 def draw_face(rng: random.Random, attrs: FaceAttributes) -> tuple[Image.Image, Landmarks]:
     """One face as a 178x218 RGB image, centred in the 178x178 square a CelebA-style center crop keeps, and its
     five landmarks (eye centres, nose tip, mouth corners) in that image's pixels."""
@@ -122,114 +268,29 @@ def draw_face(rng: random.Random, attrs: FaceAttributes) -> tuple[Image.Image, L
     image = _background(rng, w, h)
     layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-
-    skin = _jitter(rng, rng.choice(SKIN_TONES), 12)
-    hair = rng.choice(HAIR_COLOURS if attrs.young else GREY_HAIR)
-    hair = _jitter(rng, hair, 10)
-    scale = rng.uniform(0.88, 1.1)
-    cx = w / 2 + rng.uniform(-6, 6) * s
-    cy = h / 2 + rng.uniform(-4, 6) * s
-    face_w = rng.uniform(88, 102) * s * scale
-    face_h = face_w * rng.uniform(1.18, 1.42)
-    top, bottom = cy - face_h / 2, cy + face_h / 2
-    style = rng.choice(HAIR_STYLES if not attrs.male else ("short", "short", "side_part", "bald", "bangs"))
-    if not attrs.male and rng.random() < 0.5:
-        style = "long"
-
-    # Shoulders, neck, hair behind the head.
-    clothes = (rng.randint(20, 230), rng.randint(20, 230), rng.randint(20, 230))
-    draw.ellipse([cx - face_w * 1.6, bottom + face_h * 0.15, cx + face_w * 1.6, bottom + face_h * 1.4], fill=clothes)
-    draw.rectangle([cx - face_w * 0.22, cy, cx + face_w * 0.22, bottom + face_h * 0.3], fill=_shade(skin, 0.85))
-    if style == "long":
-        draw.rounded_rectangle([cx - face_w * 0.72, top - face_h * 0.1, cx + face_w * 0.72, bottom + face_h * 0.35],
-                               radius=int(face_w * 0.4), fill=hair)
-    # Ears, face.
-    for side in (-1, 1):
-        ex = cx + side * face_w * 0.5
-        draw.ellipse([ex - face_w * 0.08, cy - face_h * 0.08, ex + face_w * 0.08, cy + face_h * 0.1], fill=_shade(skin, 0.93))
-    draw.ellipse([cx - face_w / 2, top, cx + face_w / 2, bottom], fill=skin)
-
-    if attrs.male and rng.random() < 0.8:  # beard or stubble along the jaw, mustache
-        beard = hair if rng.random() < 0.6 else _shade(skin, 0.7)
-        draw.chord([cx - face_w / 2, top + face_h * 0.25, cx + face_w / 2, bottom + face_h * 0.02], 20, 160, fill=beard)
-        draw.ellipse([cx - face_w * 0.3, cy + face_h * 0.08, cx + face_w * 0.3, cy + face_h * 0.36], fill=skin)
-        if rng.random() < 0.6:
-            draw.rectangle([cx - face_w * 0.2, cy + face_h * 0.14, cx + face_w * 0.2, cy + face_h * 0.18], fill=beard)
-
-    # Hair on top.
-    if style != "bald":
-        cap = [cx - face_w * 0.54, top - face_h * 0.08, cx + face_w * 0.54, top + face_h * 0.5]
-        draw.chord(cap, 180, 360, fill=hair)
-        if style == "bangs":
-            draw.rectangle([cx - face_w * 0.45, top + face_h * 0.05, cx + face_w * 0.45, top + face_h * 0.22], fill=hair)
-        elif style == "side_part":
-            draw.polygon([(cx - face_w * 0.5, top + face_h * 0.28), (cx + face_w * 0.1, top + face_h * 0.05),
-                          (cx - face_w * 0.5, top + face_h * 0.05)], fill=hair)
-        elif style == "bun":
-            r = face_w * 0.2
-            draw.ellipse([cx - r, top - face_h * 0.12 - r, cx + r, top - face_h * 0.12 + r], fill=hair)
-
-    # Eyes and brows.
-    eye_y = cy - face_h * rng.uniform(0.04, 0.1)
-    eye_dx = face_w * rng.uniform(0.19, 0.24)
-    eye_w, eye_h = face_w * rng.uniform(0.13, 0.17), face_h * rng.uniform(0.045, 0.065)
-    iris = rng.choice(IRIS_COLOURS)
-    brow_lift, brow_tilt = face_h * rng.uniform(0.07, 0.11), rng.uniform(-0.04, 0.06) * face_h
-    brow = _shade(hair, 0.8) if attrs.young else (120, 115, 110)
-    for side in (-1, 1):
-        ex = cx + side * eye_dx
-        draw.ellipse([ex - eye_w / 2, eye_y - eye_h / 2, ex + eye_w / 2, eye_y + eye_h / 2], fill=(250, 250, 250))
-        r = eye_h * 0.48
-        draw.ellipse([ex - r, eye_y - r, ex + r, eye_y + r], fill=iris)
-        draw.ellipse([ex - r / 2, eye_y - r / 2, ex + r / 2, eye_y + r / 2], fill=(10, 10, 10))
-        by = eye_y - brow_lift
-        draw.line([ex - side * eye_w * 0.55, by + brow_tilt * 0.3, ex + side * eye_w * 0.6, by - brow_tilt * 0.3],
-                  fill=brow, width=int(rng.uniform(2, 4) * s))
-    if not attrs.young:  # wrinkles: forehead lines and bags under the eyes
-        line = _shade(skin, 0.72)
-        for k in range(rng.randint(2, 3)):
-            y = top + face_h * (0.2 + 0.05 * k) + face_h * 0.04
-            draw.arc([cx - face_w * 0.25, y, cx + face_w * 0.25, y + face_h * 0.06], 200, 340, fill=line, width=s * 2)
-        for side in (-1, 1):
-            ex = cx + side * eye_dx
-            draw.arc([ex - eye_w / 2, eye_y, ex + eye_w / 2, eye_y + eye_h * 1.4], 20, 160, fill=line, width=s * 2)
-
-    # Nose.
-    nose_y = cy + face_h * rng.uniform(0.07, 0.12)
-    nose_w = face_w * rng.uniform(0.07, 0.11)
-    draw.line([cx, eye_y + eye_h, cx - nose_w * 0.3, nose_y], fill=_shade(skin, 0.8), width=2 * s)
-    draw.arc([cx - nose_w, nose_y - nose_w * 0.6, cx + nose_w, nose_y + nose_w * 0.5], 20, 160,
-             fill=_shade(skin, 0.7), width=2 * s)
-
+    g = _head(rng, attrs, w, h)
+    _draw_body(draw, rng, g)
+    if attrs.male:
+        _draw_beard(draw, rng, g)
+    _draw_hair(draw, g)
+    eyes = _draw_eyes(draw, rng, attrs, g)
+    if not attrs.young:
+        _draw_wrinkles(draw, rng, g, eyes)
+    nose_y = _draw_nose(draw, rng, g, eyes)
     # Mouth: the attribute the product controls.
-    lip = _jitter(rng, (150, 60, 60) if not attrs.male else _shade(skin, 0.6), 20)
-    mouth_y = cy + face_h * rng.uniform(0.23, 0.27)
-    mouth_w = face_w * rng.uniform(0.32, 0.42)
-    _draw_mouth(draw, rng, cx, mouth_y, mouth_w, attrs.smiling, lip, s)
-
+    lip = _jitter(rng, (150, 60, 60) if not attrs.male else _shade(g.skin, 0.6), 20)
+    mouth_y = g.cy + g.face_h * rng.uniform(0.23, 0.27)
+    mouth_w = g.face_w * rng.uniform(0.32, 0.42)
+    _draw_mouth(draw, rng, g.cx, mouth_y, mouth_w, attrs.smiling, lip, s)
     if attrs.eyeglasses:
-        frame = rng.choice([(15, 15, 15), (90, 60, 30), (140, 140, 150), (120, 20, 20)])
-        lens = eye_w * rng.uniform(0.62, 0.75)
-        width = int(rng.uniform(2, 3.5) * s)
-        round_frames = rng.random() < 0.5
-        for side in (-1, 1):
-            ex = cx + side * eye_dx
-            box = [ex - lens, eye_y - lens * 0.75, ex + lens, eye_y + lens * 0.75]
-            if round_frames:
-                draw.ellipse(box, outline=frame, width=width)
-            else:
-                draw.rectangle(box, outline=frame, width=width)
-        draw.line([cx - eye_dx + lens, eye_y, cx + eye_dx - lens, eye_y], fill=frame, width=width)
-        for side in (-1, 1):
-            draw.line([cx + side * (eye_dx + lens), eye_y, cx + side * face_w * 0.5, eye_y - lens * 0.2],
-                      fill=frame, width=width)
+        _draw_glasses(draw, rng, g, eyes)
 
     angle = rng.uniform(-8, 8)  # small head roll
-    centre = (cx, cy + face_h * 0.2)
+    centre = (g.cx, g.cy + g.face_h * 0.2)
     layer = layer.rotate(angle, resample=Image.BICUBIC, center=centre)
     image.paste(layer, (0, 0), layer)
-    points = [(cx - eye_dx, eye_y), (cx + eye_dx, eye_y), (cx, nose_y),
-              (cx - mouth_w / 2, mouth_y), (cx + mouth_w / 2, mouth_y)]
+    points = [(g.cx - eyes.dx, eyes.y), (g.cx + eyes.dx, eyes.y), (g.cx, nose_y),
+              (g.cx - mouth_w / 2, mouth_y), (g.cx + mouth_w / 2, mouth_y)]
     landmarks = tuple((round(x / s), round(y / s)) for x, y in _rotate_points(points, angle, centre))
     return image.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.LANCZOS), landmarks
 

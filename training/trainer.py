@@ -1,0 +1,121 @@
+"""The one training loop both models share: resume, the step loop, logging, resumable state, RNG per rank.
+
+A trainer owns what has state (modules, optimizers, the loss scaler, the batch stream, the named generators
+and the EMA) and calls the model's ``step(step) -> {"loss": ..., ...}`` for each step. Everything it saves in
+``run_dir/state.pt`` it restores, on every rank: torch's global RNG and each named generator per rank, CUDA's
+RNG per rank on GPUs, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .runtime import EMA, BatchStream, Distributed, Log, gather_per_rank, load_state, save_state, unwrap
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a training run happens (not part of the model)."""
+
+    data: Path
+    checkpoints: Path
+    run_dir: Path
+    device: str = "auto"
+    precision: str = "auto"
+    export_dtype: str = "fp32"
+    limit: int | None = None  # use only the first N training images (tests, quick trials)
+    perceptual_weights: Path | None = None
+    threads: int | None = None
+    init_from: str | None = None  # exported version whose weights start the run (architecture taken from it)
+
+
+StepFn = Callable[[int], dict[str, float]]  # step index -> scalars to log; "loss" is required and must be finite
+
+
+@dataclass
+class Trainer:
+    run_dir: Path
+    steps: int
+    log_every: int
+    save_every: int
+    ddp: Distributed
+    device: torch.device
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    stream: BatchStream
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # per-rank streams (noise, flips)
+    ema: EMA | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.pt"
+
+    def _rng_states(self) -> dict[str, list[torch.Tensor]]:
+        """Every RNG state of this rank, gathered from all ranks (collective: every rank calls it)."""
+        states = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in self.generators.items()}}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {name: gather_per_rank(state, self.ddp) for name, state in states.items()}
+
+    def save(self, step: int) -> None:
+        rng = self._rng_states()
+        if not self.ddp.is_main:
+            return
+        save_state(self.state_path, {
+            "step": step, "rng": rng, "stream": self.stream.state(), "scaler": self.scaler.state_dict(),
+            "modules": {k: unwrap(m).state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "ema": self.ema.model.state_dict() if self.ema else None})
+
+    def resume(self) -> int:
+        """Restore ``state.pt`` when the run directory has one; returns the step to start from."""
+        if not self.state_path.is_file():
+            return 0
+        state = load_state(self.state_path)
+        for name, module in self.modules.items():
+            unwrap(module).load_state_dict(state["modules"][name])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        self.scaler.load_state_dict(state["scaler"])
+        self.stream.load(state["stream"])
+        rank = self.ddp.rank
+        torch.set_rng_state(state["rng"]["torch"][rank])
+        for name, generator in self.generators.items():
+            generator.set_state(state["rng"][name][rank])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"][rank], self.device)
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"])
+            self.ema.updates = state["step"]
+        return int(state["step"])
+
+    def run(self, step_fn: StepFn, desc: str) -> dict[str, Any]:
+        """Resume, then run ``step_fn`` up to ``steps``; logs every ``log_every`` steps (main rank), saves every
+        ``save_every`` and at the end. Returns the last logged scalars (empty when nothing was left to run)."""
+        start = self.resume()
+        log = Log(self.run_dir / "log.jsonl" if self.ddp.is_main else None)
+        progress = tqdm(range(start, self.steps), initial=start, total=self.steps, disable=not self.ddp.is_main,
+                        desc=desc)
+        last: dict[str, Any] = {}
+        for step in progress:
+            scalars = step_fn(step)
+            if not math.isfinite(scalars["loss"]):
+                raise FloatingPointError(f"{desc} loss became {scalars['loss']} at step {step}")
+            if self.ema is not None:
+                self.ema.update(unwrap(self.modules["model"]))
+            if (step + 1) % self.log_every == 0:
+                last = {"step": step + 1, **scalars}
+                log.write(**last)
+                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+            if (step + 1) % self.save_every == 0 or step + 1 == self.steps:
+                self.save(step + 1)
+        return last
