@@ -37,7 +37,7 @@ def model_info(engine: Engine, settings: WorkerSettings, worker_name: str) -> Mo
         version=engine.version, vae_version=engine.model.manifest.vae_version, attributes=engine.model.attributes,
         resolution=engine.model.image_size, default_guidance_scale=engine.model.sampling.guidance_scale,
         default_steps={sampler.value: steps for sampler, steps in DEFAULT_STEPS.items()},
-        is_latest=bool(versions) and versions[-1]["version"] == engine.version,
+        is_latest=bool(versions) and versions[-1].version == engine.version,
         device=engine.device.type, dtype=str(engine.dtype).removeprefix("torch."), workers=[worker_name])
 
 
