@@ -12,7 +12,7 @@ import sys
 
 import uvicorn
 
-from service import jobs
+from service import admission, redis_clients
 from service.config import get_settings
 from worker.connection import credentials_problem
 
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"uvicorn worker processes (default {settings.workers})")
     parser.add_argument("--log-level", default=settings.log_level, help=f"(default {settings.log_level})")
     args = parser.parse_args(argv)
-    with jobs.connect(settings) as conn:
-        problem = credentials_problem(conn, settings) or jobs.replication_problem(conn, settings)
+    with redis_clients.connect(settings) as conn:
+        problem = credentials_problem(conn, settings) or admission.replication_problem(conn, settings)
     if problem is not None:
         print(f"service: {problem}", file=sys.stderr)
         return 2

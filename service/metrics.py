@@ -19,7 +19,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import jobs
+from service import job_ops, registry
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Metrics:
         self.redis_errors.labels(type(error).__name__).inc()
 
     def observe_ended(self, job: Job) -> None:
-        status = jobs.status_of(job)
+        status = job_ops.status_of(job)
         self.jobs_ended.labels(status.value).inc()
         if status == JobStatus.FINISHED and job.enqueued_at and job.ended_at:
             self.job_latency.observe(max(0.0, (job.ended_at - job.enqueued_at).total_seconds()))
@@ -102,7 +102,7 @@ class QueueCollector(Collector):
                 JobStatus.SCHEDULED.value: queue.scheduled_job_registry,
             }
             counts = {name: reg.get_job_count(cleanup=False) for name, reg in registries.items()}
-            models = jobs.read_models(self.conn)
+            models = registry.read_models(self.conn)
         except redis.RedisError as exc:
             log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)

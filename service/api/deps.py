@@ -19,8 +19,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 
 from service.config import Settings
-from service.jobs import LiveModels
 from service.metrics import Metrics
+from service.registry import LiveModels
 
 
 @dataclass(frozen=True)

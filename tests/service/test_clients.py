@@ -10,7 +10,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from service import jobs
+from service import redis_clients
 from tests.service.conftest import REPO
 
 
@@ -21,13 +21,13 @@ from tests.service.conftest import REPO
     ("CONFIG GET", "maxmemory"),  # a two-word name goes out as two words
 ])
 def test_async_client_packs_commands_like_redis_py(make_settings, args):
-    client = jobs.connect_async(make_settings())
+    client = redis_clients.connect_async(make_settings())
     packed = b"".join(client.connection_pool.make_connection().pack_command(*args))
     assert packed == b"".join(redis.asyncio.Connection().pack_command(*args))
 
 
 def test_async_client_refuses_what_redis_py_refuses(make_settings):
-    connection = jobs.connect_async(make_settings()).connection_pool.make_connection()
+    connection = redis_clients.connect_async(make_settings()).connection_pool.make_connection()
     with pytest.raises(redis.DataError):
         connection.pack_command("SET", "key", True)
 

@@ -11,7 +11,7 @@ from PIL import Image
 from rq import Queue
 from rq.job import Job
 
-from service import jobs
+from service import job_ops, keys
 from tests.service.fakeworker import (
     FakeBehaviour,
     FakeWorker,
@@ -138,7 +138,7 @@ def test_expired_job_is_410_not_404(client, conn, fake_worker):
     assert client.get(f"/jobs/{with_gif['job_id']}/animation").status_code == 410
     assert client.get(f"/jobs/{without_gif['job_id']}/animation").status_code == 404
     # once the tombstone is gone too, the id is unknown
-    conn.delete(jobs.tombstone_key(with_gif["job_id"]))
+    conn.delete(keys.tombstone_key(with_gif["job_id"]))
     assert client.get(f"/jobs/{with_gif['job_id']}").status_code == 404
 
 
@@ -228,7 +228,7 @@ def test_failed_job_without_reason_gets_generic_line(client, conn):
     job.set_status("failed")
     conn.hset(job.key, "exc_info", "Traceback (most recent call last): secret internals")
     body = client.get(f"/jobs/{job_id}").json()
-    assert body["error"] == jobs.GENERIC_ERROR
+    assert body["error"] == job_ops.GENERIC_ERROR
     assert "secret" not in client.get(f"/jobs/{job_id}").text
 
 
@@ -306,10 +306,10 @@ def test_a_newly_published_model_is_usable_at_once_despite_the_cache(make_client
 def test_only_admitted_jobs_get_a_tombstone(make_client, conn):
     client = make_client(max_queued=1, tombstone_ttl=3600)
     admitted = submit(client)["job_id"]
-    assert conn.exists(jobs.tombstone_key(admitted), f"rq:job:{admitted}") == 2
-    assert 3590 < conn.ttl(jobs.tombstone_key(admitted)) <= 3600
+    assert conn.exists(keys.tombstone_key(admitted), f"rq:job:{admitted}") == 2
+    assert 3590 < conn.ttl(keys.tombstone_key(admitted)) <= 3600
     assert client.post("/generate", json={"label": "smiling"}).status_code == 429
-    assert len(conn.keys(jobs.tombstone_key("*"))) == 1 and len(conn.keys("rq:job:*")) == 1
+    assert len(conn.keys(keys.tombstone_key("*"))) == 1 and len(conn.keys("rq:job:*")) == 1
 
 
 def test_wait_until_helper_fails_loudly():

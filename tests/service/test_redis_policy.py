@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from scripts.redisctl import AclUser, RedisServer
-from service import jobs
+from service import admission, redis_clients
 from service.app import create_app
 from service.config import Settings
 from tests.service.conftest import free_port
@@ -68,9 +68,9 @@ def test_read_timeouts_outlast_the_blocking_commands_and_links_are_kept_alive(ma
     assert blocking["socket_keepalive"] is True and blocking["socket_keepalive_options"]
     assert blocking["health_check_interval"] == connection.HEALTH_CHECK_INTERVAL_S
     # POST /generate's client may wait REDIS_TIMEOUT_S for a replica's WAIT: its reads wait that much longer.
-    waiting = jobs.connect_async(settings).connection_pool.connection_kwargs
+    waiting = redis_clients.connect_async(settings).connection_pool.connection_kwargs
     assert waiting["socket_timeout"] == 3.0
-    assert jobs.connect_async(make_settings(redis_timeout_s=1.5, redis_min_replicas_ack=0)) \
+    assert redis_clients.connect_async(make_settings(redis_timeout_s=1.5, redis_min_replicas_ack=0)) \
         .connection_pool.connection_kwargs["socket_timeout"] == 1.5
 
 
@@ -122,14 +122,14 @@ def test_a_wrong_password_is_a_start_up_problem_an_absent_redis_is_not(redis_url
 def test_a_user_who_may_not_run_role_or_wait_is_a_start_up_problem_unless_admission_does_not_wait() -> None:
     server = RedisServer(user=AclUser("narrow", "narrow-pw")).start()
     try:
-        conn = jobs.connect(Settings(redis_url=server.url))
+        conn = redis_clients.connect(Settings(redis_url=server.url))
         conn.acl_setuser("narrow", enabled=True, passwords=["+narrow-pw"], keys=["*"], channels=["*"],
                          commands=["+@all", "-role"], reset=True)  # a narrower ACL than the server gave it
-        problem = jobs.replication_problem(conn, Settings(redis_url=server.url))
+        problem = admission.replication_problem(conn, Settings(redis_url=server.url))
         assert problem is not None and "ROLE" in problem and "REDIS_MIN_REPLICAS_ACK=0" in problem
-        assert jobs.replication_problem(conn, Settings(redis_url=server.url, redis_min_replicas_ack=0)) is None
+        assert admission.replication_problem(conn, Settings(redis_url=server.url, redis_min_replicas_ack=0)) is None
         conn.acl_setuser("narrow", commands=["+role"])
-        assert jobs.replication_problem(conn, Settings(redis_url=server.url)) is None
+        assert admission.replication_problem(conn, Settings(redis_url=server.url)) is None
     finally:
         server.stop()
 

@@ -6,7 +6,7 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service import jobs
+from service import registry
 from service.api.deps import ServicesDep
 from service.schemas import Health, Readiness
 from worker import spec
@@ -31,14 +31,16 @@ def healthz() -> Health:
 def readyz(services: ServicesDep) -> Readiness | JSONResponse:
     try:
         services.redis.ping()
-        latest = jobs.find_model(jobs.read_models(services.redis), spec.LATEST)
+        latest = registry.find_model(registry.read_models(services.redis), spec.LATEST)
     except redis.RedisError:
-        return _unready(Readiness(status="unavailable", redis=False, reason="Redis is unreachable"))
+        return _unready(Readiness(status="unavailable", redis=False, reason="Redis is unreachable"),
+                        services.settings.retry_after_s)
     if latest is None:
         return _unready(Readiness(status="unavailable", redis=True,
-                                  reason="no live worker has published the default model"))
+                                  reason="no live worker has published the default model"),
+                        services.settings.retry_after_s)
     return Readiness(status="ready", redis=True, latest_model=latest.version)
 
 
-def _unready(body: Readiness) -> JSONResponse:
-    return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": "5"})
+def _unready(body: Readiness, retry_after_s: int) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": str(retry_after_s)})

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
-from service import jobs
+from service import admission, job_ops, keys, registry
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key, require_json
 from service.schemas import (
     MAX_RANDOM_SEED,
@@ -25,6 +25,10 @@ from service.schemas import (
     Progress,
 )
 from worker import spec
+
+# Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
+# (Settings.retry_after_s) since the job is already being worked on.
+NOT_READY_RETRY_S = 1
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
 
@@ -117,28 +121,28 @@ async def create_job(
     try:
         try:
             attributes = await services.live_models.resolve(body.model, body.label, body.attributes)
-        except jobs.FieldError as exc:
+        except registry.FieldError as exc:
             raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
         job_spec = _build_spec(body, attributes, seed)
         idempotency = None
         if idempotency_key is not None:
-            idempotency = (jobs.idempotency_key(request.state.client, idempotency_key),
-                           jobs.fingerprint(body.model_dump_json()))
-        submission = await jobs.submit(services.async_redis, services.queue, job_spec, settings, idempotency)
-    except jobs.QueueFull as exc:
+            idempotency = (keys.idempotency_key(request.state.client, idempotency_key),
+                           admission.fingerprint(body.model_dump_json()))
+        submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, idempotency)
+    except admission.QueueFull as exc:
         metrics.jobs_rejected.labels("queue_full").inc()
         raise ApiError(
             429, f"queue full ({exc.depth} jobs waiting); retry later",
             headers={"Retry-After": str(settings.retry_after_s)},
         ) from None
-    except jobs.IdempotencyMismatch as exc:
+    except admission.IdempotencyMismatch as exc:
         metrics.jobs_rejected.labels("idempotency_conflict").inc()
         request.state.rejection_counted = True
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": str(exc), "input": idempotency_key}]
         ) from None
-    except jobs.NotReplicated:
+    except admission.NotReplicated:
         metrics.jobs_rejected.labels("not_replicated").inc()
         raise
     except redis.RedisError:
@@ -154,32 +158,32 @@ async def create_job(
 
 
 def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
-    job_spec = jobs.job_spec_of(job)
-    progress = jobs.progress_of(job)
+    job_spec = job_ops.job_spec_of(job)
+    progress = job_ops.progress_of(job)
     resolved = job.meta.get(spec.META_RESOLVED)
     return JobPublic(
         id=job.id,
-        status=jobs.status_of(job),
-        queue_position=jobs.queue_position(job),
+        status=job_ops.status_of(job),
+        queue_position=job_ops.queue_position(job),
         progress=Progress(**progress) if progress else None,
-        cancel_requested=jobs.cancel_requested(conn, job),
-        submitted_at=jobs.submitted_at_of(job),
+        cancel_requested=job_ops.cancel_requested(conn, job),
+        submitted_at=job_ops.submitted_at_of(job),
         enqueued_at=job.enqueued_at,
         started_at=job.started_at,
         ended_at=job.ended_at,
         parameters=job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
-        error=jobs.error_of(job),
-        links=_links(request, job.id, job_spec.animation if job_spec else jobs.animation_requested(conn, job.id)),
+        error=job_ops.error_of(job),
+        links=_links(request, job.id, job_spec.animation if job_spec else job_ops.animation_requested(conn, job.id)),
     )
 
 
 def _fetch(conn: redis.Redis, job_id: str) -> Job:
     try:
-        return jobs.fetch(conn, job_id)
-    except jobs.JobNotFound:
+        return job_ops.fetch(conn, job_id)
+    except job_ops.JobNotFound:
         raise ApiError(404, "job not found") from None
-    except jobs.JobGone:
+    except job_ops.JobGone:
         raise ApiError(410, "job expired") from None
 
 
@@ -194,7 +198,7 @@ def _fetch(conn: redis.Redis, job_id: str) -> Job:
 )
 def read_job(job_id: str, request: Request, services: ServicesDep) -> JobPublic:
     job = _fetch(services.redis, job_id)
-    if jobs.first_sighting(services.redis, job, services.settings.tombstone_ttl):
+    if job_ops.first_sighting(services.redis, job, services.settings.tombstone_ttl):
         services.metrics.observe_ended(job)
     return _public(request, services.redis, job)
 
@@ -217,28 +221,28 @@ def cancel_job(job_id: str, request: Request, response: Response, services: Serv
     conn = services.redis
     job = _fetch(conn, job_id)
     try:
-        new_status = jobs.cancel(conn, job, services.settings)
-    except jobs.NotReady as exc:
+        new_status = job_ops.cancel(conn, job, services.settings)
+    except job_ops.NotReady as exc:
         raise ApiError(409, f"job already {exc.status.value}", status=exc.status.value, error=exc.error) from None
     if new_status != JobStatus.CANCELED:
         response.status_code = 202
-    return _public(request, conn, jobs.fetch(conn, job_id))
+    return _public(request, conn, job_ops.fetch(conn, job_id))
 
 
 def _artifact(conn: redis.Redis, job_id: str, kind: str) -> Response:
     try:
-        data = jobs.read_artifact(conn, job_id, kind)
-    except jobs.JobNotFound:
+        data = job_ops.read_artifact(conn, job_id, kind)
+    except job_ops.JobNotFound:
         raise ApiError(404, "job not found" if kind == "grid" else "no animation: job not found or not asked for "
                                                                    "one") from None
-    except jobs.JobGone:
+    except job_ops.JobGone:
         raise ApiError(410, f"{'images' if kind == 'grid' else 'animation'} expired") from None
-    except jobs.NotReady as exc:
-        pending = exc.status not in jobs.ENDED
+    except job_ops.NotReady as exc:
+        pending = exc.status not in job_ops.ENDED
         raise ApiError(
             409,
             "not ready yet" if pending else f"job {exc.status.value}: no {'images' if kind == 'grid' else 'animation'}",
-            headers={"Retry-After": "1"} if pending else None,
+            headers={"Retry-After": str(NOT_READY_RETRY_S)} if pending else None,
             status=exc.status.value,
             error=exc.error,
         ) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from service import jobs
+from service import registry
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
 from service.schemas import ErrorPublic, ModelList, ModelPublic
 from worker import spec
@@ -22,8 +22,8 @@ router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(requ
     "Empty when no worker is live.",
 )
 def list_models(services: ServicesDep) -> ModelList:
-    models = jobs.read_models(services.redis)
-    latest = jobs.find_model(models, spec.LATEST)
+    models = registry.read_models(services.redis)
+    latest = registry.find_model(models, spec.LATEST)
     return ModelList(models=[ModelPublic.from_info(m) for m in models], latest=latest.version if latest else None)
 
 
@@ -35,7 +35,7 @@ def list_models(services: ServicesDep) -> ModelList:
     responses={404: {"model": ErrorPublic, "description": "No live worker serves this version."}},
 )
 def read_model(version: str, services: ServicesDep) -> ModelPublic:
-    model = jobs.find_model(jobs.read_models(services.redis), version)
+    model = registry.find_model(registry.read_models(services.redis), version)
     if model is None:
         raise ApiError(404, f"no live worker serves model {version!r}")
     return ModelPublic.from_info(model)

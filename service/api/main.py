@@ -1,0 +1,7 @@
+"""The routers, one per resource, in the order the app includes them."""
+
+from __future__ import annotations
+
+from service.api.routes import docs, health, jobs, metrics, models, playground
+
+ROUTERS = [module.router for module in (jobs, models, health, metrics, playground, docs)]

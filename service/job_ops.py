@@ -1,0 +1,175 @@
+"""Reading and canceling generation jobs: status, progress, error line, artifacts.
+
+Knows nothing of HTTP: problems are raised as the exceptions below and the routes map them onto status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+
+import redis
+from pydantic import ValidationError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from service.config import Settings
+from service.keys import observed_key, tombstone_key
+from worker import spec
+
+PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
+                     JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
+ENDED = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
+GENERIC_ERROR = "generation failed"
+# RQ's maintenance found the job started by a worker that stopped heartbeating, with no retries left.
+ABANDONED_ERROR = "the worker running this job stopped unexpectedly, and its retries are used up"
+
+
+class JobNotFound(Exception):
+    """No such job (never submitted, or not a generation job)."""
+
+
+class JobGone(Exception):
+    """The job, or the artifact asked for, existed but has expired."""
+
+
+class NotReady(Exception):
+    """The artifact does not exist in the job's current state."""
+
+    def __init__(self, status: JobStatus, error: str | None = None):
+        super().__init__(status.value)
+        self.status = status
+        self.error = error
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
+    except ValueError:
+        return False
+
+
+def fetch(conn: redis.Redis, job_id: str) -> Job:
+    """The generation job ``job_id``; raises ``JobGone`` when it expired, ``JobNotFound`` when it never existed."""
+    if not _is_uuid(job_id):
+        raise JobNotFound(job_id)
+    try:
+        job = Job.fetch(job_id, connection=conn)
+        if job.func_name == spec.JOB_FUNCTION:
+            return job
+    except NoSuchJobError:
+        pass
+    except redis.RedisError:
+        raise
+    except Exception:  # a job hash we cannot decode is not one of ours
+        pass
+    if conn.exists(tombstone_key(job_id)):
+        raise JobGone(job_id)
+    raise JobNotFound(job_id)
+
+
+def job_spec_of(job: Job) -> spec.JobSpec | None:
+    """The job's spec; ``None`` when its arguments don't parse (e.g. queued by an incompatible API version)."""
+    try:
+        return spec.JobSpec.model_validate(job.args[0])
+    except (ValidationError, IndexError, TypeError):
+        return None
+
+
+def status_of(job: Job) -> JobStatus:
+    return job.get_status(refresh=False)
+
+
+def progress_of(job: Job) -> dict[str, int] | None:
+    value = job.meta.get(spec.META_PROGRESS)
+    if isinstance(value, dict) and isinstance(value.get("step"), int) and isinstance(value.get("total"), int):
+        return {"step": value["step"], "total": value["total"]}
+    return None
+
+
+def error_of(job: Job) -> str | None:
+    """The worker's one-line reason for a failed job, else a generic line: never a traceback."""
+    status = status_of(job)
+    if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+        return None
+    reason = job.meta.get(spec.META_ERROR)
+    if isinstance(reason, str) and reason.strip():
+        return reason.strip().splitlines()[0][:500]
+    if status == JobStatus.CANCELED:
+        return "canceled"
+    if status == JobStatus.STOPPED:
+        return "stopped"
+    latest = job.latest_result()
+    if latest is not None and "AbandonedJobError" in (latest.exc_string or ""):
+        return ABANDONED_ERROR
+    return GENERIC_ERROR
+
+
+def submitted_at_of(job: Job) -> datetime | None:
+    raw = job.meta.get("submitted_at")
+    try:
+        return datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
+def queue_position(job: Job) -> int | None:
+    return job.get_position() if status_of(job) == JobStatus.QUEUED else None
+
+
+def cancel_requested(conn: redis.Redis, job: Job) -> bool:
+    return status_of(job) not in ENDED and bool(conn.exists(spec.cancel_key(job.id)))
+
+
+def first_sighting(conn: redis.Redis, job: Job, ttl: int) -> bool:
+    """True exactly once per ended job across all API replicas (for the finished/failed metrics)."""
+    if status_of(job) not in ENDED:
+        return False
+    return bool(conn.set(observed_key(job.id), b"1", nx=True, ex=ttl))
+
+
+def animation_requested(conn: redis.Redis, job_id: str) -> bool:
+    raw = conn.get(tombstone_key(job_id))
+    return bool(raw and json.loads(raw).get("animation"))
+
+
+def read_artifact(conn: redis.Redis, job_id: str, kind: str) -> bytes:
+    """The artifact bytes of a finished job; raises ``JobNotFound`` (also for an animation nobody asked for),
+    ``JobGone`` (expired) or ``NotReady`` (not finished)."""
+    try:
+        job = fetch(conn, job_id)
+    except JobGone:
+        if kind == "animation" and not animation_requested(conn, job_id):
+            raise JobNotFound(job_id) from None
+        raise
+    job_spec = job_spec_of(job)
+    wants_animation = job_spec.animation if job_spec is not None else animation_requested(conn, job_id)
+    if kind == "animation" and not wants_animation:
+        raise JobNotFound(job_id)
+    status = status_of(job)
+    if status != JobStatus.FINISHED:
+        raise NotReady(status, error_of(job))
+    data = conn.get(spec.artifact_key(job_id, kind))
+    if data is None:
+        raise JobGone(job_id)
+    return data
+
+
+
+
+def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:
+    """Cancel a pending job now, or ask the worker to stop a running one; returns the status after the call.
+
+    The cancel flag is set in both cases (a worker may have just dequeued the job). Raises ``NotReady`` with the
+    job's status when it has already ended.
+    """
+    status = status_of(job)
+    if status in ENDED:
+        raise NotReady(status, error_of(job))
+    conn.set(spec.cancel_key(job.id), b"1", ex=settings.job_timeout + 60)
+    if status in PENDING:
+        job.cancel()
+        conn.expire(job.key, settings.failure_ttl)
+        return JobStatus.CANCELED
+    return status

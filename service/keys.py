@@ -1,0 +1,33 @@
+"""Redis keys owned by the API (the worker never reads them).
+
+- ``facegen:tombstone:<job_id>`` -> ``{"animation": bool}``, kept ``tombstone_ttl`` (longer than the job), so an
+  expired job answers 410 rather than 404;
+- ``facegen:idempotency:<sha256(api key, Idempotency-Key)>`` -> ``{"job_id", "fingerprint", "seed"}``;
+- ``facegen:observed:<job_id>``: set the first time any API replica sees the job ended (metrics count it once);
+- ``facegen:replication-mark``: a counter admission bumps after a job's writes, so that ``WAIT`` on any pooled
+  connection covers them (WAIT counts the writes of its own connection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from worker import spec
+
+
+def tombstone_key(job_id: str) -> str:
+    return f"{spec.KEY_PREFIX}:tombstone:{job_id}"
+
+
+REPLICATION_MARK_KEY = f"{spec.KEY_PREFIX}:replication-mark"
+
+
+def observed_key(job_id: str) -> str:
+    return f"{spec.KEY_PREFIX}:observed:{job_id}"
+
+
+def idempotency_key(client: str, key: str) -> str:
+    digest = hashlib.sha256(f"{client}\0{key}".encode()).hexdigest()
+    return f"{spec.KEY_PREFIX}:idempotency:{digest}"
+
+
