@@ -3,13 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch's exact pin, read from pyproject.toml (its one definition).
+TORCH := $(shell sed -n 's/^ *"\(torch==[^"]*\)",*$$/\1/p' pyproject.toml)
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --excludes requirements/lock.exclude
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean lock
 
-$(STAMP): pyproject.toml
+# Every dependency but torch comes from the hashed lock (--no-deps: the lock lists them all). torch is kept out of
+# the lock and installed by its exact pin: its wheel (and its nvidia-* dependencies) differ between CPU and CUDA
+# hosts, so pip picks the one the configured index offers for this host.
+$(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(PY) -m pip install --quiet '$(TORCH)'
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve the locks after editing pyproject.toml (pins already in a lock are kept; add --upgrade to LOCK_FLAGS
+# to move them). The images install api.lock and worker.lock; make installs dev.lock.
+lock: $(STAMP)
+	for extra in dev api worker; do \
+	  $(VENV)/bin/uv pip compile pyproject.toml --extra $$extra $(LOCK_FLAGS) --custom-compile-command "make lock" \
+	    --quiet -o requirements/$$extra.lock || exit 1; \
+	done
 
 demo: $(STAMP)
 	$(PY) -m scripts.demo

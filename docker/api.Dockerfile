@@ -9,20 +9,20 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-# Dependencies first (cached while only the code changes): install the extras against stub packages.
-COPY pyproject.toml README.md ./
+# Dependencies first (cached while only the code changes): exactly the hashed pins of the api extra
+# (requirements/api.lock, written by `make lock`; --no-deps: the lock lists every dependency).
+COPY requirements/api.lock ./requirements/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p service worker training \
-    && touch service/__init__.py worker/__init__.py training/__init__.py \
-    && /opt/venv/bin/pip install ".[api]" \
-    && /opt/venv/bin/pip uninstall -y facegen \
-    && rm -rf service worker training build *.egg-info
+    /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/api.lock
+COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
 COPY training ./training
 # pip byte-compiles at install time, so the read-only root filesystem at runtime costs nothing.
+# ".[api]" with --no-deps adds only facegen itself; pip check proves the lock left no dependency out.
 # Contract check: the API image never carries torch.
-RUN /opt/venv/bin/pip install --no-deps . \
+RUN /opt/venv/bin/pip install --no-deps ".[api]" \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 
 # ---- runtime -------------------------------------------------------------------------------------------------

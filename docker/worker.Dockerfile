@@ -23,19 +23,24 @@ COPY --from=uv /uv /usr/local/bin/uv
 RUN uv python install ${PYTHON_VERSION} \
     && uv venv --seed --python ${PYTHON_VERSION} /opt/venv
 WORKDIR /src
-# Dependencies first (torch is the big, rarely-changing layer): install the extras against stub packages.
+# Dependencies first (torch is the big, rarely-changing layer). torch is kept out of the lock: its wheel differs
+# between CPU and CUDA hosts, so it is installed by its exact pin in pyproject.toml from the CUDA index. Everything
+# else is exactly the hashed pins of the worker extra (requirements/worker.lock, written by `make lock`;
+# --no-deps: the lock lists every dependency but torch).
 COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p service worker training \
-    && touch service/__init__.py worker/__init__.py training/__init__.py \
-    && /opt/venv/bin/pip install --extra-index-url ${TORCH_INDEX_URL} ".[worker]" \
-    && /opt/venv/bin/pip uninstall -y facegen \
-    && rm -rf service worker training build *.egg-info
+    /opt/venv/bin/pip install --extra-index-url ${TORCH_INDEX_URL} \
+        "$(sed -n 's/^ *"\(torch==[^"]*\)",*$/\1/p' pyproject.toml)"
+COPY requirements/worker.lock ./requirements/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/worker.lock
 COPY service ./service
 COPY worker ./worker
 COPY training ./training
+# ".[worker]" with --no-deps adds only facegen itself; pip check proves no dependency is missing.
 # Contract check: the CUDA build of torch was installed (version local tag "+cu128"), not a CPU wheel.
-RUN /opt/venv/bin/pip install --no-deps . \
+RUN /opt/venv/bin/pip install --no-deps ".[worker]" \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(torch.version.cuda is None)"
 
 # ---- runtime -------------------------------------------------------------------------------------------------
