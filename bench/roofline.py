@@ -25,8 +25,6 @@ from training.pipeline import LatentDiffusion
 from training.runtime import pick_device, pick_dtype
 from worker.engine import compile_for_inference
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """FLOP/s of a square matmul and of a 3x3 convolution big enough to saturate the device."""

@@ -38,7 +38,8 @@ def connect_async(settings: Settings, on_error: connection.OnError | None = None
 
 class _CPackedCommands:
     """Mixin for redis-py's asyncio connections: pack commands with hiredis's C packer, as redis-py's synchronous
-    connections already do. The asyncio ones pack in Python, a tenth of POST /generate's CPU time."""
+    connections already do. The asyncio ones pack in Python, a sizeable share of POST /generate's CPU time
+    (bench/api_cpu.py)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str):  # a name like "CONFIG GET" goes out as separate words, as redis-py sends it

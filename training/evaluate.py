@@ -25,8 +25,9 @@ import torch
 
 from .checkpoints import resolve_version, update_metrics
 from .config import REPORT_SEED, TUNING_SEED
-from .data.celeba import to_float, to_uint8
+from .data.celeba import to_float
 from .diffusion.noise import ImageNoise
+from .imaging import to_uint8
 from .judge import AttributeClassifier, rate, robustness, train_classifier
 from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid

@@ -16,6 +16,11 @@ GRID_BACKGROUND = (255, 255, 255)
 FINAL_FRAME_HOLD = 4  # the last GIF frame stays this many frame durations
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``float [N, 3, H, W]`` in [-1, 1] (clamped) -> ``uint8`` in 0..255, the form every function below takes."""
+    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
 def grid_shape(count: int) -> tuple[int, int]:
     """``(rows, cols)`` for ``count`` tiles: as square as possible, never an empty row."""
     cols = math.ceil(math.sqrt(count))

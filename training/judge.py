@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DataConfig
-from .data.celeba import load_split, to_float, to_uint8
+from .data.celeba import load_split, to_float
+from .imaging import to_uint8
 from .metrics import wilson_interval
 
 # the accuracies of the robustness check may differ by this much before the report warns

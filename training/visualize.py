@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .data.celeba import load_split, to_float, to_uint8
+from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .diffusion.samplers import trajectory_indices
-from .imaging import gif_bytes, grid_image
+from .imaging import gif_bytes, grid_image, to_uint8
 from .pipeline import LatentDiffusion
 
 

@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": info.dtype})
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    jobs.RUNTIME = jobs.WorkerRuntime(engine, settings, metrics)
+    runtime = jobs.WorkerRuntime(engine, settings, metrics)
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
     queues = [Queue(name_, connection=connection) for name_ in settings.queue_names()]
-    worker = jobs.FacegenWorker(queues, connection=connection, name=name, runtime=jobs.RUNTIME)
+    worker = jobs.FacegenWorker(queues, connection=connection, name=name, runtime=runtime)
     log.info("serving model %s (%s) from Redis at %s", info.version,
              json.dumps({"device": info.device, "dtype": info.dtype, "max_batch": settings.max_batch}),
              describe(settings))

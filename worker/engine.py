@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from training.data.celeba import to_uint8
 from training.diffusion.noise import ImageNoise
 from training.diffusion.samplers import trajectory_indices
+from training.imaging import to_uint8
 from training.pipeline import LatentDiffusion
 from training.runtime import pick_device, pick_dtype
 
@@ -62,7 +62,7 @@ ProgressFn = Callable[[int, int], None]  # (steps done, total steps) across chun
 
 def compile_for_inference(module: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
     """``torch.compile`` for fixed-shape inference; on CPU with inductor's freezing, which folds the weights in
-    as constants and pre-packs them for oneDNN (measured 1.8x over eager on the bf16 UNet at batch 64)."""
+    as constants and pre-packs them for oneDNN (the speed-up over eager is in BENCHMARKS.md)."""
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
 
@@ -109,83 +109,87 @@ class Engine:
         Raises ``ValueError`` for an attribute the model does not know, :class:`OutOfMemory` when a single
         image does not fit, and whatever ``progress`` raises (e.g. to cancel).
         """
+        # One row per image: (index of its request, index of the image within the request).
         rows = [(r, i) for r, request in enumerate(requests) for i in range(request.count)]
         request_labels = torch.stack([self.model.labels_for(request.attributes) for request in requests])
         labels = request_labels[[r for r, _ in rows]]
-        pairs = [(requests[r].seed, i) for r, i in rows]
-        wants = torch.tensor([requests[r].frames > 0 for r, _ in rows])
-        frame_steps = [trajectory_indices(steps, request.frames) for request in requests]
-        capture = sorted({i for indices in frame_steps for i in indices})
+        noise_streams = [(requests[r].seed, i) for r, i in rows]
+        row_wants_frames = torch.tensor([requests[r].frames > 0 for r, _ in rows])
+        request_frame_steps = [trajectory_indices(steps, request.frames) for request in requests]
+        frame_steps = sorted({i for indices in request_frame_steps for i in indices})  # any request's
         chunks = [list(range(start, min(start + self.max_batch, len(rows))))
                   for start in range(0, len(rows), self.max_batch)]
         total = steps * len(chunks)
         stats = RunStats(images=len(rows))
         images: list[torch.Tensor] = []
         noise_frames: list[torch.Tensor] = []  # decoded x_T of the rows that want frames, chunk by chunk
-        step_frames: dict[int, list[torch.Tensor]] = {i: [] for i in capture}
+        step_frames: dict[int, list[torch.Tensor]] = {i: [] for i in frame_steps}
         for number, chunk in enumerate(chunks):
             def on_step(i: int, base: int = number * steps) -> None:
                 if progress is not None:
                     progress(base + i + 1, total)
 
+            chunk_wants_frames = row_wants_frames[chunk]
             t0 = time.perf_counter()
-            latents, captured = self._sample(labels[chunk], [pairs[k] for k in chunk], wants[chunk], sampler, steps,
-                                             guidance_scale, capture, on_step)
+            latents, x0_at_step = self._sample(labels[chunk], [noise_streams[k] for k in chunk], chunk_wants_frames,
+                                               sampler, steps, guidance_scale, frame_steps, on_step)
             t1 = time.perf_counter()
             images.append(self.decode(latents, stats))
-            if bool(wants[chunk].any()):
-                start = ImageNoise([pairs[k] for k, w in zip(chunk, wants[chunk].tolist(), strict=True) if w])
-                noise_frames.append(self.decode(start.draw(self.model.latent_shape), stats))
-                for i in capture:
-                    step_frames[i].append(self.decode(captured[i], stats))
+            if bool(chunk_wants_frames.any()):
+                wanting = [noise_streams[k] for k, w in zip(chunk, chunk_wants_frames.tolist(), strict=True) if w]
+                noise_frames.append(self.decode(ImageNoise(wanting).draw(self.model.latent_shape), stats))
+                for i in frame_steps:
+                    step_frames[i].append(self.decode(x0_at_step[i], stats))
             stats.chunks += 1
             stats.denoiser_steps += steps
             stats.sampling_s += t1 - t0
             stats.decoding_s += time.perf_counter() - t1
 
         all_images = torch.cat(images)
-        want_position = (torch.cumsum(wants.long(), 0) - 1).tolist()  # row -> index among rows wanting frames
+        frame_position = (torch.cumsum(row_wants_frames.long(), 0) - 1).tolist()  # row -> index among frame rows
         all_noise = torch.cat(noise_frames) if noise_frames else None
         all_steps = {i: torch.cat(parts) for i, parts in step_frames.items()}
         outputs: dict[str, RequestOutput] = {}
         for r, request in enumerate(requests):
-            row_ids = [k for k, (rr, _) in enumerate(rows) if rr == r]
-            output = RequestOutput(all_images[row_ids])
+            request_rows = [k for k, (row_request, _) in enumerate(rows) if row_request == r]
+            output = RequestOutput(all_images[request_rows])
             if request.frames > 0 and all_noise is not None:
-                positions = [want_position[k] for k in row_ids]
-                output.frames = [all_noise[positions]] + [all_steps[i][positions] for i in frame_steps[r]]
+                positions = [frame_position[k] for k in request_rows]
+                output.frames = [all_noise[positions]] + [all_steps[i][positions] for i in request_frame_steps[r]]
             outputs[request.key] = output
         return outputs, stats
 
-    def _sample(self, labels: torch.Tensor, pairs: list[tuple[int, int]], wants: torch.Tensor, sampler: str,
-                steps: int, guidance: float, capture: list[int], on_step: Callable[[int], None]
+    def _sample(self, labels: torch.Tensor, noise_streams: list[tuple[int, int]], wants_frames: torch.Tensor,
+                sampler: str, steps: int, guidance: float, frame_steps: list[int], on_step: Callable[[int], None]
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One chain over ``labels [n, A]``: final latents ``[n, C, h, w]`` and the x0 predictions at the
-        ``capture`` step indices for the rows in ``wants``. On device OOM it empties the cache and runs the two
-        halves separately (fresh noise streams give the same images)."""
-        captured: dict[int, torch.Tensor] = {}
-        keep = wants.to(self.device)
-        any_wanted = bool(wants.any())
+        ``frame_steps`` step indices for the rows in ``wants_frames``. On device OOM it empties the cache and runs
+        the two halves separately (fresh noise streams give the same images)."""
+        x0_at_step: dict[int, torch.Tensor] = {}
+        keep = wants_frames.to(self.device)
+        any_wanted = bool(wants_frames.any())
 
         def callback(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            if any_wanted and i in capture:
-                captured[i] = x0[keep].cpu()
+            if any_wanted and i in frame_steps:
+                x0_at_step[i] = x0[keep].cpu()
             on_step(i)
 
         try:
-            latents = self.model.sample_latents(labels, ImageNoise(pairs, self.device), sampler, steps, guidance,
-                                                callback)
-            return latents, captured
+            latents = self.model.sample_latents(labels, ImageNoise(noise_streams, self.device), sampler, steps,
+                                                guidance, callback)
+            return latents, x0_at_step
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(pairs) == 1:
+            if len(noise_streams) == 1:
                 raise OutOfMemory("out of device memory for a single image; lower the resolution or use a "
                                   "larger device") from None
-            log.warning("out of device memory for %d images; splitting the batch", len(pairs))
-        half = len(pairs) // 2
-        first = self._sample(labels[:half], pairs[:half], wants[:half], sampler, steps, guidance, capture, on_step)
-        second = self._sample(labels[half:], pairs[half:], wants[half:], sampler, steps, guidance, capture, on_step)
+            log.warning("out of device memory for %d images; splitting the batch", len(noise_streams))
+        half = len(noise_streams) // 2
+        first = self._sample(labels[:half], noise_streams[:half], wants_frames[:half], sampler, steps, guidance,
+                             frame_steps, on_step)
+        second = self._sample(labels[half:], noise_streams[half:], wants_frames[half:], sampler, steps, guidance,
+                              frame_steps, on_step)
         merged = {i: torch.cat([first[1][i], second[1][i]]) for i in first[1].keys() & second[1].keys()}
         merged |= {i: v for part in (first[1], second[1]) for i, v in part.items() if i not in merged}
         return torch.cat([first[0], second[0]]), merged

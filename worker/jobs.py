@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ from rq.queue import Queue
 from training.imaging import gif_bytes, grid_image, png_bytes
 
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
-from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput
+from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput, RunStats
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 from .spec import (
@@ -74,7 +76,20 @@ class WorkerRuntime:
     prepared: dict[str, Prepared] = field(default_factory=dict)
 
 
-RUNTIME: WorkerRuntime | None = None  # set once by ``python -m worker`` before it starts working
+# The runtime of the FacegenWorker performing the current job, set by the worker around its batch: RQ calls
+# ``generate`` with the job's arguments only, and this is the one way it reaches the worker's runtime (everything
+# else takes the runtime as an argument).
+_current_runtime: ContextVar[WorkerRuntime | None] = ContextVar("facegen_worker_runtime", default=None)
+
+
+@dataclass
+class Batch:
+    """Jobs denoised in one pass: each job's share, the jobs still running, and those canceled on the way."""
+
+    shares: dict[str, Prepared] = field(default_factory=dict)
+    key: BatchKey | None = None  # the parameters every running job shares
+    running: list[Job] = field(default_factory=list)
+    canceled: set[str] = field(default_factory=set)
 
 
 def parse_spec(job: Job) -> JobSpec:
@@ -171,32 +186,47 @@ class FacegenWorker(SimpleWorker):
         return [job for job in jobs if job is not None]
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        window = self.runtime.settings.batch_window_ms / 1000
-        if window > 0 and queue.count < self.runtime.engine.max_batch:
-            time.sleep(window)  # let a burst that is still arriving join this batch
+        """A batch in rq's phases: claim companions, prepare their executions, run them as one batch, then
+        perform (store and record) or finish as canceled each job."""
+        self.wait_for_burst(queue)
         group = [job, *self.claim_companions(job, queue)]
         executions = {}
         for member in group:
             executions[member.id] = self.prepare_execution(member)
             self.prepare_job_execution(member, remove_from_intermediate_queue=True)
-        canceled: set[str] = set()
+        batch = run_batch(self.runtime, group, self.connection, self.batch_heartbeat(group, executions, queue))
+        self.runtime.prepared.update(batch.shares)
+        token = _current_runtime.set(self.runtime)
+        try:
+            for member in group:
+                if member.id in batch.canceled:
+                    self.runtime.prepared.pop(member.id, None)
+                    self.finish_canceled(member, executions[member.id])
+                else:
+                    self.perform_job(member, queue, executions[member.id])
+        finally:
+            _current_runtime.reset(token)
+        self.set_state("idle")
+
+    def wait_for_burst(self, queue: Queue) -> None:
+        """Let a burst that is still arriving join this batch (``BATCH_WINDOW_MS``, unless the queue already
+        holds a full batch)."""
+        window = self.runtime.settings.batch_window_ms / 1000
+        if window > 0 and queue.count < self.runtime.engine.max_batch:
+            time.sleep(window)
+
+    def batch_heartbeat(self, group: list[Job], executions: dict[str, Any], queue: Queue) -> Callable[[], None]:
+        """Extends this worker's and every batch job's heartbeat in one round trip (called while sampling)."""
+        ttl = self.runtime.settings.heartbeat_ttl
 
         def heartbeat() -> None:
             with self.connection.pipeline() as pipe:
-                self.heartbeat(self.runtime.settings.heartbeat_ttl + 60, pipeline=pipe)
+                self.heartbeat(ttl + 60, pipeline=pipe)
                 for member in group:
-                    executions[member.id].heartbeat(queue.started_job_registry, self.runtime.settings.heartbeat_ttl,
-                                                    pipeline=pipe)
+                    executions[member.id].heartbeat(queue.started_job_registry, ttl, pipeline=pipe)
                 pipe.execute()
 
-        self.runtime.prepared.update(prepare_batch(self.runtime, group, self.connection, canceled, heartbeat))
-        for member in group:
-            if member.id in canceled:
-                self.runtime.prepared.pop(member.id, None)
-                self.finish_canceled(member, executions[member.id])
-            else:
-                self.perform_job(member, queue, executions[member.id])
-        self.set_state("idle")
+        return heartbeat
 
     def finish_canceled(self, job: Job, execution: Any) -> None:
         with self.connection.pipeline() as pipe:
@@ -217,146 +247,198 @@ def cancel_flags(connection: redis.Redis, jobs: list[Job]) -> list[bool]:
         return [bool(flag) for flag in pipe.execute()]
 
 
-def prepare_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Redis, canceled: set[str],
-                  heartbeat: Any = None) -> dict[str, Prepared]:
-    """Run the engine once for all valid jobs; returns each job's :class:`Prepared` (output or error)."""
-    engine, settings, metrics = runtime.engine, runtime.settings, runtime.metrics
-    prepared: dict[str, Prepared] = {}
-    valid: list[Job] = []
-    key = None
+def run_batch(runtime: WorkerRuntime, jobs: list[Job], connection: redis.Redis,
+              heartbeat: Callable[[], None] | None = None) -> Batch:
+    """Run the engine once for all valid jobs of ``jobs``: check them, drop the canceled, mark the rest started,
+    denoise. The returned batch holds each job's :class:`Prepared` (output or error) and the canceled ids."""
+    batch = check_jobs(runtime.engine, jobs)
+    drop_canceled(batch, connection)
+    if batch.running:
+        mark_started(batch, runtime)
+        denoise(batch, runtime, connection, heartbeat)
+    return batch
+
+
+def check_jobs(engine: Engine, jobs: list[Job]) -> Batch:
+    """Parse each job's spec against the served model; a job that can never run gets a permanent error."""
+    batch = Batch()
     for job in jobs:
         try:
             spec = parse_spec(job)
-            job_key = batch_key(spec, engine)
-            if key is not None and job_key != key:
+            key = batch_key(spec, engine)
+            if batch.key is not None and key != batch.key:
                 raise PermanentJobError("internal: incompatible job in batch")  # claim_companions prevents this
-            key = job_key
+            batch.key = key
             engine.model.labels_for(spec.attributes)
         except (PermanentJobError, ValueError) as exc:
-            prepared[job.id] = Prepared(None, error=PermanentJobError(str(exc)))
+            batch.shares[job.id] = Prepared(None, error=PermanentJobError(str(exc)))
             continue
-        prepared[job.id] = Prepared(spec, resolved={"steps": job_key.steps, "guidance_scale": job_key.guidance_scale,
-                                                    "sampler": job_key.sampler.value, "model": engine.version})
-        valid.append(job)
-    canceled.update(job.id for job, flag in zip(valid, cancel_flags(connection, valid), strict=True) if flag)
-    valid = [job for job in valid if job.id not in canceled]
-    if not valid:
-        return prepared
-    for job in valid:
+        batch.shares[job.id] = Prepared(spec, resolved={"steps": key.steps, "guidance_scale": key.guidance_scale,
+                                                        "sampler": key.sampler.value, "model": engine.version})
+        batch.running.append(job)
+    return batch
+
+
+def drop_canceled(batch: Batch, connection: redis.Redis) -> None:
+    """Move the running jobs the service asked to cancel to ``batch.canceled``."""
+    flags = cancel_flags(connection, batch.running)
+    batch.canceled.update(job.id for job, flag in zip(batch.running, flags, strict=True) if flag)
+    batch.running = [job for job in batch.running if job.id not in batch.canceled]
+
+
+def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
+    """Record each running job's queue wait and write its resolved parameters, batch size and progress 0."""
+    images = sum(batch.shares[job.id].spec.count for job in batch.running)
+    for job in batch.running:
         if job.enqueued_at is not None and job.started_at is not None:
-            metrics.phase_seconds.labels("queue_wait").observe((job.started_at - job.enqueued_at).total_seconds())
-        job.meta[META_RESOLVED] = prepared[job.id].resolved
-        job.meta[META_BATCH] = {"jobs": len(valid), "images": sum(prepared[j.id].spec.count for j in valid)}
-        job.meta[META_PROGRESS] = {"step": 0, "total": key.steps}
+            wait = (job.started_at - job.enqueued_at).total_seconds()
+            runtime.metrics.phase_seconds.labels("queue_wait").observe(wait)
+        job.meta[META_RESOLVED] = batch.shares[job.id].resolved
+        job.meta[META_BATCH] = {"jobs": len(batch.running), "images": images}
+        job.meta[META_PROGRESS] = {"step": 0, "total": batch.key.steps}
         job.save_meta()
 
-    last_write = last_beat = 0.0
 
-    def progress(step: int, total: int) -> None:
-        nonlocal last_write, last_beat
+class ProgressReporter:
+    """The engine's progress callback: every ``PROGRESS_INTERVAL`` it writes each running job's progress, picks up
+    cancels, and heartbeats; raises :class:`JobCanceled` once every running job is canceled."""
+
+    def __init__(self, batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
+                 heartbeat: Callable[[], None] | None):
+        self.batch, self.settings, self.connection, self.heartbeat = batch, runtime.settings, connection, heartbeat
+        self.last_write = self.last_beat = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
         now = time.monotonic()
-        if now - last_write < settings.progress_interval and step < total:
+        if now - self.last_write < self.settings.progress_interval and step < total:
             return
-        last_write = now
+        self.last_write = now
         try:
-            for job, flag in zip(valid, cancel_flags(connection, valid), strict=True):
-                if flag:
-                    canceled.add(job.id)
-                else:
-                    job.meta[META_PROGRESS] = {"step": step, "total": total}
-                    job.save_meta()
-            if heartbeat is not None and now - last_beat > settings.heartbeat_ttl / 6:
-                last_beat = now
-                heartbeat()
+            self.write(step, total)
+            if self.heartbeat is not None and now - self.last_beat > self.settings.heartbeat_ttl / 6:
+                self.last_beat = now
+                self.heartbeat()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Progress is advisory: the client already waited OUTAGE_PATIENCE_S for Redis, so keep denoising and
             # try again that much later (the results are stored at the end; an outage longer than HEARTBEAT_TTL
             # lets another worker retry the jobs).
-            last_write = time.monotonic() + OUTAGE_PATIENCE_S
+            self.last_write = time.monotonic() + OUTAGE_PATIENCE_S
             log.warning("progress not recorded at step %d/%d: %s", step, total, exc)
-        if all(job.id in canceled for job in valid):
+        if all(job.id in self.batch.canceled for job in self.batch.running):
             raise JobCanceled()
 
-    requests = [ImageRequest(job.id, prepared[job.id].spec.attributes, prepared[job.id].spec.seed,
-                             prepared[job.id].spec.count,
-                             prepared[job.id].spec.animation_frames if prepared[job.id].spec.animation else 0)
-                for job in valid]
+    def write(self, step: int, total: int) -> None:
+        running = self.batch.running
+        for job, flag in zip(running, cancel_flags(self.connection, running), strict=True):
+            if flag:
+                self.batch.canceled.add(job.id)
+            else:
+                job.meta[META_PROGRESS] = {"step": step, "total": total}
+                job.save_meta()
+
+
+def image_request(job_id: str, spec: JobSpec) -> ImageRequest:
+    return ImageRequest(job_id, spec.attributes, spec.seed, spec.count,
+                        spec.animation_frames if spec.animation else 0)
+
+
+def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
+            heartbeat: Callable[[], None] | None) -> None:
+    """One engine run for the running jobs; each gets its output, or the run's error (a canceled run: neither)."""
+    engine, key = runtime.engine, batch.key
+    requests = [image_request(job.id, batch.shares[job.id].spec) for job in batch.running]
+    progress = ProgressReporter(batch, runtime, connection, heartbeat)
     started = time.perf_counter()
     try:
         outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
     except JobCanceled:
-        return prepared
+        return
     except OutOfMemory as exc:
-        for job in valid:
-            prepared[job.id].error = PermanentJobError(str(exc))
-        return prepared
+        fail_running(batch, PermanentJobError(str(exc)))
+        return
     except Exception as exc:  # noqa: BLE001 - reported per job; RQ retries transient failures
-        log.exception("batch of %d jobs failed", len(valid))
-        for job in valid:
-            prepared[job.id].error = exc
-        return prepared
-    metrics.batch_seconds.observe(time.perf_counter() - started)
+        log.exception("batch of %d jobs failed", len(batch.running))
+        fail_running(batch, exc)
+        return
+    record_batch(runtime.metrics, engine, stats, len(batch.running), time.perf_counter() - started)
+    for job in batch.running:
+        share = batch.shares[job.id]
+        share.output = outputs[job.id]
+        share.sampling_s, share.decoding_s = stats.sampling_s, stats.decoding_s
+
+
+def fail_running(batch: Batch, error: Exception) -> None:
+    for job in batch.running:
+        batch.shares[job.id].error = error
+
+
+def record_batch(metrics: WorkerMetrics, engine: Engine, stats: RunStats, jobs: int, seconds: float) -> None:
+    metrics.batch_seconds.observe(seconds)
     metrics.batch_images.observe(stats.images)
-    metrics.batch_jobs.observe(len(valid))
+    metrics.batch_jobs.observe(jobs)
     metrics.denoiser_steps.inc(stats.denoiser_steps)
     metrics.precision_fallbacks.inc(stats.precision_fallbacks)
     if engine.device.type == "cuda":
         metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(engine.device))
         metrics.gpu_memory.labels("peak").set(torch.cuda.max_memory_allocated(engine.device))
-    for job in valid:
-        entry = prepared[job.id]
-        entry.output = outputs[job.id]
-        entry.sampling_s, entry.decoding_s = stats.sampling_s, stats.decoding_s
-    return prepared
 
 
-def _fail(job: Job, runtime: WorkerRuntime | None, exc: Exception) -> None:
+def fail(job: Job, runtime: WorkerRuntime, exc: Exception) -> None:
     """Record a one-line reason in the job meta; permanent errors are not retried."""
     permanent = isinstance(exc, PermanentJobError)
     if permanent:
         job.retries_left = 0
     job.meta[META_ERROR] = str(exc) if permanent else f"{type(exc).__name__}: {exc}"
     job.save_meta()
-    if runtime is not None:
-        reason = "invalid" if permanent else type(exc).__name__
-        runtime.metrics.failures.labels(reason).inc()
-        runtime.metrics.jobs.labels("failed").inc()
+    reason = "invalid" if permanent else type(exc).__name__
+    runtime.metrics.failures.labels(reason).inc()
+    runtime.metrics.jobs.labels("failed").inc()
+
+
+def store_artifacts(job: Job, share: Prepared, ttl: int) -> dict[str, str]:
+    """Encode and store the job's PNG grid (and GIF); returns ``{kind: Redis key}``."""
+    spec = share.spec
+    artifacts = {"grid": artifact_key(job.id, "grid")}
+    with job.connection.pipeline() as pipe:
+        pipe.set(artifacts["grid"], png_bytes(grid_image(share.output.images)), ex=ttl)
+        if spec.animation:
+            artifacts["animation"] = artifact_key(job.id, "animation")
+            pipe.set(artifacts["animation"], gif_bytes(share.output.frames, spec.animation_fps), ex=ttl)
+        pipe.execute()
+    return artifacts
+
+
+def record_finished(metrics: WorkerMetrics, share: Prepared, encoding_s: float) -> None:
+    metrics.phase_seconds.labels("encoding").observe(encoding_s)
+    metrics.phase_seconds.labels("sampling").observe(share.sampling_s)
+    metrics.phase_seconds.labels("decoding").observe(share.decoding_s)
+    metrics.images.labels(share.spec.label()).inc(share.spec.count)
+    metrics.jobs.labels("finished").inc()
 
 
 def generate(spec: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point (enqueued as ``worker.jobs.generate``): store this job's PNG grid (and GIF) in Redis.
 
-    The images were normally computed already, batched with compatible jobs; a job run without that (e.g. by a
-    plain RQ worker of this process) is computed here alone.
+    The images were normally computed already, batched with compatible jobs; a job run without that is computed
+    here alone.
     """
     job = get_current_job()
-    runtime = RUNTIME
+    runtime = _current_runtime.get()
     if job is None or runtime is None:
         raise RuntimeError("worker.jobs.generate runs inside `python -m worker`, which loads the model")
-    prepared = runtime.prepared.pop(job.id, None)
-    if prepared is None:
-        prepared = prepare_batch(runtime, [job], job.connection, set())[job.id]
-    if prepared.error is not None or prepared.output is None:
-        error = prepared.error or PermanentJobError("job was canceled")
-        _fail(job, runtime, error)
+    share = runtime.prepared.pop(job.id, None)
+    if share is None:
+        share = run_batch(runtime, [job], job.connection).shares[job.id]
+    if share.error is not None or share.output is None:
+        error = share.error or PermanentJobError("job was canceled")
+        fail(job, runtime, error)
         raise error
     started = time.perf_counter()
-    spec_model = prepared.spec
     ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else runtime.settings.artifact_ttl
-    artifacts = {"grid": artifact_key(job.id, "grid")}
-    with job.connection.pipeline() as pipe:
-        pipe.set(artifacts["grid"], png_bytes(grid_image(prepared.output.images)), ex=ttl)
-        if spec_model.animation:
-            artifacts["animation"] = artifact_key(job.id, "animation")
-            pipe.set(artifacts["animation"], gif_bytes(prepared.output.frames, spec_model.animation_fps), ex=ttl)
-        pipe.execute()
-    metrics = runtime.metrics
-    metrics.phase_seconds.labels("encoding").observe(time.perf_counter() - started)
-    metrics.phase_seconds.labels("sampling").observe(prepared.sampling_s)
-    metrics.phase_seconds.labels("decoding").observe(prepared.decoding_s)
-    metrics.images.labels(spec_model.label()).inc(spec_model.count)
-    metrics.jobs.labels("finished").inc()
+    artifacts = store_artifacts(job, share, ttl)
+    record_finished(runtime.metrics, share, time.perf_counter() - started)
+    steps = share.resolved["steps"]
     job.meta[META_ARTIFACTS] = artifacts
-    job.meta[META_PROGRESS] = {"step": prepared.resolved["steps"], "total": prepared.resolved["steps"]}
+    job.meta[META_PROGRESS] = {"step": steps, "total": steps}
     job.save_meta()
-    return {"images": spec_model.count, "artifacts": artifacts, **prepared.resolved}
+    return {"images": share.spec.count, "artifacts": artifacts, **share.resolved}

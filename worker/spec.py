@@ -23,6 +23,8 @@ MAX_ANIMATION_FRAMES = 64
 DEFAULT_ANIMATION_FRAMES = 16
 MAX_ANIMATION_FPS = 30
 DEFAULT_ANIMATION_FPS = 8
+# The version name training.checkpoints resolves to the newest; repeated here because this module stays torch-free
+# (tests/worker/test_contract.py checks the two agree).
 LATEST = "latest"
 
 # ----- queue contract -----------------------------------------------------------------------------------------
@@ -32,7 +34,8 @@ KEY_PREFIX = "facegen"
 
 
 class Sampler(StrEnum):
-    """Reverse-diffusion samplers the worker offers."""
+    """Reverse-diffusion samplers the worker offers: the names of ``training.diffusion.samplers.SAMPLERS``, which
+    this torch-free module cannot import (tests/worker/test_contract.py checks they agree)."""
 
     dpmpp = "dpmpp"  # DPM-Solver++(2M), deterministic
     ddim = "ddim"  # DDIM, eta from the model's sampling config

@@ -213,8 +213,3 @@ def fingerprint(root: str | Path) -> str:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """``uint8 [N, 3, S, S]`` in 0..255 -> ``float32`` in [-1, 1]."""
     return images.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``float [N, 3, S, S]`` in [-1, 1] (clamped) -> ``uint8`` in 0..255."""
-    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)

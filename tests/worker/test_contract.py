@@ -1,0 +1,14 @@
+"""The torch-free job contract (worker.spec) names what training defines: they must agree."""
+
+from training.checkpoints import LATEST as CHECKPOINT_LATEST
+from training.diffusion.samplers import SAMPLERS
+from worker.spec import DEFAULT_STEPS, LATEST, Sampler
+
+
+def test_every_sampler_of_the_contract_is_a_training_sampler_and_back() -> None:
+    assert {sampler.value for sampler in Sampler} == set(SAMPLERS)
+    assert set(DEFAULT_STEPS) == set(Sampler)
+
+
+def test_latest_names_the_same_version_on_both_sides() -> None:
+    assert LATEST == CHECKPOINT_LATEST
