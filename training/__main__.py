@@ -106,6 +106,8 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--diffusion", nargs="+", default=["latest"],
                           help="diffusion checkpoint version(s), judged side by side by one judge")
     evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge, test: KID/FID)")
+    evaluate.add_argument("--vae", nargs="*", default=[], metavar="VERSION",
+                          help="also measure these VAE versions alone (round trip) with the same judge")
     evaluate.add_argument("--n", type=int, default=500, help="generated images per label and setting")
     evaluate.add_argument("--sampler", default="dpmpp", choices=sorted(SAMPLERS))
     evaluate.add_argument("--steps", type=int, default=20)
@@ -184,7 +186,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     command = "python -m training " + " ".join(args.argv)
     report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
         args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed, args.classifier_steps,
-        fid=not args.no_fid, precision=args.precision, tuning=args.tuning))
+        fid=not args.no_fid, precision=args.precision, tuning=args.tuning, vae_versions=tuple(args.vae)))
     print(report)
     if args.report:
         with args.report.open("a") as handle:

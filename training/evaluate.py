@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoints import resolve_version, update_metrics
+from .checkpoints import load_checkpoint, resolve_version, update_metrics
 from .config import REPORT_SEED, TUNING_SEED
 from .data.celeba import to_float
 from .diffusion.noise import ImageNoise
@@ -31,9 +31,10 @@ from .imaging import to_uint8
 from .judge import AttributeClassifier, rate, robustness, train_classifier
 from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
+from .models.vae import VAE
 from .pipeline import LatentDiffusion
 from .runtime import pick_device, pick_dtype
-from .train_vae import psnr
+from .train_vae import psnr, reconstruct_images
 
 HEADLINE_MIN_N = 500  # images per label the headline row needs before the report calls it one
 
@@ -175,12 +176,28 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
     return results
 
 
+def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: torch.device) -> dict[str, Any]:
+    """A VAE version alone (float32): PSNR of test-split reconstructions, the judge's agreement between each image
+    and its reconstruction, and the judge's accuracy on the reconstructions; merged into its manifest's metrics."""
+    checkpoint = load_checkpoint(checkpoints, "vae", version)
+    vae = VAE(checkpoint.manifest.model)
+    vae.load_state_dict({k: v.float() for k, v in checkpoint.state_dict.items()})
+    recon = to_uint8(reconstruct_images(vae.to(device).eval(), tools.test_images, device, torch.float32))
+    judged = tools.judge.predict
+    results = {"vae_version": checkpoint.version, "vae_psnr_db": psnr(to_float(recon), to_float(tools.test_images)),
+               "vae_attribute_agreement": rate(judged(recon)[:, 0] == judged(tools.test_images)[:, 0]),
+               "judge_on_reconstructions": rate(judged(recon)[:, 0] == tools.test_labels[:, 0])}
+    update_metrics(checkpoint.path, {"evaluation": results})
+    return results
+
+
 def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int, settings: list[Setting], seed: int,
                       classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto",
-                      tuning: bool = False) -> list[dict[str, Any]]:
+                      tuning: bool = False, vae_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Several diffusion versions side by side, judged by one judge against one set of reference features (they
     must share a data config). Each version's numbers are also merged into its manifest's ``metrics`` (under
-    ``evaluation``, or ``tuning`` with ``tuning=True``).
+    ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also measured on their own
+    (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list.
 
     ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
@@ -197,7 +214,8 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
     scorer = Scorer(torch_device, test_images, test_labels, seed) if fid else None
     tools = Instruments(judge, test_images, test_labels, scorer)
-    return [evaluate_model(checkpoints, model, tools, n, settings, seed, tuning) for model in models]
+    vaes = [vae_round_trip(checkpoints, version, tools, torch_device) for version in vae_versions]
+    return vaes + [evaluate_model(checkpoints, model, tools, n, settings, seed, tuning) for model in models]
 
 
 def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list[Setting], seed: int,
@@ -213,7 +231,12 @@ def _percent(entry: dict[str, Any]) -> str:
 
 
 def markdown_report(results: dict[str, Any], command: str) -> str:
-    """The evaluation as a Markdown section: the command, the judge, the VAE, the sampler table."""
+    """The evaluation as a Markdown section: the command, the judge, the VAE, the sampler table (or the one line of
+    a VAE measured alone)."""
+    if "vae_version" in results:
+        return (f"- VAE `{results['vae_version']}` alone (`{command}`): {results['vae_psnr_db']:.2f} dB PSNR on the "
+                f"test split; judge agreement image/reconstruction {_percent(results['vae_attribute_agreement'])}; "
+                f"judge accuracy on the reconstructions {_percent(results['judge_on_reconstructions'])}\n")
     label = results["attribute"].lower()
     judge = results["judge"]
     lines = [f"Model `{results['version']}`. Command: `{command}` (seed {results['seed']}, {results['precision']})", "",

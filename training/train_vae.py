@@ -38,7 +38,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruct(vae: VAE, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
+def reconstruct_images(vae: VAE, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
                 batch: int = 128) -> torch.Tensor:
     """Encode (posterior mean) and decode ``uint8 [N, 3, H, W]``; returns float ``[N, 3, H, W]`` in [-1, 1]."""
     out = []
@@ -124,7 +124,7 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     if ddp.is_main:
         vae.eval()
         val_images, _ = load_split(opts.data, "val", data_cfg, limit=256)
-        val_psnr = psnr(reconstruct(vae, val_images, device, dtype), to_float(val_images))
+        val_psnr = psnr(reconstruct_images(vae, val_images, device, dtype), to_float(val_images))
         manifest = VAEManifest(
             model=vae_cfg, data=data_cfg, attributes=data_cfg.attributes, dataset_fingerprint=fingerprint(opts.data),
             training=TrainingRun(cfg, cfg.steps, len(images), str(dtype).removeprefix("torch."), ddp.world,

@@ -10,7 +10,7 @@ import pytest
 
 from training.checkpoints import load_checkpoint
 from training.config import REPORT_SEED, TUNING_SEED
-from training.evaluate import SeedError, Setting, evaluate, markdown_report
+from training.evaluate import SeedError, Setting, evaluate, evaluate_versions, markdown_report
 
 
 @pytest.fixture()
@@ -51,3 +51,16 @@ def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints:
     assert metrics["tuning"]["seeds"] == [77] and "evaluation" not in metrics
     with pytest.raises(SeedError, match="seed 77"):  # once it has tuned, 77 no longer reports
         evaluate(checkpoints, "latest", synth_dir, seed=77, **args)
+
+
+def test_a_vae_version_is_measured_alone_by_the_same_judge(checkpoints: Path, synth_dir: Path) -> None:
+    vae_version = load_checkpoint(checkpoints, "vae", "latest").version
+    vae_row, model_row = evaluate_versions(checkpoints, ["latest"], synth_dir, n=2, settings=[Setting("ddim", 2, 2.0)],
+                                           seed=REPORT_SEED, classifier_steps=2, fid=False, precision="fp32",
+                                           vae_versions=(vae_version,))
+    assert vae_row["vae_version"] == vae_version and "settings" in model_row
+    # the diffusion model decodes with the same VAE: its round trip is the same measurement, up to latent scaling
+    assert vae_row["vae_psnr_db"] == pytest.approx(model_row["vae_psnr_db"], abs=0.05)
+    assert vae_row["judge_on_reconstructions"]["n"] == 12
+    assert load_checkpoint(checkpoints, "vae", vae_version).manifest.metrics["evaluation"]["vae_version"] == vae_version
+    assert f"VAE `{vae_version}` alone" in markdown_report(vae_row, "python -m training evaluate …")
