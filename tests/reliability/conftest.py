@@ -76,6 +76,12 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
         time.sleep(poll)
 
 
+def metric_total(metrics_url: str, name: str) -> float:
+    """The sum of a Prometheus counter's labelled series (``name``: e.g. ``facegen_worker_redis_errors_total``)."""
+    text = httpx.get(metrics_url, timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def job_state(url: str, job_id: str) -> dict:
     response = httpx.get(f"{url}/jobs/{job_id}", timeout=10)
     assert response.status_code == 200, response.text

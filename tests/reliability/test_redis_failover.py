@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from scripts.redisctl import RedisServer, SentinelServer
-from tests.reliability.conftest import SupervisedWorker, job_state, wait_for
-from tests.service.conftest import LiveServer
+from tests.reliability.conftest import SupervisedWorker, job_state, metric_total, wait_for
+from tests.service.conftest import LiveServer, free_port
 
 MASTER = "facegen"
 READY_AGAIN_S = 30  # the bound: primary killed -> /readyz 200 and jobs accepted again
@@ -84,7 +84,9 @@ def test_every_accepted_job_survives_the_loss_of_the_primary(tiny_checkpoints) -
     try:
         wait_for(lambda: replicated(primary, sentinels), 60, "the replica and the Sentinels")
         api = LiveServer(env["REDIS_URL"], env={**env, "REDIS_TIMEOUT_S": "1", "RETRY_AFTER_S": "1"})
-        worker = SupervisedWorker(env["REDIS_URL"], tiny_checkpoints, **WORKER_ENV, **env)
+        metrics_port = free_port()
+        worker = SupervisedWorker(env["REDIS_URL"], tiny_checkpoints, METRICS_PORT=str(metrics_port), **WORKER_ENV,
+                                  **env)
         wait_for(lambda: ready(api.url), 120, "a live worker")
         submitter = Submitter(api.url)
         submitter.start()
@@ -121,6 +123,9 @@ def test_every_accepted_job_survives_the_loss_of_the_primary(tiny_checkpoints) -
               f"worker restarts: {worker.restarts}; final states: {sorted(set(states.values()))}")
         assert states == {job_id: "finished" for job_id in accepted}
         assert worker.restarts == 0  # the worker followed the failover (it rides out OUTAGE_PATIENCE_S)
+        # Both processes met the dead primary, and counted it.
+        assert metric_total(f"http://127.0.0.1:{metrics_port}/metrics", "facegen_worker_redis_errors_total") > 0
+        assert metric_total(f"{api.url}/metrics", "facegen_api_redis_errors_total") > 0
     finally:
         if submitter is not None:
             submitter.halt.set()

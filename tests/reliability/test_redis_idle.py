@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tests.conftest import redis_url_for_db
-from tests.reliability.conftest import WorkerProcess, wait_ended, wait_for
+from tests.reliability.conftest import WorkerProcess, metric_total, wait_ended, wait_for
 from tests.service.conftest import LiveServer, free_port
 
 REDIS_URL = redis_url_for_db(15)
@@ -50,12 +50,6 @@ def seconds_between(state: dict, start: str, end: str) -> float:
     return (datetime.fromisoformat(state[end]) - datetime.fromisoformat(state[start])).total_seconds()
 
 
-def redis_errors(metrics_url: str) -> float:
-    text = httpx.get(metrics_url, timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("facegen_worker_redis_errors_total{"))
-
-
 @pytest.mark.timeout(300)
 def test_a_job_after_an_idle_period_starts_at_once_and_nothing_is_logged_at_error(tiny_checkpoints, conn) -> None:
     api = LiveServer(REDIS_URL)
@@ -81,7 +75,7 @@ def test_a_job_after_an_idle_period_starts_at_once_and_nothing_is_logged_at_erro
         assert errors == [], "\n".join(errors[:5])
         assert "serving model" in log  # the log searched is the worker's
         assert latency < FINISH_WITHIN_S + BATCH_WINDOW_MS / 1000
-        assert redis_errors(f"http://127.0.0.1:{metrics_port}/metrics") == 0
+        assert metric_total(f"http://127.0.0.1:{metrics_port}/metrics", "facegen_worker_redis_errors_total") == 0
     finally:
         worker.stop()
         api.stop()
