@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+import redis
 
 from scripts.processes import stop_process
 from tests.conftest import ROOT
@@ -103,3 +105,13 @@ def wait_ended(url: str, job_ids: list[str], timeout: float) -> dict[str, dict]:
 
     wait_for(all_ended, timeout, f"{len(job_ids) - len(states)} of {len(job_ids)} jobs to end", poll=0.5)
     return states
+
+
+@pytest.fixture()
+def conn(request: pytest.FixtureRequest):
+    """A client on the test module's own database (its ``REDIS_URL``), emptied before and after the test."""
+    connection = redis.Redis.from_url(request.module.REDIS_URL)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()

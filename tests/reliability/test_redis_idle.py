@@ -15,7 +15,6 @@ from datetime import datetime
 
 import httpx
 import pytest
-import redis
 
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, metric_total, wait_ended, wait_for
@@ -29,14 +28,6 @@ IDLE_S = 20  # more than three dequeue waits
 BATCH_WINDOW_MS = 0  # the worker's default: a lone job waits for no batch companions
 FINISH_WITHIN_S = 3.0  # the target: submission to finish, after the idle period
 ONE_IMAGE = {"label": "smiling", "count": 1, "steps": 4}
-
-
-@pytest.fixture()
-def conn():
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
 
 
 def submit(url: str) -> str:

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-import redis
 from rq.job import Job
 
 from tests.conftest import redis_url_for_db
@@ -19,14 +18,6 @@ REDIS_URL = redis_url_for_db(14)
 FAST_RECOVERY = {"HEARTBEAT_TTL": "10", "MAINTENANCE_INTERVAL": "1", "MAX_BATCH": "1"}
 LONG_JOB = {"label": "smiling", "count": 1, "seed": 3, "sampler": "ddpm", "steps": 1000}
 SHORT_JOB = {"label": "not_smiling", "count": 2, "steps": 4}
-
-
-@pytest.fixture()
-def conn():
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
 
 
 def submit(url: str, body: dict) -> str:
