@@ -12,8 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
+import torch
 from PIL import Image
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
@@ -22,6 +24,7 @@ from scripts.processes import stop_process
 from scripts.redisctl import free_port
 from tests.conftest import ROOT, redis_url_for_db
 from training.imaging import GRID_PADDING
+from worker.engine import Engine, ImageRequest
 from worker.spec import (
     DEFAULT_QUEUE,
     JOB_FUNCTION,
@@ -99,14 +102,32 @@ def test_compatible_jobs_share_one_batch_and_keep_their_own_results(tiny_checkpo
     assert 0 < connection.ttl(artifact_key(a.id, "grid")) <= 600
 
 
-def test_same_request_gives_identical_png_bytes(tiny_checkpoints, connection) -> None:
+def batch_invariant_here(checkpoints: Path) -> bool:
+    """Whether this CPU computes an image with the same bits alone and in a batch of five, in the worker's default
+    precision: true where oneDNN runs bf16 natively (AVX-512 bf16, AMX); a CPU without native bf16 has been seen to
+    differ by a rounding (README "Same seed, same pixels")."""
+    engine = Engine(checkpoints, "latest", device="cpu", precision="auto", max_batch=8)
+    alone = ImageRequest("alone", {"Smiling": True}, seed=11, count=2)
+    shared = ImageRequest("shared", {"Smiling": True}, seed=12, count=3)
+    first, _ = engine.run([alone], "ddpm", 6, 5.0)
+    second, _ = engine.run([alone, shared], "ddpm", 6, 5.0)
+    return torch.equal(first["alone"].images, second["alone"].images)
+
+
+def test_same_request_gives_the_same_png_whatever_batch_it_shares(tiny_checkpoints, connection) -> None:
     queue = Queue(DEFAULT_QUEUE, connection=connection)
     first = enqueue(queue, seed=11, count=2, sampler="ddpm", steps=6)
     assert run_burst(tiny_checkpoints, MAX_BATCH="1").returncode == 0
     second = enqueue(queue, seed=11, count=2, sampler="ddpm", steps=6)
     enqueue(queue, seed=12, count=3, sampler="ddpm", steps=6)
     assert run_burst(tiny_checkpoints, MAX_BATCH="8").returncode == 0
-    assert connection.get(artifact_key(first.id, "grid")) == connection.get(artifact_key(second.id, "grid"))
+    first_png, second_png = (connection.get(artifact_key(job.id, "grid")) for job in (first, second))
+    if batch_invariant_here(tiny_checkpoints):
+        assert first_png == second_png
+    else:  # the same picture to within rounding
+        pixels = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))).float()
+                  for png in (first_png, second_png)]
+        assert (pixels[0] - pixels[1]).abs().mean() < 1.0
 
 
 def test_bad_jobs_fail_with_a_reason_and_the_worker_goes_on(tiny_checkpoints, connection) -> None:
