@@ -97,6 +97,9 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     retune = commands.add_parser("retune", help="a new diffusion version: same weights, other sampling defaults")
     retune.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     retune.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
+    retune.add_argument("--vae", default=None, metavar="VERSION",
+                        help="decode with this VAE version instead: one whose encoder is bit for bit the current one's "
+                             "(a decoder fine-tune, `vae --train-encoder false`)")
     add_config_flags(retune, SamplingConfig)
 
 
@@ -202,13 +205,19 @@ def run_visualize(args: argparse.Namespace) -> None:
 
 
 def run_retune(args: argparse.Namespace) -> None:
-    from .checkpoints import derive_checkpoint, load_checkpoint
+    from .checkpoints import derive_checkpoint, load_checkpoint, same_encoder
 
     source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
             if getattr(args, name, None) is None}
-    sampling = config_from_args(SamplingConfig, args, **kept)
-    print(derive_checkpoint(args.checkpoints, "diffusion", source.version, sampling=sampling))
+    changes: dict[str, Any] = {"sampling": config_from_args(SamplingConfig, args, **kept)}
+    if args.vae:
+        vae = load_checkpoint(args.checkpoints, "vae", args.vae).manifest.version
+        if not same_encoder(args.checkpoints, source.vae_version, vae):
+            sys.exit(f"VAE {vae} encodes differently from {source.vae_version}, the latent space {source.version} "
+                     "was trained on: only a decoder fine-tune of it can replace it")
+        changes["vae_version"] = vae
+    print(derive_checkpoint(args.checkpoints, "diffusion", source.version, **changes))
 
 
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,

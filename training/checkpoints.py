@@ -197,6 +197,14 @@ def derive_checkpoint(root: str | Path, kind: str, version: str, **changes: Any)
     return save_checkpoint(root, source.state_dict, source.manifest.replace(**changes, derived_from=source.version))
 
 
+def same_encoder(root: str | Path, vae_a: str, vae_b: str) -> bool:
+    """Whether two VAE versions map images to the same latents: their encoder weights are equal bit for bit."""
+    a, b = (load_checkpoint(root, "vae", version).state_dict for version in (vae_a, vae_b))
+    names = sorted(name for name in a if name.startswith("encoder."))
+    return names == sorted(name for name in b if name.startswith("encoder.")) and all(
+        a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]) for name in names)
+
+
 def warm_start(root: str | Path, kind: str, version: str) -> tuple[Checkpoint, Parent]:
     """An exported version to start a new training run from: the verified checkpoint (weights as float32) and the
     :class:`Parent` record of the lineage (every ancestor version, oldest first, ending with this one)."""

@@ -102,6 +102,7 @@ class VAETrainConfig:
     adversarial_start: int = 1000  # step at which the adversarial loss starts
     landmark_weight: float = 3.0  # extra L1 weight around eyes and mouth (when the folder has landmarks; 0: off)
     landmark_sigma: float = 0.06  # width of each landmark's weight bump, as a fraction of the image size
+    train_encoder: bool = True  # False: fine-tune the decoder alone; the latent space (and diffusion models on it) stay valid
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50

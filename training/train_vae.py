@@ -106,7 +106,9 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     if parent is not None:
         vae.load_state_dict(parent.state_dict)
     modules: dict[str, torch.nn.Module] = {"model": DistributedDataParallel(vae) if ddp.world > 1 else vae}
-    optimizers = {"model": torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)}
+    vae.encoder.requires_grad_(cfg.train_encoder)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizers = {"model": torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)}
     if cfg.adversarial_weight > 0:
         disc = PatchDiscriminator().to(device)
         modules["disc"] = DistributedDataParallel(disc) if ddp.world > 1 else disc

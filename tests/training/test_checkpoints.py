@@ -143,3 +143,31 @@ def test_a_manifest_missing_a_field_or_from_an_unknown_format_is_refused(tmp_pat
         parse_manifest(raw)
     with pytest.raises(ManifestError, match="format_version 7"):
         parse_manifest({**MANIFEST.to_dict(), "format_version": 7})
+
+
+def test_a_decoder_fine_tune_can_replace_the_vae_of_a_diffusion_version(tiny_checkpoints: Path, synth_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    from training.__main__ import main
+    from training.train_vae import train_vae
+    from training.trainer import RunOptions
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_checkpoints, root)
+    source = load_checkpoint(root, "diffusion").manifest
+    parent = load_checkpoint(root, "vae", source.vae_version)
+    tuned = {}
+    for train_encoder in (False, True):
+        opts = RunOptions(synth_dir, root, tmp_path / f"run-{train_encoder}", precision="fp32", threads=1,
+                          init_from=source.vae_version)
+        cfg = VAETrainConfig(steps=2, batch_size=8, log_every=1, train_encoder=train_encoder)
+        tuned[train_encoder] = load_checkpoint(root, "vae", train_vae(DataConfig(), parent.manifest.model, cfg, opts).name)
+    decoder_only = tuned[False]
+    for name, weight in parent.state_dict.items():
+        changed = not torch.equal(weight, decoder_only.state_dict[name])
+        assert changed == name.startswith("decoder."), name
+    with pytest.raises(SystemExit, match="encodes differently"):
+        main(["retune", "--checkpoints", str(root), "--diffusion", source.version, "--vae", tuned[True].version])
+    assert main(["retune", "--checkpoints", str(root), "--diffusion", source.version,
+                 "--vae", decoder_only.version]) == 0
+    derived = load_checkpoint(root, "diffusion").manifest
+    assert derived.vae_version == decoder_only.version and derived.files == source.files
