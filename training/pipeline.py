@@ -33,7 +33,7 @@ class LatentDiffusion:
     vae_manifest: VAEManifest
     device: torch.device
     dtype: torch.dtype  # compute dtype of the UNet and decoder weights
-    _decoders: dict[torch.dtype, torch.nn.Module] = field(default_factory=dict, repr=False)
+    _copies: dict[tuple[str, torch.dtype], torch.nn.Module] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, checkpoints: str | Path, version: str = "latest", device: str | torch.device = "cpu",
@@ -77,29 +77,45 @@ class LatentDiffusion:
         null = self.unet.config.null_label
         return torch.tensor([int(attributes[name]) if name in attributes else null for name in self.attributes])
 
+    def in_dtype(self, part: str, dtype: torch.dtype) -> torch.nn.Module:
+        """The ``"unet"`` or the ``"decoder"`` with weights in ``dtype``: the loaded module in the model's dtype,
+        else a copy made once and cached (the precision fallback)."""
+        module = self.unet if part == "unet" else self.vae.decoder
+        if dtype == self.dtype:
+            return module
+        if (part, dtype) not in self._copies:
+            self._copies[(part, dtype)] = copy.deepcopy(module).to(dtype)
+        return self._copies[(part, dtype)]
+
     @torch.no_grad()
     def sample_latents(self, labels: torch.Tensor, noise: ImageNoise, sampler: str, steps: int,
-                       guidance_scale: float, callback: StepCallback | None = None) -> torch.Tensor:
-        """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``."""
+                       guidance_scale: float, callback: StepCallback | None = None,
+                       unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``.
+
+        ``unet``: the network to evaluate (default: the loaded UNet; e.g. a compiled one, or a copy in another
+        dtype, whose inputs are cast to its weights' dtype). A row whose denoiser output was NaN/Inf at any step
+        comes back all NaN, so the samplers' x0 clamp cannot turn an overflow into finite junk; the check stays on
+        the device (no host sync per step)."""
+        unet = self.unet if unet is None else unet
+        dtype = next(unet.parameters()).dtype
         chosen = make_sampler(sampler, self.schedule, self.manifest.latent_clip, self.sampling.ddim_eta)
-        guided_unet = guided(self.unet, labels.to(self.device), guidance_scale, self.unet.config.null_label)
+        guided_unet = guided(unet, labels.to(self.device), guidance_scale, self.unet.config.null_label)
+        finite = torch.ones(labels.shape[0], dtype=torch.bool, device=self.device)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guided_unet(x.to(self.dtype), t)
+            output = guided_unet(x.to(dtype), t)
+            finite.logical_and_(torch.isfinite(output).flatten(1).all(1))
+            return output
 
-        return run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback)
+        latents = run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback)
+        return torch.where(finite.view(-1, 1, 1, 1), latents, torch.nan)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Scaled latents ``[N, C, h, w]`` -> images ``float32 [N, 3, H, W]`` in [-1, 1] (un-scaling first: the
-        decoder was trained on raw VAE latents). ``dtype`` other than the model's uses a cached copy of the
-        decoder in that dtype (the precision fallback)."""
+    def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:
+        """Scaled latents ``[N, C, h, w]`` -> images ``float32 [N, 3, H, W]``, in [-1, 1] with ``clamp``, else the
+        decoder's raw output (which may hold NaN/Inf: check before clamping). Un-scales first: the decoder was
+        trained on raw VAE latents. ``dtype``: the decoder's weights' dtype (default: the model's)."""
         dtype = dtype or self.dtype
-        if dtype == self.dtype:
-            decoder = self.vae.decoder
-        else:
-            if dtype not in self._decoders:
-                self._decoders[dtype] = copy.deepcopy(self.vae.decoder).to(dtype)
-            decoder = self._decoders[dtype]
-        images = decoder((latents / self.manifest.latent_scale).to(self.device, dtype)).float()
-        return images.clamp(-1, 1)
+        images = self.in_dtype("decoder", dtype)((latents / self.manifest.latent_scale).to(self.device, dtype)).float()
+        return images.clamp(-1, 1) if clamp else images

@@ -5,17 +5,31 @@ bf16 on CPU by default). :meth:`Engine.run` takes the requests of several compat
 out as rows (row of image ``i`` of a request with seed ``s`` draws its noise from stream ``(s, i)``), runs the
 chain in chunks of at most ``max_batch`` images, and returns each request's images and, when asked, its
 trajectory frames.
+
+Non-finite guard: a row whose latents (checked before decoding) or decoded pixels (checked before any clamp) hold
+NaN/Inf is redone alone in each wider dtype in turn (bf16 where the device runs it, then fp32), counted per stage in
+``RunStats.precision_fallbacks``; if fp32 still gives NaN/Inf the run raises :class:`NonFiniteOutput`, so a job
+never finishes with undefined pixels. A redone row's pixels depend only on its own request, not on its batch.
+
+Compiled UNet (``compile_mode`` other than ``off``): every UNet call is padded to a fixed bucket of rows (powers of
+two up to ``2 * max_batch``, the rows of a guided chunk) and sliced back, so each bucket compiles once, all of them
+in :meth:`Engine.warm_up`, instead of once per batch size inside jobs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from training.diffusion.noise import ImageNoise
 from training.diffusion.samplers import trajectory_indices
@@ -25,9 +39,19 @@ from training.runtime import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
+FALLBACK_STAGES = ("unet", "decoder")  # where a non-finite batch is caught (the label of precision_fallbacks)
+
 
 class OutOfMemory(RuntimeError):
     """Even one image does not fit on the device."""
+
+
+class NonFiniteOutput(RuntimeError):
+    """The chain gave NaN/Inf even in float32: the job fails instead of finishing with undefined pixels."""
+
+
+class CompileUnsupported(RuntimeError):
+    """``torch.compile`` cannot work on this machine (no Triton, no C/C++ compiler)."""
 
 
 @dataclass(frozen=True)
@@ -53,16 +77,41 @@ class RunStats:
     chunks: int = 0
     sampling_s: float = 0.0
     decoding_s: float = 0.0
-    precision_fallbacks: int = 0
+    # redos in a wider dtype after NaN/Inf, by stage ("unet": latents, "decoder": pixels)
+    precision_fallbacks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FALLBACK_STAGES, 0))
     denoiser_steps: int = 0
 
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps) across chunks; may raise to abort
 
 
-def compile_for_inference(module: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """``torch.compile`` for fixed-shape inference; on CPU with inductor's freezing, which folds the weights in
-    as constants and pre-packs them for oneDNN (the speed-up over eager is in BENCHMARKS.md)."""
+def check_compile_supported(device: torch.device) -> None:
+    """Raise :class:`CompileUnsupported` with one line saying what is missing when ``torch.compile``'s inductor
+    cannot build kernels here: Triton and a C compiler (for Triton's launchers) on CUDA, a C++ compiler on CPU."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise CompileUnsupported("COMPILE needs Triton on CUDA and it is not installed; set COMPILE=off")
+        compilers, variable = ("cc", "gcc", "clang"), "CC"
+    else:
+        compilers, variable = ("g++", "c++", "clang++"), "CXX"
+    if not os.environ.get(variable) and not any(shutil.which(name) for name in compilers):
+        raise CompileUnsupported(f"COMPILE needs a {'C' if variable == 'CC' else 'C++'} compiler ({' / '.join(compilers)}"
+                                 f" or ${variable}) and this machine has none; install one or set COMPILE=off")
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """UNet row counts a compiled engine pads to: powers of two up to the first at least ``2 * max_batch`` (a
+    chunk of ``max_batch`` images with guidance is ``2 * max_batch`` rows)."""
+    return [2**k for k in range(math.ceil(math.log2(2 * max_batch)) + 1)]
+
+
+def compile_for_inference(module: nn.Module, mode: str, device: torch.device, shapes: int = 1) -> nn.Module:
+    """``torch.compile`` for fixed-shape inference of ``shapes`` input shapes (each compiles once; dynamo's
+    recompile limit is raised to fit, past which it would silently run eager); on CPU with inductor's freezing,
+    which folds the weights in as constants and pre-packs them for oneDNN (the speed-up is in BENCHMARKS.md)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes)
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
 
@@ -70,126 +119,232 @@ def compile_for_inference(module: torch.nn.Module, mode: str, device: torch.devi
     return torch.compile(module, mode=mode, dynamic=False)
 
 
+class Bucketed(nn.Module):
+    """The UNet with its rows padded to the next bucket size and sliced back: ``(x [n, C, h, w], t [n],
+    labels [n, A]) -> [n, C, h, w]``. Padding rows repeat row 0; each row is computed on its own (per-sample
+    normalisation and attention), so real rows do not depend on them."""
+
+    def __init__(self, unet: nn.Module, buckets: list[int]):
+        super().__init__()
+        self.unet = unet
+        self.buckets = buckets
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        size = next((b for b in self.buckets if b >= n), n)
+        if size == n:
+            return self.unet(x, t, labels)
+        padded = [torch.cat([v, v[:1].expand(size - n, *v.shape[1:])]) for v in (x, t, labels)]
+        return self.unet(*padded)[:n]
+
+
+def non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``bool [N]`` on the CPU: rows of ``x [N, ...]`` holding any NaN/Inf (one host sync)."""
+    return (~torch.isfinite(x.flatten(1)).all(1)).cpu()
+
+
 class Engine:
     def __init__(self, checkpoints: Path, version: str, device: str = "auto", precision: str = "auto",
                  max_batch: int = 32, compile_mode: str = "off"):
         """``compile_mode``: ``off``, or a ``torch.compile`` mode for the UNet (``default``, ``reduce-overhead``
-        = CUDA graphs, ``max-autotune``); each new batch shape compiles once."""
+        = CUDA graphs, ``max-autotune``); raises :class:`CompileUnsupported` when it cannot work here."""
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, precision)
         self.max_batch = max_batch
         self.model = LatentDiffusion.load(checkpoints, version, self.device, self.dtype)
+        self.buckets: list[int] = []  # UNet row counts every call is padded to (compiled engines only)
+        self.denoiser: nn.Module = self.model.unet  # what the chain evaluates in the engine's dtype
         if compile_mode != "off":
-            self.model.unet = compile_for_inference(self.model.unet, compile_mode, self.device)
+            check_compile_supported(self.device)
+            self.buckets = bucket_sizes(max_batch)
+            compiled = compile_for_inference(self.model.unet, compile_mode, self.device, len(self.buckets))
+            self.denoiser = Bucketed(compiled, self.buckets)
 
     @property
     def version(self) -> str:
         return self.model.version
 
-    def _fallback_dtype(self) -> torch.dtype:
-        if self.dtype == torch.float16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+    @torch.no_grad()
+    def warm_up(self, on_bucket: Callable[[int, float], None] | None = None) -> dict[int, float]:
+        """Run the denoiser once at every bucket size (compiling each; nothing without buckets); returns
+        ``{rows: seconds}``, and calls ``on_bucket(rows, seconds)`` after each (e.g. to heartbeat)."""
+        seconds: dict[int, float] = {}
+        config = self.model.unet.config
+        for rows in self.buckets:
+            start = time.perf_counter()
+            x = torch.zeros(rows, *self.model.latent_shape, device=self.device, dtype=self.dtype)
+            t = torch.full((rows,), self.model.schedule.timesteps - 1, device=self.device)
+            labels = torch.full((rows, config.num_attributes), config.null_label, device=self.device)
+            self.denoiser(x, t, labels)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[rows] = time.perf_counter() - start
+            if on_bucket is not None:
+                on_bucket(rows, seconds[rows])
+        return seconds
+
+    def fallback_dtypes(self) -> list[torch.dtype]:
+        """The wider dtypes a non-finite row is redone in, in order: bf16 (fp32's range; where the device runs
+        it) after fp16, then fp32."""
+        wider = []
+        if self.dtype == torch.float16 and (self.device.type != "cuda" or torch.cuda.is_bf16_supported()):
+            wider.append(torch.bfloat16)
+        if self.dtype != torch.float32:
+            wider.append(torch.float32)
+        return wider
+
+    def _redo_non_finite(self, result: torch.Tensor, redo: Callable[[list[int], torch.dtype], torch.Tensor],
+                         stage: str, stats: RunStats) -> torch.Tensor:
+        """``result [n, ...]`` with its NaN/Inf rows replaced by ``redo(rows, dtype)`` in each wider dtype in turn.
+
+        Raises :class:`NonFiniteOutput` when rows are still NaN/Inf in float32."""
+        bad = non_finite_rows(result)
+        for dtype in self.fallback_dtypes():
+            if not bool(bad.any()):
+                break
+            rows = bad.nonzero().flatten().tolist()
+            stats.precision_fallbacks[stage] += 1
+            log.warning("%s gave NaN/Inf in %s for %d of %d rows; redoing them in %s", stage, self.dtype, len(rows),
+                        len(bad), dtype)
+            result[rows] = redo(rows, dtype).to(result.dtype)
+            bad = non_finite_rows(result)
+        if bool(bad.any()):
+            raise NonFiniteOutput(f"the {stage} gave NaN/Inf for {int(bad.sum())} of {len(bad)} images even in "
+                                  "float32; no image was produced")
+        return result
 
     def decode(self, latents: torch.Tensor, stats: RunStats) -> torch.Tensor:
-        """Scaled latents -> ``uint8 [N, 3, H, W]``; a non-finite fp16 decode is redone in bf16, then fp32."""
-        images = self.model.decode(latents)
-        for dtype in (self._fallback_dtype(), torch.float32):
-            if bool(torch.isfinite(images).all()) or dtype == self.dtype:
-                break
-            stats.precision_fallbacks += 1
-            log.warning("decoder produced NaN/Inf in %s; decoding this batch again in %s", self.dtype, dtype)
-            images = self.model.decode(latents, dtype)
-        return to_uint8(images)
+        """Scaled latents ``[N, C, h, w]`` -> ``uint8 [N, 3, H, W]``; pixels are checked for NaN/Inf before they
+        are clamped, and non-finite rows decoded again in a wider dtype."""
+        images = self.model.decode(latents, clamp=False)
+        images = self._redo_non_finite(images, lambda rows, dtype: self.model.decode(latents[rows], dtype, clamp=False),
+                                       "decoder", stats)
+        return to_uint8(images.clamp(-1, 1))
 
     def run(self, requests: list[ImageRequest], sampler: str, steps: int, guidance_scale: float,
             progress: ProgressFn | None = None) -> tuple[dict[str, RequestOutput], RunStats]:
         """Generate every request's images (and trajectory frames where asked).
 
         Raises ``ValueError`` for an attribute the model does not know, :class:`OutOfMemory` when a single
-        image does not fit, and whatever ``progress`` raises (e.g. to cancel).
+        image does not fit, :class:`NonFiniteOutput` when even float32 gives NaN/Inf, and whatever ``progress``
+        raises (e.g. to cancel).
         """
         # One row per image: (index of its request, index of the image within the request).
         rows = [(r, i) for r, request in enumerate(requests) for i in range(request.count)]
         request_labels = torch.stack([self.model.labels_for(request.attributes) for request in requests])
-        labels = request_labels[[r for r, _ in rows]]
-        noise_streams = [(requests[r].seed, i) for r, i in rows]
-        row_wants_frames = torch.tensor([requests[r].frames > 0 for r, _ in rows])
-        request_frame_steps = [trajectory_indices(steps, request.frames) for request in requests]
-        frame_steps = sorted({i for indices in request_frame_steps for i in indices})  # any request's
+        chain = Chain(request_labels[[r for r, _ in rows]], [(requests[r].seed, i) for r, i in rows],
+                      torch.tensor([requests[r].frames > 0 for r, _ in rows]), sampler, steps, guidance_scale,
+                      sorted({i for request in requests for i in trajectory_indices(steps, request.frames)}))
         chunks = [list(range(start, min(start + self.max_batch, len(rows))))
                   for start in range(0, len(rows), self.max_batch)]
         total = steps * len(chunks)
         stats = RunStats(images=len(rows))
         images: list[torch.Tensor] = []
         noise_frames: list[torch.Tensor] = []  # decoded x_T of the rows that want frames, chunk by chunk
-        step_frames: dict[int, list[torch.Tensor]] = {i: [] for i in frame_steps}
+        step_frames: dict[int, list[torch.Tensor]] = {i: [] for i in chain.frame_steps}
         for number, chunk in enumerate(chunks):
             def on_step(i: int, base: int = number * steps) -> None:
                 if progress is not None:
                     progress(base + i + 1, total)
 
-            chunk_wants_frames = row_wants_frames[chunk]
             t0 = time.perf_counter()
-            latents, x0_at_step = self._sample(labels[chunk], [noise_streams[k] for k in chunk], chunk_wants_frames,
-                                               sampler, steps, guidance_scale, frame_steps, on_step)
+            part = chain.part(chunk)
+            latents, x0_at_step = self._sample_checked(part, on_step, stats)
             t1 = time.perf_counter()
             images.append(self.decode(latents, stats))
-            if bool(chunk_wants_frames.any()):
-                wanting = [noise_streams[k] for k, w in zip(chunk, chunk_wants_frames.tolist(), strict=True) if w]
+            if bool(part.wants_frames.any()):
+                wanting = [s for s, w in zip(part.noise_streams, part.wants_frames.tolist(), strict=True) if w]
                 noise_frames.append(self.decode(ImageNoise(wanting).draw(self.model.latent_shape), stats))
-                for i in frame_steps:
+                for i in chain.frame_steps:
                     step_frames[i].append(self.decode(x0_at_step[i], stats))
             stats.chunks += 1
             stats.denoiser_steps += steps
             stats.sampling_s += t1 - t0
             stats.decoding_s += time.perf_counter() - t1
+        return outputs_per_request(requests, rows, chain, torch.cat(images), noise_frames, step_frames), stats
 
-        all_images = torch.cat(images)
-        frame_position = (torch.cumsum(row_wants_frames.long(), 0) - 1).tolist()  # row -> index among frame rows
-        all_noise = torch.cat(noise_frames) if noise_frames else None
-        all_steps = {i: torch.cat(parts) for i, parts in step_frames.items()}
-        outputs: dict[str, RequestOutput] = {}
-        for r, request in enumerate(requests):
-            request_rows = [k for k, (row_request, _) in enumerate(rows) if row_request == r]
-            output = RequestOutput(all_images[request_rows])
-            if request.frames > 0 and all_noise is not None:
-                positions = [frame_position[k] for k in request_rows]
-                output.frames = [all_noise[positions]] + [all_steps[i][positions] for i in request_frame_steps[r]]
-            outputs[request.key] = output
-        return outputs, stats
+    def _sample_checked(self, chain: Chain, on_step: Callable[[int], None], stats: RunStats
+                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`_sample` in the engine's dtype; latent rows with NaN/Inf (an overflow in the UNet) are sampled
+        again alone in a wider dtype (no progress reported for the redo), their frames replaced too."""
+        latents, x0_at_step = self._sample(chain, on_step, self.denoiser)
+        frame_position = (torch.cumsum(chain.wants_frames.long(), 0) - 1).tolist()  # row -> index among frame rows
 
-    def _sample(self, labels: torch.Tensor, noise_streams: list[tuple[int, int]], wants_frames: torch.Tensor,
-                sampler: str, steps: int, guidance: float, frame_steps: list[int], on_step: Callable[[int], None]
+        def redo(rows: list[int], dtype: torch.dtype) -> torch.Tensor:
+            redone, redone_frames = self._sample(chain.part(rows), lambda i: None, self.model.in_dtype("unet", dtype))
+            positions = [frame_position[k] for k in rows if chain.wants_frames[k]]
+            for i, x0 in redone_frames.items():
+                x0_at_step[i][positions] = x0.to(x0_at_step[i].dtype)
+            return redone
+
+        return self._redo_non_finite(latents, redo, "unet", stats), x0_at_step
+
+    def _sample(self, chain: Chain, on_step: Callable[[int], None], unet: nn.Module
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One chain over ``labels [n, A]``: final latents ``[n, C, h, w]`` and the x0 predictions at the
-        ``frame_steps`` step indices for the rows in ``wants_frames``. On device OOM it empties the cache and runs
-        the two halves separately (fresh noise streams give the same images)."""
+        """One chain over ``chain.labels [n, A]`` evaluated with ``unet``: final latents ``[n, C, h, w]`` and the
+        x0 predictions at the ``frame_steps`` step indices for the rows in ``wants_frames`` (kept on the device: no
+        copy inside the loop). On device OOM it empties the cache and runs the two halves separately (fresh noise
+        streams give the same images)."""
         x0_at_step: dict[int, torch.Tensor] = {}
-        keep = wants_frames.to(self.device)
-        any_wanted = bool(wants_frames.any())
+        keep = chain.wants_frames.nonzero().flatten().to(self.device)
+        any_wanted = bool(chain.wants_frames.any())
 
         def callback(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            if any_wanted and i in frame_steps:
-                x0_at_step[i] = x0[keep].cpu()
+            if any_wanted and i in chain.frame_steps:
+                x0_at_step[i] = x0.index_select(0, keep)
             on_step(i)
 
+        n = len(chain.noise_streams)
         try:
-            latents = self.model.sample_latents(labels, ImageNoise(noise_streams, self.device), sampler, steps,
-                                                guidance, callback)
+            latents = self.model.sample_latents(chain.labels, ImageNoise(chain.noise_streams, self.device),
+                                                chain.sampler, chain.steps, chain.guidance, callback, unet)
             return latents, x0_at_step
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(noise_streams) == 1:
+            if n == 1:
                 raise OutOfMemory("out of device memory for a single image; lower the resolution or use a "
                                   "larger device") from None
-            log.warning("out of device memory for %d images; splitting the batch", len(noise_streams))
-        half = len(noise_streams) // 2
-        first = self._sample(labels[:half], noise_streams[:half], wants_frames[:half], sampler, steps, guidance,
-                             frame_steps, on_step)
-        second = self._sample(labels[half:], noise_streams[half:], wants_frames[half:], sampler, steps, guidance,
-                              frame_steps, on_step)
+            log.warning("out of device memory for %d images; splitting the batch", n)
+        first = self._sample(chain.part(list(range(n // 2))), on_step, unet)
+        second = self._sample(chain.part(list(range(n // 2, n))), on_step, unet)
         merged = {i: torch.cat([first[1][i], second[1][i]]) for i in first[1].keys() & second[1].keys()}
         merged |= {i: v for part in (first[1], second[1]) for i, v in part.items() if i not in merged}
         return torch.cat([first[0], second[0]]), merged
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The rows of one sampling chain and its settings."""
+
+    labels: torch.Tensor  # int64 [n, A]
+    noise_streams: list[tuple[int, int]]  # (seed, index) of each row
+    wants_frames: torch.Tensor  # bool [n]: the row's request wants trajectory frames
+    sampler: str
+    steps: int
+    guidance: float
+    frame_steps: list[int]  # step indices whose x0 becomes a frame (any request's)
+
+    def part(self, rows: list[int]) -> Chain:
+        return Chain(self.labels[rows], [self.noise_streams[k] for k in rows], self.wants_frames[rows], self.sampler,
+                     self.steps, self.guidance, self.frame_steps)
+
+
+def outputs_per_request(requests: list[ImageRequest], rows: list[tuple[int, int]], chain: Chain,
+                        images: torch.Tensor, noise_frames: list[torch.Tensor],
+                        step_frames: dict[int, list[torch.Tensor]]) -> dict[str, RequestOutput]:
+    """Each request's rows of ``images uint8 [rows, 3, H, W]`` and of the frames (decoded noise, then each frame
+    step's x0, over the rows that want frames)."""
+    frame_position = (torch.cumsum(chain.wants_frames.long(), 0) - 1).tolist()  # row -> index among frame rows
+    all_noise = torch.cat(noise_frames) if noise_frames else None
+    all_steps = {i: torch.cat(parts) for i, parts in step_frames.items()}
+    outputs: dict[str, RequestOutput] = {}
+    for r, request in enumerate(requests):
+        request_rows = [k for k, (row_request, _) in enumerate(rows) if row_request == r]
+        output = RequestOutput(images[request_rows])
+        if request.frames > 0 and all_noise is not None:
+            positions = [frame_position[k] for k in request_rows]
+            output.frames = [all_noise[positions]] + [all_steps[i][positions]
+                                                      for i in trajectory_indices(chain.steps, request.frames)]
+        outputs[request.key] = output
+    return outputs

@@ -24,14 +24,21 @@ class WorkerMetrics:
                                       registry=r)
         self.batch_jobs = Histogram("facegen_worker_batch_jobs", "Jobs per batch", buckets=BATCH_BUCKETS, registry=r)
         self.denoiser_steps = Counter("facegen_worker_denoiser_steps", "Batched denoiser evaluations", registry=r)
-        self.precision_fallbacks = Counter("facegen_worker_precision_fallbacks",
-                                           "Decodes redone in a wider dtype after NaN/Inf", registry=r)
+        self.precision_fallbacks = Counter(
+            "facegen_worker_precision_fallbacks",
+            "Redos in a wider dtype after NaN/Inf (one per chunk and dtype), by stage (unet: latents, decoder: pixels)",
+            ["stage"], registry=r)
         self.model = Info("facegen_worker_model", "Model served by this worker", registry=r)
         self.gpu_memory = Gauge("facegen_worker_gpu_memory_bytes", "CUDA memory allocated (peak since start)",
                                 ["kind"], registry=r)
         self.redis_errors = Counter("facegen_worker_redis_errors",
                                     "Errors on Redis connections (each failed attempt, retried or not), by type",
                                     ["error"], registry=r)
+
+    def count_precision_fallbacks(self, by_stage: dict[str, int]) -> None:
+        """Add an engine run's ``RunStats.precision_fallbacks``."""
+        for stage, count in by_stage.items():
+            self.precision_fallbacks.labels(stage).inc(count)
 
     def count_redis_error(self, error: Exception) -> None:
         self.redis_errors.labels(type(error).__name__).inc()

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from training.diffusion.samplers import trajectory_indices
-from worker.engine import Engine, ImageRequest, OutOfMemory
+from worker.engine import (
+    Bucketed,
+    CompileUnsupported,
+    Engine,
+    ImageRequest,
+    NonFiniteOutput,
+    OutOfMemory,
+    bucket_sizes,
+    check_compile_supported,
+)
+from worker.metrics import WorkerMetrics
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +93,99 @@ def test_out_of_memory_splits_the_batch_and_keeps_images(engine: Engine, monkeyp
         run(engine, [ImageRequest("m", {"Smiling": True}, 9, 1)], max_batch=64)
 
 
-def test_non_finite_decode_falls_back_to_a_wider_dtype(engine: Engine, monkeypatch) -> None:
+class BadRow(torch.nn.Module):
+    """Fault injection: a UNet whose output row 0 (image 0's conditional row) overflows to ``value``."""
+
+    def __init__(self, unet: torch.nn.Module, value: float):
+        super().__init__()
+        self.unet, self.value = unet, value
+
+    def forward(self, x, t, labels):
+        out = self.unet(x, t, labels).clone()
+        out[0] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])  # Inf: the samplers' x0 clamp must not hide it
+def test_unet_overflow_in_one_row_redoes_that_row_in_a_wider_dtype(engine: Engine, monkeypatch, value: float) -> None:
+    requests = [ImageRequest("o", {"Smiling": True}, 5, 3, frames=3)]
+    clean, _ = run(engine, requests, max_batch=64)
+    monkeypatch.setattr(engine, "denoiser", BadRow(engine.model.unet, value))
+    out, stats = run(engine, requests, max_batch=64)
+    assert stats.precision_fallbacks == {"unet": 1, "decoder": 0}
+    assert torch.equal(out["o"].images[1:], clean["o"].images[1:])  # only the overflowing row is redone
+    redone = out["o"].images[0].float()
+    assert (redone - clean["o"].images[0].float()).abs().mean() < 8  # fp32 of the same image, not junk
+    assert torch.equal(out["o"].frames[-1], out["o"].images)  # its trajectory was redone with it
+    assert not torch.equal(out["o"].frames[0][0], out["o"].frames[1][0])
+
+
+def test_a_row_that_stays_non_finite_fails_the_run(engine: Engine, monkeypatch) -> None:
+    wider = engine.model.in_dtype
+    monkeypatch.setattr(engine, "denoiser", BadRow(engine.model.unet, float("nan")))
+    monkeypatch.setattr(engine.model, "in_dtype", lambda part, dtype: BadRow(wider(part, dtype), float("nan")))
+    with pytest.raises(NonFiniteOutput, match="unet gave NaN/Inf for 1 of 2 images even in float32"):
+        run(engine, [ImageRequest("n", {"Smiling": True}, 1, 2)], max_batch=64)
+
+
+def test_non_finite_pixels_are_caught_before_the_clamp_and_decoded_again(engine: Engine, monkeypatch) -> None:
     real = engine.model.decode
-    dtypes: list[torch.dtype | None] = []
+    calls: list[tuple[torch.dtype | None, int, bool]] = []
 
-    def flaky_decode(latents, dtype=None):  # fault injection: the fast dtype overflows
-        dtypes.append(dtype)
-        images = real(latents, dtype)
-        return images * float("nan") if dtype is None else images
+    def overflowing_decode(latents, dtype=None, clamp=True):  # fault injection: the fast dtype overflows in row 1
+        calls.append((dtype, latents.shape[0], clamp))
+        images = real(latents, dtype, clamp)
+        if dtype is None:
+            images[1] = float("inf")  # a clamp would make this a white image
+        return images
 
-    monkeypatch.setattr(engine.model, "decode", flaky_decode)
-    out, stats = run(engine, [ImageRequest("f", {"Smiling": True}, 1, 2)], max_batch=64)
-    assert stats.precision_fallbacks == 1 and dtypes == [None, torch.float32]
-    assert out["f"].images.shape == (2, 3, 64, 64)
+    expected, _ = run(engine, [ImageRequest("f", {"Smiling": True}, 1, 3)], max_batch=64)
+    monkeypatch.setattr(engine.model, "decode", overflowing_decode)
+    out, stats = run(engine, [ImageRequest("f", {"Smiling": True}, 1, 3)], max_batch=64)
+    assert stats.precision_fallbacks == {"unet": 0, "decoder": 1}
+    assert calls == [(None, 3, False), (torch.float32, 1, False)]  # only the bad row, in fp32
+    assert torch.equal(out["f"].images[[0, 2]], expected["f"].images[[0, 2]])
+    assert (out["f"].images[1].float() - expected["f"].images[1].float()).abs().mean() < 8
+    assert engine.fallback_dtypes() == [torch.float32]
+
+
+class RowRecorder(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet, self.rows = unet, []
+
+    def forward(self, x, t, labels):
+        self.rows.append(x.shape[0])
+        return self.unet(x, t, labels)
+
+
+def test_padded_buckets_give_the_unpadded_images_and_warm_up_runs_every_bucket(engine: Engine,
+                                                                               monkeypatch) -> None:
+    requests = [ImageRequest("a", {"Smiling": True}, 11, 3), ImageRequest("b", {"Smiling": False}, 12, 2)]
+    plain, _ = run(engine, requests, max_batch=4)  # chunks of 4 and 1 images: 8 and 2 guided UNet rows
+    recorder = RowRecorder(engine.model.unet)
+    monkeypatch.setattr(engine, "buckets", bucket_sizes(3))
+    monkeypatch.setattr(engine, "denoiser", Bucketed(recorder, engine.buckets))
+    padded, _ = run(engine, requests, max_batch=3)  # chunks of 3 and 2 images: 6 -> 8 and 4 rows
+    assert engine.buckets == [1, 2, 4, 8] and set(recorder.rows) == {8, 4}
+    for key in ("a", "b"):
+        assert torch.equal(padded[key].images, plain[key].images)
+    recorder.rows.clear()
+    warmed: list[int] = []
+    seconds = engine.warm_up(lambda rows, s: warmed.append(rows))
+    assert recorder.rows == warmed == list(seconds) == [1, 2, 4, 8]
+
+
+def test_compile_is_refused_in_one_line_without_its_toolchain(tiny_checkpoints: Path, monkeypatch) -> None:
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(CompileUnsupported, match=r"COMPILE needs a C\+\+ compiler .* set COMPILE=off"):
+        Engine(tiny_checkpoints, "latest", device="cpu", compile_mode="default")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CompileUnsupported, match="needs Triton"):
+        check_compile_supported(torch.device("cuda"))
+    monkeypatch.setenv("CXX", "/opt/my-g++")
+    check_compile_supported(torch.device("cpu"))  # an explicit compiler is enough
 
 
 @pytest.mark.timeout(600)
@@ -107,3 +199,12 @@ def test_compiled_unet_gives_the_eager_images(tiny_checkpoints: Path, engine: En
         difference = (fast[key].images.int() - eager[key].images.int()).abs().float()
         assert difference.mean() < 2.0, difference.mean()  # bf16 rounding differs; the image does not
     assert not torch.equal(fast["a"].images, fast["b"].images)
+
+
+def test_precision_fallbacks_are_counted_by_stage() -> None:
+    metrics = WorkerMetrics()
+    metrics.count_precision_fallbacks({"unet": 2, "decoder": 0})
+    metrics.count_precision_fallbacks({"unet": 0, "decoder": 1})
+    value = metrics.registry.get_sample_value
+    assert value("facegen_worker_precision_fallbacks_total", {"stage": "unet"}) == 2
+    assert value("facegen_worker_precision_fallbacks_total", {"stage": "decoder"}) == 1

@@ -155,14 +155,20 @@ def run_chain(model_fn: ModelFn, sampler: Sampler, steps: int, noise: ImageNoise
               callback: StepCallback | None = None) -> torch.Tensor:
     """Run the reverse chain from ``x_T ~ noise.draw(shape)`` and return ``x_0 [N, *shape]``.
 
-    ``callback(i, x, pred_x0)`` runs after every step (progress, trajectories, cancel by raising).
+    ``callback(i, x, pred_x0)`` runs after every step (progress, trajectories, cancel by raising). Nothing in the
+    loop waits for the device: the timesteps go to the device once, step coefficients are Python numbers, and a
+    stochastic sampler's noise (one draw per step but the last) is drawn ahead by ``noise``.
     """
     sampler.set_timesteps(steps)
-    x = noise.draw(shape)
-    for i, t in enumerate(sampler.timesteps):
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        output = model_fn(x, t_batch).float()
-        step_noise = noise.draw(shape) if sampler.stochastic and i + 1 < len(sampler.timesteps) else None
+    stochastic = sampler.stochastic and steps > 1
+    draws = noise.draws(shape, steps if stochastic else 1)  # x_T, then the noise of steps 0..n-2
+    x = next(draws)
+    t_rows = torch.tensor(sampler.timesteps).view(-1, 1).repeat(1, x.shape[0])  # [steps, N] int64
+    if x.is_cuda:  # one non-blocking copy from pinned memory: the host never waits for the device
+        t_rows = t_rows.pin_memory().to(x.device, non_blocking=True)
+    for i in range(len(sampler.timesteps)):
+        output = model_fn(x, t_rows[i]).float()
+        step_noise = next(draws) if stochastic and i + 1 < len(sampler.timesteps) else None
         x, x0 = sampler.step(output, i, x, step_noise)
         if callback is not None:
             callback(i, x, x0)

@@ -37,6 +37,7 @@ class NoiseSchedule:
             raise ValueError(f"prediction must be 'v' or 'eps', not {config.prediction!r}")
         self.config = config
         self.timesteps = config.timesteps
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod copied to each device once
         if config.kind == "cosine":
             self.alphas_cumprod = cosine_alphas_cumprod(config.timesteps)
         elif config.kind == "linear":
@@ -47,7 +48,9 @@ class NoiseSchedule:
 
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` for integer timesteps ``t [N]``, shaped ``[N, 1, 1, 1]`` in ``like``'s dtype and device."""
-        values = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
+        if like.device not in self._on_device:
+            self._on_device[like.device] = self.alphas_cumprod.to(like.device)
+        values = self._on_device[like.device][t.long().to(like.device)]
         return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -81,13 +84,24 @@ class NoiseSchedule:
         v: ``x_0 = sqrt(abar) x_t - sqrt(1-abar) v``, ``eps = sqrt(1-abar) x_t + sqrt(abar) v``;
         eps: ``x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)``.
         """
-        a = torch.as_tensor(abar, dtype=x_t.dtype, device=x_t.device)
+        root_a, root_1a = signal_and_noise(abar, x_t)
         if self.config.prediction == "v":
-            return a.sqrt() * x_t - (1 - a).sqrt() * output, (1 - a).sqrt() * x_t + a.sqrt() * output
-        return (x_t - (1 - a).sqrt() * output) / a.sqrt(), output
+            return root_a * x_t - root_1a * output, root_1a * x_t + root_a * output
+        return (x_t - root_1a * output) / root_a, output
+
+
+def signal_and_noise(abar: torch.Tensor | float, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """``(sqrt(abar), sqrt(1 - abar))`` in ``like``'s dtype. A float ``abar`` (a sampler's step) is computed on the
+    CPU and returned as Python numbers holding those dtype values, so a sampling step sends nothing to the device
+    (no host sync) and gives the same bits as 0-d tensor arithmetic on the CPU; a tensor stays on its device."""
+    if isinstance(abar, torch.Tensor):
+        a = abar.to(like.device, like.dtype)
+        return a.sqrt(), (1 - a).sqrt()
+    a = torch.tensor(abar, dtype=like.dtype)
+    return float(a.sqrt()), float((1 - a).sqrt())
 
 
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
     """The noise consistent with ``x_t`` and a (clamped) ``x_0``: ``(x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
-    a = torch.as_tensor(abar, dtype=x_t.dtype, device=x_t.device)
-    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    root_a, root_1a = signal_and_noise(abar, x_t)
+    return (x_t - root_a * x0) / root_1a
