@@ -1,5 +1,5 @@
-"""Admission of a job: enqueue it with RQ, check the queue cap in the same transaction (a Lua script), wait for
-replicas, and replay a request repeated with the same Idempotency-Key."""
+"""Admission of a job: enqueue it with RQ, check the queue cap and the key's quota in the same transaction (a Lua
+script) and file it under its key, wait for replicas, and replay a request repeated with the same Idempotency-Key."""
 
 from __future__ import annotations
 
@@ -18,15 +18,25 @@ from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
-from service.keys import REPLICATION_MARK_KEY, tombstone_key
+from service.keys import REPLICATION_MARK_KEY, rate_key, tombstone_key
 from service.redis_clients import replica_wait_s
+from service.tenancy import Caller, quota_for
 from worker import spec
+from worker.fair_queue import DISPATCH_LUA
+
+# Jobs at the head of the RQ queue that admission reads for the key's jobs already dispatched (at most one per
+# worker is, in keyed use; anonymous or retried jobs may stand beside them).
+DISPATCHED_SCAN = 64
 
 
-class QueueFull(Exception):
-    def __init__(self, depth: int):
-        super().__init__(f"queue holds {depth} jobs")
-        self.depth = depth
+class Refused(Exception):
+    """Admission refused the job: ``limit`` names the limit reached (``max_queued`` for the whole queue, or the
+    key's ``queued_jobs``, ``queued_images``, ``submissions_per_minute``), ``allowed`` its value; ``retry_after_s``
+    is when a retry can succeed, if known (the submission rate)."""
+
+    def __init__(self, limit: str, allowed: int, retry_after_s: int | None = None):
+        super().__init__(f"{limit} limit ({allowed}) reached")
+        self.limit, self.allowed, self.retry_after_s = limit, allowed, retry_after_s
 
 
 class NotReplicated(redis.RedisError):
@@ -52,24 +62,58 @@ def fingerprint(payload: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-# Runs last inside the enqueue transaction, so no other client's command falls between RQ's push and this check:
-# over the cap, the job just pushed (the queue's tail) and its hash are removed again; admitted, the job gets its
-# tombstone. KEYS: queue, job hash, tombstone; ARGV: job id, cap, tombstone value, tombstone TTL (s). Returns the
-# queue depth, or -(depth) when the job was refused.
-ADMISSION_SCRIPT = """
-local depth = redis.call('LLEN', KEYS[1])
-if depth > tonumber(ARGV[2]) then
-  redis.call('LREM', KEYS[1], -1, ARGV[1])
+# Runs last inside the enqueue transaction, so no other client's command falls between RQ's push and this check
+# (the limits hold under any burst). It counts the queue's depth (the RQ queue and every key's list) against
+# MAX_QUEUED and, for an API key, the key's waiting jobs (in its list, or already dispatched to the RQ queue) and
+# their images against its quota, and its submission rate (GCRA: a bucket of `per minute` tokens refilled evenly,
+# the time from Redis). Refused: the job just pushed (the queue's tail) and its hash are removed again. Admitted:
+# an API key's job moves from the queue to the key's list (dispatched at once when the RQ queue is empty, which
+# wakes an idle worker; see worker/fair_queue.py), and the job gets its tombstone.
+# KEYS: queue, job hash, tombstone, ring, turn, rate. ARGV: job id, max queued, tombstone value, tombstone TTL (s),
+# prefix of the keys' lists, key id ('' for an open API), images, max queued jobs, max queued images, submissions
+# per minute, prefix of job hashes. Returns {'ok', depth} or {limit, allowed, retry after (s, 0 = unknown)}.
+ADMISSION_SCRIPT = DISPATCH_LUA + f"""
+local id, prefix, key_id, jobs_prefix = ARGV[1], ARGV[5], ARGV[6], ARGV[11]
+local function refuse(limit, allowed, retry)
+  redis.call('LREM', KEYS[1], -1, id)
   redis.call('DEL', KEYS[2])
-  return -depth
+  return {{limit, allowed, retry}}
+end
+local depth = redis.call('LLEN', KEYS[1]) - 1
+for _, other in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  depth = depth + redis.call('LLEN', prefix .. other)
+end
+if depth >= tonumber(ARGV[2]) then return refuse('max_queued', tonumber(ARGV[2]), 0) end
+if key_id ~= '' then
+  local list, images = prefix .. key_id, tonumber(ARGV[7])
+  local jobs = redis.call('LLEN', list)
+  for _, other in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    images = images + (tonumber(redis.call('HGET', jobs_prefix .. other, '{spec.IMAGES_FIELD}')) or 0)
+  end
+  for _, other in ipairs(redis.call('LRANGE', KEYS[1], 0, {DISPATCHED_SCAN - 1})) do
+    local fields = redis.call('HMGET', jobs_prefix .. other, '{spec.OWNER_FIELD}', '{spec.IMAGES_FIELD}')
+    if fields[1] == key_id then jobs, images = jobs + 1, images + (tonumber(fields[2]) or 0) end
+  end
+  if jobs >= tonumber(ARGV[8]) then return refuse('queued_jobs', tonumber(ARGV[8]), 0) end
+  if images > tonumber(ARGV[9]) then return refuse('queued_images', tonumber(ARGV[9]), 0) end
+  local time = redis.call('TIME')
+  local now, interval = tonumber(time[1]) + tonumber(time[2]) / 1e6, 60 / tonumber(ARGV[10])
+  local due = math.max(tonumber(redis.call('GET', KEYS[6]) or 0), now) + interval
+  if due - now > 60 then return refuse('submissions_per_minute', tonumber(ARGV[10]), math.ceil(due - now - 60)) end
+  redis.call('SET', KEYS[6], string.format('%.6f', due), 'PX', math.ceil((due - now) * 1000))
+  redis.call('LREM', KEYS[1], -1, id)
+  redis.call('RPUSH', list, id)
+  redis.call('HSET', KEYS[2], '{spec.OWNER_FIELD}', key_id, '{spec.IMAGES_FIELD}', ARGV[7])
+  redis.call('ZADD', KEYS[4], 'NX', (tonumber(redis.call('GET', KEYS[5])) or 0) - 0.5, key_id)
+  if redis.call('LLEN', KEYS[1]) == 0 then dispatch(KEYS[1], KEYS[4], KEYS[5], prefix) end
 end
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
-return depth
+return {{'ok', depth + 1}}
 """
 # Takes back a job that admission pushed but could not get replicated, unless a worker has taken it already.
-# KEYS: queue, job hash, tombstone; ARGV: job id. Returns 1 when the job was withdrawn.
+# KEYS: queue, job hash, tombstone, the key's list; ARGV: job id. Returns 1 when the job was withdrawn.
 WITHDRAW_SCRIPT = """
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 1 then
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) + redis.call('LREM', KEYS[4], -1, ARGV[1]) == 1 then
   redis.call('DEL', KEYS[2], KEYS[3])
   return 1
 end
@@ -113,9 +157,10 @@ async def submit(
     queue: Queue,
     job_spec: spec.JobSpec,
     settings: Settings,
+    caller: Caller,
     idempotency: tuple[str, str] | None = None,
 ) -> Submission:
-    """Enqueue ``job_spec`` (by the worker function's dotted name) and remember its id.
+    """Enqueue ``job_spec`` (by the worker function's dotted name) for ``caller`` and remember its id.
 
     RQ builds the job and its writes (on ``queue``'s synchronous client, into a pipeline that is never run there);
     the same commands then run as one MULTI/EXEC on the asyncio client, followed by the admission check, so the
@@ -123,8 +168,9 @@ async def submit(
 
     ``idempotency`` is ``(redis key, request fingerprint)``: the first request with that key creates the job, later
     ones with the same fingerprint get the same job back, with another fingerprint ``IdempotencyMismatch``.
-    Raises ``QueueFull`` when the queue already holds ``settings.max_queued`` jobs, ``NotReplicated`` when the
-    primary's replicas did not acknowledge the job in time (see ``Settings.redis_min_replicas_ack``).
+    Raises ``Refused`` when the queue holds ``settings.max_queued`` jobs or the caller is at a limit of its quota,
+    ``NotReplicated`` when the primary's replicas did not acknowledge the job in time (see
+    ``Settings.redis_min_replicas_ack``).
     """
     job_id = str(uuid.uuid4())
     if idempotency is not None:
@@ -151,24 +197,40 @@ async def submit(
             async with conn.pipeline(transaction=True) as pipe:
                 for args, options in recorder.command_stack:
                     pipe.execute_command(*args, **options)
-                pipe.eval(ADMISSION_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id,
-                          settings.max_queued, json.dumps({"animation": job_spec.animation}), settings.tombstone_ttl)
+                pipe.eval(ADMISSION_SCRIPT, 6, *_admission_keys(queue, job_id, caller),
+                          *_admission_args(queue, job_id, job_spec, settings, caller))
                 if settings.redis_min_replicas_ack:
                     pipe.execute_command("ROLE")  # the replicas the primary had when it ran the transaction
                 replies = (await pipe.execute())[len(recorder.command_stack):]
-        if replies[0] < 0:
-            raise QueueFull(-replies[0] - 1)
+        verdict = replies[0]
+        if verdict[0] != b"ok":
+            raise Refused(verdict[0].decode(), verdict[1], verdict[2] or None)
         if settings.redis_min_replicas_ack:
             try:
                 await _await_replicas(conn, replies[1], settings)
             except NotReplicated:
-                await conn.eval(WITHDRAW_SCRIPT, 3, queue.key, Job.key_for(job_id), tombstone_key(job_id), job_id)
+                await conn.eval(WITHDRAW_SCRIPT, 4, queue.key, Job.key_for(job_id), tombstone_key(job_id),
+                                spec.key_queue_key(queue.name, caller.tenant), job_id)
                 raise
     except BaseException:
         if idempotency is not None:
             await conn.delete(idempotency[0])
         raise
     return Submission(job_id=job_id, seed=job_spec.seed, status=JobStatus.QUEUED, replayed=False)
+
+
+def _admission_keys(queue: Queue, job_id: str, caller: Caller) -> list[str]:
+    return [queue.key, Job.key_for(job_id), tombstone_key(job_id), spec.key_ring_key(queue.name),
+            spec.key_turn_key(queue.name), rate_key(caller.tenant)]
+
+
+def _admission_args(queue: Queue, job_id: str, job_spec: spec.JobSpec, settings: Settings,
+                    caller: Caller) -> list[Any]:
+    quota = quota_for(settings, caller) or settings.default_quota()  # an open API: not read by the script
+    tombstone = json.dumps({"animation": job_spec.animation, "owner": caller.key_id})
+    return [job_id, settings.max_queued, tombstone, settings.tombstone_ttl, spec.key_queue_key(queue.name, ""),
+            caller.tenant, job_spec.count, quota.queued_jobs, quota.queued_images, quota.submissions_per_minute,
+            Job.redis_job_namespace_prefix]
 
 
 async def _replay(conn: redis.asyncio.Redis, queue: Queue, key: str, print_: str) -> Submission:

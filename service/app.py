@@ -18,15 +18,17 @@ from service.api.middleware import BodyLimitMiddleware
 from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
+from service.tenancy import KeyLabels
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app. ``settings`` default to the environment's (``get_settings()``)."""
     settings = settings or get_settings()
     metrics = Metrics()
+    key_labels = KeyLabels(settings)
     conn = redis_clients.connect(settings, on_error=metrics.count_redis_error)
     async_conn = redis_clients.connect_async(settings, on_error=metrics.count_redis_error)
-    metrics.registry.register(QueueCollector(conn, settings.queue_name))
+    metrics.registry.register(QueueCollector(conn, settings.queue_name, key_labels))
     queue = redis_clients.make_queue(conn, settings)
 
     @asynccontextmanager
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         queue=queue,
         metrics=metrics,
         live_models=registry.LiveModels(async_conn, settings.model_cache_s),
+        key_labels=key_labels,
     )
 
     for router in ROUTERS:

@@ -7,10 +7,11 @@ an empty variable counts as unset. Routes get the settings through ``get_setting
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from worker import spec
@@ -24,6 +25,23 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+class Quota(BaseModel):
+    """Limits of one API key; in ``QUOTA_OVERRIDES`` a field left out (``None``) keeps the default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # jobs waiting in the key's queue (not yet taken by a worker)
+    queued_jobs: Annotated[int | None, Field(ge=1)] = None
+    # images of those jobs, summed
+    queued_images: Annotated[int | None, Field(ge=1)] = None
+    # accepted submissions per minute, allowed in a burst (a token bucket refilled evenly over the minute)
+    submissions_per_minute: Annotated[int | None, Field(ge=1)] = None
+
+    def merged(self, override: Quota | None) -> Quota:
+        """These limits with ``override``'s given fields in their place."""
+        return self.model_copy(update=override.model_dump(exclude_none=True)) if override else self
 
 
 class Settings(RedisSettings):
@@ -45,8 +63,19 @@ class Settings(RedisSettings):
     model_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     # Value of the Retry-After header on 429 and 503 answers.
     retry_after_s: Annotated[int, Field(ge=1)] = 5
-    # Comma-separated bearer tokens; none = open API.
+    # Comma-separated bearer tokens; none (and no ADMIN_API_KEYS) = open API. Each key sees only its own jobs.
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode, Field(repr=False)] = ()
+    # Comma-separated bearer tokens that may also read and cancel every key's jobs.
+    admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode, Field(repr=False)] = ()
+    # Per-key limits (API keys only; an open API has just MAX_QUEUED). Over one, POST /generate answers 429.
+    quota_queued_jobs: Annotated[int, Field(ge=1)] = 100
+    quota_queued_images: Annotated[int, Field(ge=1)] = 2048
+    quota_submissions_per_minute: Annotated[int, Field(ge=1)] = 120
+    # JSON object: key id (see service/tenancy.py) -> limits that differ from the defaults above, e.g.
+    # {"3f2a…": {"queued_jobs": 500, "submissions_per_minute": 600}}.
+    quota_overrides: dict[str, Quota] = {}
+    # Metrics label work by key id while at most this many keys are configured, else by this many hashed buckets.
+    metrics_key_labels: Annotated[int, Field(ge=1, le=1000)] = 50
     max_body_bytes: Annotated[int, Field(ge=256)] = 16 * 1024
     # Comma-separated origins allowed by CORS; none = no CORS headers at all.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
@@ -67,10 +96,25 @@ class Settings(RedisSettings):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     log_level: str = "info"
 
-    _split_lists = field_validator("api_keys", "cors_origins", mode="before")(_split_csv)
+    _split_lists = field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")(_split_csv)
+
+    @field_validator("quota_overrides")
+    @classmethod
+    def _overrides_name_key_ids(cls, value: dict[str, Quota]) -> dict[str, Quota]:
+        for name in value:
+            if not re.fullmatch(r"[0-9a-f]{32}", name):  # never a key itself: this setting is not a secret
+                raise ValueError("QUOTA_OVERRIDES is keyed by key ids (32 hex digits of the key's sha256), not keys")
+        return value
 
     def api_key_values(self) -> tuple[bytes, ...]:
         return tuple(key.get_secret_value().encode() for key in self.api_keys)
+
+    def admin_key_values(self) -> tuple[bytes, ...]:
+        return tuple(key.get_secret_value().encode() for key in self.admin_api_keys)
+
+    def default_quota(self) -> Quota:
+        return Quota(queued_jobs=self.quota_queued_jobs, queued_images=self.quota_queued_images,
+                     submissions_per_minute=self.quota_submissions_per_minute)
 
 
 @lru_cache

@@ -16,6 +16,7 @@ from rq.job import Job, JobStatus
 
 from service.config import Settings
 from service.keys import observed_key, tombstone_key
+from service.tenancy import Caller
 from worker import spec
 
 PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
@@ -50,23 +51,38 @@ def _is_uuid(value: str) -> bool:
         return False
 
 
-def fetch(conn: redis.Redis, job_id: str) -> Job:
-    """The generation job ``job_id``; raises ``JobGone`` when it expired, ``JobNotFound`` when it never existed."""
+def fetch(conn: redis.Redis, job_id: str, caller: Caller) -> Job:
+    """The generation job ``job_id`` as ``caller`` may see it; raises ``JobGone`` when it expired,
+    ``JobNotFound`` when it never existed or belongs to another key (the two are indistinguishable)."""
     if not _is_uuid(job_id):
         raise JobNotFound(job_id)
     try:
         job = Job.fetch(job_id, connection=conn)
         if job.func_name == spec.JOB_FUNCTION:
+            if not caller.may_see(owner_of(conn, job)):
+                raise JobNotFound(job_id)
             return job
     except NoSuchJobError:
         pass
-    except redis.RedisError:
+    except (redis.RedisError, JobNotFound):
         raise
     except Exception:  # a job hash we cannot decode is not one of ours
         pass
-    if conn.exists(tombstone_key(job_id)):
+    tombstone = _tombstone(conn, job_id)
+    if tombstone is not None and caller.may_see(tombstone.get("owner")):
         raise JobGone(job_id)
     raise JobNotFound(job_id)
+
+
+def owner_of(conn: redis.Redis, job: Job) -> str | None:
+    """The key id that submitted ``job``; ``None`` when it was submitted while the API was open."""
+    owner = conn.hget(job.key, spec.OWNER_FIELD)
+    return owner.decode() if owner else None
+
+
+def _tombstone(conn: redis.Redis, job_id: str) -> dict | None:
+    raw = conn.get(tombstone_key(job_id))
+    return json.loads(raw) if raw else None
 
 
 def job_spec_of(job: Job) -> spec.JobSpec | None:
@@ -114,8 +130,16 @@ def submitted_at_of(job: Job) -> datetime | None:
         return None
 
 
-def queue_position(job: Job) -> int | None:
-    return job.get_position() if status_of(job) == JobStatus.QUEUED else None
+def queue_position(conn: redis.Redis, job: Job) -> int | None:
+    """While queued: the jobs ahead of it in the RQ queue, or, for a job still waiting in its key's list, the
+    key's own jobs ahead of it (keys take turns, so other keys' jobs do not queue ahead of it)."""
+    if status_of(job) != JobStatus.QUEUED:
+        return None
+    position = job.get_position()
+    if position is None:
+        owner = owner_of(conn, job)
+        position = conn.lpos(spec.key_queue_key(job.origin, owner), job.id) if owner else None
+    return position
 
 
 def cancel_requested(conn: redis.Redis, job: Job) -> bool:
@@ -130,15 +154,15 @@ def first_sighting(conn: redis.Redis, job: Job, ttl: int) -> bool:
 
 
 def animation_requested(conn: redis.Redis, job_id: str) -> bool:
-    raw = conn.get(tombstone_key(job_id))
-    return bool(raw and json.loads(raw).get("animation"))
+    tombstone = _tombstone(conn, job_id)
+    return bool(tombstone and tombstone.get("animation"))
 
 
-def read_artifact(conn: redis.Redis, job_id: str, kind: str) -> bytes:
-    """The artifact bytes of a finished job; raises ``JobNotFound`` (also for an animation nobody asked for),
-    ``JobGone`` (expired) or ``NotReady`` (not finished)."""
+def read_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> bytes:
+    """The artifact bytes of a finished job; raises ``JobNotFound`` (also for an animation nobody asked for, or
+    another key's job), ``JobGone`` (expired) or ``NotReady`` (not finished)."""
     try:
-        job = fetch(conn, job_id)
+        job = fetch(conn, job_id, caller)
     except JobGone:
         if kind == "animation" and not animation_requested(conn, job_id):
             raise JobNotFound(job_id) from None
@@ -156,8 +180,6 @@ def read_artifact(conn: redis.Redis, job_id: str, kind: str) -> bytes:
     return data
 
 
-
-
 def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:
     """Cancel a pending job now, or ask the worker to stop a running one; returns the status after the call.
 
@@ -169,6 +191,9 @@ def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:
         raise NotReady(status, error_of(job))
     conn.set(spec.cancel_key(job.id), b"1", ex=settings.job_timeout + 60)
     if status in PENDING:
+        owner = owner_of(conn, job)
+        if owner:  # still waiting for its key's turn: out of the key's list too (RQ removes it from the queue)
+            conn.lrem(spec.key_queue_key(job.origin, owner), 0, job.id)
         job.cancel()
         conn.expire(job.key, settings.failure_ttl)
         return JobStatus.CANCELED

@@ -1,8 +1,9 @@
 """Redis keys owned by the API (the worker never reads them).
 
-- ``facegen:tombstone:<job_id>`` -> ``{"animation": bool}``, kept ``tombstone_ttl`` (longer than the job), so an
-  expired job answers 410 rather than 404;
+- ``facegen:tombstone:<job_id>`` -> ``{"animation": bool, "owner": key id or null}``, kept ``tombstone_ttl``
+  (longer than the job), so an expired job answers 410 (to its owner) rather than 404;
 - ``facegen:idempotency:<sha256(api key, Idempotency-Key)>`` -> ``{"job_id", "fingerprint", "seed"}``;
+- ``facegen:rate:<key id>``: the key's submission rate (admission's token bucket);
 - ``facegen:observed:<job_id>``: set the first time any API replica sees the job ended (metrics count it once);
 - ``facegen:replication-mark``: a counter admission bumps after a job's writes, so that ``WAIT`` on any pooled
   connection covers them (WAIT counts the writes of its own connection).
@@ -24,6 +25,11 @@ REPLICATION_MARK_KEY = f"{spec.KEY_PREFIX}:replication-mark"
 
 def observed_key(job_id: str) -> str:
     return f"{spec.KEY_PREFIX}:observed:{job_id}"
+
+
+def rate_key(key_id: str) -> str:
+    """The key's submission-rate state (GCRA: when its bucket is next full, as Redis TIME seconds)."""
+    return f"{spec.KEY_PREFIX}:rate:{key_id}"
 
 
 def idempotency_key(client: str, key: str) -> str:

@@ -20,6 +20,8 @@ from rq.job import Job, JobStatus
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import job_ops, registry
+from service.tenancy import KeyLabels
+from worker.fair_queue import waiting_by_key
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,23 @@ class Metrics:
         )
         self.jobs_rejected = Counter(
             "facegen_api_jobs_rejected",
-            "POST /generate requests refused, by reason (queue_full, redis_unavailable, not_replicated, "
-            "invalid, idempotency_conflict).",
+            "POST /generate requests refused, by reason (queue_full, queued_jobs, queued_images, "
+            "submissions_per_minute, redis_unavailable, not_replicated, invalid, idempotency_conflict).",
             ["reason"], registry=r,
+        )
+        # By API key: each key's id (12 hex digits of its sha256, never the key) or a hashed bucket, see
+        # service/tenancy.py KeyLabels; "anonymous" while the API is open.
+        self.key_jobs_submitted = Counter(
+            "facegen_api_key_jobs_submitted", "Jobs accepted by POST /generate, by API key id.", ["key"], registry=r,
+        )
+        self.key_images_submitted = Counter(
+            "facegen_api_key_images_submitted", "Images in the jobs accepted, by API key id.", ["key"], registry=r,
+        )
+        self.key_jobs_rejected = Counter(
+            "facegen_api_key_jobs_rejected",
+            "POST /generate requests refused for a full queue or a quota, by API key id and reason (queue_full, "
+            "queued_jobs, queued_images, submissions_per_minute).",
+            ["key", "reason"], registry=r,
         )
         self.jobs_ended = Counter(
             "facegen_api_jobs_ended",
@@ -79,11 +95,13 @@ class Metrics:
 
 
 class QueueCollector(Collector):
-    """Queue depth, RQ registry sizes and live models, read from Redis when Prometheus scrapes."""
+    """Queue depth (also by API key), RQ registry sizes and live models, read from Redis when Prometheus
+    scrapes."""
 
-    def __init__(self, conn: redis.Redis, queue_name: str) -> None:
+    def __init__(self, conn: redis.Redis, queue_name: str, key_labels: KeyLabels) -> None:
         self.conn = conn
         self.queue_name = queue_name
+        self.key_labels = key_labels
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily; nothing to check at registration
@@ -103,6 +121,7 @@ class QueueCollector(Collector):
             }
             counts = {name: reg.get_job_count(cleanup=False) for name, reg in registries.items()}
             models = registry.read_models(self.conn)
+            by_key = waiting_by_key(self.conn, self.queue_name)
         except redis.RedisError as exc:
             log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -111,8 +130,9 @@ class QueueCollector(Collector):
         up.add_metric([], 1)
         yield up
         queued = GaugeMetricFamily("facegen_queue_depth", "Jobs waiting in the RQ queue.", labels=["queue"])
-        queued.add_metric([self.queue_name], depth)
+        queued.add_metric([self.queue_name], depth + sum(by_key.values()))
         yield queued
+        yield self._by_key(by_key)
         held = GaugeMetricFamily(
             "facegen_queue_registry_jobs", "Jobs in each RQ registry (retained for result/failure TTL).",
             labels=["queue", "registry"],
@@ -126,6 +146,20 @@ class QueueCollector(Collector):
         for model in models:
             live.add_metric([model.version], 1)
         yield live
+
+
+    def _by_key(self, by_key: dict[str, int]) -> Metric:
+        waiting = GaugeMetricFamily(
+            "facegen_queue_key_jobs", "Jobs waiting for their API key's turn, by key id (or hashed bucket).",
+            labels=["queue", "key"],
+        )
+        totals: dict[str, int] = {}
+        for key_id, count in by_key.items():
+            label = self.key_labels(key_id)
+            totals[label] = totals.get(label, 0) + count
+        for label, count in sorted(totals.items()):
+            waiting.add_metric([self.queue_name, label], count)
+        return waiting
 
 
 class MetricsMiddleware:

@@ -159,7 +159,9 @@ class JobPublic(BaseModel):
     id: str
     status: Annotated[JobStatus, Field(description="RQ job status (queued, started, finished, failed, canceled, …).")]
     queue_position: Annotated[
-        int | None, Field(description="While queued: jobs ahead of this one (0 = next).")
+        int | None,
+        Field(description="While queued: jobs ahead of this one (0 = next); for a job waiting its API key's "
+                          "turn, that key's own jobs ahead of it."),
     ] = None
     progress: Annotated[Progress | None, Field(description="While running or finished: denoising progress.")] = None
     cancel_requested: Annotated[
@@ -221,6 +223,14 @@ class ErrorPublic(BaseModel):
     """Every error answer except 422 (which lists the failing fields in FastAPI's format)."""
 
     detail: Annotated[str, Field(examples=["job not found"])]
+
+
+class QuotaError(ErrorPublic):
+    """429: a limit was reached; ``limit`` names it."""
+
+    limit: Annotated[str, Field(description="max_queued (the whole queue), or the API key's queued_jobs, "
+                                            "queued_images or submissions_per_minute.")]
+    allowed: Annotated[int, Field(description="The limit's value.")]
 
 
 class JobStateError(ErrorPublic):

@@ -16,13 +16,13 @@ import uuid
 
 import redis
 import torch
-from rq import Queue
 
 from training.checkpoints import CheckpointError, list_versions
 
 from . import jobs
 from .connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
 from .engine import Engine
+from .fair_queue import FairQueue
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 from .spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = jobs.WorkerRuntime(engine, settings, metrics)
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
-    queues = [Queue(name_, connection=connection) for name_ in settings.queue_names()]
+    queues = [FairQueue(name_, connection=connection) for name_ in settings.queue_names()]
     worker = jobs.FacegenWorker(queues, connection=connection, name=name, runtime=runtime)
     log.info("serving model %s (%s) from Redis at %s", info.version,
              json.dumps({"device": info.device, "dtype": info.dtype, "max_batch": settings.max_batch}),

@@ -1,8 +1,9 @@
 """RQ glue: the job function the service enqueues by name, and the worker that batches compatible jobs.
 
-:class:`FacegenWorker` is an RQ ``SimpleWorker`` (no fork: the model stays loaded). When it dequeues a job it
-claims compatible queued jobs (same model, sampler, steps and guidance) up to ``MAX_BATCH`` images, moving
-them atomically from the queue to RQ's intermediate list as RQ's own dequeue does, marks them all started,
+:class:`FacegenWorker` is an RQ ``SimpleWorker`` (no fork: the model stays loaded) that serves API keys in turn
+(worker/fair_queue.py). When it dequeues a job it claims compatible waiting jobs (same model, sampler, steps and
+guidance; the keys' jobs taken in turn) up to ``MAX_BATCH`` images, moving them atomically from their lists to
+RQ's intermediate list as RQ's own dequeue does, marks them all started,
 runs one batched denoising pass for all of them, then lets RQ perform each job, which only encodes and stores
 that job's artifacts. Every job keeps its own status, progress, result and failure.
 """
@@ -27,6 +28,7 @@ from training.imaging import gif_bytes, grid_image, png_bytes
 
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
 from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput, RunStats
+from .fair_queue import FairQueue, waiting_jobs
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 from .spec import (
@@ -110,14 +112,15 @@ def batch_key(spec: JobSpec, engine: Engine) -> BatchKey:
     return BatchKey(model=engine.version, sampler=spec.sampler, steps=spec.resolved_steps(), guidance_scale=guidance)
 
 
-# Atomically move each still-queued id from the queue list to RQ's intermediate list (what RQ's own dequeue
-# does with LMOVE), so a crash leaves claimed jobs where RQ's maintenance finds and retries them.
+# Atomically move each still-waiting id from its list (the RQ queue or its API key's list) to the queue's
+# intermediate list (what RQ's own dequeue does with LMOVE), so a crash leaves claimed jobs where RQ's maintenance
+# finds and retries them. KEYS: the intermediate list; ARGV: list key, job id, list key, job id, …
 CLAIM_SCRIPT = """
 local claimed = {}
-for _, id in ipairs(ARGV) do
-  if redis.call('LREM', KEYS[1], 1, id) == 1 then
-    redis.call('RPUSH', KEYS[2], id)
-    table.insert(claimed, id)
+for i = 1, #ARGV, 2 do
+  if redis.call('LREM', ARGV[i], 1, ARGV[i + 1]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[i + 1])
+    table.insert(claimed, ARGV[i + 1])
   end
 end
 return claimed
@@ -131,7 +134,10 @@ def dequeue_wait_s(settings: WorkerSettings) -> int:
 
 
 class FacegenWorker(SimpleWorker):
-    """SimpleWorker that batches compatible jobs and heartbeats while it samples."""
+    """SimpleWorker that batches compatible jobs, serves API keys in turn (worker/fair_queue.py) and heartbeats
+    while it samples."""
+
+    queue_class = FairQueue
 
     # Between reconnect attempts RQ waits 1, 2, 4 s… up to this (its own cap is a minute, and a job arriving
     # during such a wait waited with it).
@@ -156,7 +162,8 @@ class FacegenWorker(SimpleWorker):
         return self.runtime.settings.heartbeat_ttl
 
     def claim_companions(self, leader: Job, queue: Queue) -> list[Job]:
-        """Queued jobs compatible with ``leader``, oldest first, within ``MAX_BATCH`` images in total."""
+        """Waiting jobs compatible with ``leader`` within ``MAX_BATCH`` images in total: those in the RQ queue,
+        then the API keys' waiting jobs taken in turn (each key's first, then each key's second, …)."""
         engine = self.runtime.engine
         try:
             spec = parse_spec(leader)
@@ -164,8 +171,10 @@ class FacegenWorker(SimpleWorker):
         except PermanentJobError:
             return []
         budget = engine.max_batch - spec.count
+        waiting = waiting_jobs(self.connection, queue, LOOKAHEAD)
+        jobs = Job.fetch_many([job_id for _, job_id in waiting], connection=self.connection)
         candidates: list[str] = []
-        for job in Job.fetch_many(queue.get_job_ids(0, LOOKAHEAD), connection=self.connection):
+        for (source, _), job in zip(waiting, jobs, strict=True):
             if budget <= 0:
                 break
             if job is None or job.func_name != leader.func_name:
@@ -176,12 +185,12 @@ class FacegenWorker(SimpleWorker):
                     continue
             except PermanentJobError:
                 continue
-            candidates.append(job.id)
+            candidates += [source, job.id]
             budget -= other.count
         if not candidates:
             return []
         claimed = [c.decode() if isinstance(c, bytes) else c
-                   for c in self._claim(keys=[queue.key, queue.intermediate_queue_key], args=candidates)]
+                   for c in self._claim(keys=[queue.intermediate_queue_key], args=candidates)]
         jobs = Job.fetch_many(claimed, connection=self.connection)
         return [job for job in jobs if job is not None]
 

@@ -140,6 +140,27 @@ def model_registry_key(version: str) -> str:
 MODEL_INDEX_KEY = f"{KEY_PREFIX}:models"
 
 
+# ----- fair queueing across API keys (worker/fair_queue.py) --------------------------------------------------
+# A job submitted with an API key waits in its key's own list until a worker serves the keys in turn; its RQ origin
+# stays the queue, so RQ's registries, retries and maintenance work as for any job.
+OWNER_FIELD = "facegen_owner"  # field of the RQ job hash: the key id that submitted the job (absent: open API)
+IMAGES_FIELD = "facegen_images"  # field of the RQ job hash: the job's image count (read by admission's quota)
+
+
+def key_queue_key(queue_name: str, key_id: str) -> str:
+    """The list of ``key_id``'s jobs waiting for their turn on queue ``queue_name``."""
+    return f"{KEY_PREFIX}:fair:{queue_name}:key:{key_id}"
+
+
+def key_ring_key(queue_name: str) -> str:
+    """Sorted set: key ids with jobs waiting -> the turn (a counter value) when a worker last served them."""
+    return f"{KEY_PREFIX}:fair:{queue_name}:ring"
+
+
+def key_turn_key(queue_name: str) -> str:
+    """The turn counter of ``key_ring_key``."""
+    return f"{KEY_PREFIX}:fair:{queue_name}:turn"
+
 
 class ModelInfo(BaseModel):
     """What a worker publishes about the model it serves (read by ``GET /models`` and ``/readyz``)."""

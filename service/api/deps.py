@@ -7,7 +7,6 @@ client); the other routes use RQ's synchronous API and stay ``def``.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -18,9 +17,11 @@ from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 
+from service import tenancy
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LiveModels
+from service.tenancy import Caller, KeyLabels
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Services:
     queue: Queue  # the one RQ queue object: RQ caches the server version on it (one INFO per process)
     metrics: Metrics
     live_models: LiveModels
+    key_labels: KeyLabels  # key id -> metric label (bounded cardinality)
 
 
 async def get_services(request: Request) -> Services:
@@ -64,24 +66,32 @@ async def require_api_key(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> None:
-    """Checks the bearer key when API keys are configured; puts a stable, non-secret id of the caller in
-    ``request.state.client`` (routes read it there rather than depending on this a second time, which would
-    make FastAPI solve its sub-dependencies twice)."""
-    keys = services.settings.api_key_values()
-    if not keys:
-        request.state.client = "anonymous"
+    """Checks the bearer key when API keys are configured and puts the :class:`Caller` (its key id, never the
+    key) in ``request.state.caller`` (routes read it there rather than depending on this a second time, which
+    would make FastAPI solve its sub-dependencies twice)."""
+    settings = services.settings
+    keys, admin_keys = settings.api_key_values(), settings.admin_key_values()
+    if not keys and not admin_keys:
+        request.state.caller = Caller(key_id=None)
         return
     token = credentials.credentials.encode() if credentials is not None else b""
-    matched = False
+    matched = admin = False
     for key in keys:  # compare with every key, constant time each: no early exit that would leak which matched
         matched |= hmac.compare_digest(token, key)
-    if not token or not matched:
+    for key in admin_keys:
+        admin |= hmac.compare_digest(token, key)
+    if not token or not (matched or admin):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid API key",
             headers={"WWW-Authenticate": 'Bearer realm="facegen"'},
         )
-    request.state.client = hashlib.sha256(token).hexdigest()[:32]
+    request.state.caller = Caller(key_id=tenancy.key_id(token), admin=admin)
+
+
+def caller_of(request: Request) -> Caller:
+    """The caller ``require_api_key`` identified (every router that serves jobs depends on it)."""
+    return request.state.caller
 
 
 async def require_json(request: Request) -> None:

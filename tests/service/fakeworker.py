@@ -22,13 +22,14 @@ from functools import partial
 
 import redis
 from PIL import Image
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import utcformat
 
 from worker import spec
+from worker.fair_queue import FairQueue
 
 FAKE_VERSION = "fake-v1"
 FAKE_GUIDANCE = 3.0
@@ -149,15 +150,17 @@ def _job_class(behaviour: FakeBehaviour) -> type[Job]:
 
 
 class FakeWorker(SimpleWorker):
-    """Runs in any thread (no signal handlers, timer-based job timeouts)."""
+    """Runs in any thread (no signal handlers, timer-based job timeouts); serves API keys in turn, as the real
+    worker does (worker/fair_queue.py)."""
 
     death_penalty_class = TimerDeathPenalty
+    queue_class = FairQueue
 
     def __init__(self, conn: redis.Redis, queue_name: str = spec.DEFAULT_QUEUE,
                  behaviour: FakeBehaviour | None = None):
         self.behaviour = behaviour or FakeBehaviour()
         job_class = _job_class(self.behaviour)
-        super().__init__([Queue(queue_name, connection=conn, job_class=job_class)], connection=conn,
+        super().__init__([FairQueue(queue_name, connection=conn, job_class=job_class)], connection=conn,
                          job_class=job_class)
 
     def _install_signal_handlers(self) -> None:

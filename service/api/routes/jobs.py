@@ -13,7 +13,16 @@ from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
 from service import admission, job_ops, keys, registry
-from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key, require_json
+from service.api.deps import (
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    ApiError,
+    ServicesDep,
+    caller_of,
+    require_api_key,
+    require_json,
+)
+from service.metrics import Metrics
 from service.schemas import (
     MAX_RANDOM_SEED,
     ErrorPublic,
@@ -23,7 +32,9 @@ from service.schemas import (
     JobPublic,
     JobStateError,
     Progress,
+    QuotaError,
 )
+from service.tenancy import ANONYMOUS, Caller
 from worker import spec
 
 # Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
@@ -32,7 +43,8 @@ NOT_READY_RETRY_S = 1
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
 
-NOT_FOUND = {404: {"model": ErrorPublic, "description": "No such job."}}
+NOT_FOUND = {404: {"model": ErrorPublic, "description": "No such job (or another API key's: each key sees only "
+                                                       "its own jobs; an admin key sees all)."}}
 GONE = {410: {"model": ErrorPublic, "description": "The job (or its images) existed but has expired."}}
 ARTIFACT_TTL_NOTE = (
     "Artifacts live as long as the finished job (ARTIFACT_TTL, default 24 h); after that the answer is 410."
@@ -95,7 +107,9 @@ def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec
         415: {"model": ErrorPublic, "description": "Body not sent as `application/json`."},
         422: {"description": "A field is invalid (`detail[].loc` names it) or the Idempotency-Key was reused "
                              "with another body."},
-        429: {"model": ErrorPublic, "description": "Queue full; retry after `Retry-After` seconds."},
+        429: {"model": QuotaError, "description": "Queue full (`limit` `max_queued`), or the API key is at a limit "
+                                                  "of its quota (`queued_jobs`, `queued_images`, "
+                                                  "`submissions_per_minute`); retry after `Retry-After` seconds."},
         **UNAVAILABLE,
     },
 )
@@ -114,7 +128,8 @@ async def create_job(
         ),
     ] = None,
 ) -> JobAccepted:
-    settings, metrics = services.settings, services.metrics
+    settings, metrics, caller = services.settings, services.metrics, caller_of(request)
+    key_label = services.key_labels(caller.key_id)
     problems = [((name,), message, getattr(body, name)) for name, message in body.field_errors()]
     if problems:
         raise _validation_error(problems)
@@ -127,15 +142,12 @@ async def create_job(
         job_spec = _build_spec(body, attributes, seed)
         idempotency = None
         if idempotency_key is not None:
-            idempotency = (keys.idempotency_key(request.state.client, idempotency_key),
+            idempotency = (keys.idempotency_key(caller.key_id or ANONYMOUS, idempotency_key),
                            admission.fingerprint(body.model_dump_json()))
-        submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, idempotency)
-    except admission.QueueFull as exc:
-        metrics.jobs_rejected.labels("queue_full").inc()
-        raise ApiError(
-            429, f"queue full ({exc.depth} jobs waiting); retry later",
-            headers={"Retry-After": str(settings.retry_after_s)},
-        ) from None
+        submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, caller,
+                                            idempotency)
+    except admission.Refused as exc:
+        raise _refusal(exc, settings.retry_after_s, metrics, key_label) from None
     except admission.IdempotencyMismatch as exc:
         metrics.jobs_rejected.labels("idempotency_conflict").inc()
         request.state.rejection_counted = True
@@ -152,9 +164,24 @@ async def create_job(
         response.headers["Idempotent-Replayed"] = "true"
     else:
         metrics.jobs_submitted.labels(job_spec.sampler.value).inc()
+        metrics.key_jobs_submitted.labels(key_label).inc()
+        metrics.key_images_submitted.labels(key_label).inc(job_spec.count)
     links = _links(request, submission.job_id, job_spec.animation)
     response.headers["Location"] = links.self
     return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
+
+
+def _refusal(exc: admission.Refused, retry_after_s: int, metrics: Metrics, key_label: str) -> ApiError:
+    """The 429 for a refused job, counted by reason and by key."""
+    reason = "queue_full" if exc.limit == "max_queued" else exc.limit
+    metrics.jobs_rejected.labels(reason).inc()
+    metrics.key_jobs_rejected.labels(key_label, reason).inc()
+    if exc.limit == "max_queued":
+        detail = f"queue full (MAX_QUEUED={exc.allowed} jobs waiting); retry later"
+    else:
+        detail = f"quota reached: {exc.limit} (at most {exc.allowed} for this API key); retry later"
+    return ApiError(429, detail, headers={"Retry-After": str(exc.retry_after_s or retry_after_s)},
+                    limit=exc.limit, allowed=exc.allowed)
 
 
 def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
@@ -164,7 +191,7 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
     return JobPublic(
         id=job.id,
         status=job_ops.status_of(job),
-        queue_position=job_ops.queue_position(job),
+        queue_position=job_ops.queue_position(conn, job),
         progress=Progress(**progress) if progress else None,
         cancel_requested=job_ops.cancel_requested(conn, job),
         submitted_at=job_ops.submitted_at_of(job),
@@ -178,9 +205,9 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
     )
 
 
-def _fetch(conn: redis.Redis, job_id: str) -> Job:
+def _fetch(conn: redis.Redis, job_id: str, caller: Caller) -> Job:
     try:
-        return job_ops.fetch(conn, job_id)
+        return job_ops.fetch(conn, job_id, caller)
     except job_ops.JobNotFound:
         raise ApiError(404, "job not found") from None
     except job_ops.JobGone:
@@ -197,7 +224,7 @@ def _fetch(conn: redis.Redis, job_id: str) -> Job:
     responses={**NOT_FOUND, **GONE, **UNAVAILABLE},
 )
 def read_job(job_id: str, request: Request, services: ServicesDep) -> JobPublic:
-    job = _fetch(services.redis, job_id)
+    job = _fetch(services.redis, job_id, caller_of(request))
     if job_ops.first_sighting(services.redis, job, services.settings.tombstone_ttl):
         services.metrics.observe_ended(job)
     return _public(request, services.redis, job)
@@ -218,20 +245,20 @@ def read_job(job_id: str, request: Request, services: ServicesDep) -> JobPublic:
     },
 )
 def cancel_job(job_id: str, request: Request, response: Response, services: ServicesDep) -> JobPublic:
-    conn = services.redis
-    job = _fetch(conn, job_id)
+    conn, caller = services.redis, caller_of(request)
+    job = _fetch(conn, job_id, caller)
     try:
         new_status = job_ops.cancel(conn, job, services.settings)
     except job_ops.NotReady as exc:
         raise ApiError(409, f"job already {exc.status.value}", status=exc.status.value, error=exc.error) from None
     if new_status != JobStatus.CANCELED:
         response.status_code = 202
-    return _public(request, conn, job_ops.fetch(conn, job_id))
+    return _public(request, conn, job_ops.fetch(conn, job_id, caller))
 
 
-def _artifact(conn: redis.Redis, job_id: str, kind: str) -> Response:
+def _artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> Response:
     try:
-        data = job_ops.read_artifact(conn, job_id, kind)
+        data = job_ops.read_artifact(conn, job_id, kind, caller)
     except job_ops.JobNotFound:
         raise ApiError(404, "job not found" if kind == "grid" else "no animation: job not found or not asked for "
                                                                    "one") from None
@@ -272,8 +299,8 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     description=f"The finished job's images as one PNG grid. {STATE_NOTE} {ARTIFACT_TTL_NOTE}",
     responses={200: {"content": {"image/png": {}}, "description": "PNG grid."}, **NOT_FOUND, **ARTIFACT_RESPONSES},
 )
-def read_result(job_id: str, services: ServicesDep) -> Response:
-    return _artifact(services.redis, job_id, "grid")
+def read_result(job_id: str, request: Request, services: ServicesDep) -> Response:
+    return _artifact(services.redis, job_id, "grid", caller_of(request))
 
 
 @router.get(
@@ -288,5 +315,5 @@ def read_result(job_id: str, services: ServicesDep) -> Response:
         **ARTIFACT_RESPONSES,
     },
 )
-def read_animation(job_id: str, services: ServicesDep) -> Response:
-    return _artifact(services.redis, job_id, "animation")
+def read_animation(job_id: str, request: Request, services: ServicesDep) -> Response:
+    return _artifact(services.redis, job_id, "animation", caller_of(request))

@@ -1,0 +1,159 @@
+"""Tenancy through the API with the fake worker: each key sees only its own jobs (an admin sees all), per-key
+quotas answer 429 naming the limit, and keys take turns in the queue. The same promises against uvicorn and the
+real worker: tests/tenancy/."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from fastapi.routing import iter_route_contexts
+from pydantic import ValidationError
+from rq.job import Job
+
+from service.app import create_app
+from service.config import Settings
+from service.tenancy import KeyLabels
+from tests.service.fakeworker import FakeWorker, publish_model
+from worker import spec
+
+KEYS = {"a": "key-a-0123456789", "b": "key-b-0123456789", "admin": "key-admin-0123456789"}
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def auth(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[who]}"}
+
+
+def job_routes() -> list[tuple[str, str]]:
+    """(method, template) of every route that names a job, read from the app itself."""
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+    return [(method, route.path) for route in iter_route_contexts(app.routes) if "{job_id}" in route.path
+            for method in sorted(route.methods or ())]
+
+
+JOB_ROUTES = job_routes()
+
+
+@pytest.fixture
+def keyed(make_client):
+    return make_client(api_keys=f"{KEYS['a']},{KEYS['b']}", admin_api_keys=KEYS["admin"])
+
+
+def submit(client, who: str, **body):
+    return client.post("/generate", json={"label": "smiling", **body}, headers=auth(who))
+
+
+def test_job_routes_are_all_checked():
+    assert {p for _, p in JOB_ROUTES} == {"/jobs/{job_id}", "/jobs/{job_id}/result", "/jobs/{job_id}/animation"}
+    assert ("DELETE", "/jobs/{job_id}") in JOB_ROUTES
+
+
+def test_another_keys_job_is_404_on_every_route_while_owner_and_admin_see_it(keyed, conn):
+    publish_model(conn)
+    job_id = submit(keyed, "a", animation=True, animation_frames=2).json()["job_id"]
+    FakeWorker(conn).drain()
+    never = "00000000-0000-4000-8000-000000000000"
+    for method, template in JOB_ROUTES:
+        if method == "DELETE":
+            continue
+        path = template.format(job_id=job_id)
+        other = keyed.request(method, path, headers=auth("b"))
+        assert other.status_code == 404, (path, other.text)
+        assert other.json() == keyed.request(method, template.format(job_id=never), headers=auth("b")).json()
+        assert keyed.request(method, path, headers=auth("a")).status_code == 200, path
+        assert keyed.request(method, path, headers=auth("admin")).status_code == 200, path
+    assert keyed.delete(f"/jobs/{job_id}", headers=auth("b")).status_code == 404
+    assert keyed.delete(f"/jobs/{job_id}", headers=auth("a")).status_code == 409  # owner: it has ended
+    assert conn.hget(Job.key_for(job_id), spec.OWNER_FIELD).decode() == key_id(KEYS["a"])
+
+
+def test_other_key_cannot_cancel_a_queued_job_but_an_admin_can(keyed, conn):
+    mine, theirs = submit(keyed, "a").json()["job_id"], submit(keyed, "a").json()["job_id"]
+    assert keyed.delete(f"/jobs/{mine}", headers=auth("b")).status_code == 404
+    assert keyed.get(f"/jobs/{mine}", headers=auth("a")).json()["status"] == "queued"
+    assert keyed.delete(f"/jobs/{theirs}", headers=auth("admin")).json()["status"] == "canceled"
+    assert keyed.delete(f"/jobs/{mine}", headers=auth("a")).json()["status"] == "canceled"
+    assert conn.llen(spec.key_queue_key(spec.DEFAULT_QUEUE, key_id(KEYS["a"]))) == 0
+    assert conn.llen(f"rq:queue:{spec.DEFAULT_QUEUE}") == 0
+
+
+def test_an_expired_job_is_410_to_its_owner_and_404_to_others(keyed, conn):
+    job_id = submit(keyed, "a").json()["job_id"]
+    Job.fetch(job_id, connection=conn).delete()  # as if its TTL ran out: the tombstone stays
+    assert keyed.get(f"/jobs/{job_id}", headers=auth("a")).status_code == 410
+    assert keyed.get(f"/jobs/{job_id}", headers=auth("admin")).status_code == 410
+    assert keyed.get(f"/jobs/{job_id}", headers=auth("b")).status_code == 404
+    assert keyed.get(f"/jobs/{job_id}/result", headers=auth("b")).status_code == 404
+
+
+def test_an_open_api_shares_every_job(client, conn):
+    accepted = submit(client, "a").json()  # the header is ignored: no keys are configured
+    assert client.get(f"/jobs/{accepted['job_id']}").status_code == 200
+    assert conn.hget(Job.key_for(accepted["job_id"]), spec.OWNER_FIELD) is None
+    assert conn.llen(f"rq:queue:{spec.DEFAULT_QUEUE}") == 1  # one tenant: the RQ queue itself
+
+
+def test_queued_jobs_quota_refuses_one_key_while_another_is_accepted(make_client, conn):
+    client = make_client(api_keys=f"{KEYS['a']},{KEYS['b']}", quota_queued_jobs=3, retry_after_s=9)
+    assert [submit(client, "a").status_code for _ in range(3)] == [202] * 3
+    refused = submit(client, "a")
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "9"
+    assert refused.json()["limit"] == "queued_jobs" and refused.json()["allowed"] == 3
+    assert "queued_jobs" in refused.json()["detail"]
+    assert submit(client, "b").status_code == 202
+    FakeWorker(conn).drain()  # the key's jobs are taken: room again
+    assert submit(client, "a").status_code == 202
+
+
+def test_queued_images_quota_counts_the_images(make_client):
+    client = make_client(api_keys=KEYS["a"], quota_queued_images=10)
+    assert submit(client, "a", count=6).status_code == 202
+    assert submit(client, "a", count=4).status_code == 202
+    refused = submit(client, "a", count=1)
+    assert refused.status_code == 429 and refused.json()["limit"] == "queued_images"
+
+
+def test_submission_rate_refuses_with_the_time_to_wait(make_client):
+    client = make_client(api_keys=KEYS["a"], quota_submissions_per_minute=4)
+    assert [submit(client, "a").status_code for _ in range(4)] == [202] * 4
+    refused = submit(client, "a")
+    assert refused.status_code == 429 and refused.json()["limit"] == "submissions_per_minute"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 15  # the next token comes 60/4 s after the first
+
+
+def test_per_key_overrides_replace_the_defaults(make_client):
+    override = {key_id(KEYS["b"]): {"queued_jobs": 1}}
+    client = make_client(api_keys=f"{KEYS['a']},{KEYS['b']}", quota_overrides=override)
+    assert submit(client, "b").status_code == 202
+    assert submit(client, "b").json()["limit"] == "queued_jobs"
+    assert [submit(client, "a").status_code for _ in range(3)] == [202] * 3
+
+
+def test_overrides_must_name_key_ids_not_keys(redis_url):
+    with pytest.raises(ValidationError, match="key ids"):
+        Settings(redis_url=redis_url, quota_overrides={KEYS["a"]: {"queued_jobs": 1}})
+
+
+def test_keys_take_turns_whatever_their_backlog(keyed, conn):
+    publish_model(conn)
+    flood = [submit(keyed, "a", seed=i).json()["job_id"] for i in range(6)]
+    single = submit(keyed, "b").json()["job_id"]
+    body = keyed.get(f"/jobs/{flood[5]}", headers=auth("a")).json()
+    assert body["queue_position"] == 4  # a's own jobs ahead of it (the first was handed to the RQ queue)
+    worker = FakeWorker(conn)
+    worker.drain()
+    # a's first job was already in the RQ queue; then b, whose first job came after a was last served.
+    assert worker.behaviour.runs[:3] == [flood[0], single, flood[1]]
+    assert worker.behaviour.runs[2:] == flood[1:]
+
+
+def test_key_labels_are_bounded():
+    few = KeyLabels(Settings(api_keys="k1,k2", metrics_key_labels=2))
+    assert few(key_id("k1")) == key_id("k1")[:12] and few(None) == "anonymous"
+    many = KeyLabels(Settings(api_keys=",".join(f"k{i}" for i in range(100)), metrics_key_labels=4))
+    assert {many(key_id(f"k{i}")) for i in range(100)} <= {f"bucket-{i}" for i in range(4)}
