@@ -386,7 +386,7 @@ def record_batch(metrics: WorkerMetrics, engine: Engine, stats: RunStats, jobs: 
     metrics.batch_images.observe(stats.images)
     metrics.batch_jobs.observe(jobs)
     metrics.denoiser_steps.inc(stats.denoiser_steps)
-    metrics.precision_fallbacks.inc(stats.precision_fallbacks)
+    metrics.count_precision_fallbacks(stats.precision_fallbacks)
     if engine.device.type == "cuda":
         metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(engine.device))
         metrics.gpu_memory.labels("peak").set(torch.cuda.max_memory_allocated(engine.device))
