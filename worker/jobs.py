@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -298,12 +299,14 @@ def drop_canceled(batch: Batch, connection: redis.Redis) -> None:
 def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
     """Record each running job's queue wait and write its resolved parameters, batch size and progress 0."""
     images = sum(batch.shares[job.id].spec.count for job in batch.running)
+    record = {"id": batch.running[0].id, "jobs": len(batch.running), "images": images,
+              "started_at": datetime.now(UTC).isoformat()}
     for job in batch.running:
         if job.enqueued_at is not None and job.started_at is not None:
             wait = (job.started_at - job.enqueued_at).total_seconds()
             runtime.metrics.phase_seconds.labels("queue_wait").observe(wait)
         job.meta[META_RESOLVED] = batch.shares[job.id].resolved
-        job.meta[META_BATCH] = {"jobs": len(batch.running), "images": images}
+        job.meta[META_BATCH] = record
         job.meta[META_PROGRESS] = {"step": 0, "total": batch.key.steps}
         job.save_meta()
 

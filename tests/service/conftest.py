@@ -100,17 +100,18 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``python -m service`` in a subprocess, as deployed."""
+    """``python -m service`` in a subprocess, as deployed; its output goes to ``log_path`` when given."""
 
-    def __init__(self, redis_url: str, env: dict[str, str] | None = None):
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None, log_path: Path | None = None,
+                 log_level: str = "warning"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "warning"],
+             "--log-level", log_level],
             cwd=REPO,
-            env={**os.environ, "REDIS_URL": redis_url, "API_KEYS": "", **(env or {})},
+            env={**os.environ, "REDIS_URL": redis_url, "API_KEYS": "", "ADMIN_API_KEYS": "", **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
