@@ -157,3 +157,18 @@ def test_key_labels_are_bounded():
     assert few(key_id("k1")) == key_id("k1")[:12] and few(None) == "anonymous"
     many = KeyLabels(Settings(api_keys=",".join(f"k{i}" for i in range(100)), metrics_key_labels=4))
     assert {many(key_id(f"k{i}")) for i in range(100)} <= {f"bucket-{i}" for i in range(4)}
+
+
+def test_metrics_count_work_by_key_id_never_by_key(make_client):
+    client = make_client(api_keys=f"{KEYS['a']},{KEYS['b']}", quota_queued_jobs=1)
+    submit(client, "a", count=3)
+    assert submit(client, "a").status_code == 429
+    text = client.get("/metrics").text
+    label = key_id(KEYS["a"])[:12]
+    assert f'facegen_api_key_jobs_submitted_total{{key="{label}"}} 1.0' in text
+    assert f'facegen_api_key_images_submitted_total{{key="{label}"}} 3.0' in text
+    assert f'facegen_api_key_jobs_rejected_total{{key="{label}",reason="queued_jobs"}} 1.0' in text
+    assert 'facegen_api_jobs_rejected_total{reason="queued_jobs"} 1.0' in text
+    assert f'facegen_queue_key_jobs{{key="{label}",queue="facegen"}}' in text
+    assert 'facegen_queue_depth{queue="facegen"} 1.0' in text  # the job handed to the RQ queue
+    assert all(key not in text for key in KEYS.values())
