@@ -64,16 +64,24 @@ class Distributed:
 
     @classmethod
     def from_env(cls, device_type: str) -> Distributed:
-        """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA; also with one process,
+        so a one-GPU run takes the collective paths). On CUDA each process first makes its local rank's GPU current
+        and binds the group to it (``device_id``), so collectives such as ``all_gather_object`` run on that GPU and
+        not every rank on ``cuda:0``."""
+        if "RANK" not in os.environ:
             return cls()
+        world = int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device_id = None
+        if device_type == "cuda":
+            device_id = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device_id)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", device_id=device_id)
+        return cls(dist.get_rank(), world, local_rank)
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -110,19 +118,30 @@ def start_run(device_name: str, precision: str, threads: int | None, seed: int
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   parameters: Iterator[nn.Parameter], clip: float) -> None:
-    """Backward through the (possibly loss-scaled) loss, unscale, clip the true gradient norm, step."""
+                   parameters: Iterator[nn.Parameter], clip: float) -> bool:
+    """Backward through the (possibly loss-scaled) loss, unscale, clip the true gradient norm, step.
+
+    Returns False when the step was skipped because the gradients hold NaN/Inf (a non-finite loss gives such
+    gradients): the loss scaler, when on, skips it and lowers its scale; without one, the optimizer is not stepped.
+    Under DDP the gradients are all-reduced first, so every rank decides the same."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-    torch.nn.utils.clip_grad_norm_(parameters, clip)
-    scaler.step(optimizer)
-    scaler.update()
+    norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler.get_scale() >= scale  # the scale only drops after a skipped (overflowing) step
+    if not bool(torch.isfinite(norm)):
+        return False
+    optimizer.step()
+    return True
 
 
 def gather_per_rank(value: Any, ddp: Distributed) -> list[Any]:
     """``value`` from every rank, in rank order (e.g. RNG states for an exact resume)."""
-    if ddp.world == 1:
+    if not dist.is_initialized():
         return [value]
     values: list[Any] = [None] * ddp.world
     dist.all_gather_object(values, value)

@@ -25,7 +25,7 @@ from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, TrainingRun, VAEManifest
 from .models.unet import UNet
 from .models.vae import VAE
-from .runtime import DTYPES, EMA, BatchStream, autocast, optimizer_step, start_run, unwrap
+from .runtime import DTYPES, EMA, BatchStream, autocast, start_run, unwrap
 from .trainer import RunOptions, Trainer
 
 
@@ -96,7 +96,7 @@ class DiffusionStep:
         with autocast(trainer.device, self.dtype):
             error = (trainer.modules["model"](x_t, t, y).float() - self.schedule.target(z0, noise, t)).pow(2)
             loss = (self.schedule.min_snr_weight(t, cfg.min_snr_gamma, error) * error).mean()
-        optimizer_step(loss, trainer.optimizers["model"], trainer.scaler, self.unet.parameters(), cfg.grad_clip)
+        trainer.optimizer_step("model", loss, self.unet.parameters(), cfg.grad_clip)
         value = loss.item()
         self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
         return {"loss": value, "loss_avg": self.loss_avg, "lr": learning_rate(step, cfg)}
@@ -131,8 +131,7 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     ema = EMA(unet, cfg.ema_decay)
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, {"model": model},
                       {"model": torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)},
-                      torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                      BatchStream(len(means), cfg.batch_size, cfg.seed, ddp),
+                      dtype == torch.float16, BatchStream(len(means), cfg.batch_size, cfg.seed, ddp),
                       {"noise": torch.Generator().manual_seed(cfg.seed * 1000 + 11 + ddp.rank)}, ema)
     step = DiffusionStep(unet, (means, logvars), labels, scale, NoiseSchedule(schedule_cfg), cfg, trainer, dtype)
     trainer.run(step, "diffusion")

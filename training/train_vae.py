@@ -8,6 +8,7 @@ and mouth ``1 + landmark_weight`` times as much when the folder has CelebA's lan
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from .models.discriminator import PatchDiscriminator, hinge_discriminator_loss, 
 from .models.vae import VAE, kl_divergence
 from .perceptual import PerceptualLoss
 from .regions import landmark_weights, weighted_l1
-from .runtime import DTYPES, BatchStream, autocast, optimizer_step, start_run
+from .runtime import DTYPES, BatchStream, autocast, start_run
 from .trainer import RunOptions, Trainer
 
 
@@ -84,14 +85,11 @@ class VAEStep:
             loss = rec_loss + cfg.perceptual_weight * perc_loss + cfg.kl_weight * kl
             if adversarial:
                 loss = loss + cfg.adversarial_weight * hinge_generator_loss(disc(recon).float())
-        optimizer_step(loss, trainer.optimizers["model"], trainer.scaler, self.vae.parameters(), cfg.grad_clip)
+        trainer.optimizer_step("model", loss, self.vae.parameters(), cfg.grad_clip)
         if adversarial:
             with autocast(device, self.dtype):
                 d_loss = hinge_discriminator_loss(disc(x).float(), disc(recon.detach()).float())
-            optimizer = trainer.optimizers["disc"]
-            optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            optimizer.step()
+            trainer.optimizer_step("disc", d_loss, disc.parameters(), math.inf)  # loss-scaled too; never clipped
         return {"loss": loss.item(), "l1": rec_loss.item(), "perceptual": perc_loss.item(), "kl": kl.item()}
 
 
@@ -116,8 +114,7 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     images, _ = load_split(opts.data, "train", data_cfg, limit=opts.limit)
     landmarks = load_landmarks(opts.data, "train", data_cfg, limit=opts.limit) if cfg.landmark_weight > 0 else None
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, modules, optimizers,
-                      torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                      BatchStream(len(images), cfg.batch_size, cfg.seed, ddp),
+                      dtype == torch.float16, BatchStream(len(images), cfg.batch_size, cfg.seed, ddp),
                       {"flips": torch.Generator().manual_seed(cfg.seed * 1000 + 7 + ddp.rank)})
     perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
     trainer.run(VAEStep(vae, images, landmarks, perceptual, data_cfg, cfg, trainer, dtype), "vae")

@@ -4,12 +4,14 @@ A trainer owns what has state (modules, optimizers, the loss scaler, the batch s
 and the EMA) and calls the model's ``step(step) -> {"loss": ..., ...}`` for each step. Everything it saves in
 ``run_dir/state.pt`` it restores, on every rank: torch's global RNG and each named generator per rank, CUDA's
 RNG per rank on GPUs, so a resumed run continues exactly where it stopped.
+
+A step whose gradients hold NaN/Inf (in fp16, also a loss-scale overflow) changes no weight and is counted as
+skipped; only ``nonfinite_patience`` skipped steps in a row stop the run.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .runtime import EMA, BatchStream, Distributed, Log, gather_per_rank, load_state, save_state, unwrap
+from .runtime import (
+    EMA,
+    BatchStream,
+    Distributed,
+    Log,
+    gather_per_rank,
+    load_state,
+    optimizer_step,
+    save_state,
+    unwrap,
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ class RunOptions:
     init_from: str | None = None  # exported version whose weights start the run (architecture taken from it)
 
 
-StepFn = Callable[[int], dict[str, float]]  # step index -> scalars to log; "loss" is required and must be finite
+StepFn = Callable[[int], dict[str, float]]  # step index -> scalars to log; "loss" is required
 
 
 @dataclass
@@ -50,10 +62,23 @@ class Trainer:
     device: torch.device
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
-    scaler: torch.amp.GradScaler
+    loss_scaling: bool  # fp16: each optimizer's loss is scaled by its own GradScaler
     stream: BatchStream
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # per-rank streams (noise, flips)
     ema: EMA | None = None
+    nonfinite_patience: int = 20  # skipped (NaN/Inf) steps in a row before the run fails
+
+    def __post_init__(self) -> None:
+        self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
+                        for name in self.optimizers}
+        self.skipped = 0  # steps skipped for NaN/Inf gradients, over the whole run
+        self._skipped_now = False  # whether an optimizer skipped during the current step
+
+    def optimizer_step(self, name: str, loss: torch.Tensor, parameters: Iterator[nn.Parameter], clip: float) -> None:
+        """Scaled backward and step of optimizer ``name`` (:func:`training.runtime.optimizer_step`); a skip is
+        remembered for the current step."""
+        if not optimizer_step(loss, self.optimizers[name], self.scalers[name], parameters, clip):
+            self._skipped_now = True
 
     @property
     def state_path(self) -> Path:
@@ -71,7 +96,8 @@ class Trainer:
         if not self.ddp.is_main:
             return
         save_state(self.state_path, {
-            "step": step, "rng": rng, "stream": self.stream.state(), "scaler": self.scaler.state_dict(),
+            "step": step, "rng": rng, "stream": self.stream.state(), "skipped": self.skipped,
+            "scalers": {k: scaler.state_dict() for k, scaler in self.scalers.items()},
             "modules": {k: unwrap(m).state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "ema": self.ema.model.state_dict() if self.ema else None})
@@ -85,7 +111,11 @@ class Trainer:
             unwrap(module).load_state_dict(state["modules"][name])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
-        self.scaler.load_state_dict(state["scaler"])
+        scalers = state["scalers"] if "scalers" in state else {"model": state["scaler"]}  # one scaler before
+        for name, scaler in self.scalers.items():
+            if name in scalers:
+                scaler.load_state_dict(scalers[name])
+        self.skipped = int(state.get("skipped", 0))
         self.stream.load(state["stream"])
         rank = self.ddp.rank
         torch.set_rng_state(state["rng"]["torch"][rank])
@@ -95,7 +125,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"][rank], self.device)
         if self.ema is not None:
             self.ema.model.load_state_dict(state["ema"])
-            self.ema.updates = state["step"]
+            self.ema.updates = state["step"] - self.skipped  # skipped steps update no EMA
         return int(state["step"])
 
     def run(self, step_fn: StepFn, desc: str) -> dict[str, Any]:
@@ -106,14 +136,19 @@ class Trainer:
         progress = tqdm(range(start, self.steps), initial=start, total=self.steps, disable=not self.ddp.is_main,
                         desc=desc)
         last: dict[str, Any] = {}
+        in_a_row = 0
         for step in progress:
+            self._skipped_now = False
             scalars = step_fn(step)
-            if not math.isfinite(scalars["loss"]):
-                raise FloatingPointError(f"{desc} loss became {scalars['loss']} at step {step}")
-            if self.ema is not None:
+            in_a_row = in_a_row + 1 if self._skipped_now else 0
+            self.skipped += self._skipped_now
+            if in_a_row >= self.nonfinite_patience:
+                raise FloatingPointError(f"{desc}: {in_a_row} steps in a row had NaN/Inf gradients (loss "
+                                         f"{scalars['loss']}) up to step {step}; {self.skipped} skipped in all")
+            if self.ema is not None and not self._skipped_now:
                 self.ema.update(unwrap(self.modules["model"]))
             if (step + 1) % self.log_every == 0:
-                last = {"step": step + 1, **scalars}
+                last = {"step": step + 1, **scalars, "skipped_steps": self.skipped}
                 log.write(**last)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}")
             if (step + 1) % self.save_every == 0 or step + 1 == self.steps:

@@ -30,10 +30,10 @@ from training.manifest import Parent
 from training.models.unet import UNet
 from training.pipeline import LatentDiffusion
 from training.regions import landmark_weights, weighted_l1
-from training.runtime import load_state
+from training.runtime import BatchStream, Distributed, load_state
 from training.train_diffusion import train_diffusion
 from training.train_vae import train_vae
-from training.trainer import RunOptions
+from training.trainer import RunOptions, Trainer
 
 
 def _vae(data: Path, root: Path, run: Path, steps: int, **train) -> Path:
@@ -92,7 +92,7 @@ import os, sys, torch
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 from training.config import DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
-from training.trainer import RunOptions
+from training.trainer import RunOptions, Trainer
 import training.train_diffusion as td
 trained = {{}}
 class RecordingEMA(td.EMA):  # keeps a handle on each rank's trained network
@@ -122,6 +122,7 @@ def test_adversarial_vae_training_runs_with_a_patch_discriminator(synth_dir: Pat
     _vae(synth_dir, tmp_path / "ck", tmp_path / "run", 4, adversarial_weight=0.1, adversarial_start=2)
     state = load_state(tmp_path / "run" / "state.pt")
     assert state["step"] == 4 and "disc" in state["modules"] and "disc" in state["optimizers"]
+    assert set(state["scalers"]) == {"model", "disc"}  # the discriminator's loss has its own scaler
     assert all(math.isfinite(loss) for loss in _losses(tmp_path / "run"))
 
 
@@ -189,3 +190,57 @@ def test_min_snr_weight_caps_the_easy_timesteps(prediction: str) -> None:
     assert torch.allclose(schedule.min_snr_weight(t, 5.0, like).flatten(), expected, rtol=1e-5)
     assert schedule.min_snr_weight(t, 5.0, like)[0] < 0.01 if prediction == "v" else True  # t=0: SNR ~ 1e4
     assert torch.equal(schedule.min_snr_weight(t, 0.0, like), torch.ones(3, 1, 1, 1))
+
+
+def _tiny_trainer(run: Path, steps: int, loss_scaling: bool = False, device: str = "cpu", **kwargs) -> Trainer:
+    model = torch.nn.Linear(4, 1)
+    return Trainer(run, steps, 1, 1000, Distributed(), torch.device(device), {"model": model},
+                   {"model": torch.optim.SGD(model.parameters(), lr=0.1)}, loss_scaling, BatchStream(8, 4, 0),
+                   **kwargs)
+
+
+@pytest.mark.parametrize("loss_scaling", [False, True])  # True: the fp16 path's GradScaler (it runs on CPU too)
+def test_non_finite_steps_are_skipped_and_counted(tmp_path: Path, loss_scaling: bool) -> None:
+    trainer = _tiny_trainer(tmp_path / "run", 6, loss_scaling)
+    model = trainer.modules["model"]
+    weights: list[torch.Tensor] = []
+
+    def step_fn(step: int) -> dict[str, float]:
+        loss = (model(torch.ones(2, 4)) - step).pow(2).mean() * (float("nan") if step in (2, 3) else 1.0)
+        trainer.optimizer_step("model", loss, model.parameters(), 1.0)
+        weights.append(model.weight.detach().clone())
+        return {"loss": loss.item()}
+
+    trainer.run(step_fn, "tiny")
+    assert torch.equal(weights[1], weights[2]) and torch.equal(weights[1], weights[3])  # no update from NaN
+    assert not torch.equal(weights[3], weights[4]) and torch.isfinite(weights[-1]).all()
+    assert _losses(tmp_path / "run", "skipped_steps") == [0, 0, 1, 2, 2, 2]
+    assert load_state(tmp_path / "run" / "state.pt")["skipped"] == 2
+
+
+def test_a_run_fails_only_after_patience_skipped_steps_in_a_row(tmp_path: Path) -> None:
+    trainer = _tiny_trainer(tmp_path / "run", 10, nonfinite_patience=3)
+    model = trainer.modules["model"]
+    seen: list[int] = []
+
+    def step_fn(step: int) -> dict[str, float]:
+        seen.append(step)
+        loss = model(torch.ones(2, 4)).sum() * (float("inf") if step >= 4 or step == 1 else 1.0)
+        trainer.optimizer_step("model", loss, model.parameters(), 1.0)
+        return {"loss": loss.item()}
+
+    with pytest.raises(FloatingPointError, match="3 steps in a row had NaN/Inf gradients .* 4 skipped in all"):
+        trainer.run(step_fn, "tiny")
+    assert seen == list(range(7))  # step 1 alone was ridden out; 4, 5, 6 in a row stop the run
+
+
+def test_cuda_rng_is_saved_and_restored_per_rank(tmp_path: Path, monkeypatch) -> None:
+    """A GPU resume is exact: the trainer keeps CUDA's generator state too (patched torch.cuda)."""
+    restored: list[tuple[torch.Tensor, torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, 8, 9], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    _tiny_trainer(tmp_path / "run", 1, device="cuda:0").save(1)
+    assert torch.equal(load_state(tmp_path / "run" / "state.pt")["rng"]["cuda"][0], torch.tensor([7, 8, 9]).byte())
+    assert _tiny_trainer(tmp_path / "run", 2, device="cuda:0").resume() == 1
+    assert len(restored) == 1 and torch.equal(restored[0][0], torch.tensor([7, 8, 9]).byte())
+    assert restored[0][1] == torch.device("cuda", 0)
