@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                      entry.get("fid", "not evaluated"), entry.get("accuracy_smiling", "-"),
                      entry.get("accuracy_not_smiling", "-")])
     batches = [int(b) for b in args.batches.split(",")]
-    ratios = {f"batch_{b}": speed[(DEFAULT[0], b)] / speed[(BASELINE[0], b)] for b in batches}
-    ratios["ours_vs_original"] = speed[(DEFAULT[0], max(batches))] / speed[(BASELINE[0], min(batches))]
+    # the sampler alone (both at the same batch), then the sampler and batching together (our serving path at the
+    # largest batch against the original's one request at a time): two different claims, never mixed
+    ratios = {f"sampler_only_batch_{b}": speed[(DEFAULT[0], b)] / speed[(BASELINE[0], b)] for b in batches}
+    serving = speed[(DEFAULT[0], max(batches))] / speed[(BASELINE[0], min(batches))]
+    ratios[f"sampler_and_batching_{max(batches)}_vs_{min(batches)}"] = serving
     fid_ratio = (quality["dpmpp-20"]["fid"] / quality["ddpm-1000"]["fid"]) if len(quality) == 2 else None
     table = markdown_table(["sampler", *(f"images/s, batch {b}" for b in batches), "FID", "accuracy smiling",
                             "accuracy not smiling"], rows)

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results go: bench/results/, or $BENCH_RESULTS (bench/gpu.sh keeps its run apart in bench/results/gpu/)
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict[str, Any]:
@@ -78,14 +79,23 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
-    """Write ``bench/results/<name>.json`` (with the machine and the command) and print the Markdown."""
+def write(name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Write ``bench/results/<name>.json`` (with the machine and the command; atomically, so a benchmark killed
+    by its timeout leaves the last complete file); returns the record."""
     import sys
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": name, "machine": machine(), "command": "python -m bench." + name + " " + " ".join(sys.argv[1:]),
               "at": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return record
+
+
+def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
+    """:func:`write` the results and print the Markdown."""
+    record = write(name, payload)
     print(f"\n## {name}\n\n`{record['command'].strip()}` on {record['machine']}\n\n{markdown}\n")
-    return path
+    return RESULTS / f"{name}.json"

@@ -1,20 +1,56 @@
 #!/usr/bin/env bash
-# The CUDA benchmark in one prepared script (under 5 minutes on an H200): sampler throughput for fp16/bf16/fp32,
-# eager vs torch.compile with CUDA graphs (reduce-overhead), batch 1..256; the DDPM-1000 baseline side by side;
-# the roofline against the GPU's measured peak. Tables go to stdout, JSON to bench/results/ (and $OUT if set).
-# It needs only torch and safetensors (the benchmarks import training/ and worker/engine.py, not the service), so
-# it runs in a stock PyTorch CUDA image:  bench/gpu.sh  (PYTHON=... to pick the interpreter).
-set -euo pipefail
+# The CUDA benchmark in one prepared script, under 8 minutes on one H200 (BUDGET_S, default 450 s, bounds the
+# stages; each gets its own timeout, clipped to what is left). A stage that fails or times out does not stop the
+# others: after every stage its log and every results file so far are copied to $OUT (when set), and
+# bench/results/gpu/gpu_summary.json is rewritten (stage exit codes and seconds, every benchmark's JSON, the headline
+# figures). Stages, most important first:
+#   checks    batch invariance at batch 1/8/32 in fp16, fp16-vs-fp32 PSNR on the same seeds, a provoked precision
+#             fallback and the unprovoked count, peak memory by batch, no host sync in the sampling loop
+#   compile   torch.compile (reduce-overhead = CUDA graphs): seconds per bucket, graphs compiled by jobs afterwards,
+#             compiled vs eager images/s
+#   samplers  eager throughput fp16/bf16/fp32, DPM-Solver++ 20, batch 1..256
+#   baseline  DDPM 1000 vs DPM-Solver++ 20: the sampler alone (same batch) and sampler + batching, apart
+#   ddp       torchrun, one process, NCCL: train, stop, resume; weights against a straight run
+#   roofline  fp16/bf16 against the GPU's measured peak
+# It needs only torch and safetensors (no service, no Redis), so a stock PyTorch CUDA image runs it:
+#   bench/gpu.sh        (PYTHON=... picks the interpreter)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+BUDGET_S=${BUDGET_S:-450}
+RESULTS=bench/results/gpu
+export BENCH_RESULTS=$PWD/$RESULTS PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+rm -f "$RESULTS"/*.json "$RESULTS"/*.log "$RESULTS"/gpu_stages.jsonl
+START=$(date +%s)
 
-timeout 100 $PY -m bench.samplers --device cuda --precisions fp16,bf16,fp32 --compile off --samplers dpmpp:20 \
-  --batches 1,16,64,256 --ddpm-batches "" --name samplers_cuda
-timeout 90 $PY -m bench.samplers --device cuda --precisions fp16 --compile reduce-overhead --samplers dpmpp:20 \
-  --batches 1,64,256 --ddpm-batches "" --name samplers_cuda_compiled
-timeout 60 $PY -m bench.baseline --device cuda --batches 1,256
-timeout 40 $PY -m bench.roofline --device cuda --precisions fp16,bf16 --batches 64,256 --compile off
-if [ -n "${OUT:-}" ]; then cp bench/results/*.json "$OUT"/; fi
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2 left rc started
+  shift 2
+  left=$((BUDGET_S - ($(date +%s) - START)))
+  if ((left < 20)); then
+    echo "{\"stage\": \"$name\", \"skipped\": \"budget spent\"}" >>"$RESULTS/gpu_stages.jsonl"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (timeout ${limit} s, ${left} s of the budget left)"
+  started=$(date +%s)
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "{\"stage\": \"$name\", \"exit_code\": $rc, \"timed_out\": $([[ $rc == 124 || $rc == 137 ]] && echo true || echo false), \"seconds\": $(($(date +%s) - started)), \"timeout_s\": $limit}" >>"$RESULTS/gpu_stages.jsonl"
+  $PY -m bench.gpu_summary >/dev/null || true
+  if [ -n "${OUT:-}" ]; then cp "$RESULTS"/*.json "$RESULTS"/*.jsonl "$RESULTS"/*.log "$OUT"/ 2>/dev/null || true; fi
+  return 0
+}
+
+stage info 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))\"" || true
+stage checks 75 $PY -m bench.gpu_checks --device cuda --checks invariance,precision,fallback,memory,sync || true
+stage compile 120 $PY -m bench.gpu_checks --device cuda --checks compile --compile-mode reduce-overhead --name gpu_compile || true
+stage samplers 60 $PY -m bench.samplers --device cuda --precisions fp16,bf16,fp32 --compile off --samplers dpmpp:20 \
+  --batches 1,16,64,256 --ddpm-batches "" --name samplers_cuda || true
+stage baseline 50 $PY -m bench.baseline --device cuda --batches 1,32,256 || true
+stage ddp 90 $PY -m bench.ddp_resume --device cuda --steps 4 || true
+stage roofline 35 $PY -m bench.roofline --device cuda --precisions fp16,bf16 --batches 64,256 --compile off || true
+$PY -m bench.gpu_summary || true
+if [ -n "${OUT:-}" ]; then cp "$RESULTS"/*.json "$RESULTS"/*.jsonl "$RESULTS"/*.log "$OUT"/ 2>/dev/null || true; fi
+echo "=== done in $(($(date +%s) - START)) s"

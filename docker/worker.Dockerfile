@@ -38,15 +38,23 @@ COPY service ./service
 COPY worker ./worker
 COPY training ./training
 # ".[worker]" with --no-deps adds only facegen itself; pip check proves no dependency is missing.
-# Contract check: the CUDA build of torch was installed (version local tag "+cu128"), not a CPU wheel.
+# Contract check: the CUDA build of torch was installed (version local tag "+cu128"), not a CPU wheel, with the
+# Triton that torch.compile needs on CUDA.
 RUN /opt/venv/bin/pip install --no-deps ".[worker]" \
     && /opt/venv/bin/pip check \
-    && /opt/venv/bin/python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit(torch.version.cuda is None)"
+    && /opt/venv/bin/python -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); sys.exit(torch.version.cuda is None)"
 
 # ---- runtime -------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}
+# COMPILE other than off: Triton (in the torch wheel's dependencies) builds a small C launcher per kernel at run time
+# with the system C compiler and the interpreter's headers (shipped with /opt/python), so the image carries gcc and
+# the C library headers; the worker checks for them at start (worker.engine.check_compile_supported).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 facegen \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin facegen
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin facegen \
+    && mkdir -p /cache && chown 10001:10001 /cache
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
 # Bundled demo checkpoints (checkpoints/<kind>/<version>/); mount a volume over /app/checkpoints to replace them.
@@ -57,6 +65,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
+    TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
+    TRITON_CACHE_DIR=/cache/triton \
     REDIS_URL=redis://redis:6379/0 \
     CHECKPOINT_DIR=/app/checkpoints \
     MODEL_VERSION=latest \
@@ -64,6 +74,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PRECISION=auto \
     QUEUES=facegen \
     METRICS_PORT=9100
+# Compiled kernels (inductor's FX graph and autotuning caches, Triton's binaries) persist in /cache: mount a volume
+# there and a restarted worker warms its buckets up from the cache instead of compiling again.
+VOLUME /cache
 WORKDIR /app
 USER 10001:10001
 EXPOSE 9100
