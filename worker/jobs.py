@@ -36,6 +36,7 @@ from .spec import (
     LATEST,
     META_ARTIFACTS,
     META_BATCH,
+    META_BATCH_RUN,
     META_ERROR,
     META_PROGRESS,
     META_RESOLVED,
@@ -219,10 +220,11 @@ class FacegenWorker(SimpleWorker):
         self.set_state("idle")
 
     def wait_for_burst(self, queue: Queue) -> None:
-        """Let a burst that is still arriving join this batch (``BATCH_WINDOW_MS``, unless the queue already
-        holds a full batch)."""
+        """Let a burst that is still arriving join this batch (``BATCH_WINDOW_MS``, unless a full batch is already
+        waiting, in the queue or the API keys' lists)."""
         window = self.runtime.settings.batch_window_ms / 1000
-        if window > 0 and queue.count < self.runtime.engine.max_batch:
+        max_batch = self.runtime.engine.max_batch
+        if window > 0 and len(waiting_jobs(self.connection, queue, max_batch)) < max_batch:
             time.sleep(window)
 
     def batch_heartbeat(self, group: list[Job], executions: dict[str, Any], queue: Queue) -> Callable[[], None]:
@@ -299,14 +301,14 @@ def drop_canceled(batch: Batch, connection: redis.Redis) -> None:
 def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
     """Record each running job's queue wait and write its resolved parameters, batch size and progress 0."""
     images = sum(batch.shares[job.id].spec.count for job in batch.running)
-    record = {"id": batch.running[0].id, "jobs": len(batch.running), "images": images,
-              "started_at": datetime.now(UTC).isoformat()}
+    run = {"id": batch.running[0].id, "started_at": datetime.now(UTC).isoformat()}
     for job in batch.running:
         if job.enqueued_at is not None and job.started_at is not None:
             wait = (job.started_at - job.enqueued_at).total_seconds()
             runtime.metrics.phase_seconds.labels("queue_wait").observe(wait)
         job.meta[META_RESOLVED] = batch.shares[job.id].resolved
-        job.meta[META_BATCH] = record
+        job.meta[META_BATCH] = {"jobs": len(batch.running), "images": images}
+        job.meta[META_BATCH_RUN] = run
         job.meta[META_PROGRESS] = {"step": 0, "total": batch.key.steps}
         job.save_meta()
 

@@ -186,9 +186,10 @@ META_PROGRESS = "progress"  # {"step": s, "total": T}: denoising steps done, upd
 META_RESOLVED = "resolved"  # the parameters actually used: steps, guidance_scale, sampler, model version
 META_ARTIFACTS = "artifacts"  # {"grid": key, "animation": key}, set when the job finishes
 META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
-# {"id": its first job's id, "jobs": n, "images": m, "started_at": ISO time}: the denoising batch this job shared
-# (RQ's started_at is when the job's own share is stored, after the batch)
-META_BATCH = "batch"
+META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job shared
+# {"id": the batch's first job's id, "started_at": ISO time}: which batch, and when it began denoising (RQ's
+# started_at is when the job's own share is stored, after the batch)
+META_BATCH_RUN = "batch_run"
 DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
 ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}
 

@@ -162,11 +162,11 @@ def test_a_flood_of_one_key_delays_another_keys_job_by_at_most_one_batch(api, co
     batch_start: dict[str, float] = {}
     members: dict[str, set[str]] = {}
     for job in jobs.values():
-        batch = job.meta.get(spec.META_BATCH)
+        batch = job.meta.get(spec.META_BATCH_RUN)
         if batch:
             batch_start[batch["id"]] = datetime.fromisoformat(batch["started_at"]).timestamp()
             members.setdefault(batch["id"], set()).add(job.id)
-    own = jobs[single].meta[spec.META_BATCH]["id"]
+    own = jobs[single].meta[spec.META_BATCH_RUN]["id"]
     submitted = jobs[single].enqueued_at.timestamp()
     ahead = [b for b, start in batch_start.items() if submitted < start < batch_start[own] and b != own]
     started_before = sum(len(members[b] - {single}) for b, start in batch_start.items() if start <= batch_start[own])
