@@ -91,9 +91,9 @@ def check_compile_supported(device: torch.device) -> None:
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise CompileUnsupported("COMPILE needs Triton on CUDA and it is not installed; set COMPILE=off")
-        compilers, variable = ("cc", "gcc", "clang"), "CC"
+        compilers, variable = ("gcc", "clang"), "CC"  # what Triton looks for
     else:
-        compilers, variable = ("g++", "c++", "clang++"), "CXX"
+        compilers, variable = ("g++",), "CXX"  # what inductor's C++ backend looks for
     if not os.environ.get(variable) and not any(shutil.which(name) for name in compilers):
         raise CompileUnsupported(f"COMPILE needs a {'C' if variable == 'CC' else 'C++'} compiler ({' / '.join(compilers)}"
                                  f" or ${variable}) and this machine has none; install one or set COMPILE=off")
@@ -166,8 +166,9 @@ class Engine:
 
     @torch.no_grad()
     def warm_up(self, on_bucket: Callable[[int, float], None] | None = None) -> dict[int, float]:
-        """Run the denoiser once at every bucket size (compiling each; nothing without buckets); returns
-        ``{rows: seconds}``, and calls ``on_bucket(rows, seconds)`` after each (e.g. to heartbeat)."""
+        """Run the denoiser twice at every bucket size (the first compiles; with CUDA graphs the second records
+        the graph); nothing without buckets. Returns ``{rows: seconds}`` and calls ``on_bucket(rows, seconds)``
+        after each bucket (e.g. to heartbeat)."""
         seconds: dict[int, float] = {}
         config = self.model.unet.config
         for rows in self.buckets:
@@ -175,7 +176,8 @@ class Engine:
             x = torch.zeros(rows, *self.model.latent_shape, device=self.device, dtype=self.dtype)
             t = torch.full((rows,), self.model.schedule.timesteps - 1, device=self.device)
             labels = torch.full((rows, config.num_attributes), config.null_label, device=self.device)
-            self.denoiser(x, t, labels)
+            for _ in range(2):
+                self.denoiser(x, t, labels)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds[rows] = time.perf_counter() - start
