@@ -151,11 +151,12 @@ class Engine:
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, precision)
         self.max_batch = max_batch
+        if compile_mode != "off":
+            check_compile_supported(self.device)  # before loading anything: refused at once
         self.model = LatentDiffusion.load(checkpoints, version, self.device, self.dtype)
         self.buckets: list[int] = []  # UNet row counts every call is padded to (compiled engines only)
         self.denoiser: nn.Module = self.model.unet  # what the chain evaluates in the engine's dtype
         if compile_mode != "off":
-            check_compile_supported(self.device)
             self.buckets = bucket_sizes(max_batch)
             compiled = compile_for_inference(self.model.unet, compile_mode, self.device, len(self.buckets))
             self.denoiser = Bucketed(compiled, self.buckets)
