@@ -121,7 +121,7 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
     evaluate.add_argument("--precision", default="auto", choices=PRECISIONS,
-                          help="sampling precision (auto: the worker's, fp16 on CUDA and bf16 on CPU)")
+                          help="sampling precision (auto: the worker's, fp16 on CUDA; bf16 on CPUs with native bf16, else fp32)")
     evaluate.add_argument("--seed", type=int, default=None,
                           help=f"noise seeds (default: {REPORT_SEED} for a report, {TUNING_SEED} with --tuning)")
     evaluate.add_argument("--tuning", action="store_true",

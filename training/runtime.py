@@ -30,17 +30,25 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """Compute dtype: ``auto`` is fp16 on CUDA and bf16 on CPU.
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU's own instructions (AVX-512 bf16 or AMX) rather than emulating it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-    On CPU, bf16 is the precision whose convolutions give each image the same bits whatever batch it shares
-    (oneDNN's fp32 kernels change with the batch size), which "same seed, same pixels" and deterministic retries
-    rest on. It is also 2.3x fp32 at batch 64 where the CPU has AMX; without AMX fp32 is 1.45x faster
-    (BENCHMARKS.md), for those who set ``fp32`` and give up that invariance. CPU fp16 is ~100x slower."""
+
+def pick_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """Compute dtype: ``auto`` is fp16 on CUDA; on CPU bf16 where the CPU runs it natively, fp32 elsewhere.
+
+    With native bf16, bf16 is the precision whose convolutions give each image the same bits whatever batch it
+    shares (oneDNN's fp32 kernels change with the batch size), which "same seed, same pixels" and deterministic
+    retries rest on; it is also 2.3x fp32 at batch 64 with AMX, 1.45x slower without (BENCHMARKS.md). A CPU with
+    only AVX2 emulates bf16: ~17x slower than fp32 there, and not batch-invariant either, so fp32. CPU fp16 is
+    ~100x slower."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return DTYPES[precision]
 
 

@@ -1,4 +1,4 @@
-"""Precision choice (why the CPU default is bf16) and each rank's device under torchrun."""
+"""Precision choice (why the CPU default is bf16 where native) and each rank's device under torchrun."""
 
 from __future__ import annotations
 
@@ -17,10 +17,15 @@ def first_image_alone_and_in_a_batch(dtype: torch.dtype) -> tuple[torch.Tensor, 
     return F.conv2d(images[:1], weight, padding=1), F.conv2d(images, weight, padding=1)[:1]
 
 
-def test_auto_is_bf16_on_cpu_the_batch_invariant_precision():
-    dtype = runtime.pick_dtype(torch.device("cpu"), "auto")
-    assert dtype == torch.bfloat16
-    assert torch.equal(*first_image_alone_and_in_a_batch(dtype))
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_cpu_is_bf16_where_it_is_native_else_fp32(monkeypatch, native: bool):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.pick_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU emulates bf16")
+def test_native_bf16_is_the_batch_invariant_precision():
+    assert torch.equal(*first_image_alone_and_in_a_batch(torch.bfloat16))
 
 
 def test_auto_is_fp16_on_cuda_and_explicit_choices_stand():
