@@ -28,7 +28,7 @@ from rq.queue import Queue
 from training.imaging import gif_bytes, grid_image, png_bytes
 
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
-from .engine import Engine, ImageRequest, OutOfMemory, RequestOutput, RunStats
+from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
 from .fair_queue import FairQueue, waiting_jobs
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
@@ -367,7 +367,7 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
         outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
     except JobCanceled:
         return
-    except OutOfMemory as exc:
+    except (OutOfMemory, NonFiniteOutput) as exc:  # a retry would meet the same limit or the same overflow
         fail_running(batch, PermanentJobError(str(exc)))
         return
     except Exception as exc:  # noqa: BLE001 - reported per job; RQ retries transient failures
