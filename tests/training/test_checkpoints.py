@@ -130,7 +130,7 @@ def test_bundled_format_1_manifests_migrate_to_typed_ones() -> None:
     vae = load_checkpoint(BUNDLED_CHECKPOINTS, "vae", "20261129-025024-3a2c52").manifest
     assert isinstance(vae, VAEManifest) and vae.training.examples == 24000
     assert vae.training.config.landmark_weight == 0.0  # trained before the landmark loss existed
-    diffusion = next(m for m in list_versions(BUNDLED_CHECKPOINTS, "diffusion") if m.derived_from)
+    diffusion = load_checkpoint(BUNDLED_CHECKPOINTS, "diffusion", "20261129-122215-08db79").manifest  # format 1
     assert isinstance(diffusion, DiffusionManifest) and diffusion.training.weights == "ema"
     assert diffusion.training.config.min_snr_gamma == 0.0 and diffusion.training.examples == 48000
     assert parse_manifest(diffusion.to_dict()) == diffusion  # the JSON form round-trips
