@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from rq import SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.utils import utcformat
 
 from training.imaging import gif_bytes, grid_image, png_bytes
 
@@ -57,6 +58,18 @@ class JobCanceled(Exception):
 class PermanentJobError(Exception):
     """A job that can never succeed (bad spec, unknown attribute, too large): failed without retries."""
 
+    reason = "invalid"  # the failures metric's label
+
+
+class JobTimeout(PermanentJobError):
+    """The batch's sampling ran past the smallest job timeout of its jobs (RQ's ``job.timeout``); a retry with the
+    same parameters would run as long, so it is not retried."""
+
+    reason = "timeout"
+
+    def __init__(self, timeout_s: float):
+        super().__init__(f"timeout: sampling ran past the job timeout ({timeout_s:g} s) and was stopped")
+
 
 @dataclass
 class Prepared:
@@ -68,6 +81,7 @@ class Prepared:
     resolved: dict[str, Any] = field(default_factory=dict)
     sampling_s: float = 0.0
     decoding_s: float = 0.0
+    started_at: datetime | None = None  # when its batch began sampling: the job's ``started_at``
 
 
 @dataclass
@@ -129,6 +143,12 @@ return claimed
 """
 
 
+def timeout_s(job: Job) -> float | None:
+    """The job's RQ timeout in seconds (RQ's queue default when unset), None when unbounded (-1)."""
+    timeout = job.timeout or Queue.DEFAULT_TIMEOUT
+    return None if timeout < 0 else float(timeout)
+
+
 def dequeue_wait_s(settings: WorkerSettings) -> int:
     """How long an idle worker blocks on the queue per dequeue. RQ runs its maintenance between dequeues, so this
     is the maintenance interval (RQ's default block, 405 s, would let a dead worker's job wait 7 minutes)."""
@@ -179,7 +199,8 @@ class FacegenWorker(SimpleWorker):
         for (source, _), job in zip(waiting, jobs, strict=True):
             if budget <= 0:
                 break
-            if job is None or job.func_name != leader.func_name:
+            # the batch is bounded by its jobs' timeout: only jobs with the leader's share it
+            if job is None or job.func_name != leader.func_name or timeout_s(job) != timeout_s(leader):
                 continue
             try:
                 other = parse_spec(job)
@@ -301,8 +322,10 @@ def drop_canceled(batch: Batch, connection: redis.Redis) -> None:
 def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
     """Record each running job's queue wait and write its resolved parameters, batch size and progress 0."""
     images = sum(batch.shares[job.id].spec.count for job in batch.running)
-    run = {"id": batch.running[0].id, "started_at": datetime.now(UTC).isoformat()}
+    started_at = datetime.now(UTC)
+    run = {"id": batch.running[0].id, "started_at": started_at.isoformat()}
     for job in batch.running:
+        batch.shares[job.id].started_at = started_at
         if job.enqueued_at is not None and job.started_at is not None:
             wait = (job.started_at - job.enqueued_at).total_seconds()
             runtime.metrics.phase_seconds.labels("queue_wait").observe(wait)
@@ -315,15 +338,21 @@ def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
 
 class ProgressReporter:
     """The engine's progress callback: every ``PROGRESS_INTERVAL`` it writes each running job's progress, picks up
-    cancels, and heartbeats; raises :class:`JobCanceled` once every running job is canceled."""
+    cancels, and heartbeats; raises :class:`JobCanceled` once every running job is canceled and
+    :class:`JobTimeout` once the batch has sampled longer than its smallest job timeout."""
 
     def __init__(self, batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
                  heartbeat: Callable[[], None] | None):
         self.batch, self.settings, self.connection, self.heartbeat = batch, runtime.settings, connection, heartbeat
         self.last_write = self.last_beat = 0.0
+        bounds = [t for t in map(timeout_s, batch.running) if t is not None]
+        self.timeout_s = min(bounds, default=None)  # the batch's bound: its smallest job timeout
+        self.deadline = time.monotonic() + self.timeout_s if self.timeout_s is not None else None
 
     def __call__(self, step: int, total: int) -> None:
         now = time.monotonic()
+        if self.deadline is not None and now > self.deadline and step < total:
+            raise JobTimeout(self.timeout_s)
         if now - self.last_write < self.settings.progress_interval and step < total:
             return
         self.last_write = now
@@ -367,6 +396,10 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
         outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
     except JobCanceled:
         return
+    except JobTimeout as exc:
+        log.warning("batch of %d jobs stopped: %s", len(batch.running), exc)
+        fail_running(batch, exc)
+        return
     except (OutOfMemory, NonFiniteOutput) as exc:  # a retry would meet the same limit or the same overflow
         fail_running(batch, PermanentJobError(str(exc)))
         return
@@ -404,7 +437,7 @@ def fail(job: Job, runtime: WorkerRuntime, exc: Exception) -> None:
         job.retries_left = 0
     job.meta[META_ERROR] = str(exc) if permanent else f"{type(exc).__name__}: {exc}"
     job.save_meta()
-    reason = "invalid" if permanent else type(exc).__name__
+    reason = exc.reason if permanent else type(exc).__name__
     runtime.metrics.failures.labels(reason).inc()
     runtime.metrics.jobs.labels("failed").inc()
 
@@ -430,6 +463,15 @@ def record_finished(metrics: WorkerMetrics, share: Prepared, encoding_s: float) 
     metrics.jobs.labels("finished").inc()
 
 
+def restore_started_at(job: Job, share: Prepared) -> None:
+    """Set the job's ``started_at`` back to when its sampling began: RQ's ``perform_job``, which runs after the
+    batch, rewrites it to now (the job would show its sampling as queue wait). RQ saves the job's fields when it
+    records the outcome; the field is written here too, so the job's status is right meanwhile."""
+    if share.started_at is not None:
+        job.started_at = share.started_at
+        job.connection.hset(job.key, "started_at", utcformat(share.started_at))
+
+
 def generate(spec: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point (enqueued as ``worker.jobs.generate``): store this job's PNG grid (and GIF) in Redis.
 
@@ -443,6 +485,7 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
     share = runtime.prepared.pop(job.id, None)
     if share is None:
         share = run_batch(runtime, [job], job.connection).shares[job.id]
+    restore_started_at(job, share)
     if share.error is not None or share.output is None:
         error = share.error or PermanentJobError("job was canceled")
         fail(job, runtime, error)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from worker.spec import (
     JOB_FUNCTION,
     META_ARTIFACTS,
     META_BATCH,
+    META_BATCH_RUN,
     META_ERROR,
     META_PROGRESS,
     JobSpec,
@@ -209,3 +211,42 @@ def test_missing_or_tampered_checkpoint_stops_the_worker_at_start(tiny_checkpoin
     weights.write_bytes(bytes(data))
     tampered = run_burst(broken)
     assert tampered.returncode == 2 and "does not match the manifest" in tampered.stderr
+
+
+def test_started_at_is_when_sampling_began_not_when_the_job_was_stored(tiny_checkpoints, connection) -> None:
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    jobs = [enqueue(queue, sampler="ddpm", steps=60, seed=seed) for seed in (1, 2)]
+    process = subprocess.Popen([sys.executable, "-m", "worker", "--burst"], cwd=ROOT,
+                               env=worker_env(tiny_checkpoints), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while (jobs[1].refresh() or (jobs[1].meta.get(META_PROGRESS) or {}).get("step", 0) < 1):
+            assert time.monotonic() < deadline and process.poll() is None, "job never made progress"
+            time.sleep(0.05)
+        sampling_seen = datetime.now(UTC)  # the batch is sampling now, so its sampling ends after this
+        assert process.wait(timeout=300) == 0
+    finally:
+        stop_process(process)
+    for job in jobs:
+        job.refresh()
+        assert job.get_status() == JobStatus.FINISHED
+        assert job.started_at.replace(tzinfo=UTC) < sampling_seen < job.ended_at.replace(tzinfo=UTC)
+        assert job.started_at.replace(tzinfo=UTC) == datetime.fromisoformat(job.meta[META_BATCH_RUN]["started_at"])
+
+
+def test_a_batch_past_its_job_timeout_fails_with_timeout_and_the_next_job_runs(tiny_checkpoints, connection) -> None:
+    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    spec = JobSpec(attributes={"Smiling": True}, seed=1, count=2, sampler="ddpm", steps=1000)
+    slow = queue.enqueue(JOB_FUNCTION, spec.model_dump(mode="json"), retry=Retry(max=2), job_timeout=2)
+    fine = enqueue(queue, seed=2)
+    result = run_burst(tiny_checkpoints)
+    assert result.returncode == 0, result.stderr[-2000:]
+    slow.refresh()
+    assert slow.get_status() == JobStatus.FAILED
+    assert slow.meta[META_ERROR].startswith("timeout:") and "Traceback" not in slow.meta[META_ERROR]
+    assert slow.retries_left == 0  # a retry would run as long
+    assert slow.meta[META_PROGRESS]["step"] < 1000
+    assert connection.get(artifact_key(slow.id, "grid")) is None
+    fine.refresh()
+    assert fine.get_status() == JobStatus.FINISHED
