@@ -23,7 +23,7 @@ from . import jobs
 from .connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
 from .engine import Engine
 from .fair_queue import FairQueue
-from .metrics import WorkerMetrics
+from .metrics import Liveness, WorkerMetrics
 from .settings import WorkerSettings
 from .spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
 
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = WorkerSettings()
     metrics = WorkerMetrics()
+    liveness = Liveness(settings.liveness_timeout)
+    if settings.liveness_timeout <= jobs.dequeue_wait_s(settings):
+        log.warning("LIVENESS_TIMEOUT (%d s) is not above MAINTENANCE_INTERVAL (%d s): an idle worker blocked on "
+                    "the queue will look stalled", settings.liveness_timeout, jobs.dequeue_wait_s(settings))
     connection = connect(settings, blocking_s=jobs.dequeue_wait_s(settings), on_error=metrics.count_redis_error,
                          patience_s=OUTAGE_PATIENCE_S)
     problem = credentials_problem(connection, settings)
@@ -79,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.model.info({"version": info.version, "vae_version": info.vae_version, "device": info.device,
                         "dtype": info.dtype})
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
-    runtime = jobs.WorkerRuntime(engine, settings, metrics)
+        metrics.serve(settings.metrics_port, liveness)
+    runtime = jobs.WorkerRuntime(engine, settings, metrics, liveness)
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
     queues = [FairQueue(name_, connection=connection) for name_ in settings.queue_names()]

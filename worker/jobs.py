@@ -11,6 +11,7 @@ that job's artifacts. Every job keeps its own status, progress, result and failu
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -31,7 +32,7 @@ from training.imaging import gif_bytes, grid_image, png_bytes
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
 from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
 from .fair_queue import FairQueue, waiting_jobs
-from .metrics import WorkerMetrics
+from .metrics import Liveness, WorkerMetrics
 from .settings import WorkerSettings
 from .spec import (
     LATEST,
@@ -91,7 +92,12 @@ class WorkerRuntime:
     engine: Engine
     settings: WorkerSettings
     metrics: WorkerMetrics
+    liveness: Liveness | None = None  # ticked by the main loop (worker/metrics.py)
     prepared: dict[str, Prepared] = field(default_factory=dict)
+
+    def tick(self) -> None:
+        if self.liveness is not None:
+            self.liveness.tick()
 
 
 # The runtime of the FacegenWorker performing the current job, set by the worker around its batch: RQ calls
@@ -179,6 +185,13 @@ class FacegenWorker(SimpleWorker):
     def connection_timeout(self) -> float:
         """The read timeout RQ makes sure its client has: the connection policy's, over the dequeue wait."""
         return read_timeout_s(self.runtime.settings, self.dequeue_timeout)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat, which its loop calls before each dequeue attempt: a liveness tick when called there
+        (the main thread), not when the sampling's helper thread heartbeats."""
+        if threading.current_thread() is threading.main_thread():
+            self.runtime.tick()
+        super().heartbeat(timeout, pipeline=pipeline)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.runtime.settings.heartbeat_ttl
@@ -343,13 +356,15 @@ class ProgressReporter:
 
     def __init__(self, batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
                  heartbeat: Callable[[], None] | None):
-        self.batch, self.settings, self.connection, self.heartbeat = batch, runtime.settings, connection, heartbeat
+        self.batch, self.runtime, self.connection, self.heartbeat = batch, runtime, connection, heartbeat
+        self.settings = runtime.settings
         self.last_write = self.last_beat = 0.0
         bounds = [t for t in map(timeout_s, batch.running) if t is not None]
         self.timeout_s = min(bounds, default=None)  # the batch's bound: its smallest job timeout
         self.deadline = time.monotonic() + self.timeout_s if self.timeout_s is not None else None
 
     def __call__(self, step: int, total: int) -> None:
+        self.runtime.tick()
         now = time.monotonic()
         if self.deadline is not None and now > self.deadline and step < total:
             raise JobTimeout(self.timeout_s)

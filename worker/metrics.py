@@ -1,8 +1,16 @@
-"""Prometheus metrics of one worker process, served on its own port (``METRICS_PORT``)."""
+"""Prometheus metrics of one worker process and its liveness, served on its own port (``METRICS_PORT``):
+``GET /metrics`` and ``GET /healthz``."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+import json
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlparse
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import MetricsHandler
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -43,5 +51,52 @@ class WorkerMetrics:
     def count_redis_error(self, error: Exception) -> None:
         self.redis_errors.labels(type(error).__name__).inc()
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, liveness: Liveness | None = None) -> None:
+        """Serve ``/metrics`` (and ``/healthz`` from ``liveness``) on ``port`` from a daemon thread."""
+        handler = type("WorkerHandler", (HealthHandler,), {"registry": self.registry, "liveness": liveness})
+        server = ThreadingHTTPServer(("", port), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+
+class Liveness:
+    """When the worker's main loop last showed it moves: each dequeue attempt (at most ``MAINTENANCE_INTERVAL``
+    apart while idle) and each denoising step tick it. The HTTP server runs on another thread, so answering
+    ``/metrics`` proves nothing about the loop; ``/healthz`` answers from the age of the last tick."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.last: float | None = None  # monotonic time of the last tick; None until the loop starts
+        self.phase = "starting"  # what start-up is doing until the first tick (loading, warming up)
+
+    def tick(self) -> None:
+        self.last = time.monotonic()  # one float store: atomic under the GIL, no lock needed
+
+    def state(self) -> tuple[bool, dict[str, object]]:
+        """(healthy, what /healthz reports)."""
+        last = self.last
+        if last is None:
+            return False, {"status": self.phase}
+        age = time.monotonic() - last
+        healthy = age <= self.timeout_s
+        return healthy, {"status": "ok" if healthy else "stalled", "since_last_tick_s": round(age, 1),
+                         "liveness_timeout_s": self.timeout_s}
+
+
+class HealthHandler(MetricsHandler):
+    """``/healthz``: 200 while the main loop ticked within ``LIVENESS_TIMEOUT`` seconds, 503 before it started
+    (loading, warming up) or once it stalled; any other path: the metrics."""
+
+    liveness: Liveness | None = None
+
+    def do_GET(self) -> None:
+        if urlparse(self.path).path != "/healthz":
+            super().do_GET()
+            return
+        healthy, body = self.liveness.state() if self.liveness is not None else (True, {"status": "ok"})
+        payload = json.dumps(body).encode()
+        self.send_response(200 if healthy else 503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)

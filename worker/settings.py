@@ -37,6 +37,9 @@ class WorkerSettings(RedisSettings):
     heartbeat_ttl: int = Field(90, ge=10)  # a job whose worker stops heartbeating is retried after this
     # seconds between RQ maintenance passes (retrying jobs of dead workers, expiring registries)
     maintenance_interval: int = Field(30, ge=1)
+    # /healthz fails once the main loop has not ticked (a dequeue attempt, a denoising step) for this long; keep
+    # it above MAINTENANCE_INTERVAL (an idle worker's dequeue blocks that long) and one denoising step
+    liveness_timeout: int = Field(120, ge=1)
     progress_interval: float = Field(0.1, gt=0)  # seconds between progress writes (~10/s at most)
     threads: int | None = Field(None, ge=1)  # torch CPU threads
 

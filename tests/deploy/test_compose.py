@@ -204,7 +204,7 @@ def test_worker_service(default_config):
     assert int(env["MAX_BATCH"]) > 0
     mounts = [v for v in worker.get("volumes", []) if v["target"] == env["CHECKPOINT_DIR"]]
     assert mounts, f"no volume mounted at the checkpoint dir: {worker.get('volumes')}"
-    assert "9100/metrics" in healthcheck_command(worker)
+    assert "9100/healthz" in healthcheck_command(worker)  # the main loop's liveness, not the metrics thread
     assert depends_on_healthy(worker, "redis")
     assert worker.get("stop_grace_period"), "the worker needs time for RQ's warm shutdown"
 
@@ -271,6 +271,8 @@ def test_worker_image_is_cuda_non_root_with_checkpoints():
     assert re.search(r"^COPY checkpoints/ /app/checkpoints/\s*$", text, re.M)
     assert re.search(r"^USER 10001(:10001)?\s*$", text, re.M)
     assert '"-m", "worker"' in text
+    healthcheck = re.search(r"^HEALTHCHECK .*?CMD (.*)$", text, re.M | re.S)
+    assert healthcheck and "/healthz" in healthcheck.group(1)  # the main loop's liveness, not /metrics
 
 
 def test_dockerignore_keeps_the_context_small_but_ships_demo_checkpoints():

@@ -270,11 +270,9 @@ def test_worker_checkpoints_metrics_and_probes(rendered):
     assert {"name": "metrics", "containerPort": 9100} in [
         {k: p[k] for k in ("name", "containerPort") if k in p} for p in container["ports"]
     ]
-    liveness = container["livenessProbe"]
-    assert "httpGet" in liveness or "exec" in liveness, liveness
-    if "httpGet" in liveness:
-        assert liveness["httpGet"]["path"] == "/metrics"
-        assert container_port(container, liveness["httpGet"]["port"]) == 9100
+    for probe in ("startupProbe", "livenessProbe"):  # the main loop's liveness, not the metrics thread's
+        assert container[probe]["httpGet"]["path"] == "/healthz"
+        assert container_port(container, container[probe]["httpGet"]["port"]) == 9100
     assert container["command"] == ["python", "-m", "worker"]
 
 
