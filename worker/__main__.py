@@ -1,7 +1,8 @@
 """``python -m worker``: load the model once, publish it in Redis, serve metrics, and work the queue.
 
-Refuses to start (exit code 2, one clear line) when Redis refuses its credentials or TLS set-up, or when the
-checkpoint is missing, corrupt or tampered with.
+Refuses to start (exit code 2, one clear line) when Redis refuses its credentials or TLS set-up, when the
+checkpoint is missing, corrupt or tampered with, or when ``COMPILE`` cannot work here (or its warm-up fails).
+With ``COMPILE`` on, every compile bucket is warmed up before the worker registers with RQ and takes jobs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from training.checkpoints import CheckpointError, list_versions
 
 from . import jobs
 from .connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
-from .engine import Engine
+from .engine import CompileUnsupported, Engine
 from .fair_queue import FairQueue
 from .metrics import Liveness, WorkerMetrics
 from .settings import WorkerSettings
@@ -51,6 +52,34 @@ def publish_model(connection: redis.Redis, info: ModelInfo, stop: threading.Even
         stop.wait(REGISTRY_TTL_S / 3)
 
 
+def warm_up(engine: Engine, settings: WorkerSettings, metrics: WorkerMetrics, liveness: Liveness) -> bool:
+    """Compile every bucket before the worker registers with RQ or publishes its model, so no job waits on a
+    compile and no compile runs without a heartbeat; /healthz reports the progress meanwhile. False (after one
+    line on stderr) when compiling fails."""
+    liveness.phase = "warming_up"
+    log.info("compiling the UNet (COMPILE=%s) for %d bucket sizes: %s rows", settings.compile, len(engine.buckets),
+             engine.buckets)
+
+    done = 0
+
+    def on_bucket(rows: int, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        liveness.phase = f"warming_up: {done}/{len(engine.buckets)} buckets compiled"
+        metrics.compile_seconds.labels(str(rows)).set(seconds)
+        log.info("compiled bucket %d rows in %.1f s", rows, seconds)
+
+    try:
+        seconds = engine.warm_up(on_bucket)
+    except Exception as exc:  # noqa: BLE001 - inductor/Triton failures have many types; one line, no traceback
+        log.debug("warm-up failed", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"worker: COMPILE={settings.compile} warm-up failed: {type(exc).__name__}: {first}", file=sys.stderr)
+        return False
+    log.info("warm-up done: %.1f s for %d buckets", sum(seconds.values()), len(seconds))
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
@@ -69,21 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:  # a configuration error: retrying would only loop
         print(f"worker: {problem}", file=sys.stderr)
         return 2
+    if settings.metrics_port:  # /healthz answers 503 (loading, warming_up) until the loop starts
+        metrics.serve(settings.metrics_port, liveness)
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    liveness.phase = "loading"
     try:
         engine = Engine(settings.checkpoint_dir, settings.model_version, settings.device, settings.precision,
                         settings.max_batch, settings.compile)
+    except CompileUnsupported as exc:
+        print(f"worker: COMPILE={settings.compile} cannot run here: {exc}", file=sys.stderr)
+        return 2
     except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
         print(f"worker: cannot load model {settings.model_version!r} from {settings.checkpoint_dir}: {exc}",
               file=sys.stderr)
+        return 2
+    if engine.buckets and not warm_up(engine, settings, metrics, liveness):
         return 2
     name = args.name or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     info = model_info(engine, settings, name)
     metrics.model.info({"version": info.version, "vae_version": info.vae_version, "device": info.device,
                         "dtype": info.dtype})
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port, liveness)
     runtime = jobs.WorkerRuntime(engine, settings, metrics, liveness)
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()

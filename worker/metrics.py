@@ -36,6 +36,8 @@ class WorkerMetrics:
             "facegen_worker_precision_fallbacks",
             "Redos in a wider dtype after NaN/Inf (one per chunk and dtype), by stage (unet: latents, decoder: pixels)",
             ["stage"], registry=r)
+        self.compile_seconds = Gauge("facegen_worker_compile_seconds",
+                                     "Start-up warm-up seconds per compile bucket (UNet rows)", ["rows"], registry=r)
         self.model = Info("facegen_worker_model", "Model served by this worker", registry=r)
         self.gpu_memory = Gauge("facegen_worker_gpu_memory_bytes", "CUDA memory allocated (peak since start)",
                                 ["kind"], registry=r)
