@@ -350,40 +350,75 @@ def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
 
 
 class ProgressReporter:
-    """The engine's progress callback: every ``PROGRESS_INTERVAL`` it writes each running job's progress, picks up
-    cancels, and heartbeats; raises :class:`JobCanceled` once every running job is canceled and
-    :class:`JobTimeout` once the batch has sampled longer than its smallest job timeout."""
+    """The engine's progress callback and the helper thread that does its Redis I/O.
+
+    On the sampling thread a call only ticks the liveness, checks the batch's deadline (raising
+    :class:`JobTimeout` once the batch has sampled longer than its smallest job timeout), posts the step and
+    raises :class:`JobCanceled` once every running job is canceled: it never waits on Redis. The helper thread,
+    every ``PROGRESS_INTERVAL`` while steps arrive, writes the latest step posted (older ones are skipped) to each
+    running job, picks up cancels and heartbeats. Use as a context manager around the engine run."""
 
     def __init__(self, batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
                  heartbeat: Callable[[], None] | None):
         self.batch, self.runtime, self.connection, self.heartbeat = batch, runtime, connection, heartbeat
         self.settings = runtime.settings
-        self.last_write = self.last_beat = 0.0
         bounds = [t for t in map(timeout_s, batch.running) if t is not None]
         self.timeout_s = min(bounds, default=None)  # the batch's bound: its smallest job timeout
         self.deadline = time.monotonic() + self.timeout_s if self.timeout_s is not None else None
+        self.latest: tuple[int, int] | None = None  # (step, total) posted by the sampling thread
+        self.posted = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+
+    def __enter__(self) -> ProgressReporter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.posted.set()
+        self.thread.join()  # its last write lands before the job's own meta writes
 
     def __call__(self, step: int, total: int) -> None:
         self.runtime.tick()
-        now = time.monotonic()
-        if self.deadline is not None and now > self.deadline and step < total:
+        if self.deadline is not None and time.monotonic() > self.deadline and step < total:
             raise JobTimeout(self.timeout_s)
-        if now - self.last_write < self.settings.progress_interval and step < total:
-            return
-        self.last_write = now
-        try:
-            self.write(step, total)
-            if self.heartbeat is not None and now - self.last_beat > self.settings.heartbeat_ttl / 6:
-                self.last_beat = now
-                self.heartbeat()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Progress is advisory: the client already waited OUTAGE_PATIENCE_S for Redis, so keep denoising and
-            # try again that much later (the results are stored at the end; an outage longer than HEARTBEAT_TTL
-            # lets another worker retry the jobs).
-            self.last_write = time.monotonic() + OUTAGE_PATIENCE_S
-            log.warning("progress not recorded at step %d/%d: %s", step, total, exc)
+        self.latest = (step, total)  # one reference store: the helper reads whichever is the latest
+        self.posted.set()
         if all(job.id in self.batch.canceled for job in self.batch.running):
             raise JobCanceled()
+
+    def _loop(self) -> None:
+        written: tuple[int, int] | None = None
+        last_beat = 0.0
+        while not self.stop.is_set():
+            self.posted.wait()
+            self.posted.clear()
+            latest = self.latest
+            if latest is None or latest == written:
+                continue
+            try:
+                self.write(*latest)
+                written = latest
+                now = time.monotonic()
+                if self.heartbeat is not None and now - last_beat > self.settings.heartbeat_ttl / 6:
+                    last_beat = now
+                    self.heartbeat()  # only while steps arrive: a stuck chain stops heartbeating
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Progress is advisory: the client already waited OUTAGE_PATIENCE_S for Redis, so sampling goes
+                # on and the helper tries again that much later (the results are stored at the end; an outage
+                # longer than HEARTBEAT_TTL lets another worker retry the jobs).
+                log.warning("progress not recorded at step %d/%d: %s", *latest, exc)
+                self.stop.wait(OUTAGE_PATIENCE_S)
+                continue
+            except Exception:  # noqa: BLE001 - keep reporting; the sampling must not lose its helper
+                log.exception("progress not recorded at step %d/%d", *latest)
+            self.stop.wait(self.settings.progress_interval)
+        if self.latest is not None and self.latest != written:  # where the chain stopped or ended
+            try:
+                self.write(*self.latest)
+            except redis.RedisError as exc:
+                log.warning("final progress not recorded: %s", exc)
 
     def write(self, step: int, total: int) -> None:
         running = self.batch.running
@@ -405,10 +440,10 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
     """One engine run for the running jobs; each gets its output, or the run's error (a canceled run: neither)."""
     engine, key = runtime.engine, batch.key
     requests = [image_request(job.id, batch.shares[job.id].spec) for job in batch.running]
-    progress = ProgressReporter(batch, runtime, connection, heartbeat)
     started = time.perf_counter()
     try:
-        outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
+        with ProgressReporter(batch, runtime, connection, heartbeat) as progress:
+            outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
     except JobCanceled:
         return
     except JobTimeout as exc:
