@@ -204,6 +204,8 @@ def test_worker_service(default_config):
     assert int(env["MAX_BATCH"]) > 0
     mounts = [v for v in worker.get("volumes", []) if v["target"] == env["CHECKPOINT_DIR"]]
     assert mounts, f"no volume mounted at the checkpoint dir: {worker.get('volumes')}"
+    cache = [v for v in worker["volumes"] if v["target"] == "/cache"]  # the image's inductor/Triton cache dirs
+    assert cache and cache[0]["type"] == "volume" and cache[0]["source"] in default_config["volumes"]
     assert "9100/healthz" in healthcheck_command(worker)  # the main loop's liveness, not the metrics thread
     assert depends_on_healthy(worker, "redis")
     assert worker.get("stop_grace_period"), "the worker needs time for RQ's warm shutdown"

@@ -267,6 +267,8 @@ def test_worker_checkpoints_metrics_and_probes(rendered):
     checkpoint_volume = volumes[mounts["/app/checkpoints"]["name"]]
     assert checkpoint_volume["persistentVolumeClaim"]["claimName"] == CHECKPOINT_PVC
     find(rendered, "PersistentVolumeClaim", CHECKPOINT_PVC)
+    cache_volume = volumes[mounts["/cache"]["name"]]  # the image's inductor/Triton cache dirs, kept across pods
+    find(rendered, "PersistentVolumeClaim", cache_volume["persistentVolumeClaim"]["claimName"])
     assert {"name": "metrics", "containerPort": 9100} in [
         {k: p[k] for k in ("name", "containerPort") if k in p} for p in container["ports"]
     ]
