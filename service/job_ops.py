@@ -130,6 +130,17 @@ def submitted_at_of(job: Job) -> datetime | None:
         return None
 
 
+def started_at_of(job: Job) -> datetime | None:
+    """When the job's sampling began: its batch's start (``META_BATCH_RUN``), else RQ's ``started_at`` (which RQ
+    rewrites when it stores the job's share after the batch; the worker sets it back)."""
+    run = job.meta.get(spec.META_BATCH_RUN)
+    raw = run.get("started_at") if isinstance(run, dict) else None
+    try:
+        return datetime.fromisoformat(raw) if isinstance(raw, str) else job.started_at
+    except ValueError:
+        return job.started_at
+
+
 def queue_position(conn: redis.Redis, job: Job) -> int | None:
     """While queued: the jobs ahead of it in the RQ queue, or, for a job still waiting in its key's list, the
     key's own jobs ahead of it (keys take turns, so other keys' jobs do not queue ahead of it)."""

@@ -196,7 +196,7 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         cancel_requested=job_ops.cancel_requested(conn, job),
         submitted_at=job_ops.submitted_at_of(job),
         enqueued_at=job.enqueued_at,
-        started_at=job.started_at,
+        started_at=job_ops.started_at_of(job),
         ended_at=job.ended_at,
         parameters=job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
