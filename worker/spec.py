@@ -187,8 +187,8 @@ META_RESOLVED = "resolved"  # the parameters actually used: steps, guidance_scal
 META_ARTIFACTS = "artifacts"  # {"grid": key, "animation": key}, set when the job finishes
 META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
 META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job shared
-# {"id": the batch's first job's id, "started_at": ISO time}: which batch, and when it began denoising (RQ's
-# started_at is when the job's own share is stored, after the batch)
+# {"id": the batch's first job's id, "started_at": ISO time}: which batch, and when it began denoising (the worker
+# sets RQ's started_at back to it; the API reads it from here first)
 META_BATCH_RUN = "batch_run"
 DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
 ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}
