@@ -271,7 +271,7 @@ class Engine:
         """:meth:`_sample` in the engine's dtype; latent rows with NaN/Inf (an overflow in the UNet) are sampled
         again alone in a wider dtype (no progress reported for the redo), their frames replaced too."""
         latents, x0_at_step = self._sample(chain, on_step, self.denoiser)
-        frame_position = (torch.cumsum(chain.wants_frames.long(), 0) - 1).tolist()  # row -> index among frame rows
+        frame_position = chain.frame_positions()
 
         def redo(rows: list[int], dtype: torch.dtype) -> torch.Tensor:
             redone, redone_frames = self._sample(chain.part(rows), lambda i: None, self.model.in_dtype("unet", dtype))
@@ -328,6 +328,10 @@ class Chain:
     guidance: float
     frame_steps: list[int]  # step indices whose x0 becomes a frame (any request's)
 
+    def frame_positions(self) -> list[int]:
+        """Row -> its index among the rows that want frames (meaningful for those rows only)."""
+        return (torch.cumsum(self.wants_frames.long(), 0) - 1).tolist()
+
     def part(self, rows: list[int]) -> Chain:
         return Chain(self.labels[rows], [self.noise_streams[k] for k in rows], self.wants_frames[rows], self.sampler,
                      self.steps, self.guidance, self.frame_steps)
@@ -338,7 +342,7 @@ def outputs_per_request(requests: list[ImageRequest], rows: list[tuple[int, int]
                         step_frames: dict[int, list[torch.Tensor]]) -> dict[str, RequestOutput]:
     """Each request's rows of ``images uint8 [rows, 3, H, W]`` and of the frames (decoded noise, then each frame
     step's x0, over the rows that want frames)."""
-    frame_position = (torch.cumsum(chain.wants_frames.long(), 0) - 1).tolist()  # row -> index among frame rows
+    frame_position = chain.frame_positions()
     all_noise = torch.cat(noise_frames) if noise_frames else None
     all_steps = {i: torch.cat(parts) for i, parts in step_frames.items()}
     outputs: dict[str, RequestOutput] = {}
