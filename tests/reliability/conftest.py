@@ -25,7 +25,8 @@ class WorkerProcess:
     def __init__(self, redis_url: str, checkpoints: Path, **env: str):
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"facegen-worker-{os.getpid()}-{time.time_ns()}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill()
-        # fp32: on CPUs without AVX-512 (CI here) bf16 is ~17-30x slower, and these tests are about the queue
+        # fp32 on every CPU (PRECISION=auto is bf16 where native): these tests are about the queue, so each CPU
+        # samples the tiny model at the same, fastest-everywhere precision
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "REDIS_URL": redis_url, "CHECKPOINT_DIR": str(checkpoints), "METRICS_PORT": "0",

@@ -22,7 +22,7 @@ from tests.service.conftest import LiveServer, free_port
 MASTER = "facegen"
 READY_AGAIN_S = 30  # the bound: primary killed -> /readyz 200 and jobs accepted again
 # A job whose worker lost the primary mid-run is retried once its heartbeat expires (maintenance every second).
-WORKER_ENV = {"HEARTBEAT_TTL": "10", "MAINTENANCE_INTERVAL": "1", "PRECISION": "fp32", "REDIS_TIMEOUT_S": "1"}
+WORKER_ENV = {"HEARTBEAT_TTL": "10", "MAINTENANCE_INTERVAL": "1", "REDIS_TIMEOUT_S": "1"}
 JOB = {"label": "smiling", "count": 1, "steps": 20}
 
 

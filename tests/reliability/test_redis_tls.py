@@ -41,7 +41,7 @@ def settings_env(server: RedisServer, password: str = PASSWORD, ca: Path | None 
 def test_api_and_worker_run_a_job_over_tls_with_an_acl_user(tls_redis, tiny_checkpoints) -> None:
     env = settings_env(tls_redis)
     api = LiveServer(env["REDIS_URL"], env=env)
-    worker = WorkerProcess(env["REDIS_URL"], tiny_checkpoints, PRECISION="fp32", **env)
+    worker = WorkerProcess(env["REDIS_URL"], tiny_checkpoints, **env)
     try:
         wait_for(lambda: httpx.get(f"{api.url}/readyz", timeout=5).status_code == 200, 120, "a live worker")
         response = httpx.post(f"{api.url}/generate", json={"label": "smiling", "count": 1, "steps": 4}, timeout=10)
