@@ -205,14 +205,14 @@ def run_visualize(args: argparse.Namespace) -> None:
 
 
 def run_retune(args: argparse.Namespace) -> None:
-    from .checkpoints import derive_checkpoint, load_checkpoint, same_encoder
+    from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, same_encoder
 
     source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
             if getattr(args, name, None) is None}
     changes: dict[str, Any] = {"sampling": config_from_args(SamplingConfig, args, **kept)}
     if args.vae:
-        vae = load_checkpoint(args.checkpoints, "vae", args.vae).manifest.version
+        vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; same_encoder loads the weights
         if not same_encoder(args.checkpoints, source.vae_version, vae):
             sys.exit(f"VAE {vae} encodes differently from {source.vae_version}, the latent space {source.version} "
                      "was trained on: only a decoder fine-tune of it can replace it")
