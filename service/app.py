@@ -19,6 +19,7 @@ from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
 from service.tenancy import KeyLabels
+from worker.artifacts import open_store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         live_models=registry.LiveModels(async_conn, settings.model_cache_s),
         key_labels=key_labels,
+        artifacts=open_store(settings, conn),
     )
 
     for router in ROUTERS:

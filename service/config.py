@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from worker import spec
+from worker.artifacts import ArtifactSettings
 from worker.connection import RedisSettings
 
 _DAY_S = 24 * 3600
@@ -44,9 +45,9 @@ class Quota(BaseModel):
         return self.model_copy(update=override.model_dump(exclude_none=True)) if override else self
 
 
-class Settings(RedisSettings):
-    """The API's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings` (the worker
-    shares them). ``REDIS_TIMEOUT_S`` bounds how long a request waits for Redis before answering 503."""
+class Settings(RedisSettings, ArtifactSettings):
+    """The API's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings`, the artifact
+    store's (``ARTIFACT_*``, ``S3_*``) from :class:`ArtifactSettings` (the worker shares both). ``REDIS_TIMEOUT_S`` bounds how long a request waits for Redis before answering 503."""
 
     model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True)
 
@@ -79,8 +80,6 @@ class Settings(RedisSettings):
     max_body_bytes: Annotated[int, Field(ge=256)] = 16 * 1024
     # Comma-separated origins allowed by CORS; none = no CORS headers at all.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
-    # Finished jobs and their artifacts live this long (RQ result_ttl; the worker uses it for artifacts too).
-    artifact_ttl: Annotated[int, Field(ge=60)] = spec.DEFAULT_ARTIFACT_TTL_S
     # Failed jobs (and their error line) live this long.
     failure_ttl: Annotated[int, Field(ge=60)] = spec.DEFAULT_ARTIFACT_TTL_S
     # A job id is remembered this long after submission, so an expired job answers 410 instead of 404.

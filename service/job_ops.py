@@ -18,6 +18,7 @@ from service.config import Settings
 from service.keys import observed_key, tombstone_key
 from service.tenancy import Caller
 from worker import spec
+from worker.artifacts import ArtifactStore
 
 PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
                      JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
@@ -169,9 +170,9 @@ def animation_requested(conn: redis.Redis, job_id: str) -> bool:
     return bool(tombstone and tombstone.get("animation"))
 
 
-def read_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> bytes:
-    """The artifact bytes of a finished job; raises ``JobNotFound`` (also for an animation nobody asked for, or
-    another key's job), ``JobGone`` (expired) or ``NotReady`` (not finished)."""
+def check_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> None:
+    """Whether the job's index in Redis lists the artifact ``kind``: raises ``JobNotFound`` (also for an animation
+    nobody asked for, or another key's job), ``JobGone`` (expired) or ``NotReady`` (not finished)."""
     try:
         job = fetch(conn, job_id, caller)
     except JobGone:
@@ -185,7 +186,12 @@ def read_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> 
     status = status_of(job)
     if status != JobStatus.FINISHED:
         raise NotReady(status, error_of(job))
-    data = conn.get(spec.artifact_key(job_id, kind))
+
+
+def read_artifact(store: ArtifactStore, job_id: str, kind: str) -> bytes:
+    """The bytes of an artifact ``check_artifact`` found listed; raises ``JobGone`` when the store no longer has
+    it, ``ArtifactStoreUnavailable`` when the store cannot be reached."""
+    data = store.get(job_id, kind)
     if data is None:
         raise JobGone(job_id)
     return data

@@ -216,6 +216,9 @@ class Readiness(BaseModel):
     status: Annotated[str, Field(description='"ready" or "unavailable".', examples=["ready"])]
     redis: Annotated[bool, Field(description="Redis answered.")]
     latest_model: Annotated[str | None, Field(description='Version a live worker serves as "latest".')] = None
+    artifact_store: Annotated[bool | None, Field(
+        description="The artifact store answered (not asked while Redis is down). Only the artifact routes need "
+                    "it, so it does not change `status`.")] = None
     reason: Annotated[str | None, Field(description="Why the API is not ready.")] = None
 
 

@@ -21,6 +21,7 @@ import torch
 from training.checkpoints import CheckpointError, list_versions
 
 from . import jobs
+from .artifacts import open_store
 from .connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
 from .engine import CompileUnsupported, Engine
 from .fair_queue import FairQueue
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     info = model_info(engine, settings, name)
     metrics.model.info({"version": info.version, "vae_version": info.vae_version, "device": info.device,
                         "dtype": info.dtype})
-    runtime = jobs.WorkerRuntime(engine, settings, metrics, liveness)
+    runtime = jobs.WorkerRuntime(engine, settings, metrics, liveness, open_store(settings, connection))
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
     queues = [FairQueue(name_, connection=connection) for name_ in settings.queue_names()]

@@ -29,12 +29,14 @@ from rq.utils import utcformat
 
 from training.imaging import gif_bytes, grid_image, png_bytes
 
+from .artifacts import Artifact, ArtifactStore, ArtifactStoreUnavailable, put_retrying
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
 from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
 from .fair_queue import FairQueue, waiting_jobs
 from .metrics import Liveness, WorkerMetrics
 from .settings import WorkerSettings
 from .spec import (
+    ARTIFACT_MEDIA_TYPES,
     LATEST,
     META_ARTIFACTS,
     META_BATCH,
@@ -44,7 +46,6 @@ from .spec import (
     META_RESOLVED,
     BatchKey,
     JobSpec,
-    artifact_key,
     cancel_key,
 )
 
@@ -93,6 +94,7 @@ class WorkerRuntime:
     settings: WorkerSettings
     metrics: WorkerMetrics
     liveness: Liveness | None = None  # ticked by the main loop (worker/metrics.py)
+    artifacts: ArtifactStore | None = None  # where results go; `python -m worker` opens it from the settings
     prepared: dict[str, Prepared] = field(default_factory=dict)
 
     def tick(self) -> None:
@@ -492,17 +494,15 @@ def fail(job: Job, runtime: WorkerRuntime, exc: Exception) -> None:
     runtime.metrics.jobs.labels("failed").inc()
 
 
-def store_artifacts(job: Job, share: Prepared, ttl: int) -> dict[str, str]:
-    """Encode and store the job's PNG grid (and GIF); returns ``{kind: Redis key}``."""
+def store_artifacts(job: Job, share: Prepared, runtime: WorkerRuntime, ttl: int) -> dict[str, str]:
+    """Encode the job's PNG grid (and GIF) and store them (retrying an unreachable store); returns
+    ``{name: where it is stored}``."""
     spec = share.spec
-    artifacts = {"grid": artifact_key(job.id, "grid")}
-    with job.connection.pipeline() as pipe:
-        pipe.set(artifacts["grid"], png_bytes(grid_image(share.output.images)), ex=ttl)
-        if spec.animation:
-            artifacts["animation"] = artifact_key(job.id, "animation")
-            pipe.set(artifacts["animation"], gif_bytes(share.output.frames, spec.animation_fps), ex=ttl)
-        pipe.execute()
-    return artifacts
+    files = {"grid": Artifact(png_bytes(grid_image(share.output.images)), ARTIFACT_MEDIA_TYPES["grid"])}
+    if spec.animation:
+        files["animation"] = Artifact(gif_bytes(share.output.frames, spec.animation_fps),
+                                      ARTIFACT_MEDIA_TYPES["animation"])
+    return put_retrying(runtime.artifacts, job.id, files, ttl, runtime.settings)
 
 
 def record_finished(metrics: WorkerMetrics, share: Prepared, encoding_s: float) -> None:
@@ -523,7 +523,8 @@ def restore_started_at(job: Job, share: Prepared) -> None:
 
 
 def generate(spec: dict[str, Any]) -> dict[str, Any]:
-    """RQ entry point (enqueued as ``worker.jobs.generate``): store this job's PNG grid (and GIF) in Redis.
+    """RQ entry point (enqueued as ``worker.jobs.generate``): store this job's PNG grid (and GIF) in the
+    artifact store.
 
     The images were normally computed already, batched with compatible jobs; a job run without that is computed
     here alone.
@@ -542,7 +543,11 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
         raise error
     started = time.perf_counter()
     ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else runtime.settings.artifact_ttl
-    artifacts = store_artifacts(job, share, ttl)
+    try:
+        artifacts = store_artifacts(job, share, runtime, ttl)
+    except ArtifactStoreUnavailable as exc:  # transient: RQ retries the job while it has retries left
+        fail(job, runtime, exc)
+        raise
     record_finished(runtime.metrics, share, time.perf_counter() - started)
     steps = share.resolved["steps"]
     job.meta[META_ARTIFACTS] = artifacts

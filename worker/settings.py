@@ -11,13 +11,14 @@ from pydantic_settings import SettingsConfigDict
 from training.checkpoints import BUNDLED_CHECKPOINTS
 from training.config import PRECISIONS
 
+from .artifacts import ArtifactSettings
 from .connection import RedisSettings
-from .spec import DEFAULT_ARTIFACT_TTL_S, DEFAULT_QUEUE, LATEST
+from .spec import DEFAULT_QUEUE, LATEST
 
 
-class WorkerSettings(RedisSettings):
-    """The worker's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings` (the API
-    shares them)."""
+class WorkerSettings(RedisSettings, ArtifactSettings):
+    """The worker's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings`, the artifact
+    store's (``ARTIFACT_*``, ``S3_*``) from :class:`ArtifactSettings` (the API shares both)."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -33,7 +34,6 @@ class WorkerSettings(RedisSettings):
     batch_window_ms: int = Field(0, ge=0, le=10_000)
     queues: str = DEFAULT_QUEUE  # comma-separated
     metrics_port: int = Field(9100, ge=0, le=65535)  # 0 = no metrics server
-    artifact_ttl: int = Field(DEFAULT_ARTIFACT_TTL_S, ge=60)
     heartbeat_ttl: int = Field(90, ge=10)  # a job whose worker stops heartbeating is retried after this
     # seconds between RQ maintenance passes (retrying jobs of dead workers, expiring registries)
     maintenance_interval: int = Field(30, ge=1)

@@ -122,7 +122,8 @@ class BatchKey(BaseModel):
 
 # ----- Redis keys ---------------------------------------------------------------------------------------------
 def artifact_key(job_id: str, kind: str) -> str:
-    """Redis key of a job's artifact; ``kind`` is ``"grid"`` (PNG) or ``"animation"`` (GIF)."""
+    """Redis key of a job's artifact in the Redis artifact store (worker/artifacts.py); ``kind`` names it:
+    ``"grid"`` (PNG), ``"animation"`` (GIF), …"""
     return f"{KEY_PREFIX}:artifact:{job_id}:{kind}"
 
 
@@ -184,7 +185,7 @@ class ModelInfo(BaseModel):
 # The worker keeps these entries in ``job.meta`` (RQ); the service reads them:
 META_PROGRESS = "progress"  # {"step": s, "total": T}: denoising steps done, updated ~10 times/s at most
 META_RESOLVED = "resolved"  # the parameters actually used: steps, guidance_scale, sampler, model version
-META_ARTIFACTS = "artifacts"  # {"grid": key, "animation": key}, set when the job finishes
+META_ARTIFACTS = "artifacts"  # {"grid": where, "animation": where} (a Redis key, an s3:// URL), set when it finishes
 META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
 META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job shared
 # {"id": the batch's first job's id, "started_at": ISO time}: which batch, and when it began denoising (the worker

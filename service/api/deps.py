@@ -22,6 +22,7 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LiveModels
 from service.tenancy import Caller, KeyLabels
+from worker.artifacts import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Services:
     metrics: Metrics
     live_models: LiveModels
     key_labels: KeyLabels  # key id -> metric label (bounded cardinality)
+    artifacts: ArtifactStore  # finished jobs' files (worker/artifacts.py: Redis or S3, per ARTIFACT_STORE)
 
 
 async def get_services(request: Request) -> Services:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.deps import ApiError
 from service.config import Settings
 from service.metrics import Metrics
+from worker.artifacts import ArtifactStoreUnavailable
 
 log = logging.getLogger("service")
 
@@ -41,6 +42,15 @@ def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> No
         log.warning("Redis error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return JSONResponse(
             {"detail": "the job queue (Redis) is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+
+    @app.exception_handler(ArtifactStoreUnavailable)
+    async def artifact_store_unavailable(request: Request, exc: ArtifactStoreUnavailable) -> JSONResponse:
+        log.warning("artifact store error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": "the artifact store is unreachable; retry later"},
             status_code=503,
             headers={"Retry-After": str(settings.retry_after_s)},
         )

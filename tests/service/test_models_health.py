@@ -51,7 +51,8 @@ def test_readyz_needs_a_worker_serving_latest(client, conn):
     publish_model(conn, model_info("v2"))
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "redis": True, "latest_model": "v2", "reason": None}
+    assert ready.json() == {"status": "ready", "redis": True, "latest_model": "v2", "reason": None,
+                            "artifact_store": True}
 
 
 def test_readyz_without_redis(make_client):

@@ -1,4 +1,5 @@
-"""Health: /healthz (the process answers) and /readyz (Redis answers and a worker serves the default model)."""
+"""Health: /healthz (the process answers) and /readyz (Redis answers and a worker serves the default model; it
+reports the artifact store too)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from service import registry
 from service.api.deps import ServicesDep
 from service.schemas import Health, Readiness
 from worker import spec
+from worker.artifacts import ArtifactStore, ArtifactStoreUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +27,8 @@ def healthz() -> Health:
     response_model=Readiness,
     summary="Readiness",
     description='200 when Redis answers and at least one live worker has published the default model ("latest"); '
-    "503 with the reason otherwise. Never needs an API key.",
+    "503 with the reason otherwise. `artifact_store` says whether the artifact store answers (only the artifact "
+    "routes need it, so it leaves the status alone). Never needs an API key.",
     responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
 )
 def readyz(services: ServicesDep) -> Readiness | JSONResponse:
@@ -39,7 +42,16 @@ def readyz(services: ServicesDep) -> Readiness | JSONResponse:
         return _unready(Readiness(status="unavailable", redis=True,
                                   reason="no live worker has published the default model"),
                         services.settings.retry_after_s)
-    return Readiness(status="ready", redis=True, latest_model=latest.version)
+    return Readiness(status="ready", redis=True, latest_model=latest.version,
+                     artifact_store=artifact_store_answers(services.artifacts))
+
+
+def artifact_store_answers(store: ArtifactStore) -> bool:
+    try:
+        store.ping()
+    except (ArtifactStoreUnavailable, redis.RedisError):
+        return False
+    return True
 
 
 def _unready(body: Readiness, retry_after_s: int) -> JSONResponse:

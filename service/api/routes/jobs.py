@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
@@ -17,6 +18,7 @@ from service.api.deps import (
     UNAUTHORIZED,
     UNAVAILABLE,
     ApiError,
+    Services,
     ServicesDep,
     caller_of,
     require_api_key,
@@ -256,9 +258,16 @@ def cancel_job(job_id: str, request: Request, response: Response, services: Serv
     return _public(request, conn, job_ops.fetch(conn, job_id, caller))
 
 
-def _artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> Response:
+def _artifact(services: Services, job_id: str, kind: str, caller: Caller) -> Response:
+    """The artifact's bytes from the store, or with ``ARTIFACT_REDIRECT`` a 307 to a URL the store signed (the
+    job's index in Redis decides 404/409/410 first; an unreachable store raises into a 503)."""
+    settings = services.settings
     try:
-        data = job_ops.read_artifact(conn, job_id, kind, caller)
+        job_ops.check_artifact(services.redis, job_id, kind, caller)
+        url = services.artifacts.url(job_id, kind, settings.artifact_url_ttl_s) if settings.artifact_redirect else None
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+        data = job_ops.read_artifact(services.artifacts, job_id, kind)
     except job_ops.JobNotFound:
         raise ApiError(404, "job not found" if kind == "grid" else "no animation: job not found or not asked for "
                                                                    "one") from None
@@ -286,9 +295,11 @@ def _artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> Resp
 
 
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    307: {"description": "With ARTIFACT_REDIRECT on an S3 store: `Location` is a presigned URL of the file, valid "
+                         "for ARTIFACT_URL_TTL_S."},
     409: {"model": JobStateError, "description": "No images in the job's current state (see description)."},
     **GONE,
-    **UNAVAILABLE,
+    503: {"description": "Redis or the artifact store is unreachable; retry after `Retry-After` seconds."},
 }
 
 
@@ -300,7 +311,7 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses={200: {"content": {"image/png": {}}, "description": "PNG grid."}, **NOT_FOUND, **ARTIFACT_RESPONSES},
 )
 def read_result(job_id: str, request: Request, services: ServicesDep) -> Response:
-    return _artifact(services.redis, job_id, "grid", caller_of(request))
+    return _artifact(services, job_id, "grid", caller_of(request))
 
 
 @router.get(
@@ -316,4 +327,4 @@ def read_result(job_id: str, request: Request, services: ServicesDep) -> Respons
     },
 )
 def read_animation(job_id: str, request: Request, services: ServicesDep) -> Response:
-    return _artifact(services.redis, job_id, "animation", caller_of(request))
+    return _artifact(services, job_id, "animation", caller_of(request))
