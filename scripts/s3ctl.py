@@ -2,8 +2,7 @@
 
 ``S3Server().start()`` runs ``weed server -s3`` (master, volume server, filer and S3 gateway in one process) on
 free ports of 127.0.0.1 in a temporary directory, with one S3 identity (a random access and secret key), waits
-until the gateway answers, and creates the bucket. ``stop()`` ends it; ``start()`` again brings it back on the
-same ports and data.
+until the gateway answers, and creates the bucket. ``stop()`` ends it; ``kill()`` makes it vanish at once.
 
 ``python -m scripts.s3ctl run -- CMD ...`` runs CMD with ``ARTIFACT_STORE=s3`` and the ``S3_*``/``AWS_*``
 variables pointing at such a server, stopped when CMD ends.
@@ -127,7 +126,14 @@ class S3Server:
 
     def stop(self) -> None:
         if self.process:
-            stop_process(self.process)
+            stop_process(self.process, grace_s=3)  # throw-away data: no need to wait for a long flush
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: the store vanishes at once, as a crashed server or a cut network does."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
 

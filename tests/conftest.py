@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,3 +61,23 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) 
     train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(),
                     DiffusionTrainConfig(steps=3, batch_size=16, warmup=1, log_every=1), opts)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def artifact_store_switch() -> Iterator[None]:
+    """``ARTIFACT_STORE=s3 pytest …`` runs the tests' API and worker processes (which inherit the environment) on
+    an S3 store: a SeaweedFS started for the session, unless ``S3_BUCKET`` already names one (e.g. under
+    ``python -m scripts.s3ctl run -- pytest …``)."""
+    if os.environ.get("ARTIFACT_STORE") != "s3" or os.environ.get("S3_BUCKET"):
+        yield
+        return
+    from scripts.s3ctl import S3Server
+
+    server = S3Server().start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in server.env().items():
+                patch.setenv(name, value)
+            yield
+    finally:
+        server.stop()

@@ -1,6 +1,6 @@
 """The API process never imports torch, nor any module of the worker but the light ones both processes share:
-worker.spec (the job contract), worker.connection (the Redis connection policy) and worker.fair_queue (the keys'
-turns, which admission starts)."""
+worker.spec (the job contract), worker.connection (the Redis connection policy), worker.artifacts (the artifact
+store) and worker.fair_queue (the keys' turns, which admission starts)."""
 
 from __future__ import annotations
 
@@ -27,5 +27,5 @@ def test_building_the_app_imports_no_torch():
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert "torch" not in modules
-    shared = ["worker", "worker.connection", "worker.fair_queue", "worker.spec"]
+    shared = ["worker", "worker.artifacts", "worker.connection", "worker.fair_queue", "worker.spec"]
     assert [m for m in modules if m.split(".")[0] in ("worker", "training")] == shared
