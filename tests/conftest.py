@@ -79,5 +79,7 @@ def artifact_store_switch() -> Iterator[None]:
             for name, value in server.env().items():
                 patch.setenv(name, value)
             yield
+        stored = server.client().list_objects_v2(Bucket=server.bucket).get("KeyCount", 0)
+        print(f"\n[artifact store] the session stored {stored} objects in s3://{server.bucket}", file=sys.stderr)
     finally:
         server.stop()

@@ -5,6 +5,7 @@ configured attempts."""
 from __future__ import annotations
 
 import io
+import json
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -15,7 +16,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from scripts.redisctl import free_port
-from tests.conftest import redis_url_for_db
+from tests.conftest import ROOT, redis_url_for_db
 from worker.artifacts import (
     Artifact,
     ArtifactSettings,
@@ -126,3 +127,11 @@ def test_an_unreachable_s3_store_fails_clearly_after_the_attempts(s3_settings) -
         store.get(JOB_ID, "grid")
     with pytest.raises(ArtifactStoreUnavailable):
         store.ping()
+
+
+def test_the_documented_lifecycle_rule_is_accepted_by_a_real_s3_server(s3_server) -> None:
+    rule = json.loads((ROOT / "k8s" / "overlays" / "s3" / "s3-lifecycle.json").read_text())
+    client = s3_server.client()
+    client.put_bucket_lifecycle_configuration(Bucket=s3_server.bucket, LifecycleConfiguration=rule)
+    (stored,) = client.get_bucket_lifecycle_configuration(Bucket=s3_server.bucket)["Rules"]
+    assert stored["Filter"] == rule["Rules"][0]["Filter"] and stored["Expiration"] == rule["Rules"][0]["Expiration"]

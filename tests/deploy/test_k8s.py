@@ -21,6 +21,7 @@ from kubernetes_validate.utils import all_versions, major_minor
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "k8s" / "base"
 KEDA_OVERLAY = REPO / "k8s" / "overlays" / "keda"
+S3_OVERLAY = REPO / "k8s" / "overlays" / "s3"
 
 K8S_VERSION = "1.32.0"
 NAMESPACE = "facegen"
@@ -66,9 +67,14 @@ def keda() -> list[dict]:
     return render(KEDA_OVERLAY)
 
 
-@pytest.fixture(scope="module", params=["base", "keda"])
-def rendered(request, base, keda) -> list[dict]:
-    return {"base": base, "keda": keda}[request.param]
+@pytest.fixture(scope="module")
+def s3() -> list[dict]:
+    return render(S3_OVERLAY)
+
+
+@pytest.fixture(scope="module", params=["base", "keda", "s3"])
+def rendered(request, base, keda, s3) -> list[dict]:
+    return {"base": base, "keda": keda, "s3": s3}[request.param]
 
 
 def api_group(obj: dict) -> str:
