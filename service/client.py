@@ -101,8 +101,9 @@ class FacegenClient:
         return self._request("GET", "/models").json()
 
     def artifact(self, job_id: str, kind: str = "result") -> bytes:
-        """``kind``: ``"result"`` (PNG grid) or ``"animation"`` (GIF)."""
-        return self._request("GET", f"/jobs/{job_id}/{kind}").content
+        """``kind``: ``"result"`` (PNG grid) or ``"animation"`` (GIF). Follows a 307 to the artifact store
+        (``ARTIFACT_REDIRECT``; httpx does not send the API key to another host)."""
+        return self._request("GET", f"/jobs/{job_id}/{kind}", follow_redirects=True).content
 
     def wait(
         self,

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol
 
 import redis
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 from .spec import DEFAULT_ARTIFACT_TTL_S, artifact_key
@@ -62,6 +62,11 @@ class ArtifactSettings(BaseSettings):
     s3_bucket: str | None = None
     s3_prefix: str = "facegen/artifacts/"
     s3_region: str | None = None
+
+    @field_validator("s3_endpoint_url", "s3_bucket", "s3_region", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value or None  # e.g. S3_ENDPOINT_URL= in a ConfigMap: AWS itself
 
     @model_validator(mode="after")
     def _s3_needs_a_bucket(self) -> ArtifactSettings:

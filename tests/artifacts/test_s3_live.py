@@ -12,6 +12,7 @@ import redis
 from PIL import Image
 from rq.job import Job
 
+from service.client import FacegenClient
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_ended, wait_for
 from tests.service.conftest import LiveServer
@@ -78,6 +79,8 @@ def test_results_come_from_the_bucket_or_a_presigned_redirect(stack, s3_server) 
     download = httpx.get(location, timeout=10)
     assert download.status_code == 200 and download.content == grid.content
     assert httpx.get(f"{redirecting.url}/jobs/{job_id}/animation", timeout=10).status_code == 307
+    with FacegenClient(redirecting.url) as client:  # the CLI's client follows the redirect
+        assert client.artifact(job_id, "animation") == gif.content
     # the job's state still decides first: an unknown job is 404, not a redirect
     assert httpx.get(f"{redirecting.url}/jobs/{'0' * 8}-0000-0000-0000-{'0' * 12}/result").status_code == 404
 

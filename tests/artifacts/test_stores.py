@@ -26,6 +26,7 @@ from worker.artifacts import (
     open_store,
     put_retrying,
 )
+from worker.settings import WorkerSettings
 from worker.spec import artifact_key
 
 REDIS_URL = redis_url_for_db(7)
@@ -103,6 +104,9 @@ def test_settings_pick_the_store(conn, s3_settings, monkeypatch) -> None:
     with pytest.raises(ValidationError, match="S3_BUCKET"):
         ArtifactSettings()
     assert ArtifactSettings(artifact_ttl=90_000, s3_bucket="b").lifecycle_days() == 2
+    monkeypatch.setenv("S3_BUCKET", "b")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "")  # as a ConfigMap says "AWS itself"
+    assert WorkerSettings().s3_endpoint_url is None
 
 
 class CountingStore(S3ArtifactStore):
