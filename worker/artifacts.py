@@ -53,7 +53,8 @@ class ArtifactSettings(BaseSettings):
     # Seconds to wait for the store (connect, and each read) before counting it unreachable.
     artifact_store_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     # The worker stores a job's artifacts this many times before failing the job, waiting
-    # ARTIFACT_PUT_BACKOFF_S, then twice that, … between attempts.
+    # ARTIFACT_PUT_BACKOFF_S, then twice that, … between attempts (keep the whole, with a timeout per attempt,
+    # well below the worker's HEARTBEAT_TTL: the job's heartbeat is not renewed meanwhile).
     artifact_put_attempts: Annotated[int, Field(ge=1, le=10)] = 4
     artifact_put_backoff_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     # S3: the endpoint of an S3-compatible server (none: AWS), the bucket, the key prefix of every object and the
@@ -203,8 +204,11 @@ class S3ArtifactStore:
             raise self._unavailable(action, key, exc) from None
 
     def _unavailable(self, action: str, key: str, exc: Exception) -> ArtifactStoreUnavailable:
+        """The error for callers, which may reach API clients (a job's ``error``): the error's type, not its text,
+        which names the endpoint; that goes to the log."""
+        log.warning("S3 %s of s3://%s/%s failed: %s", action, self.bucket, key, exc)
         return ArtifactStoreUnavailable(f"artifact store unreachable: could not {action} s3://{self.bucket}/{key}"
-                                        f" ({type(exc).__name__}: {exc})")
+                                        f" ({type(exc).__name__})")
 
 
 def s3_client(settings: ArtifactSettings, timeout: float) -> Any:

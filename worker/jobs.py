@@ -244,13 +244,19 @@ class FacegenWorker(SimpleWorker):
         batch = run_batch(self.runtime, group, self.connection, self.batch_heartbeat(group, executions, queue))
         self.runtime.prepared.update(batch.shares)
         token = _current_runtime.set(self.runtime)
+        beaten = time.monotonic()
         try:
-            for member in group:
+            for index, member in enumerate(group):
                 if member.id in batch.canceled:
                     self.runtime.prepared.pop(member.id, None)
                     self.finish_canceled(member, executions[member.id])
-                else:
-                    self.perform_job(member, queue, executions[member.id])
+                    continue
+                # storing a job may wait on an unreachable artifact store (ARTIFACT_PUT_ATTEMPTS): once that took
+                # a while, the jobs not yet stored get a new heartbeat deadline first
+                if time.monotonic() - beaten > self.runtime.settings.heartbeat_ttl / 6:
+                    self.batch_heartbeat(group[index:], executions, queue)()
+                    beaten = time.monotonic()
+                self.perform_job(member, queue, executions[member.id])
         finally:
             _current_runtime.reset(token)
         self.set_state("idle")
