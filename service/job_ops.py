@@ -171,8 +171,8 @@ def animation_requested(conn: redis.Redis, job_id: str) -> bool:
 
 
 def check_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> None:
-    """Whether the job's index in Redis lists the artifact ``kind``: raises ``JobNotFound`` (also for an animation
-    nobody asked for, or another key's job), ``JobGone`` (expired) or ``NotReady`` (not finished)."""
+    """Checks, from the job in Redis, that its artifact ``kind`` exists: raises ``JobNotFound`` (also for an
+    animation nobody asked for, or another key's job), ``JobGone`` (expired) or ``NotReady`` (not finished)."""
     try:
         job = fetch(conn, job_id, caller)
     except JobGone:
