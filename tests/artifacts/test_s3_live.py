@@ -24,6 +24,7 @@ REDIS_URL = redis_url_for_db(6)
 WORKER_ENV = {"ARTIFACT_PUT_ATTEMPTS": "2", "ARTIFACT_PUT_BACKOFF_S": "0.2", "ARTIFACT_STORE_TIMEOUT_S": "1",
               "MAX_BATCH": "8"}
 API_ENV = {"JOB_RETRIES": "1", "ARTIFACT_STORE_TIMEOUT_S": "1"}
+START_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,10 @@ def stack(s3_server, tiny_checkpoints):
     conn = redis.Redis.from_url(REDIS_URL)
     conn.flushdb()
     env = s3_server.env()
-    api = LiveServer(REDIS_URL, env={**env, **API_ENV})
-    redirecting = LiveServer(REDIS_URL, env={**env, **API_ENV, "ARTIFACT_REDIRECT": "true"})
+    # a generous start-up bound: on a machine shared with training jobs the API has been seen to take 90 s
+    api = LiveServer(REDIS_URL, env={**env, **API_ENV}, start_timeout_s=START_TIMEOUT_S)
+    redirecting = LiveServer(REDIS_URL, env={**env, **API_ENV, "ARTIFACT_REDIRECT": "true"},
+                             start_timeout_s=START_TIMEOUT_S)
     worker = WorkerProcess(REDIS_URL, tiny_checkpoints, **env, **WORKER_ENV)
     try:
         wait_for(lambda: httpx.get(f"{api.url}/readyz").status_code == 200 or not worker.alive(), 180,

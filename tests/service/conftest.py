@@ -103,7 +103,7 @@ class LiveServer:
     """``python -m service`` in a subprocess, as deployed; its output goes to ``log_path`` when given."""
 
     def __init__(self, redis_url: str, env: dict[str, str] | None = None, log_path: Path | None = None,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", start_timeout_s: float = 30):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed in stop()
@@ -115,7 +115,7 @@ class LiveServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout_s
         while True:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
