@@ -35,6 +35,14 @@ class JobGone(Exception):
     """The job, or the artifact asked for, existed but has expired."""
 
 
+class NoSuchImage(JobNotFound):
+    """The job exists but has no image of that index."""
+
+    def __init__(self, index: int, count: int):
+        super().__init__(f"no image {index}: the job has {count} image{'s' if count != 1 else ''} "
+                         f"(indices 0-{count - 1})")
+
+
 class NotReady(Exception):
     """The artifact does not exist in the job's current state."""
 
@@ -179,7 +187,7 @@ def read_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> 
             raise JobNotFound(job_id) from None
         raise
     job_spec = job_spec_of(job)
-    wants_animation = job_spec.animation if job_spec is not None else animation_requested(conn, job_id)
+    wants_animation = job_spec.has_animation() if job_spec is not None else animation_requested(conn, job_id)
     if kind == "animation" and not wants_animation:
         raise JobNotFound(job_id)
     status = status_of(job)
@@ -189,6 +197,15 @@ def read_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> 
     if data is None:
         raise JobGone(job_id)
     return data
+
+
+def read_image(conn: redis.Redis, job_id: str, index: int, caller: Caller) -> bytes:
+    """Image ``index`` (0-based) of a finished job alone, as the worker stored it (PNG); raises as
+    :func:`read_artifact`, and ``NoSuchImage`` when the job has fewer images."""
+    job_spec = job_spec_of(fetch(conn, job_id, caller))
+    if job_spec is not None and index >= job_spec.count:
+        raise NoSuchImage(index, job_spec.count)
+    return read_artifact(conn, job_id, spec.image_kind(index), caller)
 
 
 def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:

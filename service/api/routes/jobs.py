@@ -1,18 +1,20 @@
-"""Jobs: POST /generate queues one, /jobs/{id} reads or cancels it, /jobs/{id}/result|animation fetch its images."""
+"""Jobs: POST /generate queues one, /jobs/{id} reads or cancels it, /jobs/{id}/result|animation|images/{i} fetch
+its images."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
-from service import admission, job_ops, keys, registry
+from service import admission, images, job_ops, keys, registry
 from service.api.deps import (
     UNAUTHORIZED,
     UNAVAILABLE,
@@ -68,9 +70,10 @@ def _validation_error(errors: list[tuple[tuple[str | int, ...], str, Any]]) -> R
 
 
 def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec.JobSpec:
-    extra = {}
-    if body.animation:  # frames and fps only matter with a GIF; otherwise the spec's defaults stand
-        extra = {name: getattr(body, name) for name in ("animation_frames", "animation_fps") if getattr(body, name)}
+    # frames and fps only matter with their GIF; otherwise the spec's defaults stand
+    wanted = {"animation_frames": body.animation, "animation_fps": body.animation or body.transition,
+              "transition_frames": body.transition}
+    extra = {name: getattr(body, name) for name, used in wanted.items() if used and getattr(body, name)}
     try:
         return spec.JobSpec(
             attributes=attributes,
@@ -80,6 +83,8 @@ def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec
             sampler=body.sampler,
             guidance_scale=body.guidance_scale,
             animation=body.animation,
+            transition=body.transition,
+            first_index=body.first_index,
             model=body.model,
             **extra,
         )
@@ -166,7 +171,7 @@ async def create_job(
         metrics.jobs_submitted.labels(job_spec.sampler.value).inc()
         metrics.key_jobs_submitted.labels(key_label).inc()
         metrics.key_images_submitted.labels(key_label).inc(job_spec.count)
-    links = _links(request, submission.job_id, job_spec.animation)
+    links = _links(request, submission.job_id, job_spec.has_animation())
     response.headers["Location"] = links.self
     return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
 
@@ -201,7 +206,8 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         parameters=job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=job_ops.error_of(job),
-        links=_links(request, job.id, job_spec.animation if job_spec else job_ops.animation_requested(conn, job.id)),
+        links=_links(request, job.id,
+                     job_spec.has_animation() if job_spec else job_ops.animation_requested(conn, job.id)),
     )
 
 
@@ -256,33 +262,45 @@ def cancel_job(job_id: str, request: Request, response: Response, services: Serv
     return _public(request, conn, job_ops.fetch(conn, job_id, caller))
 
 
-def _artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> Response:
+def _read(read: Callable[[], bytes], kind: str) -> bytes:
+    """``read()``'s artifact bytes, its refusals as API errors (``kind``: grid, animation or image)."""
+    noun = {"grid": "images", "animation": "animation", "image": "image"}[kind]
     try:
-        data = job_ops.read_artifact(conn, job_id, kind, caller)
+        return read()
+    except job_ops.NoSuchImage as exc:
+        raise ApiError(404, str(exc)) from None
     except job_ops.JobNotFound:
-        raise ApiError(404, "job not found" if kind == "grid" else "no animation: job not found or not asked for "
-                                                                   "one") from None
+        raise ApiError(404, "no animation: job not found or not asked for one" if kind == "animation"
+                       else "job not found") from None
     except job_ops.JobGone:
-        raise ApiError(410, f"{'images' if kind == 'grid' else 'animation'} expired") from None
+        raise ApiError(410, f"{noun} expired") from None
     except job_ops.NotReady as exc:
         pending = exc.status not in job_ops.ENDED
         raise ApiError(
             409,
-            "not ready yet" if pending else f"job {exc.status.value}: no {'images' if kind == 'grid' else 'animation'}",
+            "not ready yet" if pending else f"job {exc.status.value}: no {noun}",
             headers={"Retry-After": str(NOT_READY_RETRY_S)} if pending else None,
             status=exc.status.value,
             error=exc.error,
         ) from None
-    extension = "png" if kind == "grid" else "gif"
+
+
+def _file(data: bytes, media_type: str, filename: str) -> Response:
     return Response(
         content=data,
-        media_type=spec.ARTIFACT_MEDIA_TYPES[kind],
+        media_type=media_type,
         headers={
             "Cache-Control": "private, max-age=3600, immutable",
-            "Content-Disposition": f'inline; filename="facegen-{job_id}.{extension}"',
+            "Content-Disposition": f'inline; filename="{filename}"',
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+def _artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) -> Response:
+    data = _read(lambda: job_ops.read_artifact(conn, job_id, kind, caller), kind)
+    extension = "png" if kind == "grid" else "gif"
+    return _file(data, spec.ARTIFACT_MEDIA_TYPES[kind], f"facegen-{job_id}.{extension}")
 
 
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -317,3 +335,33 @@ def read_result(job_id: str, request: Request, services: ServicesDep) -> Respons
 )
 def read_animation(job_id: str, request: Request, services: ServicesDep) -> Response:
     return _artifact(services.redis, job_id, "animation", caller_of(request))
+
+
+@router.get(
+    "/jobs/{job_id}/images/{index}",
+    response_class=Response,
+    summary="One image alone (PNG, WebP or JPEG)",
+    description="Image `index` (0-based, as laid out row-major in the grid) of the finished job at the model's "
+    "resolution. PNG as the worker stored it, with its provenance in the `parameters` text chunk; "
+    "`?format=webp` (lossless) or `?format=jpeg` are converted and carry the same JSON in their EXIF UserComment. "
+    f"404 also when the job has no image `index`. {STATE_NOTE} {ARTIFACT_TTL_NOTE}",
+    responses={
+        200: {"content": {media: {} for media in images.MEDIA_TYPES.values()}, "description": "The image."},
+        404: {"model": ErrorPublic, "description": "No such job (or another API key's), or no image `index`."},
+        **ARTIFACT_RESPONSES,
+    },
+)
+def read_image(
+    job_id: str,
+    index: Annotated[int, Path(ge=0, le=spec.MAX_COUNT - 1, description="Image index within the job, from 0.")],
+    request: Request,
+    services: ServicesDep,
+    image_format: Annotated[images.ImageFormat, Query(alias="format", description="File format.")] = (
+        images.ImageFormat.png
+    ),
+) -> Response:
+    conn, caller = services.redis, caller_of(request)
+    png = _read(lambda: job_ops.read_image(conn, job_id, index, caller), "image")
+    extension = "jpg" if image_format == images.ImageFormat.jpeg else image_format.value
+    return _file(images.convert(png, image_format), images.MEDIA_TYPES[image_format],
+                 f"facegen-{job_id}-{index}.{extension}")
