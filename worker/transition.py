@@ -1,10 +1,9 @@
 """Attribute transitions: a job's images as GIFs whose condition moves from the opposite of each requested
 attribute value to it while the noise stays fixed.
 
-Frame ``f`` of ``F`` conditions on ``w_f = f / (F - 1)`` of the way from the source to the target: an attribute
-asked ``True`` takes the value ``w_f`` (0 = absent, 1 = present), one asked ``False`` takes ``1 - w_f``; the UNet
-blends the two label vectors linearly (``training.models.unet.AttributeEmbedding``) and guidance runs against the
-null label as for any image. Every frame of image ``k`` draws all its noise from stream ``(seed, first_index + k)``
+The conditions of the frames come from :mod:`training.transitions` (frame ``f`` of ``F`` is ``f / (F - 1)`` of the
+way from the opposite label values to the requested ones; the UNet blends the label vectors) and guidance runs
+against the null label as for any image. Every frame of image ``k`` draws all its noise from stream ``(seed, first_index + k)``
 with the same sampler and steps, so the frames differ only by the condition: the same person, changing. The last
 frame's condition is exactly the request's (``w = 1``), so it is the job's image itself, bit for bit.
 
@@ -16,18 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from training.transitions import frame_attributes, frame_weights
+
 from .engine import ImageRequest, RequestOutput
 from .spec import JobSpec
-
-
-def frame_weights(frames: int) -> list[float]:
-    """``frames`` (>= 2) evenly spaced fractions from 0 (source) to 1 (target), both ends exact."""
-    return [f / (frames - 1) for f in range(frames)]
-
-
-def frame_attributes(attributes: dict[str, bool], weight: float) -> dict[str, float]:
-    """The condition ``weight`` of the way from the opposite of ``attributes`` to them."""
-    return {name: weight if wanted else 1.0 - weight for name, wanted in attributes.items()}
 
 
 def frame_key(job_id: str, frame: int) -> str:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from training.transitions import frame_weights
 from worker.engine import Engine, ImageRequest
 from worker.spec import MAX_TRANSITION_CHAINS, JobSpec
-from worker.transition import frame_weights, transition_output, transition_requests
+from worker.transition import transition_output, transition_requests
 
 STEPS = 5
 
