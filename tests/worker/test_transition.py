@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from training.runtime import cpu_has_native_bf16
-from training.transitions import frame_weights
+from training.transitions import frame_weights, sample_transition
 from worker.engine import Engine, ImageRequest
 from worker.spec import MAX_TRANSITION_CHAINS, JobSpec
 from worker.transition import transition_output, transition_requests
@@ -54,6 +54,16 @@ def test_frames_go_from_the_opposite_condition_to_the_image_in_order(engine: Eng
     third = 2 / 3 if wanted else 1 - 2 / 3  # frame 2 of 4 is two thirds of the way to the target
     assert_same_picture(output.frames[2], images(engine, ImageRequest("m", {"Smiling": third}, 11, 2)))
     assert not torch.equal(output.frames[0], output.frames[-1])
+
+
+def test_the_evaluation_samples_the_frames_the_worker_serves(engine: Engine) -> None:
+    spec = JobSpec(attributes={"Smiling": True}, seed=4, count=2, transition=True, transition_frames=3)
+    outputs, _ = engine.run(transition_requests("t", spec), "dpmpp", STEPS, 3.0)
+    served = transition_output(outputs, "t", spec).frames
+    measured = sample_transition(engine.model, spec.attributes, [(4, 0), (4, 1)], 3, "dpmpp", STEPS, 3.0)
+    assert measured.shape == (3, 2, 3, 64, 64)
+    for frame in range(3):
+        assert_same_picture(measured[frame], served[frame])
 
 
 def test_frame_weights_are_even_and_exact_at_both_ends() -> None:
