@@ -78,15 +78,17 @@ def evaluate_transitions(checkpoints: Path, version: str, data: Path, n: int, fr
                          guidance_scale: float | None, seed: int, classifier_steps: int, device: str = "cpu",
                          precision: str = "auto", batch: int = 8) -> dict[str, Any]:
     """Transition scores for ``n`` faces per target value of the model's first attribute (faces ``(seed, i)``,
-    ``batch`` faces at a time), judged by a judge trained on ``data``'s train split."""
+    ``batch`` faces at a time), judged by a judge trained on ``data``'s train split (its accuracy on the test
+    split reported beside)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     guidance = model.sampling.guidance_scale if guidance_scale is None else guidance_scale
-    judge, _, _ = train_classifier(data, model.manifest.data, classifier_steps, seed)
+    judge, test_images, test_labels = train_classifier(data, model.manifest.data, classifier_steps, seed)
     attribute = model.attributes[0]
     results: dict[str, Any] = {"version": model.version, "attribute": attribute, "n_per_label": n, "frames": frames,
                                "sampler": sampler, "steps": steps, "guidance_scale": guidance, "seed": seed,
-                               "precision": str(model.dtype).removeprefix("torch.")}
+                               "precision": str(model.dtype).removeprefix("torch."),
+                               "judge_test_accuracy": rate(judge.predict(test_images)[:, 0] == test_labels[:, 0])}
     started = time.perf_counter()
     for target in (True, False):
         clips = torch.cat([sample_transition(model, {attribute: target},
@@ -107,7 +109,9 @@ def transitions_report(results: dict[str, Any], command: str) -> str:
     lines = [f"Model `{results['version']}`, {results['sampler']} {results['steps']} steps, guidance "
              f"{results['guidance_scale']:g}, {results['frames']} frames, {results['precision']}, seed "
              f"{results['seed']}, n = {results['n_per_label']} faces per target; "
-             f"{results['seconds_per_frame']:.3f} s per frame. Command: `{command}`", "",
+             f"{results['seconds_per_frame']:.3f} s per frame; judge accuracy on the test split "
+             f"{_percent(results['judge_test_accuracy'])} (n={results['judge_test_accuracy']['n']}). "
+             f"Command: `{command}`", "",
              "| transition | success: first read as source and last as target [95% CI] | first as source | "
              "last as target | upper-face PSNR first/last (other faces) | largest step |",
              "|---|---|---|---|---|---|"]
