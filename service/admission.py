@@ -227,9 +227,9 @@ def _admission_keys(queue: Queue, job_id: str, caller: Caller) -> list[str]:
 def _admission_args(queue: Queue, job_id: str, job_spec: spec.JobSpec, settings: Settings,
                     caller: Caller) -> list[Any]:
     quota = quota_for(settings, caller) or settings.default_quota()  # an open API: not read by the script
-    tombstone = json.dumps({"animation": job_spec.animation, "owner": caller.key_id})
+    tombstone = json.dumps({"animation": job_spec.has_animation(), "owner": caller.key_id})
     return [job_id, settings.max_queued, tombstone, settings.tombstone_ttl, spec.key_queue_key(queue.name, ""),
-            caller.tenant, job_spec.count, quota.queued_jobs, quota.queued_images, quota.submissions_per_minute,
+            caller.tenant, job_spec.chains(), quota.queued_jobs, quota.queued_images, quota.submissions_per_minute,
             Job.redis_job_namespace_prefix]
 
 

@@ -5,6 +5,7 @@
     python -m service.client fetch JOB_ID --out grid.png [--gif anim.gif]
     python -m service.client cancel JOB_ID
     python -m service.client models
+    python -m service.client reproduce FILE.png [--out again.png]
 
 Every command takes ``--url`` (default ``$FACEGEN_URL`` or http://127.0.0.1:8000) and ``--api-key``
 (default ``$FACEGEN_API_KEY``). Exit status: 0 done, 1 the API refused or the job failed, 2 usage.
@@ -101,8 +102,9 @@ class FacegenClient:
         return self._request("GET", "/models").json()
 
     def artifact(self, job_id: str, kind: str = "result") -> bytes:
-        """``kind``: ``"result"`` (PNG grid) or ``"animation"`` (GIF). Follows a 307 to the artifact store
-        (``ARTIFACT_REDIRECT``; httpx does not send the API key to another host)."""
+        """``kind``: ``"result"`` (PNG grid), ``"animation"`` (GIF) or ``"images/{i}"`` (image ``i`` alone, PNG).
+        Follows a 307 to the artifact store (``ARTIFACT_REDIRECT``; httpx does not send the API key to another
+        host)."""
         return self._request("GET", f"/jobs/{job_id}/{kind}", follow_redirects=True).content
 
     def wait(
@@ -228,6 +230,54 @@ def cmd_models(client: FacegenClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce_request(record: dict[str, Any]) -> dict[str, Any]:
+    """The POST /generate body that recomputes the image(s) a provenance record describes: one image
+    (``index`` an int) or a grid (``index`` its consecutive indices). Raises ``ClientError`` for a record that
+    does not say enough."""
+    try:
+        index = record["index"]
+        indices = [index] if isinstance(index, int) else list(index)
+        if not indices or indices != list(range(indices[0], indices[0] + len(indices))):
+            raise ClientError(f"provenance index {index!r} is not an image index or a run of consecutive ones")
+        return {"attributes": record["attributes"], "seed": record["seed"], "steps": record["steps"],
+                "sampler": record["sampler"], "guidance_scale": record["guidance_scale"], "model": record["model"],
+                "count": len(indices), "first_index": indices[0]}
+    except (KeyError, TypeError) as exc:
+        raise ClientError(f"the provenance record lacks a usable field: {exc}") from None
+
+
+def cmd_reproduce(client: FacegenClient, args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from service.images import read_parameters
+
+    try:
+        with Image.open(args.file) as original:
+            record = read_parameters(original)
+            pixels = original.convert("RGB")
+    except OSError as exc:
+        raise ClientError(f"cannot read {args.file}: {exc}") from None
+    if record is None:
+        raise ClientError(f"{args.file} carries no facegen parameters (a PNG text chunk or EXIF UserComment)")
+    request = reproduce_request(record)
+    accepted = client.generate(request)
+    job_id = accepted["job_id"]
+    print(f"job {job_id} queued: {json.dumps(request, sort_keys=True)}", file=sys.stderr)
+    client.wait(job_id, timeout_s=args.timeout)
+    data = client.artifact(job_id, "result" if isinstance(record["index"], list) else "images/0")
+    out = args.out or str(Path(args.file).with_name(f"{Path(args.file).stem}-reproduced.png"))
+    _write(out, data)
+    with Image.open(out) as again:
+        identical = again.size == pixels.size and again.convert("RGB").tobytes() == pixels.tobytes()
+        where = read_parameters(again) or {}
+    if not identical:
+        print(f"pixels differ from {args.file} (made with {record.get('dtype')} on {record.get('device')}, "
+              f"now {where.get('dtype')} on {where.get('device')})", file=sys.stderr)
+        return 1
+    print(f"identical pixels: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("FACEGEN_URL", DEFAULT_URL),
@@ -267,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", parents=[common], help="list the models live workers serve")
     models.set_defaults(run=cmd_models)
+
+    again = commands.add_parser("reproduce", parents=[common],
+                                help="resubmit the parameters an image carries and check the pixels are identical")
+    again.add_argument("file", help="a PNG from the service (or a WebP/JPEG it converted)")
+    again.add_argument("--out", help="where to write the new image (default FILE-reproduced.png)")
+    again.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    again.set_defaults(run=cmd_reproduce)
     return parser
 
 

@@ -36,6 +36,14 @@ class JobGone(Exception):
     """The job, or the artifact asked for, existed but has expired."""
 
 
+class NoSuchImage(JobNotFound):
+    """The job exists but has no image of that index."""
+
+    def __init__(self, index: int, count: int):
+        super().__init__(f"no image {index}: the job has {count} image{'s' if count != 1 else ''} "
+                         f"(indices 0-{count - 1})")
+
+
 class NotReady(Exception):
     """The artifact does not exist in the job's current state."""
 
@@ -180,7 +188,7 @@ def check_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) ->
             raise JobNotFound(job_id) from None
         raise
     job_spec = job_spec_of(job)
-    wants_animation = job_spec.animation if job_spec is not None else animation_requested(conn, job_id)
+    wants_animation = job_spec.has_animation() if job_spec is not None else animation_requested(conn, job_id)
     if kind == "animation" and not wants_animation:
         raise JobNotFound(job_id)
     status = status_of(job)
@@ -195,6 +203,13 @@ def read_artifact(store: ArtifactStore, job_id: str, kind: str) -> bytes:
     if data is None:
         raise JobGone(job_id)
     return data
+
+
+def check_image_index(conn: redis.Redis, job_id: str, index: int, caller: Caller) -> None:
+    """Raises ``NoSuchImage`` when the job has no image ``index`` (0-based), and as :func:`fetch`."""
+    job_spec = job_spec_of(fetch(conn, job_id, caller))
+    if job_spec is not None and index >= job_spec.count:
+        raise NoSuchImage(index, job_spec.count)
 
 
 def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:

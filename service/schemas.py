@@ -17,6 +17,7 @@ GENERATE_EXAMPLES = [
     {"label": "smiling", "count": 4, "seed": 1234},
     {"label": "not_smiling", "count": 16, "sampler": "ddim", "steps": 50, "guidance_scale": 3.5},
     {"attributes": {"Smiling": True, "Eyeglasses": False}, "count": 8, "animation": True},
+    {"label": "smiling", "count": 4, "seed": 7, "transition": True, "transition_frames": 8},
 ]
 
 
@@ -98,9 +99,35 @@ class JobCreate(BaseModel):
         Field(
             ge=1,
             le=spec.MAX_ANIMATION_FPS,
-            description=f"GIF frame rate (used when animation is true); default {spec.DEFAULT_ANIMATION_FPS}.",
+            description=f"GIF frame rate (used when animation or transition is true); default "
+            f"{spec.DEFAULT_ANIMATION_FPS}.",
         ),
     ] = None
+    transition: Annotated[
+        bool,
+        Field(description="Render each image as an attribute transition GIF (links.animation): the noise stays fixed "
+                          "and the condition moves from the opposite of each requested attribute value to it "
+                          "(not smiling -> smiling for label smiling); the last frame is the image itself. "
+                          "Exclusive with animation."),
+    ] = False
+    transition_frames: Annotated[
+        int | None,
+        Field(
+            ge=2,
+            le=spec.MAX_TRANSITION_FRAMES,
+            description=f"Transition frames per image (each a full denoising chain; count x transition_frames at "
+            f"most {spec.MAX_TRANSITION_CHAINS}); default {spec.DEFAULT_TRANSITION_FRAMES}.",
+        ),
+    ] = None
+    first_index: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=spec.MAX_FIRST_INDEX,
+            description="Index of the first image in the seed's sequence: the job's images are images first_index "
+            "… first_index+count-1 of the seed, as in a grid of first_index+count (reproduces one image of a grid).",
+        ),
+    ] = 0
     model: Annotated[
         str,
         Field(
@@ -121,14 +148,17 @@ class JobCreate(BaseModel):
         if (self.label is None) == (self.attributes is None):
             which = "both were given" if self.label is not None else "neither was given"
             return [("label", f"give exactly one of 'label' and 'attributes' ({which})")]
-        return []
+        frames = self.transition_frames or spec.DEFAULT_TRANSITION_FRAMES
+        problem = spec.transition_problem(self.animation, self.transition, self.count, frames)
+        return [problem] if problem is not None else []
 
 
 class JobLinks(BaseModel):
     self: Annotated[str, Field(description="This job (GET for status, DELETE to cancel).")]
     result: Annotated[str, Field(description="The PNG grid, once the job has finished.")]
     animation: Annotated[
-        str | None, Field(description="The GIF, once finished; present only when the request asked for it.")
+        str | None, Field(description="The GIF, once finished; present only when the request asked for it "
+                                      "(animation or transition).")
     ] = None
 
     @model_serializer(mode="wrap")

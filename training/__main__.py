@@ -1,4 +1,4 @@
-"""``python -m training {synth,vae,diffusion,retune,evaluate,visualize} ...``"""
+"""``python -m training {synth,vae,diffusion,retune,evaluate,transitions,visualize} ...``"""
 
 from __future__ import annotations
 
@@ -128,6 +128,21 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
                           help="choosing serving defaults: tuning seeds, stored as metrics.tuning, not as the report")
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
+    transitions = commands.add_parser("transitions", help="attribute transitions: first frame read as the source "
+                                      "value and last as the target, identity kept (training/transitions.py)")
+    transitions.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    transitions.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
+    transitions.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train split: the judge)")
+    transitions.add_argument("--n", type=int, default=200, help="faces per target value")
+    transitions.add_argument("--frames", type=int, default=8, help="frames per transition (the API's default)")
+    transitions.add_argument("--sampler", default="dpmpp", choices=sorted(SAMPLERS))
+    transitions.add_argument("--steps", type=int, default=20)
+    transitions.add_argument("--guidance", type=float, default=None, help="default: the model's own")
+    transitions.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the judge")
+    transitions.add_argument("--precision", default="auto", choices=PRECISIONS)
+    transitions.add_argument("--seed", type=int, default=REPORT_SEED)
+    transitions.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
+
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
     visualize.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     visualize.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
@@ -204,6 +219,19 @@ def run_visualize(args: argparse.Namespace) -> None:
         print(path)
 
 
+def run_transitions(args: argparse.Namespace) -> None:
+    from .transitions import evaluate_transitions, transitions_report
+
+    results = evaluate_transitions(args.checkpoints, args.diffusion, args.data, args.n, args.frames, args.sampler,
+                                   args.steps, args.guidance, args.seed, args.classifier_steps,
+                                   precision=args.precision)
+    report = transitions_report(results, "python -m training " + " ".join(args.argv))
+    print(report)
+    if args.report:
+        with args.report.open("a") as handle:
+            handle.write(report + "\n")
+
+
 def run_retune(args: argparse.Namespace) -> None:
     from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, same_encoder
 
@@ -221,7 +249,7 @@ def run_retune(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,
-            "visualize": run_visualize, "retune": run_retune}
+            "visualize": run_visualize, "retune": run_retune, "transitions": run_transitions}
 
 
 def main(argv: list[str] | None = None) -> int:

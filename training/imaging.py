@@ -10,6 +10,7 @@ import math
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 GRID_PADDING = 2  # pixels between and around tiles
 GRID_BACKGROUND = (255, 255, 255)
@@ -41,9 +42,13 @@ def grid_image(images: torch.Tensor, cols: int | None = None) -> Image.Image:
     return canvas
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG file bytes; ``text``: ``tEXt`` chunks (keyword -> Latin-1 value), e.g. the worker's provenance."""
+    info = PngInfo()
+    for keyword, value in (text or {}).items():
+        info.add_text(keyword, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 

@@ -7,6 +7,7 @@ This is the one sampling path: the worker's engine and the evaluation tool both 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,15 +68,16 @@ class LatentDiffusion:
     def image_size(self) -> int:
         return self.manifest.image_size
 
-    def labels_for(self, attributes: dict[str, bool]) -> torch.Tensor:
-        """``int64 [A]``: 1/0 for each given attribute, the null label for the model's others.
+    def labels_for(self, attributes: Mapping[str, float]) -> torch.Tensor:
+        """``float32 [A]``: each given attribute's value (1/0 for True/False; a value in between blends the two,
+        see :class:`~training.models.unet.AttributeEmbedding`), the null label for the model's others.
 
         Raises ``ValueError`` naming the valid attributes when one is unknown."""
         unknown = sorted(set(attributes) - set(self.attributes))
         if unknown:
             raise ValueError(f"unknown attribute(s) {unknown}; this model knows {self.attributes}")
         null = self.unet.config.null_label
-        return torch.tensor([int(attributes[name]) if name in attributes else null for name in self.attributes])
+        return torch.tensor([float(attributes.get(name, null)) for name in self.attributes])
 
     def in_dtype(self, part: str, dtype: torch.dtype) -> torch.nn.Module:
         """The ``"unet"`` or the ``"decoder"`` with weights in ``dtype``: the loaded module in the model's dtype,

@@ -59,10 +59,11 @@ class ImageRequest:
     """One job's share of a batch."""
 
     key: str  # the job id
-    attributes: dict[str, bool]
+    attributes: dict[str, float]  # True/False, or a value in between (a transition frame)
     seed: int
     count: int
     frames: int = 0  # trajectory frames wanted (0 = no animation)
+    first_index: int = 0  # image k draws from noise stream (seed, first_index + k)
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Engine:
             start = time.perf_counter()
             x = torch.zeros(rows, *self.model.latent_shape, device=self.device, dtype=self.dtype)
             t = torch.full((rows,), self.model.schedule.timesteps - 1, device=self.device)
-            labels = torch.full((rows, config.num_attributes), config.null_label, device=self.device)
+            labels = torch.full((rows, config.num_attributes), float(config.null_label), device=self.device)
             for _ in range(2):
                 self.denoiser(x, t, labels)
             if self.device.type == "cuda":
@@ -235,7 +236,8 @@ class Engine:
         # One row per image: (index of its request, index of the image within the request).
         rows = [(r, i) for r, request in enumerate(requests) for i in range(request.count)]
         request_labels = torch.stack([self.model.labels_for(request.attributes) for request in requests])
-        chain = Chain(request_labels[[r for r, _ in rows]], [(requests[r].seed, i) for r, i in rows],
+        chain = Chain(request_labels[[r for r, _ in rows]],
+                      [(requests[r].seed, requests[r].first_index + i) for r, i in rows],
                       torch.tensor([requests[r].frames > 0 for r, _ in rows]), sampler, steps, guidance_scale,
                       sorted({i for request in requests for i in trajectory_indices(steps, request.frames)}))
         chunks = [list(range(start, min(start + self.max_batch, len(rows))))
@@ -320,7 +322,7 @@ class Engine:
 class Chain:
     """The rows of one sampling chain and its settings."""
 
-    labels: torch.Tensor  # int64 [n, A]
+    labels: torch.Tensor  # float32 [n, A] (see LatentDiffusion.labels_for)
     noise_streams: list[tuple[int, int]]  # (seed, index) of each row
     wants_frames: torch.Tensor  # bool [n]: the row's request wants trajectory frames
     sampler: str

@@ -27,16 +27,15 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import utcformat
 
-from training.imaging import gif_bytes, grid_image, png_bytes
-
-from .artifacts import Artifact, ArtifactStore, ArtifactStoreUnavailable, put_retrying
+from .artifacts import ArtifactStore, ArtifactStoreUnavailable, put_retrying
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
+from .encoding import encode_artifacts
 from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
 from .fair_queue import FairQueue, waiting_jobs
 from .metrics import Liveness, WorkerMetrics
+from .provenance import ModelIdentity
 from .settings import WorkerSettings
 from .spec import (
-    ARTIFACT_MEDIA_TYPES,
     LATEST,
     META_ARTIFACTS,
     META_BATCH,
@@ -48,6 +47,7 @@ from .spec import (
     JobSpec,
     cancel_key,
 )
+from .transition import transition_output, transition_requests
 
 log = logging.getLogger(__name__)
 LOOKAHEAD = 256  # queued jobs inspected for batch companions
@@ -207,7 +207,7 @@ class FacegenWorker(SimpleWorker):
             key = batch_key(spec, engine)
         except PermanentJobError:
             return []
-        budget = engine.max_batch - spec.count
+        budget = engine.max_batch - spec.chains()
         waiting = waiting_jobs(self.connection, queue, LOOKAHEAD)
         jobs = Job.fetch_many([job_id for _, job_id in waiting], connection=self.connection)
         candidates: list[str] = []
@@ -219,12 +219,12 @@ class FacegenWorker(SimpleWorker):
                 continue
             try:
                 other = parse_spec(job)
-                if batch_key(other, engine) != key or other.count > budget:
+                if batch_key(other, engine) != key or other.chains() > budget:
                     continue
             except PermanentJobError:
                 continue
             candidates += [source, job.id]
-            budget -= other.count
+            budget -= other.chains()
         if not candidates:
             return []
         claimed = [c.decode() if isinstance(c, bytes) else c
@@ -342,7 +342,7 @@ def drop_canceled(batch: Batch, connection: redis.Redis) -> None:
 
 def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
     """Record each running job's queue wait and write its resolved parameters, batch size and progress 0."""
-    images = sum(batch.shares[job.id].spec.count for job in batch.running)
+    images = sum(batch.shares[job.id].spec.chains() for job in batch.running)
     started_at = datetime.now(UTC)
     run = {"id": batch.running[0].id, "started_at": started_at.isoformat()}
     for job in batch.running:
@@ -438,16 +438,19 @@ class ProgressReporter:
                 job.save_meta()
 
 
-def image_request(job_id: str, spec: JobSpec) -> ImageRequest:
-    return ImageRequest(job_id, spec.attributes, spec.seed, spec.count,
-                        spec.animation_frames if spec.animation else 0)
+def image_requests(job_id: str, spec: JobSpec) -> list[ImageRequest]:
+    """The engine requests of one job: its images, or each frame of its transition (worker/transition.py)."""
+    if spec.transition:
+        return transition_requests(job_id, spec)
+    return [ImageRequest(job_id, spec.attributes, spec.seed, spec.count,
+                         spec.animation_frames if spec.animation else 0, spec.first_index)]
 
 
 def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
             heartbeat: Callable[[], None] | None) -> None:
     """One engine run for the running jobs; each gets its output, or the run's error (a canceled run: neither)."""
     engine, key = runtime.engine, batch.key
-    requests = [image_request(job.id, batch.shares[job.id].spec) for job in batch.running]
+    requests = [request for job in batch.running for request in image_requests(job.id, batch.shares[job.id].spec)]
     started = time.perf_counter()
     try:
         with ProgressReporter(batch, runtime, connection, heartbeat) as progress:
@@ -468,7 +471,7 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
     record_batch(runtime.metrics, engine, stats, len(batch.running), time.perf_counter() - started)
     for job in batch.running:
         share = batch.shares[job.id]
-        share.output = outputs[job.id]
+        share.output = transition_output(outputs, job.id, share.spec) if share.spec.transition else outputs[job.id]
         share.sampling_s, share.decoding_s = stats.sampling_s, stats.decoding_s
 
 
@@ -501,14 +504,11 @@ def fail(job: Job, runtime: WorkerRuntime, exc: Exception) -> None:
 
 
 def store_artifacts(job: Job, share: Prepared, runtime: WorkerRuntime, ttl: int) -> dict[str, str]:
-    """Encode the job's PNG grid (and GIF) and store them (retrying an unreachable store); returns
-    ``{name: where it is stored}``."""
-    spec = share.spec
-    files = {"grid": Artifact(png_bytes(grid_image(share.output.images)), ARTIFACT_MEDIA_TYPES["grid"])}
-    if spec.animation:
-        files["animation"] = Artifact(gif_bytes(share.output.frames, spec.animation_fps),
-                                      ARTIFACT_MEDIA_TYPES["animation"])
-    return put_retrying(runtime.artifacts, job.id, files, ttl, runtime.settings)
+    """Encode the job's PNG grid, its single PNGs (and GIF) and store them (retrying an unreachable store);
+    returns ``{kind: where it is stored}`` for the grid and GIF (the single images lie beside them)."""
+    files = encode_artifacts(job.id, share.spec, share.output, share.resolved, ModelIdentity.of(runtime.engine))
+    stored = put_retrying(runtime.artifacts, job.id, files, ttl, runtime.settings)
+    return {kind: stored[kind] for kind in ("grid", "animation") if kind in stored}
 
 
 def record_finished(metrics: WorkerMetrics, share: Prepared, encoding_s: float) -> None:

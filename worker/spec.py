@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ----- limits (one definition each) --------------------------------------------------------------------------
 MAX_COUNT = 64
@@ -23,6 +23,12 @@ MAX_ANIMATION_FRAMES = 64
 DEFAULT_ANIMATION_FRAMES = 16
 MAX_ANIMATION_FPS = 30
 DEFAULT_ANIMATION_FPS = 8
+# Attribute transitions: frames per image (each a full denoising chain), and the chains a job may ask for in all
+# (count x transition_frames), the same bound as a plain job's images.
+MAX_TRANSITION_FRAMES = 16
+DEFAULT_TRANSITION_FRAMES = 8
+MAX_TRANSITION_CHAINS = MAX_COUNT
+MAX_FIRST_INDEX = 2**31 - 1
 # The version name training.checkpoints resolves to the newest; repeated here because this module stays torch-free
 # (tests/worker/test_contract.py checks the two agree).
 LATEST = "latest"
@@ -93,6 +99,17 @@ class JobSpec(BaseModel):
     animation_frames: Annotated[int, Field(ge=2, le=MAX_ANIMATION_FRAMES)] = DEFAULT_ANIMATION_FRAMES
     animation_fps: Annotated[int, Field(ge=1, le=MAX_ANIMATION_FPS)] = DEFAULT_ANIMATION_FPS
     model: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = LATEST
+    # image k of the job is image first_index + k of the seed (noise stream (seed, first_index + k))
+    first_index: Annotated[int, Field(ge=0, le=MAX_FIRST_INDEX)] = 0
+    transition: bool = False
+    transition_frames: Annotated[int, Field(ge=2, le=MAX_TRANSITION_FRAMES)] = DEFAULT_TRANSITION_FRAMES
+
+    @model_validator(mode="after")
+    def _transition_is_consistent(self) -> JobSpec:
+        problem = transition_problem(self.animation, self.transition, self.count, self.transition_frames)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+        return self
 
     @field_validator("attributes")
     @classmethod
@@ -107,6 +124,28 @@ class JobSpec(BaseModel):
 
     def label(self) -> str:
         return describe_attributes(self.attributes)
+
+    def chains(self) -> int:
+        """Denoising chains the job costs: one per image, times the frames of a transition."""
+        return self.count * (self.transition_frames if self.transition else 1)
+
+    def has_animation(self) -> bool:
+        """The job stores a GIF: the denoising trajectory (``animation``) or the attribute transition."""
+        return self.animation or self.transition
+
+
+def transition_problem(animation: bool, transition: bool, count: int, frames: int) -> tuple[str, str] | None:
+    """``(field, message)`` when a transition request is inconsistent, else ``None``: a job's GIF is either the
+    denoising trajectory or the attribute transition, and a transition costs ``count * frames`` chains."""
+    if not transition:
+        return None
+    if animation:
+        return ("transition", "transition and animation are exclusive: a job's GIF is either the attribute "
+                              "transition or the denoising trajectory")
+    if count * frames > MAX_TRANSITION_CHAINS:
+        return ("transition_frames", f"count x transition_frames must be at most {MAX_TRANSITION_CHAINS} "
+                                     f"(got {count} x {frames})")
+    return None
 
 
 class BatchKey(BaseModel):
@@ -123,8 +162,13 @@ class BatchKey(BaseModel):
 # ----- Redis keys ---------------------------------------------------------------------------------------------
 def artifact_key(job_id: str, kind: str) -> str:
     """Redis key of a job's artifact in the Redis artifact store (worker/artifacts.py); ``kind`` names it:
-    ``"grid"`` (PNG), ``"animation"`` (GIF), …"""
+    ``"grid"`` (PNG), ``"animation"`` (GIF) or an :func:`image_kind` (one image's PNG)."""
     return f"{KEY_PREFIX}:artifact:{job_id}:{kind}"
+
+
+def image_kind(index: int) -> str:
+    """The artifact kind of image ``index`` (0-based, within the job) alone, as a PNG."""
+    return f"image-{index}"
 
 
 def cancel_key(job_id: str) -> str:
@@ -193,6 +237,8 @@ META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job s
 META_BATCH_RUN = "batch_run"
 DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
 ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}
+# PNG text chunk (tEXt) of every PNG the worker stores: JSON with the parameters that reproduce it (worker/provenance.py)
+PROVENANCE_KEY = "parameters"
 
 
 def publish_model_entry(connection: Any, info: ModelInfo, ttl_s: int) -> None:

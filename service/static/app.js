@@ -1,4 +1,4 @@
-// facegen playground: submit a request, poll its progress, show the PNG grid and the GIF.
+// facegen playground: submit a request, poll its progress, show the PNG grid, the GIF and per-image downloads.
 // The query string mirrors the form (?label=smiling&count=4&seed=1&run=1), so a URL reproduces a request.
 "use strict";
 
@@ -102,6 +102,7 @@ function readQuery() {
   if (get("steps")) $("steps").value = get("steps");
   if (get("guidance")) $("guidance").value = get("guidance");
   $("animation").checked = ["1", "true", "yes"].includes((get("animation") || "").toLowerCase());
+  $("transition").checked = ["1", "true", "yes"].includes((get("transition") || "").toLowerCase());
   return { label: get("label"), model: get("model"), run: ["1", "true", "yes"].includes((get("run") || "").toLowerCase()) };
 }
 
@@ -115,6 +116,7 @@ function formQuery(seed) {
   if ($("steps").value) q.set("steps", $("steps").value);
   if ($("guidance").value) q.set("guidance", $("guidance").value);
   if ($("animation").checked) q.set("animation", "1");
+  if ($("transition").checked) q.set("transition", "1");
   return q;
 }
 
@@ -136,6 +138,7 @@ function requestBody() {
     sampler: $("sampler").value,
     model: $("model").value || "latest",
     animation: $("animation").checked,
+    transition: $("transition").checked,
   };
   if ($("steps").value) body.steps = parseInt($("steps").value, 10);
   if ($("guidance").value) body.guidance_scale = parseFloat($("guidance").value);
@@ -158,6 +161,8 @@ function clearResults() {
   while (objectUrls.length) URL.revokeObjectURL(objectUrls.pop());
   $("grid-figure").hidden = true;
   $("anim-figure").hidden = true;
+  $("singles-figure").hidden = true;
+  $("singles").textContent = "";
   $("result-image").removeAttribute("src");
   $("animation-image").removeAttribute("src");
 }
@@ -185,7 +190,8 @@ async function submit(event) {
     const accepted = await response.json();
     // A typed seed is kept as text; the API's own random seeds stay below 2^53, so accepted.seed is exact.
     const seed = $("seed").value.trim() || String(accepted.seed);
-    current = { id: accepted.job_id, links: accepted.links, animation: Boolean(accepted.links.animation) };
+    current = { id: accepted.job_id, links: accepted.links, animation: Boolean(accepted.links.animation),
+                count: parseInt($("count").value, 10) };
     showShare(seed);
     $("cancel").disabled = false;
     setState("running");
@@ -264,6 +270,7 @@ async function showImages(job) {
       await loadImage(job.links.animation, $("animation-image"), $("anim-download"), "facegen-" + job.id + ".gif");
       $("anim-figure").hidden = false;
     }
+    showSingles(job);
   } catch (e) {
     fail(e.message);
     return;
@@ -272,6 +279,37 @@ async function showImages(job) {
   $("submit").disabled = false;
   $("cancel").disabled = true;
   setState("done");
+}
+
+// One download link per image: GET {self}/images/{i} (fetched with the API key on click, saved from a blob).
+function showSingles(job) {
+  const list = $("singles");
+  list.textContent = "";
+  for (let i = 0; i < job.count; i++) {
+    const link = document.createElement("a");
+    link.href = api(job.links.self + "/images/" + i);
+    link.textContent = String(i);
+    link.dataset.index = String(i);
+    link.addEventListener("click", (event) => { event.preventDefault(); downloadSingle(job, i); });
+    list.appendChild(link);
+    list.appendChild(document.createTextNode(" "));
+  }
+  $("singles-figure").hidden = false;
+}
+
+async function downloadSingle(job, index) {
+  try {
+    const response = await fetch(api(job.links.self + "/images/" + index), { headers: headers() });
+    if (!response.ok) throw new Error(await errorText(response));
+    const blobUrl = URL.createObjectURL(await response.blob());
+    objectUrls.push(blobUrl);
+    const save = document.createElement("a");
+    save.href = blobUrl;
+    save.download = "facegen-" + job.id + "-" + index + ".png";
+    save.click();
+  } catch (e) {
+    showError(e.message);
+  }
 }
 
 async function cancel() {
@@ -300,6 +338,9 @@ async function init() {
   $("cancel").addEventListener("click", cancel);
   $("copy").addEventListener("click", copyShare);
   $("sampler").addEventListener("change", showDefaults);
+  // a job's GIF is either the denoising trajectory or the attribute transition
+  $("animation").addEventListener("change", () => { if ($("animation").checked) $("transition").checked = false; });
+  $("transition").addEventListener("change", () => { if ($("transition").checked) $("animation").checked = false; });
   const wanted = readQuery();
   await loadModels(wanted.label, wanted.model);
   setState("ready");

@@ -6,7 +6,8 @@ whose job class resolves ``spec.JOB_FUNCTION`` to ``FakeBehaviour.run`` instead 
 
 - records the resolved parameters in ``job.meta[META_RESOLVED]`` and progress in ``job.meta[META_PROGRESS]``;
 - checks ``spec.cancel_key(job_id)`` between steps and ends the job as ``canceled`` when it is set;
-- writes a real PNG grid (and a GIF when asked) under ``spec.artifact_key`` with the job's result TTL;
+- writes a real PNG grid, each tile alone as a PNG (``spec.image_kind``), and a GIF when asked (trajectory or
+  transition) under ``spec.artifact_key`` with the job's result TTL;
 - on failure leaves a one-line reason in ``job.meta[META_ERROR]``.
 
 It also publishes a ``spec.ModelInfo`` registry entry, as a live worker does.
@@ -75,12 +76,20 @@ def render_png(job_spec: spec.JobSpec, side: int = 8) -> bytes:
     return buffer.getvalue()
 
 
+def render_single(png: bytes, index: int, count: int, side: int = 8) -> bytes:
+    """Tile ``index`` of a :func:`render_png` grid alone."""
+    cols = min(count, 8)
+    left, top = (index % cols) * side, (index // cols) * side
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).crop((left, top, left + side, top + side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def render_gif(job_spec: spec.JobSpec, png: bytes) -> bytes:
     final = Image.open(io.BytesIO(png)).convert("RGB")
-    frames = [
-        Image.blend(Image.effect_noise(final.size, 64).convert("RGB"), final, t / (job_spec.animation_frames - 1))
-        for t in range(job_spec.animation_frames)
-    ]
+    count = job_spec.transition_frames if job_spec.transition else job_spec.animation_frames
+    frames = [Image.blend(Image.effect_noise(final.size, 64).convert("RGB"), final, t / (count - 1))
+              for t in range(count)]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:],
                    duration=int(1000 / job_spec.animation_fps), loop=0)
@@ -130,7 +139,9 @@ class FakeBehaviour:
         png = render_png(job_spec)
         artifacts = {"grid": spec.artifact_key(job.id, "grid")}
         conn.set(artifacts["grid"], png, ex=ttl)
-        if job_spec.animation:
+        for index in range(job_spec.count):
+            conn.set(spec.artifact_key(job.id, spec.image_kind(index)), render_single(png, index, job_spec.count), ex=ttl)
+        if job_spec.has_animation():
             artifacts["animation"] = spec.artifact_key(job.id, "animation")
             conn.set(artifacts["animation"], render_gif(job_spec, png), ex=ttl)
         job.meta[spec.META_ARTIFACTS] = artifacts

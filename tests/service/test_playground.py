@@ -85,6 +85,7 @@ STATE_JS = """(() => {
   if (!document.body || !document.getElementById('result-image')) return null;  // still loading
   const img = document.getElementById('result-image');
   const gif = document.getElementById('animation-image');
+  const singles = Array.from(document.querySelectorAll('#singles a')).map(a => a.dataset.index);
   return {
     state: document.body.dataset.state,
     status: document.getElementById('status').textContent,
@@ -95,6 +96,8 @@ STATE_JS = """(() => {
     label: document.getElementById('label').value,
     seed: document.getElementById('seed').value,
     count: document.getElementById('count').value,
+    singles: singles,
+    transition: document.getElementById('transition').checked,
   };
 })()"""
 
@@ -154,3 +157,18 @@ def test_playground_sends_the_api_key(redis_url, background_worker, browser):
         assert page["width"] == 8
     finally:
         server.stop()
+
+
+def test_playground_transition_and_single_image_links(live_server, background_worker, browser):
+    browser.send("Page.enable")
+    browser.send("Page.navigate", url=f"{live_server.url}/?label=smiling&count=3&seed=5&transition=1&run=1")
+    page = wait_until(lambda: (p := browser.evaluate(STATE_JS)) and p["state"] in ("done", "error") and p,
+                      timeout=90, interval=0.2, what="the transition to show")
+    assert page["state"] == "done", page
+    assert page["transition"] and page["gifWidth"] == 3 * 8
+    assert parse_qs(urlsplit(page["share"]).query)["transition"] == ["1"]
+    assert page["singles"] == ["0", "1", "2"]
+    links = browser.evaluate("Array.from(document.querySelectorAll('#singles a')).map(a => a.href)")
+    for link in links:
+        single = httpx.get(link)
+        assert single.status_code == 200 and Image.open(io.BytesIO(single.content)).size == (8, 8)

@@ -3,7 +3,7 @@
 ``UNet(x_t [N, C, H, W], t [N] (training-scale timesteps 0..T-1, float or int), labels [N, A])`` returns a
 tensor shaped like ``x_t``; what it means (noise or velocity) is the diffusion code's business. ``labels`` holds,
 per attribute, 0 (absent), 1 (present) or ``config.null_label`` (not given: the unconditional branch of
-classifier-free guidance).
+classifier-free guidance); as floats, values between 0 and 1 blend the two (:class:`AttributeEmbedding`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class AttributeEmbedding(nn.Module):
-    """Sum over attributes of a learned vector per value (0, 1 or null): ``labels [N, A] -> [N, dim]``."""
+    """Sum over attributes of a learned vector per value (0, 1 or null): ``labels [N, A] -> [N, dim]``.
+
+    Floating-point labels may lie between two values: ``v = k + w`` (``0 <= w < 1``) embeds as
+    ``(1 - w) e_k + w e_(k+1)``, e.g. 0.25 is a quarter of the way from "absent" to "present" (attribute
+    transitions); integral values give exactly the vectors of integer labels."""
 
     def __init__(self, num_attributes: int, null_label: int, dim: int):
         super().__init__()
@@ -36,7 +40,13 @@ class AttributeEmbedding(nn.Module):
         self.register_buffer("offsets", torch.arange(num_attributes) * self.values, persistent=False)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.table(labels.long() + self.offsets).sum(dim=1)
+        if not labels.is_floating_point():
+            return self.table(labels.long() + self.offsets).sum(dim=1)
+        low = labels.floor()
+        below = self.table(low.long() + self.offsets)  # [N, A, dim]
+        above = self.table(labels.ceil().long() + self.offsets)
+        weight = (labels - low).unsqueeze(-1).to(below.dtype)  # 0 for integral labels: ``below`` exactly
+        return (below + weight * (above - below)).sum(dim=1)
 
 
 class UNet(nn.Module):

@@ -1,19 +1,22 @@
-"""Jobs: POST /generate queues one, /jobs/{id} reads or cancels it, /jobs/{id}/result|animation fetch its images."""
+"""Jobs: POST /generate queues one, /jobs/{id} reads or cancels it, /jobs/{id}/result|animation|images/{i} fetch
+its images."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
-from service import admission, job_ops, keys, registry
+from service import admission, images, job_ops, keys, registry
 from service.api.deps import (
     UNAUTHORIZED,
     UNAVAILABLE,
@@ -70,9 +73,10 @@ def _validation_error(errors: list[tuple[tuple[str | int, ...], str, Any]]) -> R
 
 
 def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec.JobSpec:
-    extra = {}
-    if body.animation:  # frames and fps only matter with a GIF; otherwise the spec's defaults stand
-        extra = {name: getattr(body, name) for name in ("animation_frames", "animation_fps") if getattr(body, name)}
+    # frames and fps only matter with their GIF; otherwise the spec's defaults stand
+    wanted = {"animation_frames": body.animation, "animation_fps": body.animation or body.transition,
+              "transition_frames": body.transition}
+    extra = {name: getattr(body, name) for name, used in wanted.items() if used and getattr(body, name)}
     try:
         return spec.JobSpec(
             attributes=attributes,
@@ -82,6 +86,8 @@ def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec
             sampler=body.sampler,
             guidance_scale=body.guidance_scale,
             animation=body.animation,
+            transition=body.transition,
+            first_index=body.first_index,
             model=body.model,
             **extra,
         )
@@ -168,7 +174,7 @@ async def create_job(
         metrics.jobs_submitted.labels(job_spec.sampler.value).inc()
         metrics.key_jobs_submitted.labels(key_label).inc()
         metrics.key_images_submitted.labels(key_label).inc(job_spec.count)
-    links = _links(request, submission.job_id, job_spec.animation)
+    links = _links(request, submission.job_id, job_spec.has_animation())
     response.headers["Location"] = links.self
     return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
 
@@ -203,7 +209,8 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         parameters=job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=job_ops.error_of(job),
-        links=_links(request, job.id, job_spec.animation if job_spec else job_ops.animation_requested(conn, job.id)),
+        links=_links(request, job.id,
+                     job_spec.has_animation() if job_spec else job_ops.animation_requested(conn, job.id)),
     )
 
 
@@ -258,40 +265,60 @@ def cancel_job(job_id: str, request: Request, response: Response, services: Serv
     return _public(request, conn, job_ops.fetch(conn, job_id, caller))
 
 
-def _artifact(services: Services, job_id: str, kind: str, caller: Caller) -> Response:
-    """The artifact's bytes from the store, or with ``ARTIFACT_REDIRECT`` a 307 to a URL the store signed (the
-    job's index in Redis decides 404/409/410 first; an unreachable store raises into a 503)."""
-    settings = services.settings
+@contextmanager
+def _artifact_refusals(kind: str) -> Iterator[None]:
+    """Turns job_ops' refusals into API errors; ``kind``: ``grid``, ``animation`` or an image kind."""
+    noun = {"grid": "images", "animation": "animation"}.get(kind, "image")
     try:
-        job_ops.check_artifact(services.redis, job_id, kind, caller)
-        url = services.artifacts.url(job_id, kind, settings.artifact_url_ttl_s) if settings.artifact_redirect else None
-        if url is not None:
-            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
-        data = job_ops.read_artifact(services.artifacts, job_id, kind)
+        yield
+    except job_ops.NoSuchImage as exc:
+        raise ApiError(404, str(exc)) from None
     except job_ops.JobNotFound:
-        raise ApiError(404, "job not found" if kind == "grid" else "no animation: job not found or not asked for "
-                                                                   "one") from None
+        raise ApiError(404, "no animation: job not found or not asked for one" if kind == "animation"
+                       else "job not found") from None
     except job_ops.JobGone:
-        raise ApiError(410, f"{'images' if kind == 'grid' else 'animation'} expired") from None
+        raise ApiError(410, f"{noun} expired") from None
     except job_ops.NotReady as exc:
         pending = exc.status not in job_ops.ENDED
         raise ApiError(
             409,
-            "not ready yet" if pending else f"job {exc.status.value}: no {'images' if kind == 'grid' else 'animation'}",
+            "not ready yet" if pending else f"job {exc.status.value}: no {noun}",
             headers={"Retry-After": str(NOT_READY_RETRY_S)} if pending else None,
             status=exc.status.value,
             error=exc.error,
         ) from None
-    extension = "png" if kind == "grid" else "gif"
+
+
+def _stored(services: Services, job_id: str, kind: str, caller: Caller, redirect: bool) -> bytes | Response:
+    """The artifact's bytes from the store, or with ``redirect`` (``ARTIFACT_REDIRECT``, on a store that signs
+    URLs) a 307 to its signed URL; the job's index in Redis decides 404/409/410 first, an unreachable store raises
+    into a 503."""
+    with _artifact_refusals(kind):
+        job_ops.check_artifact(services.redis, job_id, kind, caller)
+        url = services.artifacts.url(job_id, kind, services.settings.artifact_url_ttl_s) if redirect else None
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+        return job_ops.read_artifact(services.artifacts, job_id, kind)
+
+
+def _file(data: bytes, media_type: str, filename: str) -> Response:
     return Response(
         content=data,
-        media_type=spec.ARTIFACT_MEDIA_TYPES[kind],
+        media_type=media_type,
         headers={
             "Cache-Control": "private, max-age=3600, immutable",
-            "Content-Disposition": f'inline; filename="facegen-{job_id}.{extension}"',
+            "Content-Disposition": f'inline; filename="{filename}"',
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+def _artifact(services: Services, job_id: str, kind: str, caller: Caller) -> Response:
+    stored = _stored(services, job_id, kind, caller, services.settings.artifact_redirect)
+    if isinstance(stored, Response):
+        return stored
+    extension = "png" if kind == "grid" else "gif"
+    return _file(stored, spec.ARTIFACT_MEDIA_TYPES[kind], f"facegen-{job_id}.{extension}")
 
 
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -328,3 +355,38 @@ def read_result(job_id: str, request: Request, services: ServicesDep) -> Respons
 )
 def read_animation(job_id: str, request: Request, services: ServicesDep) -> Response:
     return _artifact(services, job_id, "animation", caller_of(request))
+
+
+@router.get(
+    "/jobs/{job_id}/images/{index}",
+    response_class=Response,
+    summary="One image alone (PNG, WebP or JPEG)",
+    description="Image `index` (0-based, as laid out row-major in the grid) of the finished job at the model's "
+    "resolution. PNG as the worker stored it, with its provenance in the `parameters` text chunk; "
+    "`?format=webp` (lossless) or `?format=jpeg` are converted and carry the same JSON in their EXIF UserComment. "
+    f"404 also when the job has no image `index`. {STATE_NOTE} {ARTIFACT_TTL_NOTE}",
+    responses={
+        200: {"content": {media: {} for media in images.MEDIA_TYPES.values()}, "description": "The image."},
+        404: {"model": ErrorPublic, "description": "No such job (or another API key's), or no image `index`."},
+        **ARTIFACT_RESPONSES,
+    },
+)
+def read_image(
+    job_id: str,
+    index: Annotated[int, Path(ge=0, le=spec.MAX_COUNT - 1, description="Image index within the job, from 0.")],
+    request: Request,
+    services: ServicesDep,
+    image_format: Annotated[images.ImageFormat, Query(alias="format", description="File format.")] = (
+        images.ImageFormat.png
+    ),
+) -> Response:
+    caller, kind = caller_of(request), spec.image_kind(index)
+    with _artifact_refusals(kind):
+        job_ops.check_image_index(services.redis, job_id, index, caller)
+    as_stored = image_format == images.ImageFormat.png
+    stored = _stored(services, job_id, kind, caller, services.settings.artifact_redirect and as_stored)
+    if isinstance(stored, Response):
+        return stored
+    extension = "jpg" if image_format == images.ImageFormat.jpeg else image_format.value
+    return _file(stored if as_stored else images.convert(stored, image_format), images.MEDIA_TYPES[image_format],
+                 f"facegen-{job_id}-{index}.{extension}")

@@ -1,0 +1,77 @@
+"""Provenance: the parameters that reproduce an image, carried inside every PNG the worker stores.
+
+Each PNG (a job's grid and each image alone) holds a ``tEXt`` chunk ``spec.PROVENANCE_KEY`` (``"parameters"``)
+with one JSON object: the model version and the sha256 of its weights, the VAE version and its sha256, the
+sampler, steps and guidance scale actually used, the seed, ``index`` (the image's index in the seed's sequence;
+for a grid the list of its images' indices), the attributes, the job id, the precision and device, and the
+software version. ``python -m service.client reproduce FILE.png`` resubmits exactly these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+from typing import Any
+
+from training.checkpoints import WEIGHTS_FILE
+
+from .engine import Engine
+from .spec import PROVENANCE_KEY, JobSpec
+
+PACKAGE = "facegen"
+
+
+@cache
+def software_version() -> str:
+    """The installed facegen package's version (``"unknown"`` when run from a tree that is not installed)."""
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What names the served networks exactly: versions, weight hashes, and the precision they run in."""
+
+    version: str
+    sha256: str
+    vae: str
+    vae_sha256: str
+    dtype: str
+    device: str
+
+    @classmethod
+    def of(cls, engine: Engine) -> ModelIdentity:
+        model = engine.model
+        return cls(model.version, model.manifest.files[WEIGHTS_FILE], model.vae_manifest.version,
+                   model.vae_manifest.files[WEIGHTS_FILE], str(engine.dtype).removeprefix("torch."),
+                   engine.device.type)
+
+
+def parameters(job_id: str, spec: JobSpec, resolved: dict[str, Any], model: ModelIdentity,
+               index: int | list[int]) -> dict[str, Any]:
+    """The provenance record of one image (``index``: an int) or of a grid (``index``: its images' indices)."""
+    return {
+        "model": model.version,
+        "model_sha256": model.sha256,
+        "vae": model.vae,
+        "vae_sha256": model.vae_sha256,
+        "sampler": resolved["sampler"],
+        "steps": resolved["steps"],
+        "guidance_scale": resolved["guidance_scale"],
+        "seed": spec.seed,
+        "index": index,
+        "attributes": spec.attributes,
+        "job_id": job_id,
+        "dtype": model.dtype,
+        "device": model.device,
+        "software": f"{PACKAGE} {software_version()}",
+    }
+
+
+def png_text(record: dict[str, Any]) -> dict[str, str]:
+    """The PNG text chunks carrying ``record`` (ASCII JSON, so it fits a ``tEXt`` chunk)."""
+    return {PROVENANCE_KEY: json.dumps(record, sort_keys=True)}
