@@ -137,6 +137,7 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule")
     edits.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     edits.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
+    edits.add_argument("--train-limit", type=int, default=None, help="train the judge on the first N training faces")
     edits.add_argument("--precision", default="auto", choices=PRECISIONS)
     edits.add_argument("--seed", type=int, default=REPORT_SEED, help="the judge's training seed")
     edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
@@ -214,7 +215,8 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
 
     strengths = tuple(float(value) for value in args.strengths.split(","))
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps, args.guidance,
-                             args.classifier_steps, args.seed, precision=args.precision)
+                             args.classifier_steps, args.seed, precision=args.precision,
+                             train_limit=args.train_limit)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

@@ -80,19 +80,19 @@ def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int) -> dict[b
 
 def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strengths: tuple[float, ...], steps: int,
                    guidance_scale: float | None, classifier_steps: int, seed: int, device: str = "cpu",
-                   precision: str = "auto") -> dict[str, Any]:
+                   precision: str = "auto", train_limit: int | None = None) -> dict[str, Any]:
     """The sweep: for each strength and direction, ``n`` held-out faces edited and scored (:func:`score_edits`)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]
     data_cfg = model.manifest.data
     judge_cfg = DataConfig(attributes=(attribute, *KEPT_ATTRIBUTES), crop=data_cfg.crop, image_size=data_cfg.image_size)
-    judge, test_images, test_labels = train_classifier(data, judge_cfg, classifier_steps, seed)
+    judge, test_images, test_labels = train_classifier(data, judge_cfg, classifier_steps, seed, train_limit=train_limit)
     accuracy = judge.predict(test_images) == test_labels
     guidance = model.sampling.guidance_scale if guidance_scale is None else guidance_scale
     results: dict[str, Any] = {
         "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps,
-        "guidance_scale": guidance, "classifier_steps": classifier_steps, "seed": seed,
+        "guidance_scale": guidance, "classifier_steps": classifier_steps, "train_limit": train_limit, "seed": seed,
         "precision": str(model.dtype).removeprefix("torch."),
         "judge_accuracy": {name: rate(accuracy[:, k]) for k, name in enumerate(judge_cfg.attributes)},
         "rows": []}
@@ -121,7 +121,7 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              f"{results['precision']}; n = {results['n_per_direction']} held-out faces per direction. "
              f"Command: `{command}`", "",
              f"- judge accuracy on the sharp test split (95% Wilson intervals, {results['classifier_steps']} "
-             f"training steps): {judge}", "",
+             f"training steps on {results['train_limit'] or 'all'} training faces): {judge}", "",
              "| strength | direction | target read [95% CI] | PSNR to input (dB) | Eyeglasses kept | Male kept | "
              "Young kept | all three kept | s / edit |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
