@@ -451,11 +451,12 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
     started = time.perf_counter()
     try:
         with ProgressReporter(batch, runtime, connection, heartbeat) as progress:
+            pairs = list(zip(batch.running, shares, strict=True))
             if key.kind == "edit":  # edits batch only with edits of the same strength (see batch_key)
-                edits = [edit_request(job.id, share.spec, share.face) for job, share in zip(batch.running, shares, strict=True)]
+                edits = [edit_request(job.id, share.spec, share.face) for job, share in pairs]
                 outputs, stats = engine.edit(edits, key.steps, key.guidance_scale, key.strength, progress)
             else:
-                requests = [image_request(job.id, share.spec) for job, share in zip(batch.running, shares, strict=True)]
+                requests = [image_request(job.id, share.spec) for job, share in pairs]
                 outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
     except JobCanceled:
         return
