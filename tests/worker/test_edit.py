@@ -120,5 +120,5 @@ def test_edit_jobs_end_to_end_on_the_tiny_model(tiny_checkpoints, server, connec
     first = as_tensor(gif)
     gif.seek(gif.n_frames - 1)
     last = as_tensor(gif)
-    assert psnr_db(first, crop) > 30 and psnr_db(last, edited) > 30  # GIF palettes are lossy
-    assert psnr_db(first, crop) > psnr_db(first, edited)
+    # GIF palettes are lossy: the first frame is nearer the input than the edit, the last nearer the edit
+    assert psnr_db(first, crop) > psnr_db(first, edited) and psnr_db(last, edited) > psnr_db(last, crop)
