@@ -16,6 +16,7 @@ from service.api.errors import add_error_handlers
 from service.api.main import ROUTERS
 from service.api.middleware import BodyLimitMiddleware
 from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
+from service.api.routes.edit import EDIT_PATH
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
 from service.tenancy import KeyLabels
@@ -76,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
             expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits={EDIT_PATH: settings.edit_body_limit()})
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer, CORS's included
     return app
 

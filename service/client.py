@@ -1,6 +1,7 @@
 """Command-line client for the facegen API (httpx; a tqdm progress bar when tqdm is installed).
 
     python -m service.client generate --label smiling --count 16 --seed 1 --out grid.png [--gif anim.gif]
+    python -m service.client edit face.jpg --label smiling [--strength 0.6] --out pair.png [--gif change.gif]
     python -m service.client status JOB_ID
     python -m service.client fetch JOB_ID --out grid.png [--gif anim.gif]
     python -m service.client cancel JOB_ID
@@ -81,10 +82,21 @@ class FacegenClient:
 
     def generate(self, request: dict[str, Any], retries: int = 5) -> dict[str, Any]:
         """Queue a job; on 429/503 waits Retry-After and retries (safely: one Idempotency-Key for all tries)."""
+        return self._submit("/generate", retries, json=request)
+
+    def edit(self, image: bytes, fields: dict[str, Any], filename: str = "face.png", retries: int = 5
+             ) -> dict[str, Any]:
+        """Queue an edit of ``image`` (the file's bytes) with the form ``fields`` (label, strength, …); retried
+        like :meth:`generate`."""
+        form = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in fields.items()}
+        return self._submit("/edit", retries, data=form, files={"image": (filename, image)})
+
+    def _submit(self, path: str, retries: int, **body: Any) -> dict[str, Any]:
+        """POST a job to ``path``; on 429/503 waits Retry-After and retries under one Idempotency-Key."""
         headers = {"Idempotency-Key": str(uuid.uuid4())}
         for attempt in range(retries + 1):
             try:
-                return self._request("POST", "/generate", json=request, headers=headers).json()
+                return self._request("POST", path, headers=headers, **body).json()
             except ClientError as exc:
                 if exc.status_code not in (429, 503) or attempt == retries:
                     raise
@@ -196,7 +208,25 @@ def cmd_generate(client: FacegenClient, args: argparse.Namespace) -> int:
             request[name] = getattr(args, name)
     if args.gif:
         request["animation"] = True
-    accepted = client.generate(request)
+    return _wait_and_fetch(client, client.generate(request), args)
+
+
+def cmd_edit(client: FacegenClient, args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"model": args.model}
+    if args.attributes:
+        fields["attributes"] = json.dumps(args.attributes)
+    else:
+        fields["label"] = args.label
+    for name in ("strength", "seed", "steps", "guidance_scale"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.gif:
+        fields["animation"] = True
+    return _wait_and_fetch(client, client.edit(args.file.read_bytes(), fields, args.file.name), args)
+
+
+def _wait_and_fetch(client: FacegenClient, accepted: dict[str, Any], args: argparse.Namespace) -> int:
+    """Wait for the accepted job with a progress display, then save its images; prints the job id."""
     job_id = accepted["job_id"]
     print(f"job {job_id} queued (seed {accepted['seed']})", file=sys.stderr)
     progress = _Progress()
@@ -233,7 +263,10 @@ def cmd_models(client: FacegenClient, args: argparse.Namespace) -> int:
 def reproduce_request(record: dict[str, Any]) -> dict[str, Any]:
     """The POST /generate body that recomputes the image(s) a provenance record describes: one image
     (``index`` an int) or a grid (``index`` its consecutive indices). Raises ``ClientError`` for a record that
-    does not say enough."""
+    does not say enough, or an edit's (it needs its input image: run ``edit`` on it again)."""
+    if record.get("kind") == "edit":
+        raise ClientError("this image is an edit: reproducing it needs its input image (input_sha256 "
+                          f"{record.get('input_sha256')}); run `edit` on that file with strength {record.get('strength')}")
     try:
         index = record["index"]
         indices = [index] if isinstance(index, int) else list(index)
@@ -300,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gif", help="also render the denoising animation to this GIF path")
     gen.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     gen.set_defaults(run=cmd_generate)
+
+    edit = commands.add_parser("edit", parents=[common], help="edit a face photo, wait, save [input | edited]")
+    edit.add_argument("file", type=Path, help="the face: a PNG, JPEG or WebP file")
+    edit.add_argument("--label", default="smiling", help='the target: "smiling" or "not_smiling" (default %(default)s)')
+    edit.add_argument("--attributes", type=_parse_attributes, help="instead of --label: Smiling=true")
+    edit.add_argument("--strength", type=float, help="0..1, how deep into the noise the edit goes (default: the "
+                                                     "server's)")
+    edit.add_argument("--seed", type=int)
+    edit.add_argument("--steps", type=int)
+    edit.add_argument("--guidance", dest="guidance_scale", type=float)
+    edit.add_argument("--model", default=LATEST)
+    edit.add_argument("--out", required=True, help="PNG path for the pair [input | edited]")
+    edit.add_argument("--gif", help="also render the change from the input to the edit to this GIF path")
+    edit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+    edit.set_defaults(run=cmd_edit)
 
     status = commands.add_parser("status", parents=[common], help="print a job's status as JSON")
     status.add_argument("job_id")

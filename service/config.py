@@ -19,6 +19,7 @@ from worker.artifacts import ArtifactSettings
 from worker.connection import RedisSettings
 
 _DAY_S = 24 * 3600
+UPLOAD_FORM_OVERHEAD_BYTES = 16 * 1024
 
 
 def _split_csv(value: Any) -> Any:
@@ -78,6 +79,10 @@ class Settings(RedisSettings, ArtifactSettings):
     # Metrics label work by key id while at most this many keys are configured, else by this many hashed buckets.
     metrics_key_labels: Annotated[int, Field(ge=1, le=1000)] = 50
     max_body_bytes: Annotated[int, Field(ge=256)] = 16 * 1024
+    # POST /edit: the uploaded image's file size and pixel count (width x height, read from its header) at most;
+    # the multipart body may exceed MAX_UPLOAD_BYTES by UPLOAD_FORM_OVERHEAD_BYTES (the other fields, boundaries).
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    max_upload_pixels: Annotated[int, Field(ge=1)] = 25_000_000
     # Comma-separated origins allowed by CORS; none = no CORS headers at all.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     # Failed jobs (and their error line) live this long.
@@ -110,6 +115,10 @@ class Settings(RedisSettings, ArtifactSettings):
 
     def admin_key_values(self) -> tuple[bytes, ...]:
         return tuple(key.get_secret_value().encode() for key in self.admin_api_keys)
+
+    def edit_body_limit(self) -> int:
+        """The largest POST /edit body: the file at its limit plus the form around it."""
+        return self.max_upload_bytes + UPLOAD_FORM_OVERHEAD_BYTES
 
     def default_quota(self) -> Quota:
         return Quota(queued_jobs=self.quota_queued_jobs, queued_images=self.quota_queued_images,

@@ -95,9 +95,10 @@ def _tombstone(conn: redis.Redis, job_id: str) -> dict | None:
 
 
 def job_spec_of(job: Job) -> spec.JobSpec | None:
-    """The job's spec; ``None`` when its arguments don't parse (e.g. queued by an incompatible API version)."""
+    """The job's spec (an ``EditSpec`` for an edit); ``None`` when its arguments don't parse (e.g. queued by an
+    incompatible API version)."""
     try:
-        return spec.JobSpec.model_validate(job.args[0])
+        return spec.parse_job_spec(job.args[0])
     except (ValidationError, IndexError, TypeError):
         return None
 

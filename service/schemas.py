@@ -202,8 +202,9 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     parameters: Annotated[
-        spec.JobSpec | None,
-        Field(description="The job spec as queued (steps and guidance_scale null = model/sampler default)."),
+        spec.EditParameters | spec.JobSpec | None,
+        Field(description="The job spec as queued (steps and guidance_scale null = model/sampler default); an "
+                          "edit's without its image."),
     ]
     resolved: Annotated[
         dict[str, Any] | None,

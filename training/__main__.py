@@ -1,4 +1,4 @@
-"""``python -m training {synth,vae,diffusion,retune,evaluate,transitions,visualize} ...``"""
+"""``python -m training {synth,vae,diffusion,retune,evaluate,evaluate-edit,transitions,visualize} ...``"""
 
 from __future__ import annotations
 
@@ -142,6 +142,19 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     transitions.add_argument("--precision", default="auto", choices=PRECISIONS)
     transitions.add_argument("--seed", type=int, default=REPORT_SEED)
     transitions.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
+    edits = commands.add_parser("evaluate-edit", help="edit success against what the edit keeps, over strengths")
+    edits.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    edits.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
+    edits.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge, test: faces)")
+    edits.add_argument("--n", type=int, default=200, help="held-out faces per direction")
+    edits.add_argument("--strengths", default="0.3,0.45,0.6,0.8", help="comma-separated strengths in [0, 1]")
+    edits.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule")
+    edits.add_argument("--guidance", type=float, default=None, help="default: the model's own")
+    edits.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
+    edits.add_argument("--train-limit", type=int, default=None, help="train the judge on the first N training faces")
+    edits.add_argument("--precision", default="auto", choices=PRECISIONS)
+    edits.add_argument("--seed", type=int, default=REPORT_SEED, help="the judge's training seed")
+    edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
     visualize.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
@@ -211,6 +224,20 @@ def run_evaluate(args: argparse.Namespace) -> None:
             handle.write(report + "\n")
 
 
+def run_evaluate_edit(args: argparse.Namespace) -> None:
+    from .evaluate_edit import evaluate_edits, markdown_report
+
+    strengths = tuple(float(value) for value in args.strengths.split(","))
+    results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps, args.guidance,
+                             args.classifier_steps, args.seed, precision=args.precision,
+                             train_limit=args.train_limit)
+    report = markdown_report(results, "python -m training " + " ".join(args.argv))
+    print(report)
+    if args.report:
+        with args.report.open("a") as handle:
+            handle.write(report + "\n")
+
+
 def run_visualize(args: argparse.Namespace) -> None:
     from .visualize import visualize as make_pictures
 
@@ -249,7 +276,8 @@ def run_retune(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,
-            "visualize": run_visualize, "retune": run_retune, "transitions": run_transitions}
+            "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune,
+            "transitions": run_transitions}
 
 
 def main(argv: list[str] | None = None) -> int:

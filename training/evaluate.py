@@ -90,8 +90,7 @@ def reconstruct(model: LatentDiffusion, images: torch.Tensor, batch: int = 128) 
     """``uint8 [N, 3, S, S]`` -> encoded (posterior mean) and decoded by the model's VAE, ``uint8`` again."""
     out = []
     for chunk in images.split(batch):
-        mean = model.vae.encode(to_float(chunk).to(model.device, model.dtype))[0].float()
-        out.append(to_uint8(model.decode(mean * model.manifest.latent_scale)))
+        out.append(to_uint8(model.decode(model.encode(to_float(chunk)))))
     return torch.cat(out)
 
 

@@ -120,12 +120,12 @@ class AttributeClassifier(nn.Module):
 
 
 def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, augmentation: Augmentation = Augmentation(),
-                     batch: int = 64) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor]:
-    """Train on the train split with ``augmentation`` (plus mirror images); returns the classifier, the test
-    images ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``."""
+                     batch: int = 64, train_limit: int | None = None) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor]:
+    """Train on the train split (its first ``train_limit`` images, default all) with ``augmentation`` (plus mirror
+    images); returns the classifier, the test images ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images, labels = load_split(data, "train", data_cfg)
+    images, labels = load_split(data, "train", data_cfg, train_limit)
     test_images, test_labels = load_split(data, "test", data_cfg)
     classifier = AttributeClassifier(labels.shape[1], data_cfg.image_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=0.05)

@@ -16,8 +16,9 @@ import torch
 from .checkpoints import load_checkpoint
 from .config import SamplingConfig
 from .diffusion.guidance import guided
+from .diffusion.inversion import InversionCallback, ddim_invert
 from .diffusion.noise import ImageNoise
-from .diffusion.samplers import StepCallback, make_sampler, run_chain
+from .diffusion.samplers import DDIMSampler, StepCallback, make_sampler, run_chain
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, VAEManifest
 from .models.unet import UNet
@@ -92,8 +93,10 @@ class LatentDiffusion:
     @torch.no_grad()
     def sample_latents(self, labels: torch.Tensor, noise: ImageNoise, sampler: str, steps: int,
                        guidance_scale: float, callback: StepCallback | None = None,
-                       unet: torch.nn.Module | None = None) -> torch.Tensor:
+                       unet: torch.nn.Module | None = None,
+                       start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``.
+        ``start = (i, x)``: continue from the latents ``x`` at step ``i`` (see ``run_chain``) instead of from noise.
 
         ``unet``: the network to evaluate (default: the loaded UNet; e.g. a compiled one, or a copy in another
         dtype, whose inputs are cast to its weights' dtype). A row whose denoiser output was NaN/Inf at any step
@@ -110,8 +113,30 @@ class LatentDiffusion:
             finite.logical_and_(torch.isfinite(output).flatten(1).all(1))
             return output
 
-        latents = run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback)
+        latents = run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback, start)
         return torch.where(finite.view(-1, 1, 1, 1), latents, torch.nan)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [-1, 1] -> scaled latents ``float32 [N, C, h, w]``: the VAE posterior's mean
+        times the latent scale (what :meth:`decode` and the denoiser take)."""
+        mean = self.vae.encode(images.to(self.device, self.dtype))[0].float()
+        return mean * self.manifest.latent_scale
+
+    @torch.no_grad()
+    def invert_latents(self, latents: torch.Tensor, labels: torch.Tensor, steps: int, depth: int,
+                       callback: InversionCallback | None = None,
+                       unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """DDIM inversion (``training.diffusion.inversion``) of scaled latents ``[N, C, h, w]`` under ``labels
+        [N, A]`` (unguided; the null label = unconditional) through ``depth`` of ``steps`` DDIM steps: the latents
+        (float32) from which ``sample_latents(..., "ddim", steps, ..., start=(steps - depth, x))`` regenerates."""
+        unet = self.unet if unet is None else unet
+        dtype = next(unet.parameters()).dtype
+        labels = labels.to(self.device)
+        sampler = DDIMSampler(self.schedule, self.manifest.latent_clip)
+        sampler.set_timesteps(steps)
+        return ddim_invert(lambda x, t: unet(x.to(dtype), t, labels), sampler, latents.to(self.device).float(),
+                           depth, callback)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from PIL import Image
 
 from training.imaging import gif_bytes, grid_image, png_bytes
@@ -20,11 +21,12 @@ from .spec import ARTIFACT_MEDIA_TYPES, JobSpec, image_kind
 
 def encode_artifacts(job_id: str, spec: JobSpec, output: RequestOutput, resolved: dict[str, Any],
                      model: ModelIdentity) -> dict[str, Artifact]:
-    """``output.images uint8 [count, 3, H, W]`` as the grid and ``count`` single PNGs, ``output.frames`` as the GIF
-    when the job asked for one (trajectory or transition)."""
+    """``output.images uint8 [count, 3, H, W]`` as the grid (an edit's: the pair [``output.source`` | edit]) and
+    ``count`` single PNGs, ``output.frames`` as the GIF when the job asked for one (trajectory or transition)."""
     indices = [spec.first_index + k for k in range(spec.count)]
     png, gif = ARTIFACT_MEDIA_TYPES["grid"], ARTIFACT_MEDIA_TYPES["animation"]
-    encoded = {"grid": Artifact(png_bytes(grid_image(output.images),
+    tiles = output.images if output.source is None else torch.cat([output.source, output.images])  # edit: [in | out]
+    encoded = {"grid": Artifact(png_bytes(grid_image(tiles),
                                           png_text(parameters(job_id, spec, resolved, model, indices))), png)}
     pixels = output.images.permute(0, 2, 3, 1).cpu().numpy()  # [count, H, W, 3]
     for k, index in enumerate(indices):

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.data.celeba import to_float
+from training.diffusion.inversion import inversion_depth
 from training.diffusion.noise import ImageNoise
 from training.diffusion.samplers import trajectory_indices
 from training.imaging import to_uint8
@@ -66,10 +68,22 @@ class ImageRequest:
     first_index: int = 0  # image k draws from noise stream (seed, first_index + k)
 
 
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit job's share of a batch: its face, cropped like training, and the condition to regenerate it under."""
+
+    key: str  # the job id
+    attributes: dict[str, bool]
+    seed: int
+    image: torch.Tensor  # uint8 [3, H, W] at the model's resolution
+    frames: int = 0  # animation frames wanted (0 = no animation)
+
+
 @dataclass
 class RequestOutput:
     images: torch.Tensor  # uint8 [count, 3, H, W]
     frames: list[torch.Tensor] = field(default_factory=list)  # each uint8 [count, 3, H, W], noise first
+    source: torch.Tensor | None = None  # an edit's input, uint8 [1, 3, H, W]
 
 
 @dataclass
@@ -267,6 +281,61 @@ class Engine:
             stats.sampling_s += t1 - t0
             stats.decoding_s += time.perf_counter() - t1
         return outputs_per_request(requests, rows, chain, torch.cat(images), noise_frames, step_frames), stats
+
+    def invert(self, images: torch.Tensor, labels: torch.Tensor, steps: int, depth: int, unet: nn.Module,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Encode ``uint8 [N, 3, H, W]`` faces with the VAE and invert them by DDIM under ``labels [N, A]`` through
+        ``depth`` of ``steps`` steps: latents ``float32 [N, C, h, w]`` at step ``steps - depth`` of the chain."""
+        latents = self.model.encode(to_float(images))
+        return self.model.invert_latents(latents, labels, steps, depth, on_step, unet)
+
+    def edit(self, requests: list[EditRequest], steps: int, guidance_scale: float, strength: float,
+             progress: ProgressFn | None = None) -> tuple[dict[str, RequestOutput], RunStats]:
+        """Edit every request's face in one batch: :meth:`invert` it (unconditionally) through ``strength`` of the
+        ``steps`` DDIM steps, then regenerate it by DDIM under its attributes with classifier-free guidance. Each
+        output's image is the edit, its ``source`` the input, its frames go from the input to the edit (the x0
+        predictions of the regeneration). Progress counts inversion and regeneration steps; latent rows with NaN/Inf
+        are redone in a wider dtype, as in :meth:`run`."""
+        depth = inversion_depth(strength, steps)
+        first, total = steps - depth, 2 * depth
+        images = torch.stack([request.image for request in requests])
+        targets = torch.stack([self.model.labels_for(request.attributes) for request in requests])
+        frame_steps = {first + i for request in requests for i in trajectory_indices(depth, request.frames)}
+        x0_at_step: dict[int, torch.Tensor] = {}
+
+        def report(done: int) -> None:
+            if progress is not None:
+                progress(done, total)
+
+        def on_step(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            if i in frame_steps:
+                x0_at_step[i] = x0
+            report(depth + i - first + 1)
+
+        def edit_rows(rows: list[int], unet: nn.Module, watch: bool) -> torch.Tensor:
+            null = torch.full_like(targets[rows], self.model.unet.config.null_label)
+            inverted = self.invert(images[rows], null, steps, depth, unet, report if watch else None)
+            noise = ImageNoise([(requests[k].seed, 0) for k in rows], self.device)  # unused by DDIM with eta 0
+            return self.model.sample_latents(targets[rows], noise, "ddim", steps, guidance_scale,
+                                             on_step if watch else None, unet, start=(first, inverted))
+
+        stats = RunStats(images=len(requests), chunks=1, denoiser_steps=total)
+        t0 = time.perf_counter()
+        rows = list(range(len(requests)))
+        edited = self._redo_non_finite(edit_rows(rows, self.denoiser, True), lambda redo, dtype: edit_rows(
+            redo, self.model.in_dtype("unet", dtype), False), "unet", stats)
+        t1 = time.perf_counter()
+        edits = self.decode(edited, stats)
+        frames = {i: self.decode(x0, stats) for i, x0 in x0_at_step.items()}
+        stats.sampling_s, stats.decoding_s = t1 - t0, time.perf_counter() - t1
+        outputs = {}
+        for k, request in enumerate(requests):
+            output = RequestOutput(edits[k:k + 1], source=images[k:k + 1])
+            if request.frames > 0:
+                path = [frames[first + i][k:k + 1] for i in trajectory_indices(depth, request.frames)]
+                output.frames = [output.source, *(path or [output.images])]
+            outputs[request.key] = output
+        return outputs, stats
 
     def _sample_checked(self, chain: Chain, on_step: Callable[[int], None], stats: RunStats
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -30,6 +30,7 @@ from rq.utils import utcformat
 from .artifacts import ArtifactStore, ArtifactStoreUnavailable, put_retrying
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
 from .encoding import encode_artifacts
+from .edit import decode_face, edit_request, progress_total
 from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
 from .fair_queue import FairQueue, waiting_jobs
 from .metrics import Liveness, WorkerMetrics
@@ -44,8 +45,10 @@ from .spec import (
     META_PROGRESS,
     META_RESOLVED,
     BatchKey,
+    EditSpec,
     JobSpec,
     cancel_key,
+    parse_job_spec,
 )
 from .transition import transition_output, transition_requests
 
@@ -84,6 +87,7 @@ class Prepared:
     sampling_s: float = 0.0
     decoding_s: float = 0.0
     started_at: datetime | None = None  # when its batch began sampling: the job's ``started_at``
+    face: torch.Tensor | None = None  # an edit's input, uint8 [3, S, S] cropped like training
 
 
 @dataclass
@@ -122,7 +126,7 @@ def parse_spec(job: Job) -> JobSpec:
     if len(job.args) != 1 or job.kwargs or not isinstance(job.args[0], dict):
         raise PermanentJobError("malformed job: expected one JobSpec object as its only argument")
     try:
-        return JobSpec.model_validate(job.args[0])
+        return parse_job_spec(job.args[0])
     except ValidationError as exc:
         first = exc.errors()[0]
         raise PermanentJobError(f"invalid job spec: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
@@ -133,7 +137,9 @@ def batch_key(spec: JobSpec, engine: Engine) -> BatchKey:
     if spec.model not in (LATEST, engine.version):
         raise PermanentJobError(f"model {spec.model!r} is not served by this worker (it serves {engine.version})")
     guidance = spec.guidance_scale if spec.guidance_scale is not None else engine.model.sampling.guidance_scale
-    return BatchKey(model=engine.version, sampler=spec.sampler, steps=spec.resolved_steps(), guidance_scale=guidance)
+    edit = {"kind": spec.kind, "strength": spec.strength} if isinstance(spec, EditSpec) else {}
+    return BatchKey(model=engine.version, sampler=spec.sampler, steps=spec.resolved_steps(), guidance_scale=guidance,
+                    **edit)
 
 
 # Atomically move each still-waiting id from its list (the RQ queue or its API key's list) to the queue's
@@ -324,11 +330,13 @@ def check_jobs(engine: Engine, jobs: list[Job]) -> Batch:
                 raise PermanentJobError("internal: incompatible job in batch")  # claim_companions prevents this
             batch.key = key
             engine.model.labels_for(spec.attributes)
+            face = decode_face(spec.image, engine.model.manifest.data) if isinstance(spec, EditSpec) else None
         except (PermanentJobError, ValueError) as exc:
             batch.shares[job.id] = Prepared(None, error=PermanentJobError(str(exc)))
             continue
-        batch.shares[job.id] = Prepared(spec, resolved={"steps": key.steps, "guidance_scale": key.guidance_scale,
-                                                        "sampler": key.sampler.value, "model": engine.version})
+        resolved = {"steps": key.steps, "guidance_scale": key.guidance_scale, "sampler": key.sampler.value,
+                    "model": engine.version} | ({"strength": key.strength} if face is not None else {})
+        batch.shares[job.id] = Prepared(spec, resolved=resolved, face=face)
         batch.running.append(job)
     return batch
 
@@ -353,7 +361,7 @@ def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
         job.meta[META_RESOLVED] = batch.shares[job.id].resolved
         job.meta[META_BATCH] = {"jobs": len(batch.running), "images": images}
         job.meta[META_BATCH_RUN] = run
-        job.meta[META_PROGRESS] = {"step": 0, "total": batch.key.steps}
+        job.meta[META_PROGRESS] = {"step": 0, "total": progress_total(batch.shares[job.id].spec, batch.key.steps)}
         job.save_meta()
 
 
@@ -450,11 +458,17 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
             heartbeat: Callable[[], None] | None) -> None:
     """One engine run for the running jobs; each gets its output, or the run's error (a canceled run: neither)."""
     engine, key = runtime.engine, batch.key
-    requests = [request for job in batch.running for request in image_requests(job.id, batch.shares[job.id].spec)]
+    shares = [batch.shares[job.id] for job in batch.running]
     started = time.perf_counter()
     try:
         with ProgressReporter(batch, runtime, connection, heartbeat) as progress:
-            outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
+            pairs = list(zip(batch.running, shares, strict=True))
+            if key.kind == "edit":  # edits batch only with edits of the same strength (see batch_key)
+                edits = [edit_request(job.id, share.spec, share.face) for job, share in pairs]
+                outputs, stats = engine.edit(edits, key.steps, key.guidance_scale, key.strength, progress)
+            else:
+                requests = [request for job, share in pairs for request in image_requests(job.id, share.spec)]
+                outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
     except JobCanceled:
         return
     except JobTimeout as exc:
@@ -555,7 +569,7 @@ def generate(spec: dict[str, Any]) -> dict[str, Any]:
         fail(job, runtime, exc)
         raise
     record_finished(runtime.metrics, share, time.perf_counter() - started)
-    steps = share.resolved["steps"]
+    steps = progress_total(share.spec, share.resolved["steps"])
     job.meta[META_ARTIFACTS] = artifacts
     job.meta[META_PROGRESS] = {"step": steps, "total": steps}
     job.save_meta()

@@ -9,6 +9,7 @@ software version. ``python -m service.client reproduce FILE.png`` resubmits exac
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +19,7 @@ from typing import Any
 from training.checkpoints import WEIGHTS_FILE
 
 from .engine import Engine
-from .spec import PROVENANCE_KEY, JobSpec
+from .spec import PROVENANCE_KEY, EditSpec, JobSpec
 
 PACKAGE = "facegen"
 
@@ -69,6 +70,8 @@ def parameters(job_id: str, spec: JobSpec, resolved: dict[str, Any], model: Mode
         "dtype": model.dtype,
         "device": model.device,
         "software": f"{PACKAGE} {software_version()}",
+        **({"kind": "edit", "strength": spec.strength, "input_sha256": hashlib.sha256(spec.image).hexdigest()}
+           if isinstance(spec, EditSpec) else {}),
     }
 
 

@@ -32,7 +32,7 @@ def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> No
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         route = request.scope.get("route")
-        if getattr(route, "path", None) == "/generate" and not getattr(request.state, "rejection_counted", False):
+        if getattr(route, "path", None) in ("/generate", "/edit") and not getattr(request.state, "rejection_counted", False):
             metrics.jobs_rejected.labels("invalid").inc()
         # FastAPI's own handler would echo a NaN/Infinity input and then fail to render it (500).
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)

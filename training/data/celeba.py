@@ -121,12 +121,26 @@ def load_image(path: Path, config: DataConfig) -> np.ndarray:
             w, h = image.size
             if min(w, h) < config.crop:
                 raise DatasetError(f"{path}: image is {w}x{h}, smaller than the {config.crop}px crop")
-            left, top = (w - config.crop) // 2, (h - config.crop) // 2
-            image = image.crop((left, top, left + config.crop, top + config.crop))
-            image = image.resize((config.image_size, config.image_size), Image.BICUBIC, reducing_gap=2.0)
-            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+            return center_crop_resize(image, config.crop, config.image_size)
     except OSError as exc:
         raise DatasetError(f"{path}: cannot decode image ({exc})") from None
+
+
+def center_crop_resize(image: Image.Image, side: int, size: int) -> np.ndarray:
+    """An RGB image -> ``uint8 [3, size, size]``: its centred ``side x side`` square, resized (bicubic)."""
+    w, h = image.size
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    image = image.resize((size, size), Image.BICUBIC, reducing_gap=2.0)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def face_crop(image: Image.Image, config: DataConfig) -> np.ndarray:
+    """Any RGB face photo -> ``uint8 [3, S, S]`` framed as training frames CelebA: the centred square whose side is
+    the fraction ``config.crop / IMAGE_WIDTH`` of the shorter side (on a 178x218 aligned image exactly
+    :func:`load_image`'s crop), resized to ``config.image_size``."""
+    side = max(1, round(min(image.size) * config.crop / IMAGE_WIDTH))
+    return center_crop_resize(image, side, config.image_size)
 
 
 def split_indices(root: Path, annotations: Annotations, split: str, limit: int | None) -> list[int]:

@@ -152,8 +152,11 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index,
 
 
 def run_chain(model_fn: ModelFn, sampler: Sampler, steps: int, noise: ImageNoise, shape: tuple[int, ...],
-              callback: StepCallback | None = None) -> torch.Tensor:
+              callback: StepCallback | None = None, start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Run the reverse chain from ``x_T ~ noise.draw(shape)`` and return ``x_0 [N, *shape]``.
+
+    ``start = (i, x)``: begin at step ``i`` from ``x [N, *shape]`` (a latent at ``t_i``, e.g. an inverted image;
+    ``i == steps`` returns ``x`` unchanged) instead of from noise; steps keep their indices.
 
     ``callback(i, x, pred_x0)`` runs after every step (progress, trajectories, cancel by raising). Nothing in the
     loop waits for the device: the timesteps go to the device once, step coefficients are Python numbers, and a
@@ -163,10 +166,13 @@ def run_chain(model_fn: ModelFn, sampler: Sampler, steps: int, noise: ImageNoise
     stochastic = sampler.stochastic and steps > 1
     draws = noise.draws(shape, steps if stochastic else 1)  # x_T, then the noise of steps 0..n-2
     x = next(draws)
+    first = 0
+    if start is not None:
+        first, x = start
     t_rows = torch.tensor(sampler.timesteps).view(-1, 1).repeat(1, x.shape[0])  # [steps, N] int64
     if x.is_cuda:  # one non-blocking copy from pinned memory: the host never waits for the device
         t_rows = t_rows.pin_memory().to(x.device, non_blocking=True)
-    for i in range(len(sampler.timesteps)):
+    for i in range(first, len(sampler.timesteps)):
         output = model_fn(x, t_rows[i]).float()
         step_noise = next(draws) if stochastic and i + 1 < len(sampler.timesteps) else None
         x, x0 = sampler.step(output, i, x, step_noise)

@@ -61,6 +61,17 @@ STATE_NOTE = (
 )
 
 
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Any unique string (e.g. a UUID) chosen by the client; remembered for IDEMPOTENCY_TTL.",
+    ),
+]
+
+
 def _links(request: Request, job_id: str, animation: bool) -> JobLinks:
     base = request.scope.get("root_path", "").rstrip("/") + f"/jobs/{job_id}"
     return JobLinks(self=base, result=f"{base}/result", animation=f"{base}/animation" if animation else None)
@@ -126,32 +137,40 @@ async def create_job(
     request: Request,
     response: Response,
     services: ServicesDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=255,
-            description="Any unique string (e.g. a UUID) chosen by the client; remembered for IDEMPOTENCY_TTL.",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
-    settings, metrics, caller = services.settings, services.metrics, caller_of(request)
-    key_label = services.key_labels(caller.key_id)
     problems = [((name,), message, getattr(body, name)) for name, message in body.field_errors()]
     if problems:
         raise _validation_error(problems)
+    attributes = await resolve_attributes(services, body.model, body.label, body.attributes)
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
+    job_spec = _build_spec(body, attributes, seed)
+    return await queue_job(request, response, services, job_spec, idempotency_key, body.model_dump_json())
+
+
+async def resolve_attributes(services: ServicesDep, model: str, label: str | None,
+                             attributes: dict[str, bool] | None) -> dict[str, bool]:
+    """The request's condition checked against the live models; 422 naming the field, else the attributes."""
     try:
-        try:
-            attributes = await services.live_models.resolve(body.model, body.label, body.attributes)
-        except registry.FieldError as exc:
-            raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
-        job_spec = _build_spec(body, attributes, seed)
+        return await services.live_models.resolve(model, label, attributes)
+    except registry.FieldError as exc:
+        raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
+    except redis.RedisError:
+        services.metrics.jobs_rejected.labels("redis_unavailable").inc()
+        raise
+
+
+async def queue_job(request: Request, response: Response, services: ServicesDep, job_spec: spec.JobSpec,
+                    idempotency_key: str | None, request_digest: str) -> JobAccepted:
+    """Admit and enqueue ``job_spec`` for the caller (queue cap, quota, fair queue, replicas, idempotency keyed by
+    ``request_digest``, a text that identifies the request's content) and answer as POST /generate does."""
+    settings, metrics, caller = services.settings, services.metrics, caller_of(request)
+    key_label = services.key_labels(caller.key_id)
+    try:
         idempotency = None
         if idempotency_key is not None:
             idempotency = (keys.idempotency_key(caller.key_id or ANONYMOUS, idempotency_key),
-                           admission.fingerprint(body.model_dump_json()))
+                           admission.fingerprint(request_digest))
         submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, caller,
                                             idempotency)
     except admission.Refused as exc:
@@ -206,7 +225,7 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         enqueued_at=job.enqueued_at,
         started_at=job_ops.started_at_of(job),
         ended_at=job.ended_at,
-        parameters=job_spec,
+        parameters=job_spec.parameters() if isinstance(job_spec, spec.EditSpec) else job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=job_ops.error_of(job),
         links=_links(request, job.id,

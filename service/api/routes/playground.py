@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from service.api.deps import ApiError
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
-FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+FILES = {"app.js": "text/javascript", "edit.js": "text/javascript", "style.css": "text/css"}
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
     "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
