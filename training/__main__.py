@@ -128,6 +128,10 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
                           help="choosing serving defaults: tuning seeds, stored as metrics.tuning, not as the report")
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
+
+
+def add_edit_commands(commands: argparse._SubParsersAction) -> None:
+    """The measurements of transitions and edits (training/transitions.py, training/evaluate_edit.py)."""
     transitions = commands.add_parser("transitions", help="attribute transitions: first frame read as the source "
                                       "value and last as the target, identity kept (training/transitions.py)")
     transitions.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
@@ -285,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_commands(commands)
     add_measure_commands(commands)
+    add_edit_commands(commands)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = argv

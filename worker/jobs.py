@@ -29,8 +29,8 @@ from rq.utils import utcformat
 
 from .artifacts import ArtifactStore, ArtifactStoreUnavailable, put_retrying
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
-from .encoding import encode_artifacts
 from .edit import decode_face, edit_request, progress_total
+from .encoding import encode_artifacts
 from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
 from .fair_queue import FairQueue, waiting_jobs
 from .metrics import Liveness, WorkerMetrics
