@@ -129,7 +129,6 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
 
-
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     """The measurements of transitions and edits (training/transitions.py, training/evaluate_edit.py)."""
     transitions = commands.add_parser("transitions", help="attribute transitions: first frame read as the source "
