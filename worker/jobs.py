@@ -279,7 +279,7 @@ class FacegenWorker(SimpleWorker):
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             pipe.execute()
         if job.get_status(refresh=True) != JobStatus.CANCELED:
-            job.cancel()
+            job.cancel(enqueue_dependents=True)  # its webhook delivery, if any
         self.connection.expire(job.key, job.failure_ttl or self.runtime.settings.artifact_ttl)
         self.runtime.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", job.id)

@@ -22,6 +22,7 @@ from service.api.deps import (
     require_api_key,
     require_json,
 )
+from service.config import Settings
 from service.metrics import Metrics
 from service.schemas import (
     MAX_RANDOM_SEED,
@@ -33,8 +34,11 @@ from service.schemas import (
     JobStateError,
     Progress,
     QuotaError,
+    WebhookCreate,
 )
 from service.tenancy import ANONYMOUS, Caller
+from service.webhooks import delivery as webhook_delivery
+from service.webhooks import targets
 from worker import spec
 
 # Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
@@ -138,6 +142,7 @@ async def create_job(
             attributes = await services.live_models.resolve(body.model, body.label, body.attributes)
         except registry.FieldError as exc:
             raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
+        await check_webhook(body.webhook, settings)
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
         job_spec = _build_spec(body, attributes, seed)
         idempotency = None
@@ -145,7 +150,7 @@ async def create_job(
             idempotency = (keys.idempotency_key(caller.key_id or ANONYMOUS, idempotency_key),
                            admission.fingerprint(body.model_dump_json()))
         submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, caller,
-                                            idempotency)
+                                            idempotency, body.webhook)
     except admission.Refused as exc:
         raise _refusal(exc, settings.retry_after_s, metrics, key_label) from None
     except admission.IdempotencyMismatch as exc:
@@ -169,6 +174,16 @@ async def create_job(
     links = _links(request, submission.job_id, job_spec.animation)
     response.headers["Location"] = links.self
     return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
+
+
+async def check_webhook(webhook: WebhookCreate | None, settings: Settings) -> None:
+    """422 naming ``webhook.url`` when its host resolves to an address webhooks may not reach (SSRF)."""
+    if webhook is None:
+        return
+    try:
+        await targets.resolve_async(webhook.url, settings.webhook_allow_private)
+    except targets.TargetRefused as exc:
+        raise _validation_error([(("webhook", "url"), str(exc), webhook.url)]) from None
 
 
 def _refusal(exc: admission.Refused, retry_after_s: int, metrics: Metrics, key_label: str) -> ApiError:
@@ -201,6 +216,7 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         parameters=job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=job_ops.error_of(job),
+        webhook=webhook_delivery.public_state(conn, job.id),
         links=_links(request, job.id, job_spec.animation if job_spec else job_ops.animation_requested(conn, job.id)),
     )
 
