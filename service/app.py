@@ -16,6 +16,7 @@ from service.api.errors import add_error_handlers
 from service.api.main import ROUTERS
 from service.api.middleware import BodyLimitMiddleware
 from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
+from service.api.routes import events
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
 from service.tenancy import KeyLabels
@@ -28,6 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     key_labels = KeyLabels(settings)
     conn = redis_clients.connect(settings, on_error=metrics.count_redis_error)
     async_conn = redis_clients.connect_async(settings, on_error=metrics.count_redis_error)
+    event_streams = events.Streams(
+        redis_clients.connect_async(settings, settings.events_max_streams, blocking_s=settings.events_keepalive_s,
+                                    on_error=metrics.count_redis_error), settings.events_max_streams)
     metrics.registry.register(QueueCollector(conn, settings.queue_name, key_labels))
     queue = redis_clients.make_queue(conn, settings)
 
@@ -40,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         conn.close()
         await async_conn.aclose()
+        await event_streams.client.aclose()
 
     app = FastAPI(
         title="facegen",
@@ -61,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         key_labels=key_labels,
     )
 
+    app.state.event_streams = event_streams
     for router in ROUTERS:
         app.include_router(router)
     exact_openapi_bounds(app)

@@ -207,5 +207,7 @@ def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:
             conn.lrem(spec.key_queue_key(job.origin, owner), 0, job.id)
         job.cancel(enqueue_dependents=True)  # its webhook delivery, if any
         conn.expire(job.key, settings.failure_ttl)
+        spec.append_event(conn, job.id, spec.JobEvent.canceled, {"status": JobStatus.CANCELED.value},
+                          settings.failure_ttl)
         return JobStatus.CANCELED
     return status

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from service.api.routes import docs, health, jobs, metrics, models, playground
+from service.api.routes import docs, events, health, jobs, metrics, models, playground
 
-ROUTERS = [module.router for module in (jobs, models, health, metrics, playground, docs)]
+ROUTERS = [module.router for module in (jobs, events, models, health, metrics, playground, docs)]
