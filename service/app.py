@@ -29,9 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     key_labels = KeyLabels(settings)
     conn = redis_clients.connect(settings, on_error=metrics.count_redis_error)
     async_conn = redis_clients.connect_async(settings, on_error=metrics.count_redis_error)
-    event_streams = events.Streams(
-        redis_clients.connect_async(settings, settings.events_max_streams, blocking_s=settings.events_keepalive_s,
-                                    on_error=metrics.count_redis_error), settings.events_max_streams)
+    event_streams = events.Streams.connect(settings, on_error=metrics.count_redis_error)
     metrics.registry.register(QueueCollector(conn, settings.queue_name, key_labels))
     queue = redis_clients.make_queue(conn, settings)
 

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-import redis
 import redis.asyncio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -27,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from service import job_ops
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, caller_of, require_api_key
 from service.api.routes.jobs import GONE, NOT_FOUND, _fetch
-from worker import spec
+from service.config import Settings
+from worker import connection, spec
 from worker.spec import FINAL_EVENTS, JobEvent
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
@@ -81,6 +81,15 @@ class Streams:
 
     def __init__(self, client: redis.asyncio.Redis, limit: int):
         self.client, self.limit, self.open = client, limit, 0
+
+    @classmethod
+    def connect(cls, settings: Settings, on_error: connection.OnError | None = None) -> Streams:
+        """Its own pool, apart from POST /generate's: one connection per open stream, whose reads block up to
+        ``EVENTS_KEEPALIVE_S``."""
+        client = connection.connect_async(settings, settings.events_max_streams,
+                                          blocking_s=max(settings.events_keepalive_s, PENDING_POLL_S),
+                                          on_error=on_error)
+        return cls(client, settings.events_max_streams)
 
 
 async def relay(streams: Streams, request: Request, job_id: str, cursor: Cursor, preview: bool,
