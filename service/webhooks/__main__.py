@@ -1,6 +1,6 @@
 """``python -m service.webhooks``: the delivery process (no torch). An RQ worker on ``WEBHOOK_QUEUE`` with RQ's
 scheduler (which enqueues the retries when their interval is up); every ``WEBHOOK_SWEEP_INTERVAL_S`` it runs RQ's
-maintenance of the queue and :func:`service.webhooks.delivery.sweep`. Run as many as the receivers' latency needs:
+maintenance of the queue and :func:`service.webhooks.sender.sweep`. Run as many as the receivers' latency needs:
 each sends one delivery at a time. Exits with status 2 (one line) without a valid ``WEBHOOK_SECRET`` or when Redis
 refuses its credentials."""
 
@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from rq import Queue, SimpleWorker
 
 from service.config import Settings, get_settings
-from service.webhooks.delivery import sweep
 from service.webhooks.metrics import REGISTRY
+from service.webhooks.sender import sweep
 from worker.connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, connect, credentials_problem, describe
 
 log = logging.getLogger("service.webhooks")

@@ -72,8 +72,8 @@ def test_every_job_gets_one_verified_delivery_through_failures_and_an_api_restar
         if n == JOBS // 2:  # restart the API once, mid-way
             stack["api"].stop()
             stack["api"] = LiveServer(REDIS_URL, env=FAST)
-        key = str(uuid.uuid4())
-        response = wait_for(lambda: submit(stack["api"].url, {**body, "seed": n}, key), 30, "the API to accept")
+        request, key = {**body, "seed": n}, str(uuid.uuid4())  # one Idempotency-Key for all tries
+        response = wait_for(lambda r=request, k=key: submit(stack["api"].url, r, k), 30, "the API to accept")
         assert response.status_code == 202, response.text
         accepted.append(response.json()["job_id"])
     url = stack["api"].url
