@@ -5,8 +5,9 @@ that depends on it with ``allow_failure``, written in the same transaction as th
 ends. RQ releases it when the job ends: on success in the very transaction that marks the job finished (through
 its ready registry, which RQ's maintenance drains should the process die before enqueueing it); on failure, on
 abandonment and on cancel (``job.cancel(enqueue_dependents=True)``, by the API or the worker) right after the
-status is written. :func:`service.webhooks.sender.sweep` covers the gap left by those last cases: a deferred delivery whose job has ended
-is released, one whose job no longer exists is deleted.
+status is written. The delivery process's sweep (:func:`service.webhooks.sender.sweep`) covers the gap left by
+those last cases: a deferred delivery whose job has ended is released, one whose job no longer exists is
+deleted.
 
 The delivery job (:func:`service.webhooks.sender.deliver`, run by the delivery process; this module is what the
 API needs) posts the signed event and raises on any failure, so RQ's ``Retry`` (``WEBHOOK_RETRY_INTERVALS``)
