@@ -1,4 +1,5 @@
-"""Command-line client for the facegen API (httpx; a tqdm progress bar when tqdm is installed).
+"""Command-line client for the facegen API (httpx; a tqdm progress bar when tqdm is installed, fed by the job's
+event stream).
 
     python -m service.client generate --label smiling --count 16 --seed 1 --out grid.png [--gif anim.gif]
     python -m service.client status JOB_ID
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from worker.spec import DEFAULT_COUNT, DEFAULT_SAMPLER, LATEST, Sampler
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ENDED = {"finished", "failed", "canceled", "stopped"}
+STREAM_READ_TIMEOUT_S = 60.0  # the server sends a keep-alive every EVENTS_KEEPALIVE_S (15 s by default)
 
 
 class ClientError(Exception):
@@ -104,6 +106,39 @@ class FacegenClient:
         """``kind``: ``"result"`` (PNG grid) or ``"animation"`` (GIF)."""
         return self._request("GET", f"/jobs/{job_id}/{kind}").content
 
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job's events (``GET /jobs/{id}/events``) as ``{"id", "event", "data"}`` (data parsed), until the
+        stream ends after the final one; raises ``ClientError`` or ``httpx.HTTPError`` when the stream fails."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=timeout) as response:
+            if response.status_code != 200:
+                response.read()
+                raise ClientError(f"{_detail(response)} (HTTP {response.status_code})", response.status_code)
+            event: dict[str, Any] = {}
+            for line in response.iter_lines():
+                if not line:
+                    if "event" in event:
+                        yield {**event, "data": json.loads(event.get("data") or "{}")}
+                    event = {}
+                elif not line.startswith(":"):
+                    name, _, value = line.partition(":")
+                    event[name] = value.removeprefix(" ")
+
+    def _follow(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None, deadline: float) -> None:
+        """Feed ``on_update`` with job-like updates from the event stream until its final event or the deadline."""
+        for event in self.events(job_id):
+            data, name = event["data"], event["event"]
+            if name == "queued":
+                update = {"status": "queued", "queue_position": data.get("queue_position")}
+            elif name in ("started", "progress"):
+                update = {"status": "started", "progress": data.get("progress")}
+            else:
+                return
+            if on_update:
+                on_update(update)
+            if time.monotonic() > deadline:
+                return
+
     def wait(
         self,
         job_id: str,
@@ -111,8 +146,13 @@ class FacegenClient:
         poll_s: float = 0.5,
         timeout_s: float = 3600.0,
     ) -> dict[str, Any]:
-        """Poll until the job ends; returns its final status, raises ``ClientError`` unless it finished."""
+        """Follow the job's event stream until it ends (polling ``GET /jobs/{id}`` if the stream fails), then read
+        its final status; returns it, raises ``ClientError`` unless it finished."""
         deadline = time.monotonic() + timeout_s
+        try:
+            self._follow(job_id, on_update, deadline)
+        except (httpx.HTTPError, ClientError, ValueError) as exc:
+            print(f"event stream unavailable ({exc}); polling", file=sys.stderr)
         while True:
             job = self.status(job_id)
             if on_update:

@@ -35,7 +35,7 @@ def conn():
 
 @pytest.fixture(scope="module")
 def strict_api(conn):
-    server = LiveServer(REDIS_URL)
+    server = LiveServer(REDIS_URL, env={"WEBHOOK_SECRET": SECRET})
     yield server
     server.stop()
 
@@ -72,12 +72,24 @@ def test_a_malformed_webhook_is_a_422_naming_the_field(strict_api, conn, webhook
     assert queued_jobs(conn) == 0
 
 
+def test_without_a_secret_webhooks_are_refused_naming_the_field(conn):
+    api = LiveServer(REDIS_URL)
+    try:
+        response = httpx.post(f"{api.url}/generate", json={**BODY, "webhook": {"url": "https://example.com/x"}},
+                              timeout=10)
+    finally:
+        api.stop()
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", "webhook"]]
+    assert queued_jobs(conn) == 0
+
+
 def test_the_private_address_check_is_repeated_at_delivery(conn, tmp_path):
     """The API lets a private receiver through (WEBHOOK_ALLOW_PRIVATE), the delivery process does not: the
     delivery is refused before it connects and not retried."""
     receiver = Receiver(fail_first=0)
     server, url = receiver.serve()
-    api = LiveServer(REDIS_URL, env={"WEBHOOK_ALLOW_PRIVATE": "true"})
+    api = LiveServer(REDIS_URL, env={"WEBHOOK_ALLOW_PRIVATE": "true", "WEBHOOK_SECRET": SECRET})
     delivery = DeliveryProcess(REDIS_URL, tmp_path / "webhooks.log", WEBHOOK_SWEEP_INTERVAL_S="1",
                                WEBHOOK_RETRY_INTERVALS="0,0,0")
     try:

@@ -17,12 +17,13 @@ import redis
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, metric_total, wait_for
 from tests.service.conftest import LiveServer, free_port
-from tests.webhooks.conftest import DeliveryProcess, Receiver, dumps, payload_types
+from tests.webhooks.conftest import SECRET, DeliveryProcess, Receiver, dumps, payload_types
 
 REDIS_URL = redis_url_for_db(8)
 JOBS = int(os.environ.get("WEBHOOK_JOBS", "30"))
 # Retries 1 s apart (the default backoff spreads 6 attempts over ~10 minutes), swept every second.
-FAST = {"WEBHOOK_RETRY_INTERVALS": "1,1,1,1,1", "WEBHOOK_SWEEP_INTERVAL_S": "1", "WEBHOOK_ALLOW_PRIVATE": "true"}
+FAST = {"WEBHOOK_RETRY_INTERVALS": "1,1,1,1,1", "WEBHOOK_SWEEP_INTERVAL_S": "1", "WEBHOOK_ALLOW_PRIVATE": "true",
+        "WEBHOOK_SECRET": SECRET}
 
 
 @pytest.fixture(scope="module")

@@ -177,9 +177,13 @@ async def create_job(
 
 
 async def check_webhook(webhook: WebhookCreate | None, settings: Settings) -> None:
-    """422 naming ``webhook.url`` when its host resolves to an address webhooks may not reach (SSRF)."""
+    """422 naming ``webhook`` when the server has no ``WEBHOOK_SECRET`` (webhooks are off), ``webhook.url`` when
+    its host resolves to an address webhooks may not reach (SSRF)."""
     if webhook is None:
         return
+    if settings.webhook_secret is None:
+        raise _validation_error([(("webhook",), "webhooks are off on this server (it has no WEBHOOK_SECRET)",
+                                  webhook.model_dump(mode="json"))])
     try:
         await targets.resolve_async(webhook.url, settings.webhook_allow_private)
     except targets.TargetRefused as exc:
