@@ -10,10 +10,12 @@ import time
 import httpx
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from service.config import signing_key
+from service.app import create_app
+from service.config import Settings, signing_key
 from service.webhooks import signing
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import wait_for
@@ -73,12 +75,8 @@ def test_a_malformed_webhook_is_a_422_naming_the_field(strict_api, conn, webhook
 
 
 def test_without_a_secret_webhooks_are_refused_naming_the_field(conn):
-    api = LiveServer(REDIS_URL)
-    try:
-        response = httpx.post(f"{api.url}/generate", json={**BODY, "webhook": {"url": "https://example.com/x"}},
-                              timeout=10)
-    finally:
-        api.stop()
+    with TestClient(create_app(Settings(redis_url=REDIS_URL))) as client:
+        response = client.post("/generate", json={**BODY, "webhook": {"url": "https://example.com/x"}})
     assert response.status_code == 422, response.text
     assert [e["loc"] for e in response.json()["detail"]] == [["body", "webhook"]]
     assert queued_jobs(conn) == 0
