@@ -106,11 +106,14 @@ class FacegenClient:
         """``kind``: ``"result"`` (PNG grid) or ``"animation"`` (GIF)."""
         return self._request("GET", f"/jobs/{job_id}/{kind}").content
 
-    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """The job's events (``GET /jobs/{id}/events``) as ``{"id", "event", "data"}`` (data parsed), until the
-        stream ends after the final one; raises ``ClientError`` or ``httpx.HTTPError`` when the stream fails."""
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The job's events (``GET /jobs/{id}/events``, after ``last_event_id``) as ``{"id", "event", "data"}`` (data
+        parsed), until the server ends the stream; raises ``ClientError`` or ``httpx.HTTPError`` when it fails."""
         timeout = httpx.Timeout(self.http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
-        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=timeout) as response:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=timeout, headers=headers) as response:
+            if response.status_code == 204:  # resumed after the final event
+                return
             if response.status_code != 200:
                 response.read()
                 raise ClientError(f"{_detail(response)} (HTTP {response.status_code})", response.status_code)
@@ -125,18 +128,24 @@ class FacegenClient:
                     event[name] = value.removeprefix(" ")
 
     def _follow(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None, deadline: float) -> None:
-        """Feed ``on_update`` with job-like updates from the event stream until its final event or the deadline."""
-        for event in self.events(job_id):
-            data, name = event["data"], event["event"]
-            if name == "queued":
-                update = {"status": "queued", "queue_position": data.get("queue_position")}
-            elif name in ("started", "progress"):
-                update = {"status": "started", "progress": data.get("progress")}
-            else:
-                return
-            if on_update:
-                on_update(update)
-            if time.monotonic() > deadline:
+        """Feed ``on_update`` with job-like updates from the event stream until its final event or the deadline,
+        reconnecting with ``Last-Event-ID`` when the server ends a stream early (``EVENTS_MAX_S``)."""
+        last_id: str | None = None
+        while time.monotonic() < deadline:
+            resumed_from = last_id
+            for event in self.events(job_id, last_id):
+                data, name, last_id = event["data"], event["event"], event.get("id")
+                if name == "queued":
+                    update = {"status": "queued", "queue_position": data.get("queue_position")}
+                elif name in ("started", "progress"):
+                    update = {"status": "started", "progress": data.get("progress")}
+                else:
+                    return
+                if on_update:
+                    on_update(update)
+                if time.monotonic() > deadline:
+                    return
+            if last_id is None or last_id == resumed_from:  # nothing new: let polling tell how it ended
                 return
 
     def wait(

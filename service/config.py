@@ -109,6 +109,8 @@ class Settings(RedisSettings):
     webhook_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
     # ----- GET /jobs/{id}/events: a keep-alive comment after this many quiet seconds
     events_keepalive_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+    # An event stream ends after this long (clients go on with Last-Event-ID): rollouts drain, proxies see ends.
+    events_max_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
     # Event streams one API process serves at once (each holds a Redis connection); more answer 503.
     events_max_streams: Annotated[int, Field(ge=1, le=100_000)] = 500
     host: str = "127.0.0.1"

@@ -236,12 +236,16 @@ function showEvent(event) {
   }
 }
 
-async function follow(job) {
+const FINAL_EVENTS = ["finished", "failed", "canceled"];
+
+async function follow(job, lastId) {
   const controller = new AbortController();
   stream = controller;
+  let resume = null; // the last event's id, when the server ended the stream before the final event
   try {
+    const extra = lastId ? { "Last-Event-ID": lastId } : {};
     const response = await fetch(api(job.links.self + "/events?preview=true"),
-                                 { headers: headers(), signal: controller.signal });
+                                 { headers: headers(extra), signal: controller.signal });
     if (!response.ok || !response.body) throw new Error("no event stream");
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
@@ -252,16 +256,21 @@ async function follow(job) {
       let cut;
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
         if (job !== current) return;
-        showEvent(parseEvent(buffer.slice(0, cut)));
+        const event = parseEvent(buffer.slice(0, cut));
         buffer = buffer.slice(cut + 2);
+        if (event.id) resume = FINAL_EVENTS.includes(event.event) ? null : event.id;
+        showEvent(event);
       }
     }
   } catch (e) {
+    resume = null;
     if (controller.signal.aborted) return;
     // the stream failed: polling below carries on
   }
   if (stream === controller) stream = null;
-  if (job === current) poll(); // the final state (or, if the stream broke, polling until it ends)
+  if (job !== current) return;
+  if (resume && resume !== lastId) follow(job, resume); // the server ended a long stream: go on after the last event
+  else poll(); // the final state (or, if the stream broke, polling until it ends)
 }
 
 function fail(message) {

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis
 import redis.asyncio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
@@ -92,19 +94,42 @@ class Streams:
         return cls(client, settings.events_max_streams)
 
 
+def _position(conn: redis.Redis, job_id: str) -> int | None:
+    try:
+        return job_ops.queue_position(conn, Job.fetch(job_id, connection=conn))
+    except NoSuchJobError:  # expired meanwhile: the next pass ends the stream
+        return None
+
+
+def _final_event(conn: redis.Redis, job_id: str, status: JobStatus | None) -> tuple[str, str]:
+    """``(event, data)`` for a job that ended without a final stream entry (``status`` None: it expired)."""
+    try:
+        job = Job.fetch(job_id, connection=conn) if status is not None else None
+    except NoSuchJobError:
+        job = None
+    if job is None:
+        return JobEvent.failed.value, json.dumps({"status": "expired"})
+    data = {"status": status.value, "error": job_ops.error_of(job)}
+    return FINAL_OF_STATUS[status].value, json.dumps({k: v for k, v in data.items() if v is not None})
+
+
 async def relay(streams: Streams, request: Request, job_id: str, cursor: Cursor, preview: bool,
-                keepalive_s: float, position: Callable[[], int | None]) -> AsyncIterator[bytes]:
+                settings: Settings, sync: redis.Redis) -> AsyncIterator[bytes]:
     """The SSE body: stream entries after ``cursor``, ``queued`` events while the job waits, keep-alives, until
-    the final event (or the client leaves)."""
+    the final event, the client leaves or ``EVENTS_MAX_S`` has passed. ``sync``: the synchronous client, for RQ's
+    reads (in the thread pool)."""
     conn, key = streams.client, spec.events_key(job_id)
-    last_position, last_sent = None, time.monotonic()
+    keepalive_s, ends_at = settings.events_keepalive_s, time.monotonic() + settings.events_max_s
+    last_position, last_sent, first = None, time.monotonic(), True
     streams.open += 1
     try:
-        while not await request.is_disconnected():
+        while time.monotonic() < ends_at and not await request.is_disconnected():
             if preview:
                 await conn.set(spec.preview_key(job_id), b"1", ex=spec.PREVIEW_FLAG_TTL_S)
             block_s = PENDING_POLL_S if cursor.ms == 0 else keepalive_s
-            reply = await conn.xread({key: cursor.stream_id()}, count=READ_BATCH, block=int(block_s * 1000))
+            reply = await conn.xread({key: cursor.stream_id()}, count=READ_BATCH,
+                                     block=None if first else int(block_s * 1000))  # the first read answers at once
+            first = False
             for entry_id, fields in reply[0][1] if reply else []:
                 cursor.ms, cursor.seq = map(int, entry_id.decode().split("-"))
                 event = fields[b"event"].decode()
@@ -117,11 +142,10 @@ async def relay(streams: Streams, request: Request, job_id: str, cursor: Cursor,
             raw = await conn.hget(Job.key_for(job_id), "status")
             status = JobStatus(raw.decode()) if raw else None
             if status is None or status in job_ops.ENDED:  # ended without a final entry, or expired meanwhile
-                final = FINAL_OF_STATUS.get(status, JobEvent.failed)
-                yield sse(cursor.advance(), final.value, json.dumps({"status": status.value if status else "expired"}))
+                yield sse(cursor.advance(), *await run_in_threadpool(_final_event, sync, job_id, status))
                 return
             if cursor.ms == 0 and status in job_ops.PENDING:
-                current = await run_in_threadpool(position)
+                current = await run_in_threadpool(_position, sync, job_id)
                 if current != last_position:
                     last_position, last_sent = current, time.monotonic()
                     yield sse(cursor.advance(), JobEvent.queued.value, json.dumps({"status": status.value,
@@ -142,8 +166,9 @@ async def relay(streams: Streams, request: Request, job_id: str, cursor: Cursor,
         "A `text/event-stream` of the job's events: `queued` (`data`: `queue_position`), `started`, `progress` "
         '(`data`: `{"progress": {"step", "total"}}`; with `preview=true` also `"preview"`, a base64 PNG of the '
         "current x0 prediction, about once a second), and a final `finished`, `failed` (with `error`) or "
-        "`canceled`, after which the stream ends. Every event has an `id`: reconnect with `Last-Event-ID` to go on "
-        "after it (204 when the job has ended and nothing follows). Comment lines keep quiet streams open."
+        "`canceled`, after which the stream ends (it also ends after EVENTS_MAX_S). Every event has an `id`: reconnect "
+        "with `Last-Event-ID` to go on after it (204 when the job has ended and nothing follows). Comment lines keep "
+        "quiet streams open."
     ),
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
@@ -170,10 +195,6 @@ async def job_events(
     if last_event_id and job_ops.status_of(job) in job_ops.ENDED:
         if not await streams.client.xread({spec.events_key(job_id): cursor.stream_id()}, count=1):
             return Response(status_code=204)
-
-    def position() -> int | None:
-        return job_ops.queue_position(services.redis, Job.fetch(job_id, connection=services.redis))
-
-    body = relay(streams, request, job_id, cursor, preview, services.settings.events_keepalive_s, position)
+    body = relay(streams, request, job_id, cursor, preview, services.settings, services.redis)
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
