@@ -1,11 +1,17 @@
-"""``make demo``: Redis (reused or started), one worker with the bundled demo model, and the API.
+"""``make demo``: Redis (reused or started), one worker with the bundled demo model, the webhook delivery process
+and the API.
+
+Webhooks are signed with ``WEBHOOK_SECRET`` (a fresh one for the session, printed, unless it is set) and may reach
+this machine's own receivers (``WEBHOOK_ALLOW_PRIVATE``, unless it is set).
 
 Prints the playground URL once the API is ready; Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,6 +44,8 @@ def wait_ready(url: str, processes: list[subprocess.Popen]) -> bool:
 def main() -> int:
     redis_url, redis_server = ensure_redis()
     env = {**os.environ, "REDIS_URL": redis_url}
+    env.setdefault("WEBHOOK_SECRET", "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    env.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")  # the demo serves this machine: local receivers are fine
     port = env.setdefault("PORT", "8000")
     url = f"http://127.0.0.1:{port}"
     settings = WorkerSettings()
@@ -47,10 +55,12 @@ def main() -> int:
     else:
         print(f"[demo] no diffusion checkpoint under {settings.checkpoint_dir}: starting the API without a worker "
               "(train one: see README, 'Reproduce the demo model')", file=sys.stderr)
+    processes.append(subprocess.Popen([sys.executable, "-m", "service.webhooks"], env={**env, "WEBHOOK_METRICS_PORT": "0"}))
     processes.append(subprocess.Popen([sys.executable, "-m", "service", "--port", port], env=env))
     try:
         if wait_ready(url, processes):
-            print(f"\n[demo] facegen is ready: open {url}/  (API docs: {url}/openapi.json; Ctrl-C stops)\n", flush=True)
+            print(f"\n[demo] facegen is ready: open {url}/  (API docs: {url}/openapi.json; Ctrl-C stops)\n"
+                  f"[demo] webhooks are signed with WEBHOOK_SECRET={env['WEBHOOK_SECRET']}\n", flush=True)
         else:
             print(f"[demo] not ready after {READY_TIMEOUT_S}s; see the logs above ({url}/readyz says why)",
                   file=sys.stderr)

@@ -20,7 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from service.config import Settings
 from service.keys import REPLICATION_MARK_KEY, rate_key, tombstone_key
 from service.redis_clients import replica_wait_s
+from service.schemas import WebhookCreate
 from service.tenancy import Caller, quota_for
+from service.webhooks import delivery as webhook_delivery
 from worker import spec
 from worker.fair_queue import DISPATCH_LUA
 
@@ -159,6 +161,7 @@ async def submit(
     settings: Settings,
     caller: Caller,
     idempotency: tuple[str, str] | None = None,
+    webhook: WebhookCreate | None = None,
 ) -> Submission:
     """Enqueue ``job_spec`` (by the worker function's dotted name) for ``caller`` and remember its id.
 
@@ -171,6 +174,8 @@ async def submit(
     Raises ``Refused`` when the queue holds ``settings.max_queued`` jobs or the caller is at a limit of its quota,
     ``NotReplicated`` when the primary's replicas did not acknowledge the job in time (see
     ``Settings.redis_min_replicas_ack``).
+
+    ``webhook``: the job's webhook, whose delivery (service/webhooks/delivery.py) is written in the same transaction.
     """
     job_id = str(uuid.uuid4())
     if idempotency is not None:
@@ -194,6 +199,8 @@ async def submit(
                 description=f"generate {job_spec.label()} x{job_spec.count}",
                 pipeline=recorder,
             )
+            if webhook is not None:
+                webhook_delivery.defer(recorder, queue.connection, job_id, webhook, settings)
             async with conn.pipeline(transaction=True) as pipe:
                 for args, options in recorder.command_stack:
                     pipe.execute_command(*args, **options)

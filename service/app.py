@@ -16,6 +16,7 @@ from service.api.errors import add_error_handlers
 from service.api.main import ROUTERS
 from service.api.middleware import BodyLimitMiddleware
 from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
+from service.api.routes import events
 from service.api.routes.edit import EDIT_PATH
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     key_labels = KeyLabels(settings)
     conn = redis_clients.connect(settings, on_error=metrics.count_redis_error)
     async_conn = redis_clients.connect_async(settings, on_error=metrics.count_redis_error)
+    event_streams = events.Streams.connect(settings, on_error=metrics.count_redis_error)
     metrics.registry.register(QueueCollector(conn, settings.queue_name, key_labels))
     queue = redis_clients.make_queue(conn, settings)
 
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         conn.close()
         await async_conn.aclose()
+        await event_streams.client.aclose()
 
     app = FastAPI(
         title="facegen",
@@ -64,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         artifacts=open_store(settings, conn),
     )
 
+    app.state.event_streams = event_streams
     for router in ROUTERS:
         app.include_router(router)
     exact_openapi_bounds(app)

@@ -1,4 +1,5 @@
-"""Command-line client for the facegen API (httpx; a tqdm progress bar when tqdm is installed).
+"""Command-line client for the facegen API (httpx; a tqdm progress bar when tqdm is installed, fed by the job's
+event stream).
 
     python -m service.client generate --label smiling --count 16 --seed 1 --out grid.png [--gif anim.gif]
     python -m service.client edit face.jpg --label smiling [--strength 0.6] --out pair.png [--gif change.gif]
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from worker.spec import DEFAULT_COUNT, DEFAULT_SAMPLER, LATEST, Sampler
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ENDED = {"finished", "failed", "canceled", "stopped"}
+STREAM_READ_TIMEOUT_S = 60.0  # the server sends a keep-alive every EVENTS_KEEPALIVE_S (15 s by default)
 
 
 class ClientError(Exception):
@@ -119,6 +121,48 @@ class FacegenClient:
         host)."""
         return self._request("GET", f"/jobs/{job_id}/{kind}", follow_redirects=True).content
 
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The job's events (``GET /jobs/{id}/events``, after ``last_event_id``) as ``{"id", "event", "data"}`` (data
+        parsed), until the server ends the stream; raises ``ClientError`` or ``httpx.HTTPError`` when it fails."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=timeout, headers=headers) as response:
+            if response.status_code == 204:  # resumed after the final event
+                return
+            if response.status_code != 200:
+                response.read()
+                raise ClientError(f"{_detail(response)} (HTTP {response.status_code})", response.status_code)
+            event: dict[str, Any] = {}
+            for line in response.iter_lines():
+                if not line:
+                    if "event" in event:
+                        yield {**event, "data": json.loads(event.get("data") or "{}")}
+                    event = {}
+                elif not line.startswith(":"):
+                    name, _, value = line.partition(":")
+                    event[name] = value.removeprefix(" ")
+
+    def _follow(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None, deadline: float) -> None:
+        """Feed ``on_update`` with job-like updates from the event stream until its final event or the deadline,
+        reconnecting with ``Last-Event-ID`` when the server ends a stream early (``EVENTS_MAX_S``)."""
+        last_id: str | None = None
+        while time.monotonic() < deadline:
+            resumed_from = last_id
+            for event in self.events(job_id, last_id):
+                data, name, last_id = event["data"], event["event"], event.get("id")
+                if name == "queued":
+                    update = {"status": "queued", "queue_position": data.get("queue_position")}
+                elif name in ("started", "progress"):
+                    update = {"status": "started", "progress": data.get("progress")}
+                else:
+                    return
+                if on_update:
+                    on_update(update)
+                if time.monotonic() > deadline:
+                    return
+            if last_id is None or last_id == resumed_from:  # nothing new: let polling tell how it ended
+                return
+
     def wait(
         self,
         job_id: str,
@@ -126,8 +170,13 @@ class FacegenClient:
         poll_s: float = 0.5,
         timeout_s: float = 3600.0,
     ) -> dict[str, Any]:
-        """Poll until the job ends; returns its final status, raises ``ClientError`` unless it finished."""
+        """Follow the job's event stream until it ends (polling ``GET /jobs/{id}`` if the stream fails), then read
+        its final status; returns it, raises ``ClientError`` unless it finished."""
         deadline = time.monotonic() + timeout_s
+        try:
+            self._follow(job_id, on_update, deadline)
+        except (httpx.HTTPError, ClientError, ValueError) as exc:
+            print(f"event stream unavailable ({exc}); polling", file=sys.stderr)
         while True:
             job = self.status(job_id)
             if on_update:

@@ -7,6 +7,7 @@ an empty variable counts as unset. Routes get the settings through ``get_setting
 
 from __future__ import annotations
 
+import base64
 import re
 from functools import lru_cache
 from typing import Annotated, Any
@@ -95,12 +96,41 @@ class Settings(RedisSettings, ArtifactSettings):
     job_timeout: Annotated[int, Field(ge=1)] = 900
     # A job that fails with a transient error, or whose worker dies, is run again up to this many times.
     job_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    # ----- webhooks (service/webhooks): POST /generate queues a delivery, `python -m service.webhooks` sends it
+    # Standard Webhooks signing secret, "whsec_" + base64 (the delivery process needs it; the API does not).
+    webhook_secret: Annotated[SecretStr | None, Field(repr=False)] = None
+    # Let webhook URLs reach private, loopback, link-local and reserved addresses (cloud metadata stays refused).
+    webhook_allow_private: bool = False
+    webhook_queue: Annotated[str, Field(min_length=1)] = "facegen-webhooks"
+    # Seconds before each retry of a failed delivery (comma-separated): 6 attempts over about 10 minutes.
+    webhook_retry_intervals: Annotated[tuple[Annotated[int, Field(ge=0)], ...], NoDecode] = (10, 30, 60, 120, 360)
+    # One delivery attempt gives up after this many seconds (connect + answer).
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
+    # The delivery process releases the deliveries of jobs that ended without doing so this often (and runs RQ's
+    # maintenance of its queue).
+    webhook_sweep_interval_s: Annotated[int, Field(ge=1)] = 30
+    # Prometheus metrics of the delivery process (/metrics); 0 = none.
+    webhook_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
+    # ----- GET /jobs/{id}/events: a keep-alive comment after this many quiet seconds
+    events_keepalive_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+    # An event stream ends after this long (clients go on with Last-Event-ID): rollouts drain, proxies see ends.
+    events_max_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    # Event streams one API process serves at once (each holds a Redis connection); more answer 503.
+    events_max_streams: Annotated[int, Field(ge=1, le=100_000)] = 500
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     log_level: str = "info"
 
-    _split_lists = field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")(_split_csv)
+    _split_lists = field_validator("api_keys", "admin_api_keys", "cors_origins", "webhook_retry_intervals",
+                                   mode="before")(_split_csv)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_is_whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            signing_key(value)  # raises ValueError naming the expected form
+        return value
 
     @field_validator("quota_overrides")
     @classmethod
@@ -123,6 +153,21 @@ class Settings(RedisSettings, ArtifactSettings):
     def default_quota(self) -> Quota:
         return Quota(queued_jobs=self.quota_queued_jobs, queued_images=self.quota_queued_images,
                      submissions_per_minute=self.quota_submissions_per_minute)
+
+
+def signing_key(secret: SecretStr) -> bytes:
+    """The HMAC key of a Standard Webhooks secret ``whsec_<base64>``."""
+    text = secret.get_secret_value()
+    try:
+        if not text.startswith("whsec_"):
+            raise ValueError
+        key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raise ValueError("WEBHOOK_SECRET must be 'whsec_' followed by base64 (e.g. whsec_$(openssl rand -base64 32))"
+                         ) from None
+    if len(key) < 16:
+        raise ValueError("WEBHOOK_SECRET's key must be at least 16 bytes (24 base64 characters)")
+    return key
 
 
 @lru_cache

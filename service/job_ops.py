@@ -227,7 +227,9 @@ def cancel(conn: redis.Redis, job: Job, settings: Settings) -> JobStatus:
         owner = owner_of(conn, job)
         if owner:  # still waiting for its key's turn: out of the key's list too (RQ removes it from the queue)
             conn.lrem(spec.key_queue_key(job.origin, owner), 0, job.id)
-        job.cancel()
+        job.cancel(enqueue_dependents=True)  # its webhook delivery, if any
         conn.expire(job.key, settings.failure_ttl)
+        spec.append_event(conn, job.id, spec.JobEvent.canceled, {"status": JobStatus.CANCELED.value},
+                          settings.failure_ttl)
         return JobStatus.CANCELED
     return status

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from rq.job import JobStatus
 
+from service.webhooks.targets import check_url
 from worker import spec
 
 # Seeds the API draws itself stay below 2**53 so that JavaScript clients (the playground) read them exactly.
@@ -18,6 +20,43 @@ GENERATE_EXAMPLES = [
     {"label": "not_smiling", "count": 16, "sampler": "ddim", "steps": 50, "guidance_scale": 3.5},
     {"attributes": {"Smiling": True, "Eyeglasses": False}, "count": 8, "animation": True},
     {"label": "smiling", "count": 4, "seed": 7, "transition": True, "transition_frames": 8},
+]
+
+
+class WebhookEvent(StrEnum):
+    """How a job ended, as a webhook subscribes to it (the payload's ``type`` is ``job.<event>``)."""
+
+    completed = "completed"
+    failed = "failed"
+    canceled = "canceled"
+
+
+class WebhookCreate(BaseModel):
+    """Where to report the job's end: a signed POST (Standard Webhooks) to ``url`` for each of ``events``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[
+        str,
+        Field(max_length=2048, description="http(s) URL receiving the signed POST; its host must resolve to public "
+                                           "addresses (unless the server sets WEBHOOK_ALLOW_PRIVATE).",
+              examples=["https://example.com/hooks/facegen"]),
+    ]
+    events: Annotated[
+        list[WebhookEvent],
+        Field(min_length=1, max_length=3, description="Which endings to report."),
+    ] = [WebhookEvent.completed, WebhookEvent.failed, WebhookEvent.canceled]
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_well_formed(cls, value: str) -> str:
+        return check_url(value)
+
+
+# The request field both job kinds (POST /generate, POST /edit) declare as `webhook: WebhookField = None`.
+WebhookField = Annotated[
+    WebhookCreate | None,
+    Field(description="Report the job's end to this URL (a signed POST, retried with backoff until it answers 2xx)."),
 ]
 
 
@@ -137,6 +176,7 @@ class JobCreate(BaseModel):
             description='Model version (see GET /models); "latest" is the newest one the workers serve.',
         ),
     ] = spec.LATEST
+    webhook: WebhookField = None
 
     @field_validator("label")
     @classmethod
@@ -183,6 +223,16 @@ class Progress(BaseModel):
     total: Annotated[int, Field(ge=0, description="Denoising steps in all.")]
 
 
+class WebhookState(BaseModel):
+    """The job's webhook delivery so far."""
+
+    attempts: Annotated[int, Field(ge=0, description="Delivery attempts made (each retry counts).")]
+    delivered: Annotated[bool, Field(description="The receiver answered 2xx.")]
+    last_status: Annotated[int | None, Field(description="HTTP status of the last attempt (null: none, or no "
+                                                         "answer).")] = None
+    last_error: Annotated[str | None, Field(description="Why the last attempt failed.")] = None
+
+
 class JobPublic(BaseModel):
     """A job as GET /jobs/{id} shows it."""
 
@@ -211,6 +261,7 @@ class JobPublic(BaseModel):
         Field(description="Parameters the worker actually used (steps, guidance_scale, sampler, model version)."),
     ] = None
     error: Annotated[str | None, Field(description="One-line reason when the job failed.")] = None
+    webhook: Annotated[WebhookState | None, Field(description="Present when the request asked for a webhook.")] = None
     links: JobLinks
 
 

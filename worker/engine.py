@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -38,6 +39,8 @@ from training.diffusion.samplers import trajectory_indices
 from training.imaging import to_uint8
 from training.pipeline import LatentDiffusion
 from training.runtime import pick_device, pick_dtype
+
+from .spec import PREVIEW_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,17 @@ class RunStats:
 
 
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps) across chunks; may raise to abort
+
+
+class PreviewSink(Protocol):
+    """Where :meth:`Engine.run` puts previews of the x0 prediction (the event stream's, worker/jobs.py)."""
+
+    def due(self) -> frozenset[str]:
+        """Request keys that want a preview now (empty most steps: previews are throttled)."""
+
+    def put(self, step: int, key: str, image: torch.Tensor) -> None:
+        """The preview of request ``key`` after ``step``: ``uint8 [3, h, w]`` on the CPU, at most
+        ``PREVIEW_SIDE`` pixels a side."""
 
 
 def check_compile_supported(device: torch.device) -> None:
@@ -240,8 +254,10 @@ class Engine:
         return to_uint8(images.clamp(-1, 1))
 
     def run(self, requests: list[ImageRequest], sampler: str, steps: int, guidance_scale: float,
-            progress: ProgressFn | None = None) -> tuple[dict[str, RequestOutput], RunStats]:
-        """Generate every request's images (and trajectory frames where asked).
+            progress: ProgressFn | None = None, previews: PreviewSink | None = None
+            ) -> tuple[dict[str, RequestOutput], RunStats]:
+        """Generate every request's images (and trajectory frames where asked); ``previews`` gets a preview of
+        the first image of each request it asks for, when it asks.
 
         Raises ``ValueError`` for an attribute the model does not know, :class:`OutOfMemory` when a single
         image does not fit, :class:`NonFiniteOutput` when even float32 gives NaN/Inf, and whatever ``progress``
@@ -262,7 +278,10 @@ class Engine:
         noise_frames: list[torch.Tensor] = []  # decoded x_T of the rows that want frames, chunk by chunk
         step_frames: dict[int, list[torch.Tensor]] = {i: [] for i in chain.frame_steps}
         for number, chunk in enumerate(chunks):
-            def on_step(i: int, base: int = number * steps) -> None:
+            def on_step(i: int, x0: torch.Tensor, base: int = number * steps,
+                        keys: tuple[str, ...] = tuple(requests[rows[k][0]].key for k in chunk)) -> None:
+                if previews is not None and len(x0) == len(keys):  # not while a chunk is split for memory
+                    self._preview(previews, base + i + 1, x0, keys)
                 if progress is not None:
                     progress(base + i + 1, total)
 
@@ -337,7 +356,17 @@ class Engine:
             outputs[request.key] = output
         return outputs, stats
 
-    def _sample_checked(self, chain: Chain, on_step: Callable[[int], None], stats: RunStats
+    def _preview(self, previews: PreviewSink, step: int, x0: torch.Tensor, keys: tuple[str, ...]) -> None:
+        """Decode the x0 prediction ``x0 [n, C, h, w]`` (scaled latents; row ``k`` belongs to request
+        ``keys[k]``) of the first row of each request ``previews`` wants now, shrunk to ``PREVIEW_SIDE``."""
+        for key in previews.due() & set(keys):
+            image = self.model.decode(x0[keys.index(key)][None])  # float32 [1, 3, H, W] in [-1, 1]
+            if max(image.shape[-2:]) > PREVIEW_SIDE:
+                scale = PREVIEW_SIDE / max(image.shape[-2:])
+                image = nn.functional.interpolate(image, scale_factor=scale, mode="area")
+            previews.put(step, key, to_uint8(image)[0].cpu())
+
+    def _sample_checked(self, chain: Chain, on_step: Callable[[int, torch.Tensor], None], stats: RunStats
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """:meth:`_sample` in the engine's dtype; latent rows with NaN/Inf (an overflow in the UNet) are sampled
         again alone in a wider dtype (no progress reported for the redo), their frames replaced too."""
@@ -345,7 +374,8 @@ class Engine:
         frame_position = chain.frame_positions()
 
         def redo(rows: list[int], dtype: torch.dtype) -> torch.Tensor:
-            redone, redone_frames = self._sample(chain.part(rows), lambda i: None, self.model.in_dtype("unet", dtype))
+            redone, redone_frames = self._sample(chain.part(rows), lambda i, x0: None,
+                                                 self.model.in_dtype("unet", dtype))
             positions = [frame_position[k] for k in rows if chain.wants_frames[k]]
             for i, x0 in redone_frames.items():
                 x0_at_step[i][positions] = x0.to(x0_at_step[i].dtype)
@@ -353,7 +383,7 @@ class Engine:
 
         return self._redo_non_finite(latents, redo, "unet", stats), x0_at_step
 
-    def _sample(self, chain: Chain, on_step: Callable[[int], None], unet: nn.Module
+    def _sample(self, chain: Chain, on_step: Callable[[int, torch.Tensor], None], unet: nn.Module
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """One chain over ``chain.labels [n, A]`` evaluated with ``unet``: final latents ``[n, C, h, w]`` and the
         x0 predictions at the ``frame_steps`` step indices for the rows in ``wants_frames`` (kept on the device: no
@@ -366,7 +396,7 @@ class Engine:
         def callback(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
             if any_wanted and i in chain.frame_steps:
                 x0_at_step[i] = x0.index_select(0, keep)
-            on_step(i)
+            on_step(i, x0)
 
         n = len(chain.noise_streams)
         try:

@@ -10,9 +10,11 @@ that job's artifacts. Every job keeps its own status, progress, result and failu
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -21,11 +23,14 @@ from typing import Any
 
 import redis
 import torch
+from PIL import Image
 from pydantic import ValidationError
 from rq import SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import utcformat
+
+from training.imaging import png_bytes
 
 from .artifacts import ArtifactStore, ArtifactStoreUnavailable, put_retrying
 from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
@@ -46,9 +51,12 @@ from .spec import (
     META_RESOLVED,
     BatchKey,
     EditSpec,
+    JobEvent,
     JobSpec,
+    append_event,
     cancel_key,
     parse_job_spec,
+    preview_key,
 )
 from .transition import transition_output, transition_requests
 
@@ -263,6 +271,7 @@ class FacegenWorker(SimpleWorker):
                     self.batch_heartbeat(group[index:], executions, queue)()
                     beaten = time.monotonic()
                 self.perform_job(member, queue, executions[member.id])
+                record_final_event(member, self.runtime.settings.artifact_ttl)
         finally:
             _current_runtime.reset(token)
         self.set_state("idle")
@@ -293,10 +302,26 @@ class FacegenWorker(SimpleWorker):
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             pipe.execute()
         if job.get_status(refresh=True) != JobStatus.CANCELED:
-            job.cancel()
+            job.cancel(enqueue_dependents=True)  # its webhook delivery, if any
         self.connection.expire(job.key, job.failure_ttl or self.runtime.settings.artifact_ttl)
+        append_event(self.connection, job.id, JobEvent.canceled, {"status": JobStatus.CANCELED.value},
+                     self.runtime.settings.artifact_ttl)
         self.runtime.metrics.jobs.labels("canceled").inc()
         log.info("job %s canceled", job.id)
+
+
+def record_final_event(job: Job, ttl: int) -> None:
+    """Append ``finished`` or ``failed`` to the job's event stream once RQ has recorded it (nothing for a job RQ
+    queued again for a retry: its stream goes on with the next run)."""
+    try:
+        status = job.get_status(refresh=True)
+        if status == JobStatus.FINISHED:
+            append_event(job.connection, job.id, JobEvent.finished, {"status": status.value}, ttl)
+        elif status == JobStatus.FAILED:
+            reason = job.get_meta(refresh=True).get(META_ERROR)
+            append_event(job.connection, job.id, JobEvent.failed, {"status": status.value, "error": reason}, ttl)
+    except redis.RedisError as exc:  # advisory: the API tells the ending from the job's status too
+        log.warning("final event of job %s not recorded: %s", job.id, exc)
 
 
 def cancel_flags(connection: redis.Redis, jobs: list[Job]) -> list[bool]:
@@ -363,6 +388,11 @@ def mark_started(batch: Batch, runtime: WorkerRuntime) -> None:
         job.meta[META_BATCH_RUN] = run
         job.meta[META_PROGRESS] = {"step": 0, "total": progress_total(batch.shares[job.id].spec, batch.key.steps)}
         job.save_meta()
+    with batch.running[0].connection.pipeline(transaction=False) as pipe:
+        for job in batch.running:
+            append_event(pipe, job.id, JobEvent.started, {"started_at": started_at.isoformat(),
+                                                          "batch": job.meta[META_BATCH]}, runtime.settings.artifact_ttl)
+        pipe.execute()
 
 
 class ProgressReporter:
@@ -372,7 +402,10 @@ class ProgressReporter:
     :class:`JobTimeout` once the batch has sampled longer than its smallest job timeout), posts the step and
     raises :class:`JobCanceled` once every running job is canceled: it never waits on Redis. The helper thread,
     every ``PROGRESS_INTERVAL`` while steps arrive, writes the latest step posted (older ones are skipped) to each
-    running job, picks up cancels and heartbeats. Use as a context manager around the engine run."""
+    running job, picks up cancels and heartbeats. Every step also goes to each job's event stream (none skipped),
+    with a preview of the x0 prediction while a client of the stream asks for one: as the engine's
+    :class:`PreviewSink` it asks the engine for one at most every ``PREVIEW_INTERVAL`` and encodes it on the
+    helper thread. Use as a context manager around the engine run."""
 
     def __init__(self, batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
                  heartbeat: Callable[[], None] | None):
@@ -382,6 +415,10 @@ class ProgressReporter:
         self.timeout_s = min(bounds, default=None)  # the batch's bound: its smallest job timeout
         self.deadline = time.monotonic() + self.timeout_s if self.timeout_s is not None else None
         self.latest: tuple[int, int] | None = None  # (step, total) posted by the sampling thread
+        self.steps: deque[tuple[int, int]] = deque()  # every step posted and not yet written to the event streams
+        self.previews: dict[tuple[int, str], torch.Tensor] = {}  # (step, job id) -> uint8 [3, h, w]
+        self.preview_wanted: frozenset[str] = frozenset()  # jobs some client wants previews of (the helper reads it)
+        self.next_preview = 0.0  # no preview before this time.monotonic()
         self.posted = threading.Event()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -399,10 +436,22 @@ class ProgressReporter:
         self.runtime.tick()
         if self.deadline is not None and time.monotonic() > self.deadline and step < total:
             raise JobTimeout(self.timeout_s)
+        self.steps.append((step, total))  # before `latest`: a write that sees this latest also drains this step
         self.latest = (step, total)  # one reference store: the helper reads whichever is the latest
         self.posted.set()
         if all(job.id in self.batch.canceled for job in self.batch.running):
             raise JobCanceled()
+
+    def due(self) -> frozenset[str]:
+        """The jobs that want a preview now: those a client asked for, once per ``PREVIEW_INTERVAL``."""
+        now = time.monotonic()
+        if not self.preview_wanted or now < self.next_preview:
+            return frozenset()
+        self.next_preview = now + self.settings.preview_interval
+        return self.preview_wanted
+
+    def put(self, step: int, key: str, image: torch.Tensor) -> None:
+        self.previews[(step, key)] = image
 
     def _loop(self) -> None:
         written: tuple[int, int] | None = None
@@ -430,7 +479,7 @@ class ProgressReporter:
             except Exception:  # noqa: BLE001 - keep reporting; the sampling must not lose its helper
                 log.exception("progress not recorded at step %d/%d", *latest)
             self.stop.wait(self.settings.progress_interval)
-        if self.latest is not None and self.latest != written:  # where the chain stopped or ended
+        if self.latest is not None and (self.latest != written or self.steps):  # where the chain stopped or ended
             try:
                 self.write(*self.latest)
             except redis.RedisError as exc:
@@ -444,6 +493,30 @@ class ProgressReporter:
             else:
                 job.meta[META_PROGRESS] = {"step": step, "total": total}
                 job.save_meta()
+        self.write_events([job for job in running if job.id not in self.batch.canceled])
+
+    def write_events(self, jobs: list[Job]) -> None:
+        """Append the steps posted since the last write (with their previews) to each job's event stream, and
+        read which jobs a client wants previews of (one round trip)."""
+        steps = [self.steps.popleft() for _ in range(len(self.steps))]
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                for step, total in steps:
+                    data: dict[str, Any] = {"progress": {"step": step, "total": total}}
+                    image = self.previews.pop((step, job.id), None)
+                    if image is not None:
+                        data["preview"] = preview_png(image)
+                    append_event(pipe, job.id, JobEvent.progress, data, self.settings.artifact_ttl)
+            for job in jobs:
+                pipe.exists(preview_key(job.id))
+            replies = pipe.execute()
+        wanted = replies[len(replies) - len(jobs):]  # the EXISTS replies
+        self.preview_wanted = frozenset(job.id for job, flag in zip(jobs, wanted, strict=True) if flag)
+
+
+def preview_png(image: torch.Tensor) -> str:
+    """``uint8 [3, h, w]`` -> base64 of its PNG."""
+    return base64.b64encode(png_bytes(Image.fromarray(image.permute(1, 2, 0).numpy()))).decode()
 
 
 def image_requests(job_id: str, spec: JobSpec) -> list[ImageRequest]:
@@ -468,7 +541,8 @@ def denoise(batch: Batch, runtime: WorkerRuntime, connection: redis.Redis,
                 outputs, stats = engine.edit(edits, key.steps, key.guidance_scale, key.strength, progress)
             else:
                 requests = [request for job, share in pairs for request in image_requests(job.id, share.spec)]
-                outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress)
+                outputs, stats = engine.run(requests, key.sampler.value, key.steps, key.guidance_scale, progress,
+                                            progress)
     except JobCanceled:
         return
     except JobTimeout as exc:

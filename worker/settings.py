@@ -41,6 +41,9 @@ class WorkerSettings(RedisSettings, ArtifactSettings):
     # it above MAINTENANCE_INTERVAL (an idle worker's dequeue blocks that long) and one denoising step
     liveness_timeout: int = Field(120, ge=1)
     progress_interval: float = Field(0.1, gt=0)  # seconds between progress writes (~10/s at most)
+    # seconds between previews of a batch's x0 prediction for the event stream, made only while a client asks for
+    # them (each costs a VAE decode of one image per job)
+    preview_interval: float = Field(1.0, gt=0)
     threads: int | None = Field(None, ge=1)  # torch CPU threads
 
     def queue_names(self) -> list[str]:

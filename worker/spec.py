@@ -7,6 +7,7 @@ torch nor FastAPI, so the API process can use it.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -266,6 +267,46 @@ class ModelInfo(BaseModel):
 
     def labels(self) -> list[str]:
         return [label for name in self.attributes for label in (attribute_label(name), "not_" + attribute_label(name))]
+
+
+# ----- job events (GET /jobs/{id}/events relays them) ---------------------------------------------------------
+class JobEvent(StrEnum):
+    """Entries of a job's event stream: a Redis stream of ``{"event": name, "data": JSON}`` entries. The worker
+    writes ``started``, one ``progress`` per denoising step (``{"progress": {"step", "total"}}``, with ``"preview"``,
+    a base64 PNG of the current x0 prediction, while a client asks for previews) and the final ``finished`` /
+    ``failed`` / ``canceled`` once RQ has recorded it; the API writes ``canceled`` for a job canceled while queued.
+    ``queued`` is the API's own (the queue position, computed when asked)."""
+
+    queued = "queued"
+    started = "started"
+    progress = "progress"
+    finished = "finished"
+    failed = "failed"
+    canceled = "canceled"
+
+
+FINAL_EVENTS = frozenset({JobEvent.finished, JobEvent.failed, JobEvent.canceled})
+EVENTS_MAX_ENTRIES = 4096  # a stream keeps about this many entries (MAXLEN ~): every step of 4 ddpm runs
+PREVIEW_SIDE = 64  # previews are at most this many pixels on a side
+PREVIEW_FLAG_TTL_S = 60  # a client's wish for previews lapses unless renewed within this long
+
+
+def events_key(job_id: str) -> str:
+    """The job's event stream (expires with the job)."""
+    return f"{KEY_PREFIX}:events:{job_id}"
+
+
+def preview_key(job_id: str) -> str:
+    """Set (with ``PREVIEW_FLAG_TTL_S``) while some client of the job's event stream wants previews."""
+    return f"{KEY_PREFIX}:preview:{job_id}"
+
+
+def append_event(pipe: Any, job_id: str, event: JobEvent, data: dict[str, Any], ttl_s: int) -> None:
+    """Add ``event`` to the job's stream on ``pipe`` (a redis pipeline or client) and renew the stream's TTL."""
+    key = events_key(job_id)
+    pipe.xadd(key, {"event": event.value, "data": json.dumps(data, separators=(",", ":"))},
+              maxlen=EVENTS_MAX_ENTRIES, approximate=True)
+    pipe.expire(key, ttl_s)
 
 
 # ----- job meta and artifacts ----------------------------------------------------------------------------------

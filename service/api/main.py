@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from service.api.routes import docs, edit, health, jobs, metrics, models, playground
+from service.api.routes import docs, edit, events, health, jobs, metrics, models, playground
 
-ROUTERS = [module.router for module in (jobs, edit, models, health, metrics, playground, docs)]
+ROUTERS = [module.router for module in (jobs, edit, events, models, health, metrics, playground, docs)]

@@ -1,4 +1,5 @@
-// facegen playground: submit a request, poll its progress, show the PNG grid, the GIF and per-image downloads.
+// facegen playground: submit a request, follow its progress (the job's event stream, with previews; polling if the
+// stream fails), show the PNG grid, the GIF and per-image downloads.
 // The query string mirrors the form (?label=smiling&count=4&seed=1&run=1), so a URL reproduces a request.
 "use strict";
 
@@ -9,6 +10,7 @@ const POLL_MS = 400;
 let current = null; // {id, links, animation}
 let defaults = null; // the served model's {default_steps, default_guidance_scale}
 let pollTimer = null;
+let stream = null; // AbortController of the open event stream
 const objectUrls = [];
 
 function setState(state) { document.body.dataset.state = state; }
@@ -195,7 +197,7 @@ async function submit(event) {
     showShare(seed);
     $("cancel").disabled = false;
     setState("running");
-    poll();
+    follow(current);
   } catch (e) {
     fail(e.message);
   }
@@ -204,6 +206,77 @@ async function submit(event) {
 function stopPolling() {
   if (pollTimer) clearTimeout(pollTimer);
   pollTimer = null;
+  if (stream) stream.abort();
+  stream = null;
+  $("preview-figure").hidden = true;
+}
+
+// ----- the event stream (GET /jobs/{id}/events): fetch, not EventSource, which cannot send the API key ----------
+function parseEvent(block) {
+  const event = { event: "message", data: "" };
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const cut = line.indexOf(":");
+    const field = cut < 0 ? line : line.slice(0, cut);
+    const value = cut < 0 ? "" : line.slice(cut + 1).replace(/^ /, "");
+    if (field === "data") event.data += (event.data ? "\n" : "") + value;
+    else event[field] = value;
+  }
+  return event;
+}
+
+function showEvent(event) {
+  const data = event.data ? JSON.parse(event.data) : {};
+  if (event.event === "queued") {
+    const ahead = data.queue_position;
+    setStatus("Queued" + (ahead !== null && ahead !== undefined ? " — " + ahead + " job(s) ahead" : "") + "…", null);
+  } else if (event.event === "started") {
+    setStatus("Starting…", 0);
+  } else if (event.event === "progress") {
+    const p = data.progress;
+    setStatus("Denoising: step " + p.step + " / " + p.total, p.total ? p.step / p.total : null);
+    if (data.preview) {
+      $("preview-image").src = "data:image/png;base64," + data.preview;
+      $("preview-figure").hidden = false;
+    }
+  }
+}
+
+const FINAL_EVENTS = ["finished", "failed", "canceled"];
+
+async function follow(job, lastId) {
+  const controller = new AbortController();
+  stream = controller;
+  let resume = null; // the last event's id, when the server ended the stream before the final event
+  try {
+    const extra = lastId ? { "Last-Event-ID": lastId } : {};
+    const response = await fetch(api(job.links.self + "/events?preview=true"),
+                                 { headers: headers(extra), signal: controller.signal });
+    if (!response.ok || !response.body) throw new Error("no event stream");
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        if (job !== current) return;
+        const event = parseEvent(buffer.slice(0, cut));
+        buffer = buffer.slice(cut + 2);
+        if (event.id) resume = FINAL_EVENTS.includes(event.event) ? null : event.id;
+        showEvent(event);
+      }
+    }
+  } catch (e) {
+    resume = null;
+    if (controller.signal.aborted) return;
+    // the stream failed: polling below carries on
+  }
+  if (stream === controller) stream = null;
+  if (job !== current) return;
+  if (resume && resume !== lastId) follow(job, resume); // the server ended a long stream: go on after the last event
+  else poll(); // the final state (or, if the stream broke, polling until it ends)
 }
 
 function fail(message) {
@@ -236,6 +309,7 @@ async function poll() {
     const text = progress ? "Denoising: step " + progress.step + " / " + progress.total : "Starting…";
     setStatus(text + (body.cancel_requested ? " (cancelling)" : ""), progress && progress.total ? progress.step / progress.total : null);
   } else if (body.status === "finished") {
+    $("preview-figure").hidden = true;
     setStatus("Finished — loading images…", 1);
     await showImages(job);
     return;

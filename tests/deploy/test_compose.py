@@ -35,6 +35,9 @@ COMPOSE_VARIABLES = (
     "FACEGEN_CHECKPOINTS",
     "API_PORT",
     "PROMETHEUS_PORT",
+    "WEBHOOK_SECRET",
+    "WEBHOOK_ALLOW_PRIVATE",
+    "WEBHOOK_RETRY_INTERVALS",
 )
 
 
@@ -155,6 +158,20 @@ def test_quiet_validation_passes_with_every_profile(compose_bin, compose_env):
 
 def test_default_services(default_config):
     assert set(default_config["services"]) == {"redis", "api", "worker"}
+
+
+def test_webhooks_profile_runs_the_delivery_process_from_the_api_image(compose_bin, compose_env):
+    config = render(compose_bin, compose_env, "--profile", "webhooks")
+    assert set(config["services"]) == {"redis", "api", "worker", "webhooks"}
+    webhooks, api = config["services"]["webhooks"], config["services"]["api"]
+    assert webhooks["command"] == ["python", "-m", "service.webhooks"]
+    assert webhooks["image"] == api["image"] and webhooks["build"]["dockerfile"] == "docker/api.Dockerfile"
+    assert "deploy" not in webhooks  # no GPU
+    assert webhooks["environment"]["REDIS_URL"] == api["environment"]["REDIS_URL"]
+    assert "WEBHOOK_SECRET" in webhooks["environment"] and "WEBHOOK_SECRET" in api["environment"]
+    assert ":9101/metrics" in healthcheck_command(webhooks)
+    assert depends_on_healthy(webhooks, "redis")
+    assert webhooks.get("read_only") is True and webhooks.get("cap_drop") == ["ALL"]
 
 
 def test_redis_append_only_on_a_named_volume(default_config):

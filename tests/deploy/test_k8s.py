@@ -27,6 +27,7 @@ K8S_VERSION = "1.32.0"
 NAMESPACE = "facegen"
 API = "facegen-api"
 WORKER = "facegen-worker"
+WEBHOOKS = "facegen-webhooks"
 REDIS = "redis"
 CHECKPOINT_PVC = "facegen-checkpoints"
 QUEUE_LIST = "rq:queue:facegen"
@@ -169,7 +170,7 @@ def test_strict_validation_rejects_an_unknown_field(base):
 
 def test_custom_resources_are_only_the_expected_ones(base, keda):
     crds = lambda objects: {(o["kind"], o["metadata"]["name"]) for o in objects if is_crd_object(o)}  # noqa: E731
-    assert crds(base) == {("PodMonitor", API), ("PodMonitor", WORKER)}
+    assert crds(base) == {("PodMonitor", API), ("PodMonitor", WORKER), ("PodMonitor", WEBHOOKS)}
     assert crds(keda) == crds(base) | {("ScaledObject", WORKER)}
 
 
@@ -300,6 +301,31 @@ def test_shared_config_map(rendered):
         assert config["metadata"]["name"] in refs, f"{name} does not read {config['metadata']['name']}"
 
 
+# ----- webhooks ---------------------------------------------------------------------------------------------------
+
+
+def secret_env(container: dict, name: str) -> dict:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == name]
+    return entry["valueFrom"]["secretKeyRef"]
+
+
+def test_webhook_delivery_runs_the_api_image_with_the_signing_secret(rendered):
+    webhooks = find(rendered, "Deployment", WEBHOOKS)
+    container = main_container(webhooks)
+    assert container["command"] == ["python", "-m", "service.webhooks"]
+    assert container["image"].split(":")[0] == main_container(find(rendered, "Deployment", API))["image"].split(":")[0]
+    assert GPU not in container["resources"]["limits"]
+    secret = secret_env(container, "WEBHOOK_SECRET")
+    assert secret["name"] == WEBHOOKS and not secret.get("optional", False)  # never runs unsigned
+    api_secret = secret_env(main_container(find(rendered, "Deployment", API)), "WEBHOOK_SECRET")
+    assert api_secret == {**secret, "optional": True}  # the API refuses webhooks until the Secret exists
+    assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    assert container_port(container, container["livenessProbe"]["httpGet"]["port"]) == 9101
+    assert {"name": "WEBHOOK_METRICS_PORT", "value": "9101"} in container["env"]
+    refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
+    assert find_prefixed(rendered, "ConfigMap", "facegen-config")["metadata"]["name"] in refs  # same Redis
+
+
 # ----- Redis ------------------------------------------------------------------------------------------------------
 
 
@@ -368,7 +394,7 @@ def quantity_le(request, limit) -> bool:
 # ----- Prometheus -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [API, WORKER])
+@pytest.mark.parametrize("name", [API, WORKER, WEBHOOKS])
 def test_pod_monitor_scrapes_the_metrics_port(rendered, name):
     monitor = find(rendered, "PodMonitor", name)
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -377,13 +403,13 @@ def test_pod_monitor_scrapes_the_metrics_port(rendered, name):
     assert targets == [find(rendered, "Deployment", name)]
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     assert endpoints, "PodMonitor without podMetricsEndpoints scrapes nothing"
-    expected_port = {API: 8000, WORKER: 9100}[name]
+    expected_port = {API: 8000, WORKER: 9100, WEBHOOKS: 9101}[name]
     for endpoint in endpoints:
         assert endpoint.get("path", "/metrics") == "/metrics"
         assert container_port(main_container(targets[0]), endpoint["port"]) == expected_port
 
 
-@pytest.mark.parametrize(("name", "port"), [(API, 8000), (WORKER, 9100)])
+@pytest.mark.parametrize(("name", "port"), [(API, 8000), (WORKER, 9100), (WEBHOOKS, 9101)])
 def test_prometheus_annotations(rendered, name, port):
     workload = find(rendered, "Deployment", name)
     annotations = workload["spec"]["template"]["metadata"].get("annotations", {})

@@ -103,7 +103,7 @@ class LiveServer:
     """``python -m service`` in a subprocess, as deployed; its output goes to ``log_path`` when given."""
 
     def __init__(self, redis_url: str, env: dict[str, str] | None = None, log_path: Path | None = None,
-                 log_level: str = "warning", start_timeout_s: float = 30):
+                 log_level: str = "warning", start_timeout_s: float = 90):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed in stop()

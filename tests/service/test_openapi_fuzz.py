@@ -25,7 +25,8 @@ APP = create_app(Settings(api_keys=KEY))
 @pytest.mark.timeout(600)
 def test_api_conforms_to_its_schema_under_generated_input(redis_url, conn, tmp_path):
     publish_model(conn, ttl=600)  # a live worker, so /readyz is 200 and labels come from the registry
-    server = LiveServer(redis_url, env={"API_KEYS": KEY})
+    # GET /jobs/{id}/events streams until the job ends (none does here): short streams, frequent keep-alives
+    server = LiveServer(redis_url, env={"API_KEYS": KEY, "EVENTS_KEEPALIVE_S": "1", "EVENTS_MAX_S": "2"})
     try:
         # Which labels, attributes and models exist is known only at run time (the workers' registry), so a
         # schema-valid body may still be refused with 422: schemathesis's "valid data is accepted" check is off.

@@ -19,7 +19,7 @@ class BlockingRedis:
     def __init__(self):
         self.release, self.cancel, self.calls = threading.Event(), threading.Event(), 0
 
-    def pipeline(self):
+    def pipeline(self, transaction=True):
         return self
 
     def __enter__(self):
@@ -29,6 +29,12 @@ class BlockingRedis:
         return False
 
     def exists(self, key):
+        pass
+
+    def xadd(self, key, fields, **options):  # the job's event stream
+        pass
+
+    def expire(self, key, seconds):
         pass
 
     def execute(self):

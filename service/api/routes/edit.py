@@ -13,8 +13,14 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
-from service.api.routes.jobs import IdempotencyKey, _validation_error, queue_job, resolve_attributes
-from service.schemas import MAX_RANDOM_SEED, ErrorPublic, JobAccepted, QuotaError
+from service.api.routes.jobs import (
+    IdempotencyKey,
+    _validation_error,
+    check_webhook,
+    queue_job,
+    resolve_attributes,
+)
+from service.schemas import MAX_RANDOM_SEED, ErrorPublic, JobAccepted, QuotaError, WebhookCreate
 from service.uploads import UploadError, prepare_upload
 from worker import spec
 
@@ -36,6 +42,16 @@ def _parse_attributes(text: str | None) -> dict[str, bool] | None:
     if not 1 <= len(value) <= 40:
         raise _validation_error([(("attributes",), "must name 1 to 40 attributes", text)])
     return value
+
+
+def _parse_webhook(text: str | None) -> WebhookCreate | None:
+    """The ``webhook`` form field, JSON as POST /generate's ``webhook``; 422 naming the field otherwise."""
+    if text is None:
+        return None
+    try:
+        return WebhookCreate.model_validate_json(text)
+    except ValidationError as exc:
+        raise _validation_error([(("webhook", *e["loc"]), e["msg"], text) for e in exc.errors()]) from None
 
 
 async def _read_upload(image: UploadFile, max_bytes: int) -> bytes:
@@ -93,6 +109,8 @@ async def create_edit(
                                                  description="Classifier-free guidance; default: the model's.")] = None,
     animation: Annotated[bool, Form(description="Also render the change as a GIF.")] = False,
     model: Annotated[str, Form(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = spec.LATEST,
+    webhook: Annotated[str | None, Form(max_length=4096, description='As POST /generate\'s `webhook`, as JSON: '
+                                                                   '{"url": "https://…", "events": ["completed"]}.')] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     settings, given_seed = services.settings, seed
@@ -106,6 +124,8 @@ async def create_edit(
     except UploadError as exc:
         raise ApiError(exc.status, f"image: {exc}") from None
     target = await resolve_attributes(services, model, label, parsed)
+    hook = _parse_webhook(webhook)
+    await check_webhook(hook, settings)
     seed = seed if seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
     try:
         job_spec = spec.EditSpec(attributes=target, seed=seed, steps=steps, guidance_scale=guidance_scale,
@@ -115,5 +135,6 @@ async def create_edit(
         raise _validation_error([(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]) from None
     digest = json.dumps({"image": hashlib.sha256(data).hexdigest(), "label": label, "attributes": parsed,
                          "strength": strength, "seed": given_seed, "steps": steps,
-                         "guidance_scale": guidance_scale, "animation": animation, "model": model})
-    return await queue_job(request, response, services, job_spec, idempotency_key, digest)
+                         "guidance_scale": guidance_scale, "animation": animation, "model": model,
+                         "webhook": webhook})
+    return await queue_job(request, response, services, job_spec, idempotency_key, digest, hook)

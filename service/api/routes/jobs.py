@@ -27,6 +27,7 @@ from service.api.deps import (
     require_api_key,
     require_json,
 )
+from service.config import Settings
 from service.metrics import Metrics
 from service.schemas import (
     MAX_RANDOM_SEED,
@@ -38,8 +39,11 @@ from service.schemas import (
     JobStateError,
     Progress,
     QuotaError,
+    WebhookCreate,
 )
 from service.tenancy import ANONYMOUS, Caller
+from service.webhooks import delivery as webhook_delivery
+from service.webhooks import targets
 from worker import spec
 
 # Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
@@ -143,9 +147,11 @@ async def create_job(
     if problems:
         raise _validation_error(problems)
     attributes = await resolve_attributes(services, body.model, body.label, body.attributes)
+    await check_webhook(body.webhook, services.settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
     job_spec = _build_spec(body, attributes, seed)
-    return await queue_job(request, response, services, job_spec, idempotency_key, body.model_dump_json())
+    return await queue_job(request, response, services, job_spec, idempotency_key, body.model_dump_json(),
+                           body.webhook)
 
 
 async def resolve_attributes(services: ServicesDep, model: str, label: str | None,
@@ -161,9 +167,10 @@ async def resolve_attributes(services: ServicesDep, model: str, label: str | Non
 
 
 async def queue_job(request: Request, response: Response, services: ServicesDep, job_spec: spec.JobSpec,
-                    idempotency_key: str | None, request_digest: str) -> JobAccepted:
+                    idempotency_key: str | None, request_digest: str, webhook: WebhookCreate | None) -> JobAccepted:
     """Admit and enqueue ``job_spec`` for the caller (queue cap, quota, fair queue, replicas, idempotency keyed by
-    ``request_digest``, a text that identifies the request's content) and answer as POST /generate does."""
+    ``request_digest``, a text that identifies the request's content; its ``webhook`` delivery queued with it) and
+    answer as POST /generate does."""
     settings, metrics, caller = services.settings, services.metrics, caller_of(request)
     key_label = services.key_labels(caller.key_id)
     try:
@@ -172,7 +179,7 @@ async def queue_job(request: Request, response: Response, services: ServicesDep,
             idempotency = (keys.idempotency_key(caller.key_id or ANONYMOUS, idempotency_key),
                            admission.fingerprint(request_digest))
         submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, caller,
-                                            idempotency)
+                                            idempotency, webhook)
     except admission.Refused as exc:
         raise _refusal(exc, settings.retry_after_s, metrics, key_label) from None
     except admission.IdempotencyMismatch as exc:
@@ -196,6 +203,20 @@ async def queue_job(request: Request, response: Response, services: ServicesDep,
     links = _links(request, submission.job_id, job_spec.has_animation())
     response.headers["Location"] = links.self
     return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
+
+
+async def check_webhook(webhook: WebhookCreate | None, settings: Settings) -> None:
+    """422 naming ``webhook`` when the server has no ``WEBHOOK_SECRET`` (webhooks are off), ``webhook.url`` when
+    its host resolves to an address webhooks may not reach (SSRF)."""
+    if webhook is None:
+        return
+    if settings.webhook_secret is None:
+        raise _validation_error([(("webhook",), "webhooks are off on this server (it has no WEBHOOK_SECRET)",
+                                  webhook.model_dump(mode="json"))])
+    try:
+        await targets.resolve_async(webhook.url, settings.webhook_allow_private)
+    except targets.TargetRefused as exc:
+        raise _validation_error([(("webhook", "url"), str(exc), webhook.url)]) from None
 
 
 def _refusal(exc: admission.Refused, retry_after_s: int, metrics: Metrics, key_label: str) -> ApiError:
@@ -228,6 +249,7 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         parameters=job_spec.parameters() if isinstance(job_spec, spec.EditSpec) else job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=job_ops.error_of(job),
+        webhook=webhook_delivery.public_state(conn, job.id),
         links=_links(request, job.id,
                      job_spec.has_animation() if job_spec else job_ops.animation_requested(conn, job.id)),
     )
