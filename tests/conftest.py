@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -28,6 +29,15 @@ def redis_url_for_db(db: int) -> str:
     """The reachable Redis with another database number (each test module family owns one); the URL's user,
     password and parameters stay (a TLS run passes its CA as ``?ssl_ca_certs=``)."""
     return urlunsplit(urlsplit(redis_base_url())._replace(path=f"/{db}"))
+
+
+def flushed_database(url: str) -> Iterator[redis.Redis]:
+    """A client of ``url``'s database, emptied before and after use (for a fixture to ``yield from``)."""
+    connection = redis.Redis.from_url(url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,11 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
-import redis
 from PIL import Image
 from pydantic import ValidationError
 
 from scripts.redisctl import free_port
-from tests.conftest import ROOT, redis_url_for_db
+from tests.conftest import ROOT, flushed_database, redis_url_for_db
 from worker.artifacts import (
     Artifact,
     ArtifactSettings,
@@ -42,11 +41,7 @@ def png(color: tuple[int, int, int]) -> bytes:
 
 @pytest.fixture
 def conn():
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
+    yield from flushed_database(REDIS_URL)
 
 
 @pytest.fixture(params=["redis", "s3"])

@@ -11,10 +11,9 @@ import threading
 
 import httpx
 import pytest
-import redis
 from PIL import Image
 
-from tests.conftest import redis_url_for_db
+from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_for
 from tests.service.conftest import LiveServer
 
@@ -28,11 +27,7 @@ def auth(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def conn():
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
+    yield from flushed_database(REDIS_URL)
 
 
 @pytest.fixture(scope="module")

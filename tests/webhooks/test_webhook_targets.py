@@ -17,7 +17,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from service.app import create_app
 from service.config import Settings, signing_key
 from service.webhooks import signing
-from tests.conftest import redis_url_for_db
+from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import wait_for
 from tests.service.conftest import LiveServer
 from tests.webhooks.conftest import SECRET, DeliveryProcess, Receiver
@@ -28,11 +28,7 @@ BODY = {"label": "smiling", "count": 1, "steps": 2}
 
 @pytest.fixture(scope="module")
 def conn():
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
+    yield from flushed_database(REDIS_URL)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ import uuid
 
 import httpx
 import pytest
-import redis
 
-from tests.conftest import redis_url_for_db
+from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, metric_total, wait_for
 from tests.service.conftest import LiveServer, free_port
 from tests.webhooks.conftest import SECRET, DeliveryProcess, Receiver, dumps, payload_types
@@ -28,11 +27,7 @@ FAST = {"WEBHOOK_RETRY_INTERVALS": "1,1,1,1,1", "WEBHOOK_SWEEP_INTERVAL_S": "1",
 
 @pytest.fixture(scope="module")
 def conn():
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
+    yield from flushed_database(REDIS_URL)
 
 
 @pytest.fixture(scope="module")
