@@ -137,7 +137,8 @@ def parse_spec(job: Job) -> JobSpec:
         return parse_job_spec(job.args[0])
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise PermanentJobError(f"invalid job spec: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        loc = first["loc"][1:] if first["loc"][:1] in (("generate",), ("edit",)) else first["loc"]  # the kind's tag
+        raise PermanentJobError(f"invalid job spec: {'.'.join(map(str, loc))}: {first['msg']}") from None
 
 
 def batch_key(spec: JobSpec, engine: Engine) -> BatchKey:

@@ -12,7 +12,7 @@ from service.app import create_app
 from service.config import Settings
 
 OPEN = {"/healthz", "/readyz", "/metrics", "/", "/static/{name}"}
-PARAMS = {"job_id": str(uuid.uuid4()), "version": "latest", "name": "app.js"}
+PARAMS = {"job_id": str(uuid.uuid4()), "version": "latest", "name": "app.js", "index": 0}
 
 
 def all_routes() -> list[tuple[str, str]]:

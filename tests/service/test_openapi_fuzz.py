@@ -30,10 +30,12 @@ def test_api_conforms_to_its_schema_under_generated_input(redis_url, conn, tmp_p
     try:
         # Which labels, attributes and models exist is known only at run time (the workers' registry), so a
         # schema-valid body may still be refused with 422: schemathesis's "valid data is accepted" check is off.
+        # DELETE /jobs/{id} cancels a job, which stays readable as `canceled` until it expires (README): the
+        # "deleted resource still available" check (use_after_free) does not apply.
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
              "--header", f"Authorization: Bearer {KEY}", "--max-examples", "60", "--seed", "1", "--no-color",
-             "--exclude-checks", "positive_data_acceptance", "--generation-database", "none",
+             "--exclude-checks", "positive_data_acceptance,use_after_free", "--generation-database", "none",
              "--report", "junit", "--report-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=540, env={**os.environ, "NO_COLOR": "1"},
             cwd=tmp_path,  # schemathesis keeps a cache folder in its working directory

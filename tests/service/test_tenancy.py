@@ -48,7 +48,8 @@ def submit(client, who: str, **body):
 
 
 def test_job_routes_are_all_checked():
-    assert {p for _, p in JOB_ROUTES} == {"/jobs/{job_id}", "/jobs/{job_id}/result", "/jobs/{job_id}/animation"}
+    assert {p for _, p in JOB_ROUTES} == {"/jobs/{job_id}", "/jobs/{job_id}/result", "/jobs/{job_id}/animation",
+                                          "/jobs/{job_id}/images/{index}", "/jobs/{job_id}/events"}
     assert ("DELETE", "/jobs/{job_id}") in JOB_ROUTES
 
 
@@ -60,10 +61,10 @@ def test_another_keys_job_is_404_on_every_route_while_owner_and_admin_see_it(key
     for method, template in JOB_ROUTES:
         if method == "DELETE":
             continue
-        path = template.format(job_id=job_id)
+        path = template.format(job_id=job_id, index=0)
         other = keyed.request(method, path, headers=auth("b"))
         assert other.status_code == 404, (path, other.text)
-        assert other.json() == keyed.request(method, template.format(job_id=never), headers=auth("b")).json()
+        assert other.json() == keyed.request(method, template.format(job_id=never, index=0), headers=auth("b")).json()
         assert keyed.request(method, path, headers=auth("a")).status_code == 200, path
         assert keyed.request(method, path, headers=auth("admin")).status_code == 200, path
     assert keyed.delete(f"/jobs/{job_id}", headers=auth("b")).status_code == 404

@@ -135,7 +135,7 @@ def test_another_keys_job_is_invisible_on_every_route(api, conn, worker):
     routes = job_routes()
     assert {p for _, p in routes} >= {"/jobs/{job_id}", "/jobs/{job_id}/result", "/jobs/{job_id}/animation"}
     for method, template in routes:
-        path = f"{api.url}{template.format(job_id=job_id)}"
+        path = f"{api.url}{template.format(job_id=job_id, index=0)}"
         other = httpx.request(method, path, headers=auth("b"), timeout=10)
         assert other.status_code == 404, (method, template, other.text)
         owner = httpx.request(method, path, headers=auth("a"), timeout=10).status_code
