@@ -163,7 +163,7 @@ class Checks:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(parser)
-    parser.add_argument("--precision", default="auto", help="the worker's (auto: fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--precision", default="auto", help="the worker's (auto: fp16 on CUDA; bf16 on CPUs with native bf16, else fp32)")
     parser.add_argument("--checks", default="invariance,precision,fallback,memory,sync,compile")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes compared for invariance (last: reference)")
     parser.add_argument("--memory-batches", default="1,32,64,256")

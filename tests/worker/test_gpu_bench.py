@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import common, gpu_checks, gpu_summary
+from training.runtime import cpu_has_native_bf16
 
 
 @pytest.fixture
@@ -21,10 +22,12 @@ def results(tmp_path: Path, monkeypatch) -> Path:
 def test_gpu_checks_smoke_on_cpu(tiny_checkpoints: Path, results: Path) -> None:
     assert gpu_checks.main(["--device", "cpu", "--checkpoints", str(tiny_checkpoints), "--checks",
                             "invariance,precision,fallback,memory,sync", "--batches", "1,2,4", "--steps", "3",
-                            "--max-batch", "4"]) == 0
+                            "--max-batch", "4", "--precision", "bf16"]) == 0  # a precision with a wider fallback
     record = json.loads((results / "gpu_checks.json").read_text())
     assert record["dtype"] == "torch.bfloat16" and record["steps"] == 3
-    assert record["invariance"]["identical"] and set(record["invariance"]["batches"]) == {"1", "2"}
+    assert set(record["invariance"]["batches"]) == {"1", "2"}
+    if cpu_has_native_bf16():  # emulated bf16 is not batch-invariant (README "Same seed, same pixels")
+        assert record["invariance"]["identical"]
     assert record["precision"]["images"] == 4 and record["precision"]["psnr_db_mean"] > 20  # bf16 vs fp32
     assert record["fallback"]["provoked"] == {"unet": 1, "decoder": 0} and record["fallback"]["other_rows_identical"]
     assert record["fallbacks_unprovoked"] == {"unet": 0, "decoder": 0}
