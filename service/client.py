@@ -360,6 +360,15 @@ def cmd_reproduce(client: FacegenClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_job_options(command: argparse.ArgumentParser) -> None:
+    """The options ``generate`` and ``edit`` share: seed, steps, guidance, model and how long to wait."""
+    command.add_argument("--seed", type=int)
+    command.add_argument("--steps", type=int)
+    command.add_argument("--guidance", dest="guidance_scale", type=float)
+    command.add_argument("--model", default=LATEST)
+    command.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("FACEGEN_URL", DEFAULT_URL),
@@ -373,14 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--label", default="smiling", help='"smiling", "not_smiling", … (default %(default)s)')
     gen.add_argument("--attributes", type=_parse_attributes, help="instead of --label: Smiling=true,Eyeglasses=false")
     gen.add_argument("--count", type=int, default=DEFAULT_COUNT)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--steps", type=int)
     gen.add_argument("--sampler", choices=[s.value for s in Sampler], default=DEFAULT_SAMPLER.value)
-    gen.add_argument("--guidance", dest="guidance_scale", type=float)
-    gen.add_argument("--model", default=LATEST)
+    add_job_options(gen)
     gen.add_argument("--out", required=True, help="PNG grid path")
     gen.add_argument("--gif", help="also render the denoising animation to this GIF path")
-    gen.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     gen.set_defaults(run=cmd_generate)
 
     edit = commands.add_parser("edit", parents=[common], help="edit a face photo, wait, save [input | edited]")
@@ -389,13 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--attributes", type=_parse_attributes, help="instead of --label: Smiling=true")
     edit.add_argument("--strength", type=float, help="0..1, how deep into the noise the edit goes (default: the "
                                                      "server's)")
-    edit.add_argument("--seed", type=int)
-    edit.add_argument("--steps", type=int)
-    edit.add_argument("--guidance", dest="guidance_scale", type=float)
-    edit.add_argument("--model", default=LATEST)
+    add_job_options(edit)
     edit.add_argument("--out", required=True, help="PNG path for the pair [input | edited]")
     edit.add_argument("--gif", help="also render the change from the input to the edit to this GIF path")
-    edit.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     edit.set_defaults(run=cmd_edit)
 
     status = commands.add_parser("status", parents=[common], help="print a job's status as JSON")

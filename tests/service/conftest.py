@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from scripts.processes import stop_process
 from service.app import create_app
 from service.config import Settings
+from tests.conftest import flushed_database
 from tests.service.fakeworker import BackgroundWorker, FakeWorker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,11 +52,7 @@ def _no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def conn(redis_url: str) -> Iterator[redis.Redis]:
     """A client on the test db, emptied before and after each test."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_database(redis_url)
 
 
 @pytest.fixture
