@@ -11,6 +11,9 @@
   report refuses any seed that trained or tuned the model, so no reported number was selected on its own seeds.
 - The VAE's reconstruction PSNR on the test split, and how often the judge agrees on an image and its
   reconstruction (a smile the VAE loses cannot be generated).
+- Floors beside the generated rows: KID/FID of ``n`` real training faces per label against the test split (what a
+  perfect generator scores at this n) and of the same faces after a round trip through the model's VAE (what a
+  perfect diffusion model on this VAE scores): how much of a row's distance the diffusion model can still close.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import numpy as np
 import torch
 
 from .checkpoints import load_checkpoint, resolve_version, update_metrics
-from .config import REPORT_SEED, TUNING_SEED
-from .data.celeba import to_float
+from .config import REPORT_SEED, TUNING_SEED, DataConfig
+from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
 from .judge import AttributeClassifier, rate, robustness, train_classifier
@@ -145,6 +148,25 @@ class Instruments:
     test_images: torch.Tensor  # uint8 [N, 3, S, S]
     test_labels: torch.Tensor  # int64 [N, A]
     scorer: Scorer | None
+    floor_faces: dict[bool, torch.Tensor] | None = None  # n training faces per label, uint8 [n, 3, S, S]
+
+
+def training_faces(data: Path, data_cfg: DataConfig, n: int) -> dict[bool, torch.Tensor]:
+    """The first ``n`` training faces of each value of the first attribute, ``{value: uint8 [n, 3, S, S]}``."""
+    images, labels = load_split(data, "train", data_cfg, limit=6 * n)
+    faces = {value: images[labels[:, 0] == int(value)][:n] for value in (True, False)}
+    if min(len(f) for f in faces.values()) < n:
+        raise ValueError(f"{data}: fewer than {n} training faces of each label in its first {6 * n} images")
+    return faces
+
+
+def floors(model: LatentDiffusion, tools: Instruments) -> dict[str, dict[str, float]]:
+    """KID/FID of the real training faces (``real``) and of their VAE round trips (``vae``) against the test split:
+    the distances a perfect generator, and a perfect diffusion model on this VAE, would score at this n."""
+    assert tools.scorer is not None and tools.floor_faces is not None
+    label = model.attributes[0].lower()
+    round_trips = {value: reconstruct(model, faces) for value, faces in tools.floor_faces.items()}
+    return {"real": tools.scorer.score(tools.floor_faces, label), "vae": tools.scorer.score(round_trips, label)}
 
 
 def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments, n: int, settings: list[Setting],
@@ -161,6 +183,10 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
     }
     if results["judge"]["warning"]:
         print(f"WARNING ({model.version}): {results['judge']['warning']}", flush=True)
+    if tools.floor_faces is not None:
+        results["floors"] = floors(model, tools)
+        print({"version": model.version, "floors": {k: {m: round(v[m], 5) for m in ("kid", "kid_std", "fid")}
+                                                    for k, v in results["floors"].items()}}, flush=True)
     results["settings"] = []
     for setting in settings:
         row = score_setting(model, setting, n, seed, tools.judge, tools.scorer)
@@ -212,7 +238,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     (data_cfg,) = data_configs
     judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
     scorer = Scorer(torch_device, test_images, test_labels, seed) if fid else None
-    tools = Instruments(judge, test_images, test_labels, scorer)
+    tools = Instruments(judge, test_images, test_labels, scorer, training_faces(data, data_cfg, n) if fid else None)
     vaes = [vae_round_trip(checkpoints, version, tools, torch_device) for version in vae_versions]
     return vaes + [evaluate_model(checkpoints, model, tools, n, settings, seed, tuning) for model in models]
 
@@ -248,6 +274,11 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              "subsets) and FID against the test split"]
     if judge["warning"]:
         lines.append(f"- **warning:** {judge['warning']}")
+    if "floors" in results:
+        real, vae = results["floors"]["real"], results["floors"]["vae"]
+        lines.append(f"- floors at the same n: real training faces KID ×1000 {1000 * real['kid']:.2f} ± "
+                     f"{1000 * real['kid_std']:.2f}, FID {real['fid']:.2f}; the same faces through the VAE KID ×1000 "
+                     f"{1000 * vae['kid']:.2f} ± {1000 * vae['kid_std']:.2f}, FID {vae['fid']:.2f}")
     if results["n_per_label"] < HEADLINE_MIN_N:
         lines.append(f"- fewer than {HEADLINE_MIN_N} images per label: not a headline measurement")
     lines += ["", f"| sampler | steps | guidance | accuracy {label} [95% CI] | accuracy not_{label} [95% CI] | "

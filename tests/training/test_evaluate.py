@@ -35,11 +35,15 @@ def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoin
     assert judge["sharp"]["n"] == judge["reconstructed"]["n"] == 12
     assert (judge["warning"] is None) == (judge["spread"] <= 0.02)
     assert math.isfinite(results["vae_psnr_db"]) and 0 <= results["vae_attribute_agreement"]["rate"] <= 1
+    real, through_vae = results["floors"]["real"], results["floors"]["vae"]
+    assert real["reference_images"] == 12 and all(math.isfinite(real[k]) for k in ("kid", "fid"))
+    assert through_vae["fid"] != real["fid"]  # the round trip changes the faces, and so their distance
     manifest = load_checkpoint(checkpoints, "diffusion", "latest").manifest
     assert manifest.metrics["evaluation"]["settings"][0]["setting"] == "dpmpp-3-g2"
     assert manifest.metrics["evaluation"]["seed"] == REPORT_SEED
     report = markdown_report(results, "python -m training evaluate …")
     assert "| dpmpp | 3 | 2 |" in report and "(12 / 12)" in report and "not a headline measurement" in report
+    assert "floors at the same n: real training faces KID" in report
 
 
 def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints: Path, synth_dir: Path) -> None:
