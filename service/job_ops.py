@@ -18,7 +18,7 @@ from service.config import Settings
 from service.keys import observed_key, tombstone_key
 from service.tenancy import Caller
 from worker import spec
-from worker.artifacts import ArtifactStore
+from worker.artifacts import ArtifactStore, OpenedArtifact
 
 PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
                      JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
@@ -197,13 +197,13 @@ def check_artifact(conn: redis.Redis, job_id: str, kind: str, caller: Caller) ->
         raise NotReady(status, error_of(job))
 
 
-def read_artifact(store: ArtifactStore, job_id: str, kind: str) -> bytes:
-    """The bytes of an artifact ``check_artifact`` found listed; raises ``JobGone`` when the store no longer has
-    it, ``ArtifactStoreUnavailable`` when the store cannot be reached."""
-    data = store.get(job_id, kind)
-    if data is None:
+def open_artifact(store: ArtifactStore, job_id: str, kind: str) -> OpenedArtifact:
+    """An artifact ``check_artifact`` found listed, opened for streaming; raises ``JobGone`` when the store no
+    longer has it, ``ArtifactStoreUnavailable`` when the store cannot be reached."""
+    opened = store.open(job_id, kind)
+    if opened is None:
         raise JobGone(job_id)
-    return data
+    return opened
 
 
 def check_image_index(conn: redis.Redis, job_id: str, index: int, caller: Caller) -> None:

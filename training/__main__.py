@@ -89,6 +89,8 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     diffusion = commands.add_parser("diffusion", help="train the latent diffusion UNet")
     add_run_flags(diffusion)
     diffusion.add_argument("--vae", default="latest", help="VAE checkpoint version")
+    diffusion.add_argument("--latent-cache", type=Path, default=None, metavar="DIR",
+                           help="keep the encoded training latents here and reuse them in later runs")
     add_config_flags(diffusion, UNetConfig, "unet_")
     add_config_flags(diffusion, ScheduleConfig, "schedule_")
     add_config_flags(diffusion, SamplingConfig, "sampling_")
@@ -175,7 +177,8 @@ def run_options(args: argparse.Namespace, perceptual_weights: Path | None = None
     from .trainer import RunOptions
 
     return RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
-                      args.limit, perceptual_weights, args.threads, args.init_from)
+                      args.limit, perceptual_weights, args.threads, args.init_from,
+                      getattr(args, "latent_cache", None))
 
 
 def run_synth(args: argparse.Namespace) -> None:

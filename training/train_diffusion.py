@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,6 +52,24 @@ def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors
             means.append(mean.float().cpu())
             logvars.append(logvar.float().cpu())
     return torch.cat(means), torch.cat(logvars)
+
+
+def cached_latents(cache: Path | None, key: str, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode()``'s ``(means, logvars)``, kept in ``cache/{key}.pt`` and read from there when present (training
+    runs that warm-start one another on the same VAE and data skip the encoding pass); ``cache=None``: no cache."""
+    path = cache / f"{key}.pt" if cache is not None else None
+    if path is not None and path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        print(f"latents read from {path}", flush=True)
+        return stored["means"], stored["logvars"]
+    means, logvars = encode()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save({"means": means, "logvars": logvars}, partial)
+        partial.replace(path)  # a run killed mid-write leaves no half file under the real name
+    return means, logvars
 
 
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, seed: int) -> tuple[float, float]:
@@ -110,7 +130,11 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     vae, vae_manifest = load_vae(opts.checkpoints, vae_version, device)
     data_cfg = vae_manifest.data
     images, labels = load_split(opts.data, "train", data_cfg, limit=opts.limit)
-    means, logvars = encode_dataset(vae, images, device, mirrors=data_cfg.hflip)
+    data_fingerprint = fingerprint(opts.data)
+    cache_key = (f"{vae_manifest.version}-{data_fingerprint[:16]}-{opts.limit or 'all'}"
+                 f"{'-mirrored' if data_cfg.hflip else ''}")
+    means, logvars = cached_latents(opts.latent_cache, cache_key,
+                                    partial(encode_dataset, vae, images, device, mirrors=data_cfg.hflip))
     if data_cfg.hflip:
         labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
     scale, clip = latent_statistics(means, logvars, cfg.seed)
@@ -141,7 +165,7 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
         manifest = DiffusionManifest(
             model=unet_cfg, schedule=schedule_cfg, sampling=sampling_cfg, vae_version=vae_manifest.version,
             latent_scale=scale, latent_clip=clip, latent_shape=tuple(means.shape[1:]), image_size=data_cfg.image_size,
-            attributes=data_cfg.attributes, data=data_cfg, dataset_fingerprint=fingerprint(opts.data),
+            attributes=data_cfg.attributes, data=data_cfg, dataset_fingerprint=data_fingerprint,
             training=TrainingRun(cfg, cfg.steps, len(means), str(dtype).removeprefix("torch."), ddp.world, device.type,
                                  weights="ema", init_from=lineage),
             metrics={"train_loss_ema": round(step.loss_avg, 5) if step.loss_avg is not None else None})

@@ -47,6 +47,7 @@ class RunOptions:
     perceptual_weights: Path | None = None
     threads: int | None = None
     init_from: str | None = None  # exported version whose weights start the run (architecture taken from it)
+    latent_cache: Path | None = None  # diffusion: folder of encoded training latents, reused across runs
 
 
 StepFn = Callable[[int], dict[str, float]]  # step index -> scalars to log; "loss" is required

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol
@@ -37,6 +37,7 @@ from .spec import DEFAULT_ARTIFACT_TTL_S, artifact_key
 log = logging.getLogger(__name__)
 DAY_S = 24 * 3600
 PROBE_TIMEOUT_S = 1.0  # the store's reachability check (/readyz) waits at most this long
+STREAM_CHUNK_BYTES = 64 * 1024  # what the API passes on at a time while it streams an object
 
 
 class ArtifactSettings(BaseSettings):
@@ -92,6 +93,17 @@ class Artifact:
     media_type: str
 
 
+@dataclass(frozen=True)
+class OpenedArtifact:
+    """An artifact being read: its size in bytes and its content as chunks (read once, in order)."""
+
+    size: int
+    chunks: Iterator[bytes]
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 class ArtifactStore(Protocol):
     """A job's artifacts, each addressed by (job id, name); names are free (``grid``, ``animation``, …)."""
 
@@ -101,6 +113,11 @@ class ArtifactStore(Protocol):
 
     def get(self, job_id: str, name: str) -> bytes | None:
         """The artifact's bytes; ``None`` when it does not exist (expired)."""
+        ...
+
+    def open(self, job_id: str, name: str) -> OpenedArtifact | None:
+        """The artifact as a stream of chunks (the API passes them on as they come); ``None`` as for ``get``. An
+        error while the chunks are read raises ``ArtifactStoreUnavailable`` from the iterator."""
         ...
 
     def url(self, job_id: str, name: str, expires_s: int) -> str | None:
@@ -132,6 +149,10 @@ class RedisArtifactStore:
 
     def get(self, job_id: str, name: str) -> bytes | None:
         return self.connection.get(artifact_key(job_id, name))
+
+    def open(self, job_id: str, name: str) -> OpenedArtifact | None:
+        data = self.get(job_id, name)  # one Redis value: read whole, as Redis sends it
+        return None if data is None else OpenedArtifact(len(data), iter((data,)))
 
     def url(self, job_id: str, name: str, expires_s: int) -> str | None:
         return None  # the API serves the bytes itself
@@ -169,17 +190,31 @@ class S3ArtifactStore:
         return locations
 
     def get(self, job_id: str, name: str) -> bytes | None:
+        opened = self.open(job_id, name)
+        return None if opened is None else opened.read()
+
+    def open(self, job_id: str, name: str) -> OpenedArtifact | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self.key(job_id, name)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise self._unavailable("download", key, exc) from None
-        except BotoCoreError as exc:  # connection refused, timeouts, a body cut short
+        except BotoCoreError as exc:  # connection refused, timeouts
             raise self._unavailable("download", key, exc) from None
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response["Body"].iter_chunks(STREAM_CHUNK_BYTES)
+            except BotoCoreError as exc:  # a body cut short
+                raise self._unavailable("download", key, exc) from None
+            finally:
+                response["Body"].close()
+
+        return OpenedArtifact(int(response["ContentLength"]), chunks())
 
     def url(self, job_id: str, name: str, expires_s: int) -> str | None:
         key = self.key(job_id, name)

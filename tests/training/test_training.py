@@ -84,6 +84,22 @@ def test_diffusion_loss_goes_down_and_manifest_describes_the_model(tiny_checkpoi
     assert model.unet.config.base_channels == TINY_UNET["base_channels"]
 
 
+def test_a_latent_cache_is_written_once_and_gives_the_same_model(tiny_checkpoints: Path, synth_dir: Path,
+                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cache = tmp_path / "latents"
+    cfg = DiffusionTrainConfig(steps=2, batch_size=16, warmup=1, log_every=1)
+    folders = []
+    for run in ("first", "second"):
+        opts = RunOptions(synth_dir, tiny_checkpoints, tmp_path / run, precision="fp32", threads=1, latent_cache=cache)
+        folders.append(train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(), cfg, opts))
+        assert ("latents read from" in capsys.readouterr().out) == (run == "second")
+    (stored,) = cache.iterdir()
+    means = torch.load(stored, weights_only=True)["means"]
+    assert means.shape[1] == 4 and stored.name.endswith("-all-mirrored.pt")
+    first, second = (load_checkpoint(tiny_checkpoints, "diffusion", f.name).state_dict for f in folders)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
 def test_ddp_two_cpu_processes_stay_in_sync(tiny_checkpoints: Path, synth_dir: Path, tmp_path: Path) -> None:
     """torchrun with 2 gloo processes: both ranks end with identical weights and rank 0 writes the checkpoint."""
     script = tmp_path / "ddp_check.py"

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
@@ -45,6 +45,7 @@ from service.tenancy import ANONYMOUS, Caller
 from service.webhooks import delivery as webhook_delivery
 from service.webhooks import targets
 from worker import spec
+from worker.artifacts import OpenedArtifact
 
 # Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
 # (Settings.retry_after_s) since the job is already being worked on.
@@ -330,28 +331,29 @@ def _artifact_refusals(kind: str) -> Iterator[None]:
         ) from None
 
 
-def _stored(services: Services, job_id: str, kind: str, caller: Caller, redirect: bool) -> bytes | Response:
-    """The artifact's bytes from the store, or with ``redirect`` (``ARTIFACT_REDIRECT``, on a store that signs
-    URLs) a 307 to its signed URL; the job's index in Redis decides 404/409/410 first, an unreachable store raises
-    into a 503."""
+def _stored(services: Services, job_id: str, kind: str, caller: Caller, redirect: bool) -> OpenedArtifact | Response:
+    """The artifact opened in the store, or with ``redirect`` (``ARTIFACT_REDIRECT``, on a store that signs URLs)
+    a 307 to its signed URL; the job's index in Redis decides 404/409/410 first, an unreachable store raises into a
+    503."""
     with _artifact_refusals(kind):
         job_ops.check_artifact(services.redis, job_id, kind, caller)
         url = services.artifacts.url(job_id, kind, services.settings.artifact_url_ttl_s) if redirect else None
         if url is not None:
             return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
-        return job_ops.read_artifact(services.artifacts, job_id, kind)
+        return job_ops.open_artifact(services.artifacts, job_id, kind)
 
 
-def _file(data: bytes, media_type: str, filename: str) -> Response:
-    return Response(
-        content=data,
-        media_type=media_type,
-        headers={
-            "Cache-Control": "private, max-age=3600, immutable",
-            "Content-Disposition": f'inline; filename="{filename}"',
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+def _file(content: bytes | OpenedArtifact, media_type: str, filename: str) -> Response:
+    """A file response: ``bytes`` whole, an opened artifact streamed chunk by chunk as the store sends them."""
+    headers = {
+        "Cache-Control": "private, max-age=3600, immutable",
+        "Content-Disposition": f'inline; filename="{filename}"',
+        "X-Content-Type-Options": "nosniff",
+    }
+    if isinstance(content, bytes):
+        return Response(content=content, media_type=media_type, headers=headers)
+    headers["Content-Length"] = str(content.size)
+    return StreamingResponse(content.chunks, media_type=media_type, headers=headers)
 
 
 def _artifact(services: Services, job_id: str, kind: str, caller: Caller) -> Response:
@@ -429,5 +431,5 @@ def read_image(
     if isinstance(stored, Response):
         return stored
     extension = "jpg" if image_format == images.ImageFormat.jpeg else image_format.value
-    return _file(stored if as_stored else images.convert(stored, image_format), images.MEDIA_TYPES[image_format],
+    return _file(stored if as_stored else images.convert(stored.read(), image_format), images.MEDIA_TYPES[image_format],
                  f"facegen-{job_id}-{index}.{extension}")
