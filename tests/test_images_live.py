@@ -19,11 +19,12 @@ from tests.conftest import ROOT, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_for
 from tests.service.conftest import LiveServer
 from training.imaging import GRID_PADDING, grid_shape
-from training.runtime import cpu_has_native_bf16
+from training.runtime import cpu_has_native_bf16, pick_dtype
 from worker import spec
 
 REDIS_URL = redis_url_for_db(7)
 KEYS = {"a": "key-a-images-test", "b": "key-b-images-test"}
+WORKER_DTYPE = str(pick_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")  # the stack's PRECISION=auto
 SIDE = 64  # the tiny checkpoint's resolution
 
 
@@ -162,7 +163,7 @@ def test_every_png_carries_its_parameters(stack, grid_job) -> None:
         assert (record["sampler"], record["steps"], record["seed"]) == ("dpmpp", 4, 5)
         assert record["guidance_scale"] == job["resolved"]["guidance_scale"]
         assert record["attributes"] == {"Smiling": True} and record["job_id"] == grid_job
-        assert record["dtype"] == "float32" and record["software"].startswith("facegen ")
+        assert record["dtype"] == WORKER_DTYPE and record["software"].startswith("facegen ")
         for fmt in ("webp", "jpeg"):  # converted images carry it in their EXIF UserComment
             assert read_parameters(decode(get(stack, f"/jobs/{grid_job}/images/{index}", format=fmt))) == record
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    EDIT_SWEEP_STRENGTHS,
     PRECISIONS,
     REPORT_SEED,
     TUNING_SEED,
@@ -152,7 +153,8 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
     edits.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge, test: faces)")
     edits.add_argument("--n", type=int, default=200, help="held-out faces per direction")
-    edits.add_argument("--strengths", default="0.3,0.45,0.6,0.8", help="comma-separated strengths in [0, 1]")
+    edits.add_argument("--strengths", default=",".join(f"{s:g}" for s in EDIT_SWEEP_STRENGTHS),
+                       help="comma-separated strengths in [0, 1] (0: the VAE round trip alone)")
     edits.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule")
     edits.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     edits.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")

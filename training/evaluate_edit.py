@@ -10,6 +10,9 @@ strength of a sweep, by the worker's path: VAE encode, DDIM inversion (unconditi
 - kept: the judge's reading of each other attribute (``Eyeglasses``, ``Male``, ``Young``) is the same on the edit as
   on its input, per attribute and all at once.
 
+Strength 0 (in the default sweep) is the VAE round trip with no diffusion step: its kept rates are the ceiling the
+judge and the VAE leave to any edit.
+
 Rates come with 95% Wilson intervals. One judge reads all four attributes: the same classifier and training loop
 as ``evaluate``'s, trained on the four columns; its accuracy per attribute on the sharp test split is reported.
 Edits are deterministic (DDIM with eta 0), so no seed is involved beyond the judge's training.
@@ -34,7 +37,6 @@ from .runtime import pick_device, pick_dtype
 from .train_vae import psnr
 
 KEPT_ATTRIBUTES = ("Eyeglasses", "Male", "Young")
-DEFAULT_STRENGTHS = (0.3, 0.45, 0.6, 0.8)
 TARGET_SUCCESS = 0.90  # the issue's targets at the default strength
 TARGET_KEPT = 0.95
 
