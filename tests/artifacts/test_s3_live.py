@@ -1,5 +1,6 @@
 """The S3 artifact store in the running product: ``python -m service`` under uvicorn and ``python -m worker`` with
-``ARTIFACT_STORE=s3`` on a SeaweedFS, real HTTP, files checked by decoding them. The last test stops the store."""
+``ARTIFACT_STORE=s3`` on a SeaweedFS, real HTTP, files checked by decoding them. The last two tests stop the store
+and bring it back."""
 
 from __future__ import annotations
 
@@ -126,3 +127,16 @@ def test_an_unreachable_store_fails_the_job_and_503s_the_artifact(stack, s3_serv
     job = Job.fetch(failing, connection=conn)  # nothing lost in Redis: the job, its spec and its error are there
     assert job.args[0]["seed"] == 4 and job.retries_left == 0
     assert httpx.get(f"{api.url}/jobs/{failing}/result", timeout=10).status_code == 409
+
+
+def test_when_the_store_is_back_jobs_finish_again_without_restarts(stack, s3_server) -> None:
+    """After the outage above: the same API and worker processes (their S3 clients reconnect) store and serve."""
+    api, _, _ = stack
+    s3_server.start()
+    wait_for(lambda: httpx.get(f"{api.url}/readyz", timeout=10).json().get("artifact_store") is True, 60,
+             "/readyz to see the store again")
+    recovered = submit(api.url, count=1, seed=5)
+    assert wait_ended(api.url, [recovered], timeout=180)[recovered]["status"] == "finished"
+    answer = httpx.get(f"{api.url}/jobs/{recovered}/result", timeout=10)
+    assert answer.status_code == 200
+    assert Image.open(io.BytesIO(answer.content)).size[0] > 0
