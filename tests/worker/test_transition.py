@@ -38,7 +38,10 @@ def test_integral_float_labels_embed_exactly_as_integer_labels(engine: Engine) -
     labels = torch.tensor([[0], [1], [2]])
     assert torch.equal(embedding(labels), embedding(labels.float()))
     halfway = embedding(torch.tensor([[0.5]]))
-    assert torch.allclose(halfway, (embedding(torch.tensor([[0]])) + embedding(torch.tensor([[1]]))) / 2)
+    expected = (embedding(torch.tensor([[0]])).float() + embedding(torch.tensor([[1]])).float()) / 2
+    # the engine's precision (bf16 on a CPU with native bf16) rounds the blend once: ~0.4% of a value
+    tolerance = {"rtol": 1e-2, "atol": 1e-2} if halfway.dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(halfway.float(), expected, **tolerance)
 
 
 @pytest.mark.parametrize("wanted", [True, False])
