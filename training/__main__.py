@@ -179,8 +179,7 @@ def run_options(args: argparse.Namespace, perceptual_weights: Path | None = None
     from .trainer import RunOptions
 
     return RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
-                      args.limit, perceptual_weights, args.threads, args.init_from,
-                      getattr(args, "latent_cache", None))
+                      args.limit, perceptual_weights, args.threads, args.init_from)
 
 
 def run_synth(args: argparse.Namespace) -> None:
@@ -202,7 +201,8 @@ def run_diffusion(args: argparse.Namespace) -> None:
     sampling = config_from_args(SamplingConfig, args, "sampling_", **inherited_sampling(args))
     train_diffusion(args.vae, config_from_args(UNetConfig, args, "unet_"),
                     config_from_args(ScheduleConfig, args, "schedule_"), sampling,
-                    config_from_args(DiffusionTrainConfig, args), run_options(args))
+                    config_from_args(DiffusionTrainConfig, args),
+                    dataclasses.replace(run_options(args), latent_cache=args.latent_cache))
 
 
 def evaluation_settings(args: argparse.Namespace) -> list[Any]:

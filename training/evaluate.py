@@ -149,6 +149,7 @@ class Instruments:
     test_labels: torch.Tensor  # int64 [N, A]
     scorer: Scorer | None
     floor_faces: dict[bool, torch.Tensor] | None = None  # n training faces per label, uint8 [n, 3, S, S]
+    real_floor: dict[str, float] | None = None  # their KID/FID against the test split (the same for every model)
 
 
 def training_faces(data: Path, data_cfg: DataConfig, n: int) -> dict[bool, torch.Tensor]:
@@ -163,10 +164,9 @@ def training_faces(data: Path, data_cfg: DataConfig, n: int) -> dict[bool, torch
 def floors(model: LatentDiffusion, tools: Instruments) -> dict[str, dict[str, float]]:
     """KID/FID of the real training faces (``real``) and of their VAE round trips (``vae``) against the test split:
     the distances a perfect generator, and a perfect diffusion model on this VAE, would score at this n."""
-    assert tools.scorer is not None and tools.floor_faces is not None
-    label = model.attributes[0].lower()
+    assert tools.scorer is not None and tools.floor_faces is not None and tools.real_floor is not None
     round_trips = {value: reconstruct(model, faces) for value, faces in tools.floor_faces.items()}
-    return {"real": tools.scorer.score(tools.floor_faces, label), "vae": tools.scorer.score(round_trips, label)}
+    return {"real": tools.real_floor, "vae": tools.scorer.score(round_trips, model.attributes[0].lower())}
 
 
 def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments, n: int, settings: list[Setting],
@@ -238,7 +238,10 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     (data_cfg,) = data_configs
     judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
     scorer = Scorer(torch_device, test_images, test_labels, seed) if fid else None
-    tools = Instruments(judge, test_images, test_labels, scorer, training_faces(data, data_cfg, n) if fid else None)
+    tools = Instruments(judge, test_images, test_labels, scorer)
+    if scorer is not None:
+        tools.floor_faces = training_faces(data, data_cfg, n)
+        tools.real_floor = scorer.score(tools.floor_faces, data_cfg.attributes[0].lower())
     vaes = [vae_round_trip(checkpoints, version, tools, torch_device) for version in vae_versions]
     return vaes + [evaluate_model(checkpoints, model, tools, n, settings, seed, tuning) for model in models]
 

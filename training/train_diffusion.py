@@ -66,9 +66,9 @@ def cached_latents(cache: Path | None, key: str, encode: Callable[[], tuple[torc
     means, logvars = encode()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        torch.save({"means": means, "logvars": logvars}, partial)
-        partial.replace(path)  # a run killed mid-write leaves no half file under the real name
+        unfinished = path.with_suffix(".partial")
+        torch.save({"means": means, "logvars": logvars}, unfinished)
+        unfinished.replace(path)  # a run killed mid-write leaves no half file under the real name
     return means, logvars
 
 
