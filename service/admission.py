@@ -196,7 +196,7 @@ async def submit(
                 job_timeout=settings.job_timeout,
                 retry=Retry(max=settings.job_retries) if settings.job_retries else None,
                 meta={"submitted_at": datetime.now(UTC).isoformat()},
-                description=f"generate {job_spec.label()} x{job_spec.count}",
+                description=f"{job_spec.kind} {job_spec.label()} x{job_spec.count}",
                 pipeline=recorder,
             )
             if webhook is not None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    EDIT_REFERENCE,
+    EDIT_REFERENCES,
     EDIT_SWEEP_STRENGTHS,
     PRECISIONS,
     REPORT_SEED,
@@ -161,6 +163,10 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--train-limit", type=int, default=None, help="train the judge on the first N training faces")
     edits.add_argument("--precision", default="auto", choices=PRECISIONS)
     edits.add_argument("--seed", type=int, default=REPORT_SEED, help="the judge's training seed")
+    edits.add_argument("--reference", default=EDIT_REFERENCE, choices=EDIT_REFERENCES,
+                       help="the label edits invert under and guide away from (default: the worker's)")
+    edits.add_argument("--tuning", action="store_true",
+                       help="choosing a setting: the last n test faces per direction, disjoint from a report's first n")
     edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
 
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
@@ -238,7 +244,7 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
     strengths = tuple(float(value) for value in args.strengths.split(","))
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps, args.guidance,
                              args.classifier_steps, args.seed, precision=args.precision,
-                             train_limit=args.train_limit)
+                             train_limit=args.train_limit, reference=args.reference, tuning=args.tuning)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

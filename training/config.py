@@ -19,6 +19,10 @@ TUNING_SEED = 0
 # evaluate-edit's default sweep; 0 is the VAE round trip alone: how often the judge's readings change with no edit at
 # all (the kept rates' ceiling, set by the VAE and the judge's borderline cases, not by the edit)
 EDIT_SWEEP_STRENGTHS = (0.0, 0.3, 0.45, 0.6, 0.8)
+# What an edit inverts under and guides away from (``LatentDiffusion.edit_latents``): the source's label or the null
+# (unconditional) one; the default is the measured better one (EVALUATION.md, "Editing a real face").
+EDIT_REFERENCES = ("source", "null")
+EDIT_REFERENCE = "null"
 
 T = TypeVar("T")
 

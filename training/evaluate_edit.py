@@ -1,9 +1,9 @@
 """``python -m training evaluate-edit``: how well an edit changes the attribute and how much of the face it keeps.
 
 Held-out faces (the test split) are edited in both directions (``Smiling`` to not, not to ``Smiling``) at each
-strength of a sweep, by the worker's path: VAE encode, DDIM inversion (unconditional) through ``strength`` of the
-``steps`` DDIM steps, DDIM regeneration under the target with classifier-free guidance
-(:meth:`LatentDiffusion.invert_latents`, :meth:`LatentDiffusion.sample_latents`). Each strength is scored by:
+strength of a sweep, by the worker's path (:meth:`LatentDiffusion.edit_latents`): VAE encode, DDIM inversion through
+``strength`` of the ``steps`` DDIM steps, DDIM regeneration under the target with guidance; inversion and guidance
+reference the source's label (or, with ``--reference null``, the unconditional model). Each strength is scored by:
 
 - success: the judge (``training.judge``, trained with a generator's failure modes as augmentations) reads the target;
 - PSNR of the edit to its input (the 64x64 crop the model saw);
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig
+from .config import EDIT_REFERENCE, DataConfig
 from .data.celeba import to_float
 from .diffusion.inversion import inversion_depth
 from .diffusion.noise import ImageNoise
@@ -43,16 +43,16 @@ TARGET_KEPT = 0.95
 
 @torch.no_grad()
 def edit_images(model: LatentDiffusion, images: torch.Tensor, target: dict[str, bool], strength: float, steps: int,
-                guidance_scale: float, batch: int = 64) -> torch.Tensor:
-    """``uint8 [N, 3, S, S]`` faces -> their edits ``uint8 [N, 3, S, S]`` toward ``target`` (the worker's method)."""
+                guidance_scale: float, reference: str = EDIT_REFERENCE, batch: int = 64) -> torch.Tensor:
+    """``uint8 [N, 3, S, S]`` faces -> their edits ``uint8 [N, 3, S, S]`` toward ``target`` by the worker's method
+    (:meth:`LatentDiffusion.edit_latents`; ``reference`` as there)."""
     depth = inversion_depth(strength, steps)
     out = []
     for chunk in images.split(batch):
         labels = model.labels_for(target).expand(len(chunk), -1)
-        null = torch.full_like(labels, model.unet.config.null_label)
-        inverted = model.invert_latents(model.encode(to_float(chunk)), null, steps, depth)
         noise = ImageNoise([(0, i) for i in range(len(chunk))], model.device)  # DDIM with eta 0 draws none of it
-        latents = model.sample_latents(labels, noise, "ddim", steps, guidance_scale, start=(steps - depth, inverted))
+        latents = model.edit_latents(model.encode(to_float(chunk)), labels, steps, depth, guidance_scale, noise,
+                                     reference)
         out.append(to_uint8(model.decode(latents)))
     return torch.cat(out)
 
@@ -71,18 +71,24 @@ def score_edits(judge: AttributeClassifier, sources: torch.Tensor, edits: torch.
     return row
 
 
-def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int) -> dict[bool, torch.Tensor]:
-    """The first ``n`` test faces with and without the edited attribute (column 0): ``{has it: uint8 [n, 3, S, S]}``."""
-    faces = {value: images[labels[:, 0] == int(value)][:n] for value in (True, False)}
-    for value, chosen in faces.items():
-        if len(chosen) < n:
-            raise ValueError(f"the test split has only {len(chosen)} faces with attribute value {value}; lower --n")
+def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int, tuning: bool = False
+                   ) -> dict[bool, torch.Tensor]:
+    """``n`` test faces with and without the edited attribute (column 0): ``{has it: uint8 [n, 3, S, S]}``; the
+    first ``n`` of each for a report, the last ``n`` with ``tuning`` (disjoint while ``2 n`` fit: choosing a setting
+    never sees the faces that report it)."""
+    faces = {}
+    for value in (True, False):
+        pool = images[labels[:, 0] == int(value)]
+        if len(pool) < (2 * n if tuning else n):
+            raise ValueError(f"the test split has only {len(pool)} faces with attribute value {value}; lower --n")
+        faces[value] = pool[-n:] if tuning else pool[:n]
     return faces
 
 
 def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strengths: tuple[float, ...], steps: int,
                    guidance_scale: float | None, classifier_steps: int, seed: int, device: str = "cpu",
-                   precision: str = "auto", train_limit: int | None = None) -> dict[str, Any]:
+                   precision: str = "auto", train_limit: int | None = None, reference: str = EDIT_REFERENCE,
+                   tuning: bool = False) -> dict[str, Any]:
     """The sweep: for each strength and direction, ``n`` held-out faces edited and scored (:func:`score_edits`)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
@@ -94,15 +100,17 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
     guidance = model.sampling.guidance_scale if guidance_scale is None else guidance_scale
     results: dict[str, Any] = {
         "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps,
-        "guidance_scale": guidance, "classifier_steps": classifier_steps, "train_limit": train_limit, "seed": seed,
+        "guidance_scale": guidance, "reference": reference, "tuning": tuning, "classifier_steps": classifier_steps,
+        "train_limit": train_limit, "seed": seed,
         "precision": str(model.dtype).removeprefix("torch."),
         "judge_accuracy": {name: rate(accuracy[:, k]) for k, name in enumerate(judge_cfg.attributes)},
         "rows": []}
-    faces = held_out_faces(test_images, test_labels, n)
+    faces = held_out_faces(test_images, test_labels, n, tuning)
     for strength in strengths:
         for source_value, sources in faces.items():
             started = time.perf_counter()
-            edits = edit_images(model, sources, {attribute: not source_value}, strength, steps, guidance)
+            edits = edit_images(model, sources, {attribute: not source_value}, strength, steps, guidance,
+                                reference)
             row = {"strength": strength, "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
                                                       f"{'not_' if source_value else ''}{attribute.lower()}",
                    "seconds_per_edit": (time.perf_counter() - started) / n,
@@ -119,8 +127,10 @@ def _percent(entry: dict[str, Any]) -> str:
 def markdown_report(results: dict[str, Any], command: str) -> str:
     """The sweep as a Markdown table, with the judge's accuracy per attribute and the sample size."""
     judge = "; ".join(f"{name} {_percent(entry)}" for name, entry in results["judge_accuracy"].items())
-    lines = [f"Model `{results['version']}`, DDIM {results['steps']} steps, guidance {results['guidance_scale']:g}, "
-             f"{results['precision']}; n = {results['n_per_direction']} held-out faces per direction. "
+    faces = "tuning faces (the last of the test split)" if results["tuning"] else "held-out faces"
+    lines = [f"Model `{results['version']}`, DDIM {results['steps']} steps, guidance {results['guidance_scale']:g} "
+             f"referenced to the {results['reference']} label, {results['precision']}; "
+             f"n = {results['n_per_direction']} {faces} per direction. "
              f"Command: `{command}`", "",
              f"- judge accuracy on the sharp test split (95% Wilson intervals, {results['classifier_steps']} "
              f"training steps on {results['train_limit'] or 'all'} training faces): {judge}", "",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_checkpoint
-from .config import SamplingConfig
+from .config import EDIT_REFERENCE, EDIT_REFERENCES, SamplingConfig
 from .diffusion.guidance import guided
 from .diffusion.inversion import InversionCallback, ddim_invert
 from .diffusion.noise import ImageNoise
@@ -94,9 +94,11 @@ class LatentDiffusion:
     def sample_latents(self, labels: torch.Tensor, noise: ImageNoise, sampler: str, steps: int,
                        guidance_scale: float, callback: StepCallback | None = None,
                        unet: torch.nn.Module | None = None,
-                       start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+                       start: tuple[int, torch.Tensor] | None = None,
+                       reference: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``.
         ``start = (i, x)``: continue from the latents ``x`` at step ``i`` (see ``run_chain``) instead of from noise.
+        ``reference [N, A]``: the labels guidance pushes away from (default: the null labels, see ``guided``).
 
         ``unet``: the network to evaluate (default: the loaded UNet; e.g. a compiled one, or a copy in another
         dtype, whose inputs are cast to its weights' dtype). A row whose denoiser output was NaN/Inf at any step
@@ -105,7 +107,8 @@ class LatentDiffusion:
         unet = self.unet if unet is None else unet
         dtype = next(unet.parameters()).dtype
         chosen = make_sampler(sampler, self.schedule, self.manifest.latent_clip, self.sampling.ddim_eta)
-        guided_unet = guided(unet, labels.to(self.device), guidance_scale, self.unet.config.null_label)
+        guided_unet = guided(unet, labels.to(self.device), guidance_scale, self.unet.config.null_label,
+                             None if reference is None else reference.to(self.device))
         finite = torch.ones(labels.shape[0], dtype=torch.bool, device=self.device)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +140,32 @@ class LatentDiffusion:
         sampler.set_timesteps(steps)
         return ddim_invert(lambda x, t: unet(x.to(dtype), t, labels), sampler, latents.to(self.device).float(),
                            depth, callback)
+
+    def source_labels(self, targets: torch.Tensor) -> torch.Tensor:
+        """An edit's targets ``[N, A]`` -> the labels it starts from: each given value flipped (``1 - v``; an edit to
+        *smiling* starts from *not smiling*), the null label kept where the target leaves an attribute open."""
+        null = self.unet.config.null_label
+        return torch.where(targets == null, targets, 1 - targets)
+
+    @torch.no_grad()
+    def edit_latents(self, latents: torch.Tensor, targets: torch.Tensor, steps: int, depth: int,
+                     guidance_scale: float, noise: ImageNoise, reference: str = EDIT_REFERENCE,
+                     invert_callback: InversionCallback | None = None, callback: StepCallback | None = None,
+                     unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """Edit scaled latents ``[N, C, h, w]`` toward ``targets [N, A]``: DDIM inversion through ``depth`` of
+        ``steps`` steps, then DDIM regeneration with guidance from that depth; float32 latents ``[N, C, h, w]``.
+
+        ``reference`` (one of ``EDIT_REFERENCES``) is the condition the inversion runs under and guidance pushes
+        away from: ``"source"`` (:meth:`source_labels`: guidance moves along the source-to-target difference only)
+        or ``"null"`` (the unconditional model). ``noise``: per-row streams, drawn only by a DDIM with eta > 0."""
+        if reference not in EDIT_REFERENCES:
+            raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
+        targets = targets.to(self.device)
+        references = self.source_labels(targets) if reference == "source" else torch.full_like(
+            targets, self.unet.config.null_label)
+        inverted = self.invert_latents(latents, references, steps, depth, invert_callback, unet)
+        return self.sample_latents(targets, noise, "ddim", steps, guidance_scale, callback, unet,
+                                   start=(steps - depth, inverted), reference=references)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:

@@ -301,17 +301,11 @@ class Engine:
             stats.decoding_s += time.perf_counter() - t1
         return outputs_per_request(requests, rows, chain, torch.cat(images), noise_frames, step_frames), stats
 
-    def invert(self, images: torch.Tensor, labels: torch.Tensor, steps: int, depth: int, unet: nn.Module,
-               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Encode ``uint8 [N, 3, H, W]`` faces with the VAE and invert them by DDIM under ``labels [N, A]`` through
-        ``depth`` of ``steps`` steps: latents ``float32 [N, C, h, w]`` at step ``steps - depth`` of the chain."""
-        latents = self.model.encode(to_float(images))
-        return self.model.invert_latents(latents, labels, steps, depth, on_step, unet)
-
     def edit(self, requests: list[EditRequest], steps: int, guidance_scale: float, strength: float,
              progress: ProgressFn | None = None) -> tuple[dict[str, RequestOutput], RunStats]:
-        """Edit every request's face in one batch: :meth:`invert` it (unconditionally) through ``strength`` of the
-        ``steps`` DDIM steps, then regenerate it by DDIM under its attributes with classifier-free guidance. Each
+        """Edit every request's face in one batch: VAE-encode it, invert it by DDIM through ``strength`` of the
+        ``steps`` DDIM steps and regenerate it under its attributes with guidance
+        (:meth:`~training.pipeline.LatentDiffusion.edit_latents`, the evaluation's path too). Each
         output's image is the edit, its ``source`` the input, its frames go from the input to the edit (the x0
         predictions of the regeneration). Progress counts inversion and regeneration steps; latent rows with NaN/Inf
         are redone in a wider dtype, as in :meth:`run`."""
@@ -332,11 +326,10 @@ class Engine:
             report(depth + i - first + 1)
 
         def edit_rows(rows: list[int], unet: nn.Module, watch: bool) -> torch.Tensor:
-            null = torch.full_like(targets[rows], self.model.unet.config.null_label)
-            inverted = self.invert(images[rows], null, steps, depth, unet, report if watch else None)
             noise = ImageNoise([(requests[k].seed, 0) for k in rows], self.device)  # unused by DDIM with eta 0
-            return self.model.sample_latents(targets[rows], noise, "ddim", steps, guidance_scale,
-                                             on_step if watch else None, unet, start=(first, inverted))
+            return self.model.edit_latents(self.model.encode(to_float(images[rows])), targets[rows], steps, depth,
+                                           guidance_scale, noise, invert_callback=report if watch else None,
+                                           callback=on_step if watch else None, unet=unet)
 
         stats = RunStats(images=len(requests), chunks=1, denoiser_steps=total)
         t0 = time.perf_counter()

@@ -41,6 +41,7 @@ def test_submit_queues_a_job_spec_by_dotted_name(client, conn):
     job = Job.fetch(job_id, connection=conn)
     assert job.func_name == spec.JOB_FUNCTION
     assert job.origin == spec.DEFAULT_QUEUE
+    assert job.description == "generate smiling x3"
     sent = spec.JobSpec.model_validate(job.args[0])
     assert sent == spec.JobSpec(attributes={"Smiling": True}, count=3, seed=42, steps=7, sampler="ddim",
                                 animation=True, animation_frames=4)

@@ -94,8 +94,9 @@ def test_file_over_max_upload_bytes_is_413_and_a_larger_body_is_cut_by_the_body_
 
 
 def queued_png(conn, job_id: str) -> Image.Image:
-    edit = spec.parse_job_spec(Job.fetch(job_id, connection=conn).args[0])
-    assert isinstance(edit, spec.EditSpec)
+    job = Job.fetch(job_id, connection=conn)
+    edit = spec.parse_job_spec(job.args[0])
+    assert isinstance(edit, spec.EditSpec) and job.description.startswith("edit ")
     image = Image.open(io.BytesIO(edit.image))
     assert image.format == "PNG" and image.mode == "RGB"
     return image

@@ -1,13 +1,17 @@
-"""The edit evaluation on the tiny model: strength 0 is the VAE round trip, every row is scored with intervals."""
+"""The edit on the tiny model: strength 0 is the VAE round trip, each phase runs under the chosen reference label,
+every row of the evaluation is scored with intervals, tuning never sees the reported faces."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from training.data.celeba import load_split, to_float
-from training.evaluate_edit import edit_images, evaluate_edits, markdown_report
+from training.diffusion.inversion import DEFAULT_REFINEMENTS
+from training.diffusion.noise import ImageNoise
+from training.evaluate_edit import edit_images, evaluate_edits, held_out_faces, markdown_report
 from training.imaging import to_uint8
 from training.pipeline import LatentDiffusion
 
@@ -37,3 +41,56 @@ def test_the_sweep_scores_each_strength_and_direction(tiny_checkpoints: Path, sy
     assert set(results["judge_accuracy"]) == {"Smiling", "Eyeglasses", "Male", "Young"}
     report = markdown_report(results, "python -m training evaluate-edit …")
     assert report.count("| 0 | ") == 2 and report.count("| 0.5 | ") == 2
+
+
+class LabelRecorder(torch.nn.Module):
+    """The tiny UNet, passed through, remembering the labels of every call (the wiring under test is which
+    condition each phase of an edit runs under)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls.append(labels.clone())
+        return self.unet(x, t, labels)
+
+
+@pytest.mark.parametrize("reference, expected", [("source", 0.0), ("null", 2.0)])
+def test_an_edit_inverts_under_its_reference_and_guides_away_from_it(tiny_checkpoints: Path, reference: str,
+                                                                     expected: float) -> None:
+    model = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    recorder = LabelRecorder(model.unet)
+    latents = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    targets = model.labels_for({"Smiling": True}).expand(2, -1)
+    noise = ImageNoise([(0, 0), (0, 1)])
+    steps, depth = 4, 3
+    edited = model.edit_latents(latents, targets, steps, depth, 2.0, noise, reference, unet=recorder)
+    assert edited.shape == latents.shape and torch.isfinite(edited).all()
+    inversion_calls = depth * (1 + DEFAULT_REFINEMENTS)
+    inversion, regeneration = recorder.calls[:inversion_calls], recorder.calls[inversion_calls:]
+    assert len(regeneration) == depth
+    for labels in inversion:
+        assert torch.equal(labels, torch.full((2, 1), expected))
+    for labels in regeneration:  # one batch: the target rows, then the reference rows
+        assert torch.equal(labels, torch.tensor([[1.0], [1.0], [expected], [expected]]))
+
+
+def test_source_labels_flip_given_attributes_and_keep_open_ones(tiny_checkpoints: Path) -> None:
+    model = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    null = model.unet.config.null_label
+    targets = torch.tensor([[1.0], [0.0], [float(null)], [0.25]])
+    assert torch.equal(model.source_labels(targets), torch.tensor([[0.0], [1.0], [float(null)], [0.75]]))
+
+
+def test_tuning_faces_are_disjoint_from_the_reported_ones() -> None:
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
+    labels = (torch.arange(20) % 2).view(20, 1)
+    report, tuning = held_out_faces(images, labels, 5), held_out_faces(images, labels, 5, tuning=True)
+    for value in (True, False):
+        assert len(tuning[value]) == 5
+        assert not set(report[value].flatten().tolist()) & set(tuning[value].flatten().tolist())
+        assert ((tuning[value].flatten() % 2) == int(value)).all()
+    with pytest.raises(ValueError, match="lower --n"):
+        held_out_faces(images, labels, 6, tuning=True)

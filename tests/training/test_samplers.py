@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from training.config import ScheduleConfig
+from training.diffusion.guidance import guided
 from training.diffusion.noise import ImageNoise
 from training.diffusion.samplers import SAMPLERS, make_sampler, run_chain, trailing_timesteps
 from training.diffusion.schedule import NoiseSchedule
@@ -150,3 +151,16 @@ def test_few_step_sampling_with_an_imperfect_network_stays_close(schedule) -> No
                       ImageNoise(noise_pairs), SHAPE)
     rough = run_chain(model_fn, make_sampler("dpmpp", schedule, clip), 10, ImageNoise(noise_pairs), SHAPE)
     assert float((rough - exact).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
+def test_guidance_moves_from_the_reference_toward_the_condition(scale: float) -> None:
+    """A denoiser that returns its label: guided output = ref + scale * (cond - ref), the reference being the null
+    label unless one is given."""
+    echo = lambda x, t, labels: labels.view(-1, 1, 1, 1).expand(-1, *x.shape[1:])  # noqa: E731
+    x, t = torch.zeros((2, *SHAPE)), torch.zeros(2, dtype=torch.long)
+    labels = torch.tensor([[1.0], [0.0]])
+    for reference, ref in ((None, torch.tensor([2.0, 2.0])), (torch.tensor([[0.0], [1.0]]), torch.tensor([0.0, 1.0]))):
+        out = guided(echo, labels, scale, null_label=2, reference=reference)(x, t)
+        expected = ref + scale * (labels.flatten() - ref)
+        assert torch.allclose(out[:, 0, 0, 0], expected)
