@@ -132,6 +132,8 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tuning", action="store_true",
                           help="choosing serving defaults: tuning seeds, stored as metrics.tuning, not as the report")
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
+    evaluate.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+                          help="keep the Inception features of repeated image sets (test split, floors) here")
 
 
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
@@ -158,13 +160,13 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--strengths", default=",".join(f"{s:g}" for s in EDIT_SWEEP_STRENGTHS),
                        help="comma-separated strengths in [0, 1] (0: the VAE round trip alone)")
     edits.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule")
-    edits.add_argument("--guidance", type=float, default=None, help="default: the model's own")
+    edits.add_argument("--guidance", type=float, nargs="+", default=[None], help="one or more (default: the model's own)")
     edits.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
     edits.add_argument("--train-limit", type=int, default=None, help="train the judge on the first N training faces")
     edits.add_argument("--precision", default="auto", choices=PRECISIONS)
     edits.add_argument("--seed", type=int, default=REPORT_SEED, help="the judge's training seed")
-    edits.add_argument("--reference", default=EDIT_REFERENCE, choices=EDIT_REFERENCES,
-                       help="the label edits invert under and guide away from (default: the worker's)")
+    edits.add_argument("--reference", nargs="+", default=[EDIT_REFERENCE], choices=EDIT_REFERENCES,
+                       help="the label(s) edits invert under and guide away from (default: the worker's)")
     edits.add_argument("--tuning", action="store_true",
                        help="choosing a setting: the last n test faces per direction, disjoint from a report's first n")
     edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
@@ -231,7 +233,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     command = "python -m training " + " ".join(args.argv)
     report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
         args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed, args.classifier_steps,
-        fid=not args.no_fid, precision=args.precision, tuning=args.tuning, vae_versions=tuple(args.vae)))
+        fid=not args.no_fid, precision=args.precision, tuning=args.tuning, vae_versions=tuple(args.vae),
+        feature_cache=args.feature_cache))
     print(report)
     if args.report:
         with args.report.open("a") as handle:
@@ -242,9 +245,9 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
     from .evaluate_edit import evaluate_edits, markdown_report
 
     strengths = tuple(float(value) for value in args.strengths.split(","))
-    results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps, args.guidance,
-                             args.classifier_steps, args.seed, precision=args.precision,
-                             train_limit=args.train_limit, reference=args.reference, tuning=args.tuning)
+    results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps,
+                             tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
+                             train_limit=args.train_limit, references=tuple(args.reference), tuning=args.tuning)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

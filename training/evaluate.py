@@ -100,8 +100,9 @@ def reconstruct(model: LatentDiffusion, images: torch.Tensor, batch: int = 128) 
 class Scorer:
     """KID and FID of generated sets against the test split, per label and overall (one Inception pass each)."""
 
-    def __init__(self, device: torch.device, test_images: torch.Tensor, test_labels: torch.Tensor, seed: int):
-        self.inception = InceptionFeatures(device)
+    def __init__(self, device: torch.device, test_images: torch.Tensor, test_labels: torch.Tensor, seed: int,
+                 feature_cache: Path | None = None):
+        self.inception = InceptionFeatures(device, feature_cache)
         self.seed = seed
         features = self.inception.features(test_images)
         masks = {value: (test_labels[:, 0] == int(value)).numpy() for value in (True, False)}
@@ -218,11 +219,13 @@ def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: 
 
 def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int, settings: list[Setting], seed: int,
                       classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto",
-                      tuning: bool = False, vae_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                      tuning: bool = False, vae_versions: tuple[str, ...] = (), feature_cache: Path | None = None
+                      ) -> list[dict[str, Any]]:
     """Several diffusion versions side by side, judged by one judge against one set of reference features (they
     must share a data config). Each version's numbers are also merged into its manifest's ``metrics`` (under
     ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also measured on their own
-    (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list.
+    (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
+    folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`).
 
     ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
@@ -237,7 +240,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
                             f"(default {REPORT_SEED}) or pass --tuning")
     (data_cfg,) = data_configs
     judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
-    scorer = Scorer(torch_device, test_images, test_labels, seed) if fid else None
+    scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid else None
     tools = Instruments(judge, test_images, test_labels, scorer)
     if scorer is not None:
         tools.floor_faces = training_faces(data, data_cfg, n)

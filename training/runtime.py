@@ -7,7 +7,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,19 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 def load_state(path: Path) -> dict[str, Any]:
     """Read a state saved by :func:`save_state`; ``weights_only`` refuses anything but tensors and containers."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def cached_tensors(path: Path | None, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute()``'s named tensors, kept in the file ``path`` and read from there when it exists (work that later
+    runs repeat on the same inputs: encoded training latents, Inception features of a fixed image set); ``path=None``:
+    no cache. The caller's file name must identify the inputs."""
+    if path is not None and path.is_file():
+        print(f"read from the cache {path}", flush=True)
+        return load_state(path)
+    tensors = compute()
+    if path is not None:
+        save_state(path, tensors)  # atomic: a run killed mid-write leaves no half file under the real name
+    return tensors
 
 
 class Log:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, TrainingRun, VAEManifest
 from .models.unet import UNet
 from .models.vae import VAE
-from .runtime import DTYPES, EMA, BatchStream, autocast, start_run, unwrap
+from .runtime import DTYPES, EMA, BatchStream, autocast, cached_tensors, start_run, unwrap
 from .trainer import RunOptions, Trainer
 
 
@@ -41,9 +40,9 @@ def load_vae(checkpoints: Path, version: str, device: torch.device) -> tuple[VAE
 
 @torch.no_grad()
 def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors: bool, batch: int = 128
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior ``(mean, logvar)`` for ``uint8 [N, 3, H, W]`` images, each ``[N, L, h, w]`` float32 on the CPU;
-    with ``mirrors`` also for the mirrored images (``[2N, ...]``, rows ``N..2N-1`` mirrored)."""
+                   ) -> dict[str, torch.Tensor]:
+    """Posterior ``{"means", "logvars"}`` for ``uint8 [N, 3, H, W]`` images, each ``[N, L, h, w]`` float32 on the
+    CPU; with ``mirrors`` also for the mirrored images (``[2N, ...]``, rows ``N..2N-1`` mirrored)."""
     means, logvars = [], []
     for flipped in (False, True) if mirrors else (False,):
         for chunk in images.split(batch):
@@ -51,25 +50,7 @@ def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors
             mean, logvar = vae.encode(x.flip(-1) if flipped else x)
             means.append(mean.float().cpu())
             logvars.append(logvar.float().cpu())
-    return torch.cat(means), torch.cat(logvars)
-
-
-def cached_latents(cache: Path | None, key: str, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encode()``'s ``(means, logvars)``, kept in ``cache/{key}.pt`` and read from there when present (training
-    runs that warm-start one another on the same VAE and data skip the encoding pass); ``cache=None``: no cache."""
-    path = cache / f"{key}.pt" if cache is not None else None
-    if path is not None and path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        print(f"latents read from {path}", flush=True)
-        return stored["means"], stored["logvars"]
-    means, logvars = encode()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        unfinished = path.with_suffix(".partial")
-        torch.save({"means": means, "logvars": logvars}, unfinished)
-        unfinished.replace(path)  # a run killed mid-write leaves no half file under the real name
-    return means, logvars
+    return {"means": torch.cat(means), "logvars": torch.cat(logvars)}
 
 
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, seed: int) -> tuple[float, float]:
@@ -133,8 +114,9 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     data_fingerprint = fingerprint(opts.data)
     cache_key = (f"{vae_manifest.version}-{data_fingerprint[:16]}-{opts.limit or 'all'}"
                  f"{'-mirrored' if data_cfg.hflip else ''}")
-    means, logvars = cached_latents(opts.latent_cache, cache_key,
-                                    partial(encode_dataset, vae, images, device, mirrors=data_cfg.hflip))
+    cache = opts.latent_cache / f"{cache_key}.pt" if opts.latent_cache is not None else None
+    latents = cached_tensors(cache, partial(encode_dataset, vae, images, device, mirrors=data_cfg.hflip))
+    means, logvars = latents["means"], latents["logvars"]
     if data_cfg.hflip:
         labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
     scale, clip = latent_statistics(means, logvars, cfg.seed)

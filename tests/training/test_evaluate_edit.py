@@ -27,20 +27,22 @@ def test_strength_zero_is_the_vae_round_trip_and_a_deep_edit_changes_the_face(ti
     assert deep.shape == faces.shape and not torch.equal(deep, round_trip)
 
 
-def test_the_sweep_scores_each_strength_and_direction(tiny_checkpoints: Path, synth_dir: Path) -> None:
+def test_the_sweep_scores_each_setting_and_direction(tiny_checkpoints: Path, synth_dir: Path) -> None:
     results = evaluate_edits(tiny_checkpoints, "latest", synth_dir, n=2, strengths=(0.0, 0.5), steps=4,
-                             guidance_scale=2.0, classifier_steps=2, seed=0, precision="fp32")
+                             guidance_scales=(2.0,), classifier_steps=2, seed=0, precision="fp32",
+                             references=("source", "null"))
     rows = results["rows"]
-    assert [(r["strength"], r["direction"]) for r in rows] == [
-        (0.0, "smiling -> not_smiling"), (0.0, "not_smiling -> smiling"),
-        (0.5, "smiling -> not_smiling"), (0.5, "not_smiling -> smiling")]
+    assert [(r["reference"], r["strength"], r["direction"]) for r in rows] == [
+        (reference, strength, direction) for reference in ("source", "null") for strength in (0.0, 0.5)
+        for direction in ("smiling -> not_smiling", "not_smiling -> smiling")]
     for row in rows:
+        assert row["guidance_scale"] == 2.0
         for key in ("success", "kept_all", "kept_Eyeglasses", "kept_Male", "kept_Young"):
             entry = row[key]
             assert entry["n"] == 2 and 0 <= entry["low"] <= entry["rate"] <= entry["high"] <= 1, key
     assert set(results["judge_accuracy"]) == {"Smiling", "Eyeglasses", "Male", "Young"}
     report = markdown_report(results, "python -m training evaluate-edit …")
-    assert report.count("| 0 | ") == 2 and report.count("| 0.5 | ") == 2
+    assert report.count("| source | 2 | 0 | ") == 2 and report.count("| null | 2 | 0.5 | ") == 2
 
 
 class LabelRecorder(torch.nn.Module):

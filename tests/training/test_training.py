@@ -92,7 +92,7 @@ def test_a_latent_cache_is_written_once_and_gives_the_same_model(tiny_checkpoint
     for run in ("first", "second"):
         opts = RunOptions(synth_dir, tiny_checkpoints, tmp_path / run, precision="fp32", threads=1, latent_cache=cache)
         folders.append(train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(), cfg, opts))
-        assert ("latents read from" in capsys.readouterr().out) == (run == "second")
+        assert ("read from the cache" in capsys.readouterr().out) == (run == "second")
     (stored,) = cache.iterdir()
     means = torch.load(stored, weights_only=True)["means"]
     assert means.shape[1] == 4 and stored.name.endswith("-all-mirrored.pt")
