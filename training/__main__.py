@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    EDIT_GUIDANCE_SCALE,
     EDIT_REFERENCE,
     EDIT_REFERENCES,
     EDIT_SWEEP_STRENGTHS,
@@ -160,7 +161,8 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--strengths", default=",".join(f"{s:g}" for s in EDIT_SWEEP_STRENGTHS),
                        help="comma-separated strengths in [0, 1] (0: the VAE round trip alone)")
     edits.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole schedule")
-    edits.add_argument("--guidance", type=float, nargs="+", default=[None], help="one or more (default: the model's own)")
+    edits.add_argument("--guidance", type=float, nargs="+", default=[EDIT_GUIDANCE_SCALE],
+                       help="one or more (default: the worker's edit guidance)")
     edits.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
     edits.add_argument("--train-limit", type=int, default=None, help="train the judge on the first N training faces")
     edits.add_argument("--precision", default="auto", choices=PRECISIONS)

@@ -20,9 +20,11 @@ TUNING_SEED = 0
 # all (the kept rates' ceiling, set by the VAE and the judge's borderline cases, not by the edit)
 EDIT_SWEEP_STRENGTHS = (0.0, 0.3, 0.45, 0.6, 0.8)
 # What an edit inverts under and guides away from (``LatentDiffusion.edit_latents``): the source's label or the null
-# (unconditional) one; the default is the measured better one (EVALUATION.md, "Editing a real face").
+# (unconditional) one, and the edit's guidance scale; the defaults are the measured ones (EVALUATION.md, "Editing a
+# real face"); worker.spec.DEFAULT_EDIT_GUIDANCE repeats the scale torch-free (tests/worker/test_contract.py).
 EDIT_REFERENCES = ("source", "null")
-EDIT_REFERENCE = "null"
+EDIT_REFERENCE = "source"
+EDIT_GUIDANCE_SCALE = 3.0
 
 T = TypeVar("T")
 

@@ -42,6 +42,7 @@ from .metrics import Liveness, WorkerMetrics
 from .provenance import ModelIdentity
 from .settings import WorkerSettings
 from .spec import (
+    DEFAULT_EDIT_GUIDANCE,
     LATEST,
     META_ARTIFACTS,
     META_BATCH,
@@ -145,8 +146,9 @@ def batch_key(spec: JobSpec, engine: Engine) -> BatchKey:
     """The resolved parameters that decide which jobs may share a batch; raises for another model version."""
     if spec.model not in (LATEST, engine.version):
         raise PermanentJobError(f"model {spec.model!r} is not served by this worker (it serves {engine.version})")
-    guidance = spec.guidance_scale if spec.guidance_scale is not None else engine.model.sampling.guidance_scale
     edit = {"kind": spec.kind, "strength": spec.strength} if isinstance(spec, EditSpec) else {}
+    default_guidance = DEFAULT_EDIT_GUIDANCE if edit else engine.model.sampling.guidance_scale
+    guidance = spec.guidance_scale if spec.guidance_scale is not None else default_guidance
     return BatchKey(model=engine.version, sampler=spec.sampler, steps=spec.resolved_steps(), guidance_scale=guidance,
                     **edit)
 

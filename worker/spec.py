@@ -34,10 +34,12 @@ MAX_FIRST_INDEX = 2**31 - 1
 # pixels (the API downscales it), so its bytes are bounded by EDIT_MAX_IMAGE_BYTES.
 EDIT_MAX_SIDE = 256
 EDIT_MAX_IMAGE_BYTES = 256 * 1024
-# How deep into the noise an edit goes when the request leaves `strength` out: the smallest strength of the
-# `python -m training evaluate-edit` sweep at which the judge reads the target on about 90% of edits in both
-# directions (EVALUATION.md, "Editing a real face": not smiling -> smiling needs it; the other direction 0.6).
-DEFAULT_EDIT_STRENGTH = 0.8
+# An edit's depth into the noise and its guidance when the request leaves them out: with the source label as the
+# guidance reference, the pair of the `python -m training evaluate-edit` sweeps at which the judge reads the target on
+# at least 90% of edits in both directions while changing the least of the rest of the face (EVALUATION.md, "Editing
+# a real face"). The guidance repeats training.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
+DEFAULT_EDIT_STRENGTH = 0.6
+DEFAULT_EDIT_GUIDANCE = 3.0
 # The version name training.checkpoints resolves to the newest; repeated here because this module stays torch-free
 # (tests/worker/test_contract.py checks the two agree).
 LATEST = "latest"

@@ -1,8 +1,9 @@
 """The torch-free job contract (worker.spec) names what training defines: they must agree."""
 
 from training.checkpoints import LATEST as CHECKPOINT_LATEST
+from training.config import EDIT_GUIDANCE_SCALE
 from training.diffusion.samplers import SAMPLERS
-from worker.spec import DEFAULT_STEPS, LATEST, Sampler
+from worker.spec import DEFAULT_EDIT_GUIDANCE, DEFAULT_STEPS, LATEST, Sampler
 
 
 def test_every_sampler_of_the_contract_is_a_training_sampler_and_back() -> None:
@@ -12,3 +13,7 @@ def test_every_sampler_of_the_contract_is_a_training_sampler_and_back() -> None:
 
 def test_latest_names_the_same_version_on_both_sides() -> None:
     assert LATEST == CHECKPOINT_LATEST
+
+
+def test_an_edit_defaults_to_the_guidance_its_evaluation_measured() -> None:
+    assert DEFAULT_EDIT_GUIDANCE == EDIT_GUIDANCE_SCALE

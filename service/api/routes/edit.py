@@ -106,7 +106,8 @@ async def create_edit(
                                       f"(default {spec.DEFAULT_STEPS[spec.Sampler.ddim]}); the edit runs "
                                       "`strength` of them twice (inversion, regeneration).")] = None,
     guidance_scale: Annotated[float | None, Form(ge=0.0, le=spec.MAX_GUIDANCE, allow_inf_nan=False,
-                                                 description="Classifier-free guidance; default: the model's.")] = None,
+                                                 description="Guidance from the source's label toward the target; "
+                                                             f"default {spec.DEFAULT_EDIT_GUIDANCE:g}.")] = None,
     animation: Annotated[bool, Form(description="Also render the change as a GIF.")] = False,
     model: Annotated[str, Form(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = spec.LATEST,
     webhook: Annotated[str | None, Form(max_length=4096, description='As POST /generate\'s `webhook`, as JSON: '
