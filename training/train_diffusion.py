@@ -20,8 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import load_checkpoint, save_checkpoint, warm_start
-from .config import DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
-from .data.celeba import fingerprint, load_split, to_float
+from .config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
+from .data.celeba import fingerprint, load_split, load_split_labels, to_float
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, TrainingRun, VAEManifest
 from .models.unet import UNet
@@ -51,6 +51,13 @@ def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors
             means.append(mean.float().cpu())
             logvars.append(logvar.float().cpu())
     return {"means": torch.cat(means), "logvars": torch.cat(logvars)}
+
+
+def encode_training_images(vae: VAE, data: Path, data_cfg: DataConfig, limit: int | None, device: torch.device
+                           ) -> dict[str, torch.Tensor]:
+    """:func:`encode_dataset` of the train split's images (decoded here: a latent cache hit never decodes them)."""
+    images, _ = load_split(data, "train", data_cfg, limit=limit)
+    return encode_dataset(vae, images, device, mirrors=data_cfg.hflip)
 
 
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, seed: int) -> tuple[float, float]:
@@ -110,17 +117,17 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
 
     vae, vae_manifest = load_vae(opts.checkpoints, vae_version, device)
     data_cfg = vae_manifest.data
-    images, labels = load_split(opts.data, "train", data_cfg, limit=opts.limit)
+    labels = load_split_labels(opts.data, "train", data_cfg, limit=opts.limit)
     data_fingerprint = fingerprint(opts.data)
     cache_key = (f"{vae_manifest.version}-{data_fingerprint[:16]}-{opts.limit or 'all'}"
                  f"{'-mirrored' if data_cfg.hflip else ''}")
     cache = opts.latent_cache / f"{cache_key}.pt" if opts.latent_cache is not None else None
-    latents = cached_tensors(cache, partial(encode_dataset, vae, images, device, mirrors=data_cfg.hflip))
+    latents = cached_tensors(cache, partial(encode_training_images, vae, opts.data, data_cfg, opts.limit, device))
     means, logvars = latents["means"], latents["logvars"]
     if data_cfg.hflip:
         labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
     scale, clip = latent_statistics(means, logvars, cfg.seed)
-    del vae, images
+    del vae
 
     parent = lineage = None
     if opts.init_from:

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from training.config import DataConfig
-from training.data.celeba import DatasetError, load_landmarks, load_split, read_annotations, read_landmarks
+from training.data.celeba import (
+    DatasetError,
+    load_landmarks,
+    load_split,
+    load_split_labels,
+    read_annotations,
+    read_landmarks,
+)
 from training.data.layout import (
     ATTR_FILE,
     ATTRIBUTE_NAMES,
@@ -60,6 +67,10 @@ def test_load_split_crops_resizes_and_labels(synth_dir: Path) -> None:
     annotations = read_annotations(synth_dir)
     smiling = annotations.attribute_names.index("Smiling")
     assert labels[:, 0].tolist() == [int(v > 0) for v in annotations.values[:96, smiling]]
+    config = DataConfig(attributes=("Smiling", "Male"), image_size=32)
+    for split, limit in (("train", None), ("test", None), ("train", 10)):
+        assert torch.equal(load_split_labels(synth_dir, split, config, limit), load_split(synth_dir, split, config,
+                                                                                            limit)[1])
 
 
 @pytest.fixture()

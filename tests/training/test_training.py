@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import training.train_diffusion as train_diffusion_module
 from tests.conftest import ROOT, TINY_UNET, TINY_VAE
 from training.checkpoints import load_checkpoint
 from training.config import (
@@ -85,11 +86,15 @@ def test_diffusion_loss_goes_down_and_manifest_describes_the_model(tiny_checkpoi
 
 
 def test_a_latent_cache_is_written_once_and_gives_the_same_model(tiny_checkpoints: Path, synth_dir: Path,
-                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+                                                               tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "latents"
     cfg = DiffusionTrainConfig(steps=2, batch_size=16, warmup=1, log_every=1)
     folders = []
     for run in ("first", "second"):
+        if run == "second":  # a cache hit needs the labels alone: decoding an image now fails the run
+            monkeypatch.setattr(train_diffusion_module, "load_split",
+                                lambda *args, **kwargs: pytest.fail("a cache hit decoded the training images"))
         opts = RunOptions(synth_dir, tiny_checkpoints, tmp_path / run, precision="fp32", threads=1, latent_cache=cache)
         folders.append(train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(), cfg, opts))
         assert ("read from the cache" in capsys.readouterr().out) == (run == "second")

@@ -160,13 +160,22 @@ def load_split(root: str | Path, split: str, config: DataConfig, limit: int | No
     """Images ``uint8 [N, 3, S, S]`` and labels ``int64 [N, A]`` in {0, 1} of one split ("train", "val", "test")."""
     root = Path(root)
     annotations = read_annotations(root)
-    columns = attribute_columns(annotations, config.attributes)
     indices = split_indices(root, annotations, split, limit)
     paths = [root / IMAGE_DIR / annotations.files[i] for i in indices]
     with ThreadPoolExecutor(threads) as pool:
         images = list(pool.map(lambda p: load_image(p, config), paths))
-    labels = (annotations.values[indices][:, columns] > 0).astype(np.int64)
-    return torch.from_numpy(np.stack(images)), torch.from_numpy(labels)
+    return torch.from_numpy(np.stack(images)), _labels(annotations, indices, config)
+
+
+def load_split_labels(root: str | Path, split: str, config: DataConfig, limit: int | None = None) -> torch.Tensor:
+    """The labels of :func:`load_split` alone, ``int64 [N, A]``, without decoding an image."""
+    annotations = read_annotations(root)
+    return _labels(annotations, split_indices(Path(root), annotations, split, limit), config)
+
+
+def _labels(annotations: Annotations, indices: list[int], config: DataConfig) -> torch.Tensor:
+    columns = attribute_columns(annotations, config.attributes)
+    return torch.from_numpy((annotations.values[indices][:, columns] > 0).astype(np.int64))
 
 
 def read_landmarks(root: str | Path) -> dict[str, np.ndarray] | None:
