@@ -73,14 +73,15 @@ def test_a_vae_version_is_measured_alone_by_the_same_judge(checkpoints: Path, sy
 def test_a_feature_cache_gives_the_same_numbers_and_reads_the_repeated_sets(checkpoints: Path, synth_dir: Path,
                                                                            tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
-    """Two evaluations with one cache: the second reads the test split's and the floors' features (three sets) and
-    reports the same KID/FID as an uncached run."""
+    """An uncached run, then two with one cache: the first cached run writes each image set's features (test split;
+    per label the real floor, the VAE floor and the generated images), the second reads every one of them, and all
+    three report the same KID/FID and floors."""
     cache = tmp_path / "features"
     runs = [evaluate_versions(checkpoints, ["latest"], synth_dir, n=4, settings=[Setting("dpmpp", 2, 2.0)],
                               seed=REPORT_SEED, classifier_steps=3, precision="fp32", feature_cache=cached)[0]
             for cached in (None, cache, cache)]
-    assert capsys.readouterr().out.count("read from the cache") == 3 + 1  # + the generated set, the same seeds again
-    assert len(list(cache.iterdir())) == 4  # test split, real floor, VAE floor, generated
+    assert len(list(cache.iterdir())) == 1 + 3 * 2
+    assert capsys.readouterr().out.count("read from the cache") == 1 + 3 * 2
     for results in runs[1:]:
         assert results["settings"][0]["kid"] == runs[0]["settings"][0]["kid"]
         assert results["settings"][0]["fid"] == runs[0]["settings"][0]["fid"]
