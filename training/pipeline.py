@@ -15,7 +15,7 @@ import torch
 
 from .checkpoints import load_checkpoint
 from .config import EDIT_REFERENCE, EDIT_REFERENCES, SamplingConfig
-from .diffusion.guidance import guided
+from .diffusion.guidance import guided, null_labels
 from .diffusion.inversion import InversionCallback, ddim_invert
 from .diffusion.noise import ImageNoise
 from .diffusion.samplers import DDIMSampler, StepCallback, make_sampler, run_chain
@@ -161,8 +161,8 @@ class LatentDiffusion:
         if reference not in EDIT_REFERENCES:
             raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
         targets = targets.to(self.device)
-        references = self.source_labels(targets) if reference == "source" else torch.full_like(
-            targets, self.unet.config.null_label)
+        references = (self.source_labels(targets) if reference == "source"
+                      else null_labels(targets, self.unet.config.null_label))
         inverted = self.invert_latents(latents, references, steps, depth, invert_callback, unet)
         return self.sample_latents(targets, noise, "ddim", steps, guidance_scale, callback, unet,
                                    start=(steps - depth, inverted), reference=references)
