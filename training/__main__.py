@@ -12,6 +12,8 @@ from .config import (
     EDIT_GUIDANCE_SCALE,
     EDIT_REFERENCE,
     EDIT_REFERENCES,
+    EDIT_SCOPE,
+    EDIT_SCOPES,
     EDIT_SWEEP_STRENGTHS,
     PRECISIONS,
     REPORT_SEED,
@@ -61,6 +63,9 @@ def inherited_sampling(args: argparse.Namespace) -> dict[str, Any]:
     parent = read_manifest(resolve_version(args.checkpoints, "diffusion", args.init_from))
     return {name: value for name, value in dataclasses.asdict(parent.sampling).items()
             if getattr(args, "sampling_" + name) is None}
+
+
+JUDGE_CACHE_HELP = "keep the judge's trained weights here and reuse them when data, seed and steps are the same"
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +140,7 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
     evaluate.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                           help="keep the Inception features of repeated image sets (test split, floors) here")
+    evaluate.add_argument("--judge-cache", type=Path, default=None, metavar="DIR", help=JUDGE_CACHE_HELP)
 
 
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
@@ -169,9 +175,13 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--seed", type=int, default=REPORT_SEED, help="the judge's training seed")
     edits.add_argument("--reference", nargs="+", default=[EDIT_REFERENCE], choices=EDIT_REFERENCES,
                        help="the label(s) edits invert under and guide away from (default: the worker's)")
+    edits.add_argument("--scope", nargs="+", default=[EDIT_SCOPE], choices=EDIT_SCOPES,
+                       help="where edits may change the face: the attribute's region or the whole image "
+                            "(default: the worker's)")
     edits.add_argument("--tuning", action="store_true",
                        help="choosing a setting: the last n test faces per direction, disjoint from a report's first n")
     edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
+    edits.add_argument("--judge-cache", type=Path, default=None, metavar="DIR", help=JUDGE_CACHE_HELP)
 
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
     visualize.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
@@ -236,7 +246,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
         args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed, args.classifier_steps,
         fid=not args.no_fid, precision=args.precision, tuning=args.tuning, vae_versions=tuple(args.vae),
-        feature_cache=args.feature_cache))
+        feature_cache=args.feature_cache, judge_cache=args.judge_cache))
     print(report)
     if args.report:
         with args.report.open("a") as handle:
@@ -249,7 +259,8 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
     strengths = tuple(float(value) for value in args.strengths.split(","))
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps,
                              tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
-                             train_limit=args.train_limit, references=tuple(args.reference), tuning=args.tuning)
+                             train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
+                             tuning=args.tuning)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

@@ -25,6 +25,15 @@ EDIT_SWEEP_STRENGTHS = (0.0, 0.3, 0.45, 0.6, 0.8)
 EDIT_REFERENCES = ("source", "null")
 EDIT_REFERENCE = "source"
 EDIT_GUIDANCE_SCALE = 3.0
+# Where an edit may change the face: "region" keeps every latent outside the edited attributes' regions on the input's
+# own inversion path (``training.regions.edit_mask``), "image" lets the whole image change.
+EDIT_SCOPES = ("region", "image")
+EDIT_SCOPE = "region"
+# Each attribute's region in the aligned crop: an ellipse (centre x, centre y, radius x, radius y) in fractions of the
+# image side. Smiling's spans the mouth of CelebA's aligned faces (mean mouth centre 0.74 of the side down the crop)
+# and of the synthetic ones (0.67, spread 0.02; mouth 0.15-0.25 of the side wide). An edit of an attribute not listed
+# may change the whole image.
+EDIT_REGIONS = {"Smiling": (0.5, 0.71, 0.2, 0.11)}
 
 T = TypeVar("T")
 

@@ -219,13 +219,14 @@ def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: 
 
 def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int, settings: list[Setting], seed: int,
                       classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto",
-                      tuning: bool = False, vae_versions: tuple[str, ...] = (), feature_cache: Path | None = None
-                      ) -> list[dict[str, Any]]:
+                      tuning: bool = False, vae_versions: tuple[str, ...] = (), feature_cache: Path | None = None,
+                      judge_cache: Path | None = None) -> list[dict[str, Any]]:
     """Several diffusion versions side by side, judged by one judge against one set of reference features (they
     must share a data config). Each version's numbers are also merged into its manifest's ``metrics`` (under
     ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also measured on their own
     (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
-    folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`).
+    folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`);
+    ``judge_cache``: one for the judge's weights (see :func:`train_classifier`).
 
     ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
@@ -239,7 +240,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
                             f"(default {REPORT_SEED}) or pass --tuning")
     (data_cfg,) = data_configs
-    judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed)
+    judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed, cache=judge_cache)
     scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid else None
     tools = Instruments(judge, test_images, test_labels, scorer)
     if scorer is not None:

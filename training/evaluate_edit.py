@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .config import EDIT_REFERENCE, DataConfig
+from .config import EDIT_REFERENCE, EDIT_SCOPE, DataConfig
 from .data.celeba import to_float
 from .diffusion.inversion import inversion_depth
 from .diffusion.noise import ImageNoise
@@ -44,16 +44,17 @@ TARGET_KEPT = 0.95
 
 @torch.no_grad()
 def edit_images(model: LatentDiffusion, images: torch.Tensor, target: dict[str, bool], strength: float, steps: int,
-                guidance_scale: float, reference: str = EDIT_REFERENCE, batch: int = 64) -> torch.Tensor:
+                guidance_scale: float, reference: str = EDIT_REFERENCE, scope: str = EDIT_SCOPE, batch: int = 64
+                ) -> torch.Tensor:
     """``uint8 [N, 3, S, S]`` faces -> their edits ``uint8 [N, 3, S, S]`` toward ``target`` by the worker's method
-    (:meth:`LatentDiffusion.edit_latents`; ``reference`` as there)."""
+    (:meth:`LatentDiffusion.edit_latents`; ``reference`` and ``scope`` as there)."""
     depth = inversion_depth(strength, steps)
     out = []
     for chunk in images.split(batch):
         labels = model.labels_for(target).expand(len(chunk), -1)
         noise = ImageNoise([(0, i) for i in range(len(chunk))], model.device)  # DDIM with eta 0 draws none of it
         latents = model.edit_latents(model.encode(to_float(chunk)), labels, steps, depth, guidance_scale, noise,
-                                     reference)
+                                     reference, scope)
         out.append(to_uint8(model.decode(latents)))
     return torch.cat(out)
 
@@ -89,15 +90,18 @@ def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int, tuning: b
 def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strengths: tuple[float, ...], steps: int,
                    guidance_scales: tuple[float | None, ...], classifier_steps: int, seed: int, device: str = "cpu",
                    precision: str = "auto", train_limit: int | None = None,
-                   references: tuple[str, ...] = (EDIT_REFERENCE,), tuning: bool = False) -> dict[str, Any]:
-    """The sweep: for each reference, guidance scale (None: the model's own), strength and direction, ``n``
-    held-out faces edited and scored (:func:`score_edits`) by one judge."""
+                   references: tuple[str, ...] = (EDIT_REFERENCE,), scopes: tuple[str, ...] = (EDIT_SCOPE,),
+                   tuning: bool = False, judge_cache: Path | None = None) -> dict[str, Any]:
+    """The sweep: for each scope, reference, guidance scale (None: the model's own), strength and direction, ``n``
+    held-out faces edited and scored (:func:`score_edits`) by one judge (its weights kept in ``judge_cache``, see
+    :func:`~training.judge.train_classifier`)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]
     data_cfg = model.manifest.data
     judge_cfg = DataConfig(attributes=(attribute, *KEPT_ATTRIBUTES), crop=data_cfg.crop, image_size=data_cfg.image_size)
-    judge, test_images, test_labels = train_classifier(data, judge_cfg, classifier_steps, seed, train_limit=train_limit)
+    judge, test_images, test_labels = train_classifier(data, judge_cfg, classifier_steps, seed, train_limit=train_limit,
+                                                       cache=judge_cache)
     accuracy = judge.predict(test_images) == test_labels
     results: dict[str, Any] = {
         "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps, "tuning": tuning,
@@ -107,12 +111,12 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
         "rows": []}
     faces = held_out_faces(test_images, test_labels, n, tuning)
     guidances = [model.sampling.guidance_scale if g is None else g for g in guidance_scales]
-    for reference, guidance, strength in itertools.product(references, guidances, strengths):
+    for scope, reference, guidance, strength in itertools.product(scopes, references, guidances, strengths):
         for source_value, sources in faces.items():
             started = time.perf_counter()
             edits = edit_images(model, sources, {attribute: not source_value}, strength, steps, guidance,
-                                reference)
-            row = {"reference": reference, "guidance_scale": guidance, "strength": strength,
+                                reference, scope)
+            row = {"scope": scope, "reference": reference, "guidance_scale": guidance, "strength": strength,
                    "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
                                 f"{'not_' if source_value else ''}{attribute.lower()}",
                    "seconds_per_edit": (time.perf_counter() - started) / n,
@@ -134,12 +138,12 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              f"n = {results['n_per_direction']} {faces} per direction. Command: `{command}`", "",
              f"- judge accuracy on the sharp test split (95% Wilson intervals, {results['classifier_steps']} "
              f"training steps on {results['train_limit'] or 'all'} training faces): {judge}", "",
-             "| reference | guidance | strength | direction | target read [95% CI] | PSNR to input (dB) | "
+             "| scope | reference | guidance | strength | direction | target read [95% CI] | PSNR to input (dB) | "
              "Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         kept = [_percent(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
-        lines.append(f"| {row['reference']} | {row['guidance_scale']:g} | {row['strength']:g} | {row['direction']} | "
+        lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['strength']:g} | {row['direction']} | "
                      f"{_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
                      f"{_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ reconstructions, so every number it judges comes with the evidence that it can j
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DataConfig
-from .data.celeba import load_split, to_float
+from .data.celeba import fingerprint, load_split, to_float
 from .imaging import to_uint8
 from .metrics import wilson_interval
+from .runtime import cached_tensors
 
 # the accuracies of the robustness check may differ by this much before the report warns
 ROBUSTNESS_TOLERANCE = 0.02
@@ -120,14 +122,29 @@ class AttributeClassifier(nn.Module):
 
 
 def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, augmentation: Augmentation = Augmentation(),
-                     batch: int = 64, train_limit: int | None = None) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor]:
+                     batch: int = 64, train_limit: int | None = None, cache: Path | None = None
+                     ) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor]:
     """Train on the train split (its first ``train_limit`` images, default all) with ``augmentation`` (plus mirror
-    images); returns the classifier, the test images ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``."""
+    images); returns the classifier, the test images ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``.
+
+    ``cache``: a folder keeping the trained weights under a name made of everything they depend on (the data's
+    fingerprint, ``data_cfg``, ``steps``, ``seed``, ``augmentation``, ``batch``, ``train_limit``); a later call with
+    the same inputs reads them instead of training (training is deterministic on one machine)."""
+    test_images, test_labels = load_split(data, "test", data_cfg)
+    inputs = repr((fingerprint(data), data_cfg, steps, seed, augmentation, batch, train_limit))
+    path = cache / f"judge-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt" if cache is not None else None
+    classifier = AttributeClassifier(len(data_cfg.attributes), data_cfg.image_size)
+    classifier.load_state_dict(cached_tensors(path, lambda: _fit(classifier, data, data_cfg, steps, seed, augmentation,
+                                                                 batch, train_limit)))
+    return classifier, test_images, test_labels
+
+
+def _fit(classifier: AttributeClassifier, data: Path, data_cfg: DataConfig, steps: int, seed: int,
+         augmentation: Augmentation, batch: int, train_limit: int | None) -> dict[str, torch.Tensor]:
+    """Train ``classifier`` in place (see :func:`train_classifier`); its weights."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     images, labels = load_split(data, "train", data_cfg, train_limit)
-    test_images, test_labels = load_split(data, "test", data_cfg)
-    classifier = AttributeClassifier(labels.shape[1], data_cfg.image_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))
     classifier.train()
@@ -141,7 +158,7 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, au
         loss.backward()
         optimizer.step()
         schedule.step()
-    return classifier, test_images, test_labels
+    return classifier.state_dict()
 
 
 def blurred(images: torch.Tensor, sigma_at_64: float = TEST_BLUR_SIGMA) -> torch.Tensor:

@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_checkpoint
-from .config import EDIT_REFERENCE, EDIT_REFERENCES, SamplingConfig
+from .config import EDIT_REFERENCE, EDIT_REFERENCES, EDIT_REGIONS, EDIT_SCOPE, EDIT_SCOPES, SamplingConfig
 from .diffusion.guidance import guided, null_labels
 from .diffusion.inversion import InversionCallback, ddim_invert
 from .diffusion.noise import ImageNoise
-from .diffusion.samplers import DDIMSampler, StepCallback, make_sampler, run_chain
+from .diffusion.samplers import DDIMSampler, StepCallback, StepConstraint, make_sampler, run_chain
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, VAEManifest
 from .models.unet import UNet
 from .models.vae import VAE
+from .regions import edit_mask
 
 
 @dataclass
@@ -95,10 +96,12 @@ class LatentDiffusion:
                        guidance_scale: float, callback: StepCallback | None = None,
                        unet: torch.nn.Module | None = None,
                        start: tuple[int, torch.Tensor] | None = None,
-                       reference: torch.Tensor | None = None) -> torch.Tensor:
+                       reference: torch.Tensor | None = None,
+                       constraint: StepConstraint | None = None) -> torch.Tensor:
         """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``.
         ``start = (i, x)``: continue from the latents ``x`` at step ``i`` (see ``run_chain``) instead of from noise.
         ``reference [N, A]``: the labels guidance pushes away from (default: the null labels, see ``guided``).
+        ``constraint``: replaces the latents after each step (``run_chain``; single-step samplers only).
 
         ``unet``: the network to evaluate (default: the loaded UNet; e.g. a compiled one, or a copy in another
         dtype, whose inputs are cast to its weights' dtype). A row whose denoiser output was NaN/Inf at any step
@@ -116,7 +119,7 @@ class LatentDiffusion:
             finite.logical_and_(torch.isfinite(output).flatten(1).all(1))
             return output
 
-        latents = run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback, start)
+        latents = run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback, start, constraint)
         return torch.where(finite.view(-1, 1, 1, 1), latents, torch.nan)
 
     @torch.no_grad()
@@ -150,22 +153,43 @@ class LatentDiffusion:
     @torch.no_grad()
     def edit_latents(self, latents: torch.Tensor, targets: torch.Tensor, steps: int, depth: int,
                      guidance_scale: float, noise: ImageNoise, reference: str = EDIT_REFERENCE,
-                     invert_callback: InversionCallback | None = None, callback: StepCallback | None = None,
-                     unet: torch.nn.Module | None = None) -> torch.Tensor:
+                     scope: str = EDIT_SCOPE, invert_callback: InversionCallback | None = None,
+                     callback: StepCallback | None = None, unet: torch.nn.Module | None = None) -> torch.Tensor:
         """Edit scaled latents ``[N, C, h, w]`` toward ``targets [N, A]``: DDIM inversion through ``depth`` of
         ``steps`` steps, then DDIM regeneration with guidance from that depth; float32 latents ``[N, C, h, w]``.
 
         ``reference`` (one of ``EDIT_REFERENCES``) is the condition the inversion runs under and guidance pushes
         away from: ``"source"`` (:meth:`source_labels`: guidance moves along the source-to-target difference only)
-        or ``"null"`` (the unconditional model). ``noise``: per-row streams, drawn only by a DDIM with eta > 0."""
+        or ``"null"`` (the unconditional model). ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each
+        regeneration step the latents (and the x0 prediction ``callback`` sees) outside the edited attributes'
+        region (:func:`~training.regions.edit_mask`) are put back on the input's inversion path, so the rest of the
+        face stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM
+        with eta > 0."""
         if reference not in EDIT_REFERENCES:
             raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
-        targets = targets.to(self.device)
+        if scope not in EDIT_SCOPES:
+            raise ValueError(f"edit scope must be one of {EDIT_SCOPES}, got {scope!r}")
+        targets, latents = targets.to(self.device), latents.to(self.device).float()
         references = (self.source_labels(targets) if reference == "source"
                       else null_labels(targets, self.unet.config.null_label))
-        inverted = self.invert_latents(latents, references, steps, depth, invert_callback, unet)
+        path = {steps: latents}  # level -> the input's latents there (level ``steps`` is clean)
+
+        def record(done: int, x: torch.Tensor) -> None:
+            path[steps - done] = x
+            if invert_callback is not None:
+                invert_callback(done, x)
+
+        inverted = self.invert_latents(latents, references, steps, depth, record, unet)
+        constraint = None
+        if scope == "region":
+            mask = edit_mask(targets, self.attributes, self.unet.config.null_label, EDIT_REGIONS,
+                             tuple(self.latent_shape[1:]))
+
+            def constraint(i: int, x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return torch.lerp(path[i + 1], x, mask), torch.lerp(latents, x0, mask)
+
         return self.sample_latents(targets, noise, "ddim", steps, guidance_scale, callback, unet,
-                                   start=(steps - depth, inverted), reference=references)
+                                   start=(steps - depth, inverted), reference=references, constraint=constraint)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:

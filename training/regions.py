@@ -1,13 +1,20 @@
-"""Where the face's features are: a per-pixel loss weight from the five CelebA landmarks.
+"""Where the face's features are: a per-pixel loss weight from the five CelebA landmarks, and the region an edit
+of an attribute may change.
 
 Eyes and mouth are a few pixels at 64x64 and carry the attributes users ask for (a smile lives in the mouth
 corners); a plain L1 spreads its gradient over background and cheeks. ``landmark_weights`` raises the weight of
-the pixels around each landmark and around the mouth's centre.
+the pixels around each landmark and around the mouth's centre. ``edit_mask`` marks an attribute's region
+(``config.EDIT_REGIONS``) so that an edit leaves the rest of the face as it was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
+
+# An edit region's soft edge: full inside its ellipse, fading linearly to 0 at this multiple of its radii.
+EDGE_REACH = 1.5
 
 
 def landmark_weights(landmarks: torch.Tensor, size: int, sigma: float, gain: float) -> torch.Tensor:
@@ -29,3 +36,27 @@ def weighted_l1(reconstruction: torch.Tensor, target: torch.Tensor, weights: tor
     if weights is None:
         return error.mean()
     return (error * weights).mean() / weights.mean()
+
+
+def edit_mask(targets: torch.Tensor, attributes: Sequence[str], null: float,
+              regions: Mapping[str, tuple[float, float, float, float]], size: tuple[int, int]) -> torch.Tensor:
+    """Where each edit may change its image: ``targets [N, A]`` (the null label where an attribute is left open) ->
+    ``float32 [N, 1, h, w]`` in [0, 1] for a grid of ``size = (h, w)``: the union of the set attributes' ``regions``
+    (ellipses ``(cx, cy, rx, ry)`` in fractions of the side, soft to ``EDGE_REACH`` times their radii); all ones for
+    a row that sets an attribute with no region (or sets none)."""
+    h, w = size
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    masks = []
+    for row in targets.cpu():
+        chosen = [name for name, value in zip(attributes, row.tolist()) if value != null]
+        if not chosen or any(name not in regions for name in chosen):
+            masks.append(torch.ones(h, w))
+            continue
+        union = torch.zeros(h, w)
+        for name in chosen:
+            cx, cy, rx, ry = regions[name]
+            distance = (((xs.view(1, w) - cx) / rx).square() + ((ys.view(h, 1) - cy) / ry).square()).sqrt()
+            union = torch.maximum(union, ((EDGE_REACH - distance) / (EDGE_REACH - 1)).clamp(0, 1))
+        masks.append(union)
+    return torch.stack(masks).unsqueeze(1).to(targets.device)

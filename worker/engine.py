@@ -328,7 +328,8 @@ class Engine:
         def edit_rows(rows: list[int], unet: nn.Module, watch: bool) -> torch.Tensor:
             noise = ImageNoise([(requests[k].seed, 0) for k in rows], self.device)  # unused by DDIM with eta 0
             return self.model.edit_latents(self.model.encode(to_float(images[rows])), targets[rows], steps, depth,
-                                           guidance_scale, noise, invert_callback=report if watch else None,
+                                           guidance_scale, noise,
+                                           invert_callback=(lambda done, _: report(done)) if watch else None,
                                            callback=on_step if watch else None, unet=unet)
 
         stats = RunStats(images=len(requests), chunks=1, denoiser_steps=total)

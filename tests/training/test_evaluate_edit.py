@@ -1,5 +1,6 @@
 """The edit on the tiny model: strength 0 is the VAE round trip, each phase runs under the chosen reference label,
-every row of the evaluation is scored with intervals, tuning never sees the reported faces."""
+a region edit leaves the rest of the face as it was, every row of the evaluation is scored with intervals, tuning
+never sees the reported faces."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.config import EDIT_REGIONS
 from training.data.celeba import load_split, to_float
 from training.diffusion.inversion import DEFAULT_REFINEMENTS
 from training.diffusion.noise import ImageNoise
 from training.evaluate_edit import edit_images, evaluate_edits, held_out_faces, markdown_report
 from training.imaging import to_uint8
 from training.pipeline import LatentDiffusion
+from training.regions import edit_mask
 
 
 def test_strength_zero_is_the_vae_round_trip_and_a_deep_edit_changes_the_face(tiny_checkpoints: Path,
@@ -96,3 +99,41 @@ def test_tuning_faces_are_disjoint_from_the_reported_ones() -> None:
         assert ((tuning[value].flatten() % 2) == int(value)).all()
     with pytest.raises(ValueError, match="lower --n"):
         held_out_faces(images, labels, 6, tuning=True)
+
+
+def test_an_edit_mask_covers_the_set_attributes_regions_and_else_the_whole_image() -> None:
+    regions = {"Smiling": (0.5, 0.75, 0.25, 0.125), "Eyeglasses": (0.5, 0.25, 0.25, 0.125)}
+    null = 2.0
+    targets = torch.tensor([[1.0, null, null],  # Smiling only: the mouth ellipse
+                            [0.0, 1.0, null],  # Smiling and Eyeglasses: both ellipses
+                            [null, null, 1.0],  # an attribute with no region: everywhere
+                            [null, null, null]])  # nothing set (unconditional): everywhere
+    mask = edit_mask(targets, ("Smiling", "Eyeglasses", "Male"), null, regions, (16, 16))
+    assert mask.shape == (4, 1, 16, 16) and mask.min() >= 0 and mask.max() <= 1
+    mouth, eyes = (0, 0, 12, 8), (0, 0, 4, 8)  # (row, channel, y, x) at the ellipses' centres
+    assert mask[mouth] == 1 and mask[eyes] == 0 and mask[0, 0, 0, 0] == 0 and mask[0, 0, 12, 0] == 0
+    assert mask[1, 0, 12, 8] == 1 and mask[1, 0, 4, 8] == 1 and mask[1, 0, 8, 0] == 0
+    assert torch.equal(mask[2:], torch.ones(2, 1, 16, 16))
+    soft = mask[0, 0, 12]  # across the mouth: full in the middle, fading out toward the sides
+    assert 0 < soft[3] < 1 and soft[3] < soft[5] <= soft[8]
+
+
+def test_a_region_edit_keeps_the_input_outside_the_region_and_an_image_edit_does_not(tiny_checkpoints: Path) -> None:
+    model = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    latents = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    targets = model.labels_for({"Smiling": True}).expand(2, -1)
+    mask = edit_mask(targets, model.attributes, model.unet.config.null_label, EDIT_REGIONS,
+                     tuple(model.latent_shape[1:])).expand_as(latents)
+    outside, inside = mask == 0, mask == 1
+    assert outside.any() and inside.any()
+    seen: list[torch.Tensor] = []
+    edits = {scope: model.edit_latents(latents, targets, 4, 3, 2.0, ImageNoise([(0, 0), (0, 1)]), scope=scope,
+                                       callback=lambda i, x, x0: seen.append(x0))
+             for scope in ("region", "image")}
+    region_x0 = seen[:3]  # the x0 predictions of the region edit's three regeneration steps
+    assert torch.equal(edits["region"][outside], latents[outside])
+    assert all(torch.equal(x0[outside], latents[outside]) for x0 in region_x0)
+    assert not torch.allclose(edits["region"][inside], latents[inside], atol=1e-3)
+    assert not torch.allclose(edits["image"][outside], latents[outside], atol=1e-3)
+    with pytest.raises(ValueError, match="scope"):
+        model.edit_latents(latents, targets, 4, 3, 2.0, ImageNoise([(0, 0), (0, 1)]), scope="mouth")

@@ -38,9 +38,10 @@ def test_inversion_follows_the_flow_and_ddim_samples_back_to_the_latent(schedule
     sampler.set_timesteps(STEPS)
     x0 = clean_latents()
     model = lambda x, t: ideal_output(schedule, x, t)  # noqa: E731
-    done: list[int] = []
-    inverted = ddim_invert(model, sampler, x0, depth, done.append)
-    assert done == list(range(1, depth + 1))
+    reached: dict[int, torch.Tensor] = {}
+    inverted = ddim_invert(model, sampler, x0, depth, reached.__setitem__)
+    assert list(reached) == list(range(1, depth + 1))
+    assert torch.equal(reached[depth], inverted)
     expected = flow_at(schedule, x0, sampler.abar_at(STEPS - depth))  # near the exact flow (DDIM's own error)
     assert torch.allclose(inverted, expected, rtol=5e-2, atol=1e-3)
     back = run_chain(model, sampler, STEPS, ImageNoise([(0, k) for k in range(3)]), SHAPE,

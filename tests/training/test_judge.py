@@ -10,6 +10,7 @@ import torch
 from training.config import DataConfig
 from training.data.celeba import load_split
 from training.data.synthetic import write_dataset
+import training.judge as judge_module
 from training.judge import NO_AUGMENTATION, Augmentation, blurred, degrade, gaussian_blur, train_classifier
 
 
@@ -47,3 +48,22 @@ def test_augmented_judge_keeps_its_accuracy_on_blurred_faces_where_a_plain_one_l
     assert accuracy["augmented"][0] >= 0.9 and accuracy["plain"][0] >= 0.9  # both learn the smile of sharp faces
     assert accuracy["augmented"][2.5] >= accuracy["augmented"][0] - 0.15
     assert accuracy["augmented"][2.5] >= accuracy["plain"][2.5] + 0.07, accuracy
+
+
+def test_a_cached_judge_is_read_back_without_training_and_another_seed_trains_anew(
+        faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DataConfig()
+    first, test_images, _ = train_classifier(faces, config, steps=5, seed=0, cache=tmp_path)
+    assert len(list(tmp_path.glob("judge-*.pt"))) == 1
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached judge was trained again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(judge_module, "_fit", no_training)
+        again, _, _ = train_classifier(faces, config, steps=5, seed=0, cache=tmp_path)
+    assert torch.equal(again.predict(test_images), first.predict(test_images))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
+    other, _, _ = train_classifier(faces, config, steps=5, seed=1, cache=tmp_path)
+    assert len(list(tmp_path.glob("judge-*.pt"))) == 2
+    assert not torch.equal(other.state_dict()["head.2.weight"], first.state_dict()["head.2.weight"])

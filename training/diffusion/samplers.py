@@ -149,15 +149,20 @@ def make_sampler(name: str, schedule: NoiseSchedule, x0_clip: float | None, ddim
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [N, C, H, W], t [N]) -> output
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x_prev, pred_x0)
+# (step index, x_prev, pred_x0) -> (x_prev, pred_x0) as the chain goes on with them (e.g. an edit's region mask)
+StepConstraint = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def run_chain(model_fn: ModelFn, sampler: Sampler, steps: int, noise: ImageNoise, shape: tuple[int, ...],
-              callback: StepCallback | None = None, start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+              callback: StepCallback | None = None, start: tuple[int, torch.Tensor] | None = None,
+              constraint: StepConstraint | None = None) -> torch.Tensor:
     """Run the reverse chain from ``x_T ~ noise.draw(shape)`` and return ``x_0 [N, *shape]``.
 
     ``start = (i, x)``: begin at step ``i`` from ``x [N, *shape]`` (a latent at ``t_i``, e.g. an inverted image;
     ``i == steps`` returns ``x`` unchanged) instead of from noise; steps keep their indices.
 
+    ``constraint(i, x, pred_x0)`` replaces both after every step (before ``callback``); for single-step samplers
+    (DDIM, DDPM) only, whose next step reads nothing but ``x``.
     ``callback(i, x, pred_x0)`` runs after every step (progress, trajectories, cancel by raising). Nothing in the
     loop waits for the device: the timesteps go to the device once, step coefficients are Python numbers, and a
     stochastic sampler's noise (one draw per step but the last) is drawn ahead by ``noise``.
@@ -176,6 +181,8 @@ def run_chain(model_fn: ModelFn, sampler: Sampler, steps: int, noise: ImageNoise
         output = model_fn(x, t_rows[i]).float()
         step_noise = next(draws) if stochastic and i + 1 < len(sampler.timesteps) else None
         x, x0 = sampler.step(output, i, x, step_noise)
+        if constraint is not None:
+            x, x0 = constraint(i, x, x0)
         if callback is not None:
             callback(i, x, x0)
     return x
