@@ -100,6 +100,8 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     diffusion.add_argument("--vae", default="latest", help="VAE checkpoint version")
     diffusion.add_argument("--latent-cache", type=Path, default=None, metavar="DIR",
                            help="keep the encoded training latents here and reuse them in later runs")
+    diffusion.add_argument("--attributes", nargs="+", default=None, metavar="NAME",
+                           help="CelebA attributes to condition on (default: the VAE's); a warm start may add some")
     add_config_flags(diffusion, UNetConfig, "unet_")
     add_config_flags(diffusion, ScheduleConfig, "schedule_")
     add_config_flags(diffusion, SamplingConfig, "sampling_")
@@ -222,7 +224,8 @@ def run_diffusion(args: argparse.Namespace) -> None:
     train_diffusion(args.vae, config_from_args(UNetConfig, args, "unet_"),
                     config_from_args(ScheduleConfig, args, "schedule_"), sampling,
                     config_from_args(DiffusionTrainConfig, args),
-                    dataclasses.replace(run_options(args), latent_cache=args.latent_cache))
+                    dataclasses.replace(run_options(args), latent_cache=args.latent_cache),
+                    tuple(args.attributes) if args.attributes else None)
 
 
 def evaluation_settings(args: argparse.Namespace) -> list[Any]:

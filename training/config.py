@@ -134,6 +134,9 @@ class DiffusionTrainConfig:
     lr: float = 3e-4
     warmup: int = 200
     label_dropout: float = 0.15  # probability of training a sample with the null label
+    # then, for each attribute of a sample kept by label_dropout, the probability of the null label for it alone:
+    # a multi-attribute model learns every partial condition (e.g. Smiling given, Male left open); 0 for one attribute
+    attribute_dropout: float = 0.0
     min_snr_gamma: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain MSE
     ema_decay: float = 0.999
     grad_clip: float = 1.0

@@ -5,8 +5,9 @@ Latents are encoded once (posterior mean and log-variance of each training image
 sampled every step: ``z = scale * (mean + exp(logvar / 2) * eps)``, with ``scale = 1 / std(z)`` measured here.
 The loss is ``w(t) || unet(x_t, t, labels) - target ||^2`` (target per the schedule's prediction type, ``w`` the
 Min-SNR-gamma weight), labels replaced by the null label with probability ``label_dropout`` (classifier-free
-guidance). ``--init-from`` warm-starts from an exported diffusion version (its UNet and schedule, its EMA weights),
-also on the latents of a newer VAE, and records the lineage in the manifest.
+guidance) and, each attribute alone, ``attribute_dropout``. ``--init-from`` warm-starts from an exported diffusion
+version (its UNet and schedule, its EMA weights), also on the latents of a newer VAE or with more attributes than
+the parent knew (their embeddings start at zero: the child starts as its parent), and records the lineage.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleCo
 from .data.celeba import fingerprint, load_split, load_split_labels, to_float
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, TrainingRun, VAEManifest
-from .models.unet import UNet
+from .models.unet import EMBEDDING_TABLE, UNet, grown_attribute_table
 from .models.vae import VAE
 from .runtime import DTYPES, EMA, BatchStream, autocast, cached_tensors, start_run, unwrap
 from .trainer import RunOptions, Trainer
@@ -94,7 +95,10 @@ class DiffusionStep:
         eps_latent = torch.randn(self.means[index].shape, generator=noise_gen)
         z0 = self.scale * (self.means[index] + torch.exp(0.5 * self.logvars[index]) * eps_latent)
         y = self.labels[index].clone()
-        y[torch.rand(n, generator=noise_gen) < cfg.label_dropout] = self.unet.config.null_label
+        null = self.unet.config.null_label
+        if cfg.attribute_dropout > 0:  # no draw otherwise: single-attribute runs keep their random stream
+            y[torch.rand(y.shape, generator=noise_gen) < cfg.attribute_dropout] = null
+        y[torch.rand(n, generator=noise_gen) < cfg.label_dropout] = null
         t = torch.randint(0, self.schedule.timesteps, (n,), generator=noise_gen)
         noise = torch.randn(z0.shape, generator=noise_gen)
         z0, y, t, noise = (v.to(trainer.device) for v in (z0, y, t, noise))
@@ -111,12 +115,14 @@ class DiffusionStep:
 
 
 def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: ScheduleConfig,
-                    sampling_cfg: SamplingConfig, cfg: DiffusionTrainConfig, opts: RunOptions) -> Path | None:
-    """Train (or resume from ``opts.run_dir/state.pt``); returns the new checkpoint folder on the main rank."""
+                    sampling_cfg: SamplingConfig, cfg: DiffusionTrainConfig, opts: RunOptions,
+                    attributes: tuple[str, ...] | None = None) -> Path | None:
+    """Train (or resume from ``opts.run_dir/state.pt``); returns the new checkpoint folder on the main rank.
+    ``attributes``: the conditioning attributes (default: those of the VAE's data config)."""
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
 
     vae, vae_manifest = load_vae(opts.checkpoints, vae_version, device)
-    data_cfg = vae_manifest.data
+    data_cfg = dataclasses.replace(vae_manifest.data, attributes=attributes or vae_manifest.data.attributes)
     labels = load_split_labels(opts.data, "train", data_cfg, limit=opts.limit)
     data_fingerprint = fingerprint(opts.data)
     cache_key = (f"{vae_manifest.version}-{data_fingerprint[:16]}-{opts.limit or 'all'}"
@@ -133,9 +139,11 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     if opts.init_from:
         parent, lineage = warm_start(opts.checkpoints, "diffusion", opts.init_from)
         unet_cfg, schedule_cfg = parent.manifest.model, parent.manifest.schedule
-        if (unet_cfg.in_channels, unet_cfg.num_attributes) != (means.shape[1], labels.shape[1]):
-            raise ValueError(f"--init-from {opts.init_from}: its UNet takes {unet_cfg.in_channels} latent channels and "
-                             f"{unet_cfg.num_attributes} attributes, the data gives {means.shape[1]} and {labels.shape[1]}")
+        if unet_cfg.in_channels != means.shape[1]:
+            raise ValueError(f"--init-from {opts.init_from}: its UNet takes {unet_cfg.in_channels} latent channels, "
+                             f"the VAE gives {means.shape[1]}")
+        parent.state_dict[EMBEDDING_TABLE] = grown_attribute_table(
+            parent.state_dict[EMBEDDING_TABLE], parent.manifest.attributes, data_cfg.attributes, unet_cfg.null_label)
     unet_cfg = dataclasses.replace(unet_cfg, in_channels=means.shape[1], num_attributes=labels.shape[1])
     unet = UNet(unet_cfg).to(device)
     if parent is not None:

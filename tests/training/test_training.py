@@ -177,6 +177,30 @@ def test_warm_start_begins_at_the_parent_and_records_the_lineage(tiny_checkpoint
     assert unet_child.manifest.training.init_from.lineage == (unet_parent.version,)
 
 
+def test_a_warm_start_may_add_attributes_and_starts_as_its_parent(tiny_checkpoints: Path, synth_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints, root)
+    parent = LatentDiffusion.load(root, "latest")
+    opts = RunOptions(synth_dir, root, tmp_path / "grown", precision="fp32", threads=1, init_from=parent.version)
+    frozen = DiffusionTrainConfig(steps=2, batch_size=8, lr=0.0, warmup=1, log_every=1, attribute_dropout=0.5)
+    child = LatentDiffusion.load(root, train_diffusion(parent.manifest.vae_version, UNetConfig(), ScheduleConfig(),
+                                                       SamplingConfig(), frozen, opts, ("Smiling", "Male")).name)
+    assert child.attributes == ["Smiling", "Male"] and child.unet.config.num_attributes == 2
+    null = parent.unet.config.null_label
+    x = torch.randn((3, *parent.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500, 990])
+    smiling = torch.tensor([[1.0], [0.0], [float(null)]])
+    expected = parent.unet(x, t, smiling)
+    for male in (0.0, 1.0, float(null)):  # the new attribute's vectors start at zero: every label acts as before
+        assert torch.allclose(child.unet(x, t, torch.cat([smiling, torch.full((3, 1), male)], 1)), expected)
+
+    opts = RunOptions(synth_dir, root, tmp_path / "shrunk", precision="fp32", threads=1, init_from=child.version)
+    with pytest.raises(ValueError, match="Male"):
+        train_diffusion(parent.manifest.vae_version, UNetConfig(), ScheduleConfig(), SamplingConfig(), frozen, opts,
+                        ("Smiling",))
+
+
 def test_landmarks_are_used_when_present_and_training_works_without_them(synth_dir: Path, tmp_path: Path) -> None:
     bare = tmp_path / "bare"
     shutil.copytree(synth_dir, bare)

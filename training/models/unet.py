@@ -9,6 +9,7 @@ classifier-free guidance); as floats, values between 0 and 1 blend the two (:cla
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -47,6 +48,25 @@ class AttributeEmbedding(nn.Module):
         above = self.table(labels.ceil().long() + self.offsets)
         weight = (labels - low).unsqueeze(-1).to(below.dtype)  # 0 for integral labels: ``below`` exactly
         return (below + weight * (above - below)).sum(dim=1)
+
+
+EMBEDDING_TABLE = "label_embedding.table.weight"  # the state-dict entry of AttributeEmbedding's vectors
+
+
+def grown_attribute_table(table: torch.Tensor, parent: Sequence[str], child: Sequence[str], null_label: int
+                          ) -> torch.Tensor:
+    """A parent's embedding table ``[len(parent) * (null_label + 1), dim]`` laid out for the ``child``'s attributes:
+    each attribute the parent knew keeps its vectors, a new one starts at zero (so the child's output equals the
+    parent's for every label until training moves them). Raises ``ValueError`` when the child drops one."""
+    missing = [name for name in parent if name not in child]
+    if missing:
+        raise ValueError(f"the parent is conditioned on {missing}, which the child's attributes {list(child)} lack")
+    values = null_label + 1
+    grown = table.new_zeros(len(child) * values, table.shape[1])
+    for k, name in enumerate(parent):
+        i = list(child).index(name)
+        grown[i * values:(i + 1) * values] = table[k * values:(k + 1) * values]
+    return grown
 
 
 class UNet(nn.Module):
