@@ -29,6 +29,11 @@ EDIT_GUIDANCE_SCALE = 3.0
 # own inversion path (``training.regions.edit_mask``), "image" lets the whole image change.
 EDIT_SCOPES = ("region", "image")
 EDIT_SCOPE = "region"
+# An edit holds the attributes it leaves open at the input's values, read by the model itself (``LatentDiffusion.
+# read_open_attributes``): the denoising error under each value over this many fixed (timestep, noise) pairs, the
+# timesteps spread evenly over this span of the schedule (as fractions of its length).
+ATTRIBUTE_READ_TRIALS = 16
+ATTRIBUTE_READ_SPAN = (0.1, 0.9)
 # Each attribute's region in the aligned crop: an ellipse (centre x, centre y, radius x, radius y) in fractions of the
 # image side. Smiling's spans the mouth of CelebA's aligned faces (mean mouth centre 0.74 of the side down the crop)
 # and of the synthetic ones (0.67, spread 0.02; mouth 0.15-0.25 of the side wide). An edit of an attribute not listed

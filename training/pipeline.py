@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_checkpoint
-from .config import EDIT_REFERENCE, EDIT_REFERENCES, EDIT_REGIONS, EDIT_SCOPE, EDIT_SCOPES, SamplingConfig
+from .config import (
+    ATTRIBUTE_READ_SPAN,
+    ATTRIBUTE_READ_TRIALS,
+    EDIT_REFERENCE,
+    EDIT_REFERENCES,
+    EDIT_REGIONS,
+    EDIT_SCOPE,
+    EDIT_SCOPES,
+    SamplingConfig,
+)
 from .diffusion.guidance import guided, null_labels
 from .diffusion.inversion import InversionCallback, ddim_invert
 from .diffusion.noise import ImageNoise
@@ -144,6 +153,39 @@ class LatentDiffusion:
         return ddim_invert(lambda x, t: unet(x.to(dtype), t, labels), sampler, latents.to(self.device).float(),
                            depth, callback)
 
+    @torch.no_grad()
+    def read_open_attributes(self, latents: torch.Tensor, labels: torch.Tensor, unet: torch.nn.Module | None = None,
+                             trials: int = ATTRIBUTE_READ_TRIALS) -> torch.Tensor:
+        """``labels [N, A]`` with each open (null) entry set to what the model reads in the scaled latents ``[N, C, h,
+        w]``: 0 or 1, whichever value the model denoises them better under (mean squared error of its prediction over
+        ``trials`` fixed pairs of timestep, spread over ``ATTRIBUTE_READ_SPAN``, and noise, the same for both values):
+        the diffusion model as its own classifier. Each open attribute is read with the given ones set and the other
+        open ones null; given entries come back unchanged. 2 x ``trials`` network rows per row and open attribute."""
+        null = self.unet.config.null_label
+        labels = labels.to(self.device)
+        open_columns = [a for a in range(labels.shape[1]) if (labels[:, a] == null).any()]
+        if not open_columns:
+            return labels
+        unet = self.unet if unet is None else unet
+        dtype = next(unet.parameters()).dtype
+        n, last = len(latents), self.schedule.timesteps - 1
+        generator = torch.Generator().manual_seed(0)
+        t = torch.linspace(ATTRIBUTE_READ_SPAN[0] * last, ATTRIBUTE_READ_SPAN[1] * last, trials).round().long()
+        noise = torch.randn((trials, *latents.shape[1:]), generator=generator).to(self.device)
+        x0 = latents.to(self.device).float().repeat_interleave(trials, 0)  # [N * trials, C, h, w], row-major
+        t, noise = t.to(self.device).repeat(n), noise.repeat(n, 1, 1, 1)
+        x_t, target = self.schedule.q_sample(x0, t, noise), self.schedule.target(x0, noise, t)
+        read = labels.clone()
+        for a in open_columns:
+            errors = []
+            for value in (0.0, 1.0):
+                trial = labels.clone()
+                trial[:, a] = torch.where(labels[:, a] == null, value, labels[:, a])
+                output = unet(x_t.to(dtype), t, trial.repeat_interleave(trials, 0)).float()
+                errors.append((output - target).square().flatten(1).mean(1).view(n, trials).mean(1))
+            read[:, a] = torch.where(labels[:, a] == null, (errors[1] < errors[0]).float(), labels[:, a])
+        return read
+
     def source_labels(self, targets: torch.Tensor) -> torch.Tensor:
         """An edit's targets ``[N, A]`` -> the labels it starts from: each given value flipped (``1 - v``; an edit to
         *smiling* starts from *not smiling*), the null label kept where the target leaves an attribute open."""
@@ -160,7 +202,8 @@ class LatentDiffusion:
 
         ``reference`` (one of ``EDIT_REFERENCES``) is the condition the inversion runs under and guidance pushes
         away from: ``"source"`` (:meth:`source_labels`: guidance moves along the source-to-target difference only)
-        or ``"null"`` (the unconditional model). ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each
+        or ``"null"`` (the unconditional model). Attributes the targets leave open are held at the input's values
+        (:meth:`read_open_attributes`, read under the source labels) in both. ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each
         regeneration step the latents (and the x0 prediction ``callback`` sees) outside the edited attributes'
         region (:func:`~training.regions.edit_mask`) are put back on the input's inversion path, so the rest of the
         face stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM
@@ -170,8 +213,9 @@ class LatentDiffusion:
         if scope not in EDIT_SCOPES:
             raise ValueError(f"edit scope must be one of {EDIT_SCOPES}, got {scope!r}")
         targets, latents = targets.to(self.device), latents.to(self.device).float()
-        references = (self.source_labels(targets) if reference == "source"
-                      else null_labels(targets, self.unet.config.null_label))
+        sources = self.read_open_attributes(latents, self.source_labels(targets), unet)
+        targets = torch.where(targets == self.unet.config.null_label, sources, targets)  # open ones held as read
+        references = sources if reference == "source" else null_labels(targets, self.unet.config.null_label)
         path = {steps: latents}  # level -> the input's latents there (level ``steps`` is clean)
 
         def record(done: int, x: torch.Tensor) -> None:

@@ -49,7 +49,7 @@ def edit_mask(targets: torch.Tensor, attributes: Sequence[str], null: float,
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
     masks = []
     for row in targets.cpu():
-        chosen = [name for name, value in zip(attributes, row.tolist()) if value != null]
+        chosen = [name for name, value in zip(attributes, row.tolist(), strict=True) if value != null]
         if not chosen or any(name not in regions for name in chosen):
             masks.append(torch.ones(h, w))
             continue

@@ -4,6 +4,7 @@ never sees the reported faces."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from training.config import EDIT_REGIONS
 from training.data.celeba import load_split, to_float
 from training.diffusion.inversion import DEFAULT_REFINEMENTS
 from training.diffusion.noise import ImageNoise
+from training.diffusion.schedule import NoiseSchedule
 from training.evaluate_edit import edit_images, evaluate_edits, held_out_faces, markdown_report
 from training.imaging import to_uint8
+from training.models.unet import UNet
 from training.pipeline import LatentDiffusion
 from training.regions import edit_mask
 
@@ -137,3 +140,48 @@ def test_a_region_edit_keeps_the_input_outside_the_region_and_an_image_edit_does
     assert not torch.allclose(edits["image"][outside], latents[outside], atol=1e-3)
     with pytest.raises(ValueError, match="scope"):
         model.edit_latents(latents, targets, 4, 3, 2.0, ImageNoise([(0, 0), (0, 1)]), scope="mouth")
+
+
+class KnowsTheFace(torch.nn.Module):
+    """A denoiser that knows the clean latents ``x0``: exact under ``Male`` = ``male`` (column 1), off by a constant
+    under the other value, so the better-denoising value is ``male`` by construction."""
+
+    def __init__(self, schedule: NoiseSchedule, x0: torch.Tensor, trials: int, male: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a dtype to read, as a network has
+        self.schedule, self.x0, self.trials, self.male = schedule, x0.repeat_interleave(trials, 0), trials, male
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        abar = self.schedule.abar(t, x)
+        noise = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        exact = self.schedule.target(self.x0, noise, t)
+        return exact + 0.5 * (labels[:, 1] != self.male).float().view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("male", [0.0, 1.0])
+def test_open_attributes_are_read_as_the_value_the_model_denoises_best(tiny_checkpoints: Path, male: float) -> None:
+    model = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    x0 = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(2))
+    null = float(model.unet.config.null_label)
+    labels = torch.tensor([[1.0, null], [0.0, null], [1.0, 0.0]])  # the last row's Male is given: kept as it is
+    read = model.read_open_attributes(x0, labels, KnowsTheFace(model.schedule, x0, 4, male), trials=4)
+    assert torch.equal(read, torch.tensor([[1.0, male], [0.0, male], [1.0, 0.0]]))
+    assert torch.equal(model.read_open_attributes(x0, labels[:2, :1]), labels[:2, :1])  # nothing open: as given
+
+
+def test_an_edit_holds_the_attributes_it_leaves_open_at_the_inputs_values(tiny_checkpoints: Path) -> None:
+    tiny = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    two = dataclasses.replace(tiny.unet.config, num_attributes=2)
+    model = dataclasses.replace(tiny, unet=UNet(two).eval(),
+                                manifest=dataclasses.replace(tiny.manifest, attributes=("Smiling", "Male")))
+    latents = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(3))
+    targets = model.labels_for({"Smiling": True}).expand(2, -1)
+    held = model.read_open_attributes(latents, model.source_labels(targets))[:, 1]
+    assert set(held.tolist()) <= {0.0, 1.0}
+    recorder = LabelRecorder(model.unet)
+    model.edit_latents(latents, targets, 4, 2, 2.0, ImageNoise([(0, 0), (0, 1)]), unet=recorder)
+    reading_calls = 2  # one per value of the one open attribute
+    for labels in recorder.calls[reading_calls:]:  # inversion under the source, regeneration under target + source
+        assert torch.equal(labels[:, 1], held.repeat(len(labels) // 2))
+    smiling = {tuple(labels[:, 0].tolist()) for labels in recorder.calls[reading_calls:]}
+    assert smiling == {(0.0, 0.0), (1.0, 1.0, 0.0, 0.0)}

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import training.judge as judge_module
 from training.config import DataConfig
 from training.data.celeba import load_split
 from training.data.synthetic import write_dataset
-import training.judge as judge_module
 from training.judge import NO_AUGMENTATION, Augmentation, blurred, degrade, gaussian_blur, train_classifier
 
 
@@ -63,7 +63,7 @@ def test_a_cached_judge_is_read_back_without_training_and_another_seed_trains_an
         patched.setattr(judge_module, "_fit", no_training)
         again, _, _ = train_classifier(faces, config, steps=5, seed=0, cache=tmp_path)
     assert torch.equal(again.predict(test_images), first.predict(test_images))
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values(), strict=True))
     other, _, _ = train_classifier(faces, config, steps=5, seed=1, cache=tmp_path)
     assert len(list(tmp_path.glob("judge-*.pt"))) == 2
     assert not torch.equal(other.state_dict()["head.2.weight"], first.state_dict()["head.2.weight"])
