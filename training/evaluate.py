@@ -31,7 +31,7 @@ from .config import REPORT_SEED, TUNING_SEED, DataConfig
 from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import AttributeClassifier, rate, robustness, train_classifier
+from .judge import AttributeClassifier, first_attribute_only, rate, robustness, train_classifier
 from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
 from .models.vae import VAE
@@ -232,9 +232,9 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
     torch_device = pick_device(device)
     models = [LatentDiffusion.load(checkpoints, v, torch_device, pick_dtype(torch_device, precision)) for v in versions]
-    data_configs = {m.manifest.data for m in models}
+    data_configs = {first_attribute_only(m.manifest.data) for m in models}  # further attributes are left open
     if len(data_configs) != 1:
-        raise ValueError(f"versions {versions} were trained on different data configs; evaluate them apart")
+        raise ValueError(f"versions {versions} differ in their data config or first attribute; evaluate them apart")
     for model in models:  # refuse before any work
         if not tuning and seed in seeds_used(model.manifest):
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "

@@ -9,6 +9,7 @@ reconstructions, so every number it judges comes with the evidence that it can j
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,12 @@ class AttributeClassifier(nn.Module):
         """``uint8 [N, 3, H, W]`` -> ``int64 [N, A]`` in {0, 1}."""
         self.eval()
         return torch.cat([(self(to_float(chunk)) > 0).long() for chunk in images.split(batch)])
+
+
+def first_attribute_only(data_cfg: DataConfig) -> DataConfig:
+    """``data_cfg`` with its first attribute alone: what ``evaluate`` and ``transitions`` judge, so that one- and
+    multi-attribute models sharing that attribute are judged by the same judge (the same cached weights)."""
+    return dataclasses.replace(data_cfg, attributes=data_cfg.attributes[:1])
 
 
 def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, augmentation: Augmentation = Augmentation(),

@@ -29,7 +29,7 @@ import torch
 from .data.celeba import to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import AttributeClassifier, rate, train_classifier
+from .judge import AttributeClassifier, first_attribute_only, rate, train_classifier
 from .pipeline import LatentDiffusion
 from .runtime import pick_device, pick_dtype
 from .train_vae import psnr
@@ -83,7 +83,8 @@ def evaluate_transitions(checkpoints: Path, version: str, data: Path, n: int, fr
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     guidance = model.sampling.guidance_scale if guidance_scale is None else guidance_scale
-    judge, test_images, test_labels = train_classifier(data, model.manifest.data, classifier_steps, seed)
+    judge, test_images, test_labels = train_classifier(data, first_attribute_only(model.manifest.data),
+                                                       classifier_steps, seed)
     attribute = model.attributes[0]
     results: dict[str, Any] = {"version": model.version, "attribute": attribute, "n_per_label": n, "frames": frames,
                                "sampler": sampler, "steps": steps, "guidance_scale": guidance, "seed": seed,

@@ -17,6 +17,7 @@ import training.train_diffusion as train_diffusion_module
 from tests.conftest import ROOT, TINY_UNET, TINY_VAE
 from training.checkpoints import load_checkpoint
 from training.config import (
+    REPORT_SEED,
     DataConfig,
     DiffusionTrainConfig,
     SamplingConfig,
@@ -27,6 +28,7 @@ from training.config import (
 )
 from training.data.layout import LANDMARK_FILE
 from training.diffusion.schedule import NoiseSchedule
+from training.evaluate import Setting, evaluate_versions
 from training.manifest import Parent
 from training.models.unet import UNet
 from training.pipeline import LatentDiffusion
@@ -194,6 +196,11 @@ def test_a_warm_start_may_add_attributes_and_starts_as_its_parent(tiny_checkpoin
     expected = parent.unet(x, t, smiling)
     for male in (0.0, 1.0, float(null)):  # the new attribute's vectors start at zero: every label acts as before
         assert torch.allclose(child.unet(x, t, torch.cat([smiling, torch.full((3, 1), male)], 1)), expected)
+
+    # evaluated side by side with its parent: one judge of the first attribute, the new one left open in sampling
+    rows = evaluate_versions(root, [parent.version, child.version], synth_dir, n=2, settings=[Setting("ddim", 2, 2.0)],
+                             seed=REPORT_SEED, classifier_steps=2, fid=False, precision="fp32")
+    assert [row["attribute"] for row in rows] == ["Smiling", "Smiling"] and rows[0]["judge"] == rows[1]["judge"]
 
     opts = RunOptions(synth_dir, root, tmp_path / "shrunk", precision="fp32", threads=1, init_from=child.version)
     with pytest.raises(ValueError, match="Male"):
