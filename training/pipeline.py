@@ -203,18 +203,20 @@ class LatentDiffusion:
         ``reference`` (one of ``EDIT_REFERENCES``) is the condition the inversion runs under and guidance pushes
         away from: ``"source"`` (:meth:`source_labels`: guidance moves along the source-to-target difference only)
         or ``"null"`` (the unconditional model). Attributes the targets leave open are held at the input's values
-        (:meth:`read_open_attributes`, read under the source labels) in both. ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each
-        regeneration step the latents (and the x0 prediction ``callback`` sees) outside the edited attributes'
-        region (:func:`~training.regions.edit_mask`) are put back on the input's inversion path, so the rest of the
-        face stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM
-        with eta > 0."""
+        (:meth:`read_open_attributes`, read under the source labels) in both.
+
+        ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each regeneration step the latents (and the x0
+        prediction ``callback`` sees) outside the region of the attributes the targets set
+        (:func:`~training.regions.edit_mask`) are put back on the input's inversion path, so the rest of the face
+        stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM with
+        eta > 0."""
         if reference not in EDIT_REFERENCES:
             raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
         if scope not in EDIT_SCOPES:
             raise ValueError(f"edit scope must be one of {EDIT_SCOPES}, got {scope!r}")
-        targets, latents = targets.to(self.device), latents.to(self.device).float()
-        sources = self.read_open_attributes(latents, self.source_labels(targets), unet)
-        targets = torch.where(targets == self.unet.config.null_label, sources, targets)  # open ones held as read
+        edited, latents = targets.to(self.device), latents.to(self.device).float()
+        sources = self.read_open_attributes(latents, self.source_labels(edited), unet)
+        targets = torch.where(edited == self.unet.config.null_label, sources, edited)  # open ones held as read
         references = sources if reference == "source" else null_labels(targets, self.unet.config.null_label)
         path = {steps: latents}  # level -> the input's latents there (level ``steps`` is clean)
 
@@ -226,7 +228,7 @@ class LatentDiffusion:
         inverted = self.invert_latents(latents, references, steps, depth, record, unet)
         constraint = None
         if scope == "region":
-            mask = edit_mask(targets, self.attributes, self.unet.config.null_label, EDIT_REGIONS,
+            mask = edit_mask(edited, self.attributes, self.unet.config.null_label, EDIT_REGIONS,
                              tuple(self.latent_shape[1:]))
 
             def constraint(i: int, x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

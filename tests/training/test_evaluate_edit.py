@@ -179,7 +179,10 @@ def test_an_edit_holds_the_attributes_it_leaves_open_at_the_inputs_values(tiny_c
     held = model.read_open_attributes(latents, model.source_labels(targets))[:, 1]
     assert set(held.tolist()) <= {0.0, 1.0}
     recorder = LabelRecorder(model.unet)
-    model.edit_latents(latents, targets, 4, 2, 2.0, ImageNoise([(0, 0), (0, 1)]), unet=recorder)
+    edited = model.edit_latents(latents, targets, 4, 2, 2.0, ImageNoise([(0, 0), (0, 1)]), unet=recorder)
+    outside = edit_mask(targets, model.attributes, model.unet.config.null_label, EDIT_REGIONS,
+                        tuple(model.latent_shape[1:])).expand_as(latents) == 0
+    assert outside.any() and torch.equal(edited[outside], latents[outside])  # the region is Smiling's, held or not
     reading_calls = 2  # one per value of the one open attribute
     for labels in recorder.calls[reading_calls:]:  # inversion under the source, regeneration under target + source
         assert torch.equal(labels[:, 1], held.repeat(len(labels) // 2))
