@@ -141,17 +141,18 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, au
     inputs = repr((fingerprint(data), data_cfg, steps, seed, augmentation, batch, train_limit))
     path = cache / f"judge-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt" if cache is not None else None
     classifier = AttributeClassifier(len(data_cfg.attributes), data_cfg.image_size)
-    classifier.load_state_dict(cached_tensors(path, lambda: _fit(classifier, data, data_cfg, steps, seed, augmentation,
-                                                                 batch, train_limit)))
+    classifier.load_state_dict(cached_tensors(path, lambda: _fit(data, data_cfg, steps, seed, augmentation, batch,
+                                                                 train_limit)))
     return classifier, test_images, test_labels
 
 
-def _fit(classifier: AttributeClassifier, data: Path, data_cfg: DataConfig, steps: int, seed: int,
-         augmentation: Augmentation, batch: int, train_limit: int | None) -> dict[str, torch.Tensor]:
-    """Train ``classifier`` in place (see :func:`train_classifier`); its weights."""
+def _fit(data: Path, data_cfg: DataConfig, steps: int, seed: int, augmentation: Augmentation, batch: int,
+         train_limit: int | None) -> dict[str, torch.Tensor]:
+    """The trained weights of :func:`train_classifier` (initialised and trained from ``seed`` alone)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     images, labels = load_split(data, "train", data_cfg, train_limit)
+    classifier = AttributeClassifier(labels.shape[1], data_cfg.image_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))
     classifier.train()

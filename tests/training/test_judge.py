@@ -64,6 +64,10 @@ def test_a_cached_judge_is_read_back_without_training_and_another_seed_trains_an
         again, _, _ = train_classifier(faces, config, steps=5, seed=0, cache=tmp_path)
     assert torch.equal(again.predict(test_images), first.predict(test_images))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values(), strict=True))
+    torch.rand(7)  # the global random state moves on: a judge depends on its seed alone
+    uncached, _, _ = train_classifier(faces, config, steps=5, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(uncached.state_dict().values(), first.state_dict().values(),
+                                                 strict=True))
     other, _, _ = train_classifier(faces, config, steps=5, seed=1, cache=tmp_path)
     assert len(list(tmp_path.glob("judge-*.pt"))) == 2
     assert not torch.equal(other.state_dict()["head.2.weight"], first.state_dict()["head.2.weight"])
