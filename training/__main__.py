@@ -263,7 +263,7 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps,
                              tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
                              train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
-                             tuning=args.tuning)
+                             tuning=args.tuning, judge_cache=args.judge_cache)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:
