@@ -7,7 +7,8 @@ The loss is ``w(t) || unet(x_t, t, labels) - target ||^2`` (target per the sched
 Min-SNR-gamma weight), labels replaced by the null label with probability ``label_dropout`` (classifier-free
 guidance) and, each attribute alone, ``attribute_dropout``. ``--init-from`` warm-starts from an exported diffusion
 version (its UNet and schedule, its EMA weights), also on the latents of a newer VAE or with more attributes than
-the parent knew (their embeddings start at zero: the child starts as its parent), and records the lineage.
+the parent knew (see ``grown_attribute_table``: labels leaving them open start as the parent's), and records the
+lineage.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
             raise ValueError(f"--init-from {opts.init_from}: its UNet takes {unet_cfg.in_channels} latent channels, "
                              f"the VAE gives {means.shape[1]}")
         parent.state_dict[EMBEDDING_TABLE] = grown_attribute_table(
-            parent.state_dict[EMBEDDING_TABLE], parent.manifest.attributes, data_cfg.attributes, unet_cfg.null_label)
+            parent.state_dict[EMBEDDING_TABLE], parent.manifest.attributes, data_cfg.attributes, unet_cfg.null_label,
+            torch.Generator().manual_seed(cfg.seed))
     unet_cfg = dataclasses.replace(unet_cfg, in_channels=means.shape[1], num_attributes=labels.shape[1])
     unet = UNet(unet_cfg).to(device)
     if parent is not None:
