@@ -107,12 +107,16 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     add_config_flags(diffusion, SamplingConfig, "sampling_")
     add_config_flags(diffusion, DiffusionTrainConfig)
 
-    retune = commands.add_parser("retune", help="a new diffusion version: same weights, other sampling defaults")
+    retune = commands.add_parser("retune", help="a new diffusion version: same weights, other sampling defaults "
+                                                "(or VAE decoder, or fewer attributes)")
     retune.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     retune.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
     retune.add_argument("--vae", default=None, metavar="VERSION",
                         help="decode with this VAE version instead: one whose encoder is bit for bit the current one's "
                              "(a decoder fine-tune, `vae --train-encoder false`)")
+    retune.add_argument("--attributes", nargs="+", default=None, metavar="NAME",
+                        help="condition on these of the model's attributes alone, the others folded in as left open "
+                             "(the same outputs as the source with them open)")
     add_config_flags(retune, SamplingConfig)
 
 
@@ -305,7 +309,19 @@ def run_retune(args: argparse.Namespace) -> None:
             sys.exit(f"VAE {vae} encodes differently from {source.vae_version}, the latent space {source.version} "
                      "was trained on: only a decoder fine-tune of it can replace it")
         changes["vae_version"] = vae
-    print(derive_checkpoint(args.checkpoints, "diffusion", source.version, **changes))
+    weights = None
+    if args.attributes:
+        from .models.unet import EMBEDDING_TABLE, narrowed_attribute_table
+
+        kept = tuple(args.attributes)
+
+        def weights(state: dict[str, Any]) -> dict[str, Any]:
+            return {**state, EMBEDDING_TABLE: narrowed_attribute_table(state[EMBEDDING_TABLE], source.attributes, kept,
+                                                                       source.model.null_label)}
+
+        changes.update(attributes=kept, model=dataclasses.replace(source.model, num_attributes=len(kept)),
+                       data=dataclasses.replace(source.data, attributes=kept))
+    print(derive_checkpoint(args.checkpoints, "diffusion", source.version, weights, **changes))
 
 
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,

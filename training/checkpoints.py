@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,11 +191,15 @@ def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> Manifest:
     return read_manifest(directory)
 
 
-def derive_checkpoint(root: str | Path, kind: str, version: str, **changes: Any) -> Path:
-    """A new version with ``version``'s weights (bit for bit) and its manifest's fields replaced by ``changes``
-    (e.g. ``sampling=SamplingConfig(...)``), recording ``derived_from``; the original version is left as it was."""
+def derive_checkpoint(root: str | Path, kind: str, version: str,
+                      weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                      **changes: Any) -> Path:
+    """A new version with ``version``'s weights (bit for bit, or as ``weights`` maps its state dict) and its
+    manifest's fields replaced by ``changes`` (e.g. ``sampling=SamplingConfig(...)``), recording ``derived_from``;
+    the original version is left as it was."""
     source = load_checkpoint(root, kind, version)
-    return save_checkpoint(root, source.state_dict, source.manifest.replace(**changes, derived_from=source.version))
+    state = source.state_dict if weights is None else weights(source.state_dict)
+    return save_checkpoint(root, state, source.manifest.replace(**changes, derived_from=source.version))
 
 
 def same_encoder(root: str | Path, vae_a: str, vae_b: str) -> bool:

@@ -15,6 +15,7 @@ import torch
 
 import training.train_diffusion as train_diffusion_module
 from tests.conftest import ROOT, TINY_UNET, TINY_VAE
+from training.__main__ import main
 from training.checkpoints import load_checkpoint
 from training.config import (
     REPORT_SEED,
@@ -30,7 +31,7 @@ from training.data.layout import LANDMARK_FILE
 from training.diffusion.schedule import NoiseSchedule
 from training.evaluate import Setting, evaluate_versions
 from training.manifest import Parent
-from training.models.unet import UNet
+from training.models.unet import EMBEDDING_TABLE, UNet, narrowed_attribute_table
 from training.pipeline import LatentDiffusion
 from training.regions import landmark_weights, weighted_l1
 from training.runtime import BatchStream, Distributed, load_state
@@ -203,10 +204,32 @@ def test_a_warm_start_may_add_attributes_and_starts_as_its_parent_where_they_are
                              seed=REPORT_SEED, classifier_steps=2, fid=False, precision="fp32")
     assert [row["attribute"] for row in rows] == ["Smiling", "Smiling"] and rows[0]["judge"] == rows[1]["judge"]
 
+    # and narrowed back to Smiling alone by retune: what the child computes with Male open
+    assert main(["retune", "--checkpoints", str(root), "--diffusion", child.version, "--attributes", "Smiling"]) == 0
+    narrowed = LatentDiffusion.load(root, "latest")
+    assert narrowed.attributes == ["Smiling"] and narrowed.manifest.derived_from == child.version
+    assert torch.allclose(narrowed.unet(x, t, smiling), male[null], atol=1e-5)
+
     opts = RunOptions(synth_dir, root, tmp_path / "shrunk", precision="fp32", threads=1, init_from=child.version)
     with pytest.raises(ValueError, match="Male"):
         train_diffusion(parent.manifest.vae_version, UNetConfig(), ScheduleConfig(), SamplingConfig(), frozen, opts,
                         ("Smiling",))
+
+
+def test_a_narrowed_table_computes_what_the_wider_model_computes_with_the_others_open() -> None:
+    torch.manual_seed(0)
+    wide = UNet(UNetConfig(**{**TINY_UNET, "num_attributes": 3})).eval()  # every vector random, null ones too
+    narrow = UNet(UNetConfig(**{**TINY_UNET, "num_attributes": 1})).eval()
+    table = narrowed_attribute_table(wide.state_dict()[EMBEDDING_TABLE], ("Male", "Smiling", "Young"), ("Smiling",),
+                                     wide.config.null_label)
+    narrow.load_state_dict({**wide.state_dict(), EMBEDDING_TABLE: table})
+    null = float(wide.config.null_label)
+    x, t = torch.randn(3, wide.config.in_channels, 8, 8), torch.tensor([5, 300, 900])
+    smiling = torch.tensor([[1.0], [0.0], [null]])
+    opened = torch.cat([torch.full((3, 1), null), smiling, torch.full((3, 1), null)], 1)
+    assert torch.allclose(narrow(x, t, smiling), wide(x, t, opened), atol=1e-5)
+    with pytest.raises(ValueError, match="some of the parent's"):
+        narrowed_attribute_table(table, ("Smiling",), ("Male",), wide.config.null_label)
 
 
 def test_landmarks_are_used_when_present_and_training_works_without_them(synth_dir: Path, tmp_path: Path) -> None:

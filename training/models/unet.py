@@ -77,6 +77,24 @@ def grown_attribute_table(table: torch.Tensor, parent: Sequence[str], child: Seq
     return grown
 
 
+def narrowed_attribute_table(table: torch.Tensor, parent: Sequence[str], child: Sequence[str], null_label: int
+                             ) -> torch.Tensor:
+    """A parent's embedding table laid out for ``child``, a subset of its attributes: the model conditioned on the
+    child's attributes alone that computes exactly what the parent computes with the others left open (their null
+    vectors, a constant of every such label's embedding sum, are folded into each vector of the child's first
+    attribute). Raises ``ValueError`` when the child names an attribute the parent lacks, or none."""
+    unknown = [name for name in child if name not in parent]
+    if unknown or not child:
+        raise ValueError(f"the child's attributes {list(child)} must be some of the parent's {list(parent)}")
+    values = null_label + 1
+    rows = [table[k * values:(k + 1) * values].float() for k in range(len(parent))]  # summed in float32
+    kept = [rows[list(parent).index(name)].clone() for name in child]
+    for k, name in enumerate(parent):
+        if name not in child:
+            kept[0] += rows[k][null_label]
+    return torch.cat(kept).to(table.dtype)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
