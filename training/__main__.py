@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +310,17 @@ def run_retune(args: argparse.Namespace) -> None:
             sys.exit(f"VAE {vae} encodes differently from {source.vae_version}, the latent space {source.version} "
                      "was trained on: only a decoder fine-tune of it can replace it")
         changes["vae_version"] = vae
-    weights = None
+    weights: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     if args.attributes:
         from .models.unet import EMBEDDING_TABLE, narrowed_attribute_table
 
         kept = tuple(args.attributes)
 
-        def weights(state: dict[str, Any]) -> dict[str, Any]:
+        def narrowed(state: dict[str, Any]) -> dict[str, Any]:
             return {**state, EMBEDDING_TABLE: narrowed_attribute_table(state[EMBEDDING_TABLE], source.attributes, kept,
                                                                        source.model.null_label)}
 
+        weights = narrowed
         changes.update(attributes=kept, model=dataclasses.replace(source.model, num_attributes=len(kept)),
                        data=dataclasses.replace(source.data, attributes=kept))
     print(derive_checkpoint(args.checkpoints, "diffusion", source.version, weights, **changes))

@@ -143,7 +143,7 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         kept = [_percent(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
-        lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['strength']:g} | {row['direction']} | "
-                     f"{_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
+        lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['strength']:g} | "
+                     f"{row['direction']} | {_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
                      f"{_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
     return "\n".join(lines) + "\n"

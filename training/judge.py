@@ -138,8 +138,10 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, au
     fingerprint, ``data_cfg``, ``steps``, ``seed``, ``augmentation``, ``batch``, ``train_limit``); a later call with
     the same inputs reads them instead of training (training is deterministic on one machine)."""
     test_images, test_labels = load_split(data, "test", data_cfg)
-    inputs = repr((fingerprint(data), data_cfg, steps, seed, augmentation, batch, train_limit))
-    path = cache / f"judge-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt" if cache is not None else None
+    path = None
+    if cache is not None:  # the data's fingerprint reads every image's size: only for a cache
+        inputs = repr((fingerprint(data), data_cfg, steps, seed, augmentation, batch, train_limit))
+        path = cache / f"judge-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt"
     classifier = AttributeClassifier(len(data_cfg.attributes), data_cfg.image_size)
     classifier.load_state_dict(cached_tensors(path, lambda: _fit(data, data_cfg, steps, seed, augmentation, batch,
                                                                  train_limit)))

@@ -214,10 +214,11 @@ class LatentDiffusion:
             raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
         if scope not in EDIT_SCOPES:
             raise ValueError(f"edit scope must be one of {EDIT_SCOPES}, got {scope!r}")
+        null = self.unet.config.null_label
         edited, latents = targets.to(self.device), latents.to(self.device).float()
         sources = self.read_open_attributes(latents, self.source_labels(edited), unet)
-        targets = torch.where(edited == self.unet.config.null_label, sources, edited)  # open ones held as read
-        references = sources if reference == "source" else null_labels(targets, self.unet.config.null_label)
+        targets = torch.where(edited == null, sources, edited)  # open ones held as read
+        references = sources if reference == "source" else null_labels(targets, null)
         path = {steps: latents}  # level -> the input's latents there (level ``steps`` is clean)
 
         def record(done: int, x: torch.Tensor) -> None:
@@ -228,8 +229,7 @@ class LatentDiffusion:
         inverted = self.invert_latents(latents, references, steps, depth, record, unet)
         constraint = None
         if scope == "region":
-            mask = edit_mask(edited, self.attributes, self.unet.config.null_label, EDIT_REGIONS,
-                             tuple(self.latent_shape[1:]))
+            mask = edit_mask(edited, self.attributes, null, EDIT_REGIONS, tuple(self.latent_shape[1:]))
 
             def constraint(i: int, x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return torch.lerp(path[i + 1], x, mask), torch.lerp(latents, x0, mask)

@@ -68,12 +68,12 @@ def grown_attribute_table(table: torch.Tensor, parent: Sequence[str], child: Seq
     values = null_label + 1
     grown = table.new_zeros(len(child) * values, table.shape[1])
     for i, name in enumerate(child):
-        rows = slice(i * values, (i + 1) * values)
+        start = i * values
         if name in parent:
             k = list(parent).index(name)
-            grown[rows] = table[k * values:(k + 1) * values]
-        else:
-            grown[i * values:i * values + null_label] = torch.randn(null_label, table.shape[1], generator=generator)
+            grown[start:start + values] = table[k * values:(k + 1) * values]
+        else:  # the value vectors; the null vector (the last) stays zero
+            grown[start:start + null_label] = torch.randn(null_label, table.shape[1], generator=generator)
     return grown
 
 
