@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from .checkpoints import load_checkpoint, save_checkpoint, warm_start
 from .config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
@@ -46,12 +47,16 @@ def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors
     """Posterior ``{"means", "logvars"}`` for ``uint8 [N, 3, H, W]`` images, each ``[N, L, h, w]`` float32 on the
     CPU; with ``mirrors`` also for the mirrored images (``[2N, ...]``, rows ``N..2N-1`` mirrored)."""
     means, logvars = [], []
-    for flipped in (False, True) if mirrors else (False,):
+    passes = (False, True) if mirrors else (False,)
+    progress = tqdm(total=len(passes) * len(images), desc="encoding latents", unit="img", mininterval=10)
+    for flipped in passes:
         for chunk in images.split(batch):
             x = to_float(chunk).to(device)
             mean, logvar = vae.encode(x.flip(-1) if flipped else x)
             means.append(mean.float().cpu())
             logvars.append(logvar.float().cpu())
+            progress.update(len(chunk))
+    progress.close()
     return {"means": torch.cat(means), "logvars": torch.cat(logvars)}
 
 
