@@ -59,12 +59,12 @@ def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, si
     symmetric eigendecompositions, float64), not from a general matrix square root of ``sigma_a sigma_b``: the same
     number, seconds instead of minutes at D = 2048, and no complex residue when a covariance is singular (fewer
     images than feature dimensions, as at every n this project measures)."""
-    values, vectors = np.linalg.eigh(np.asarray(sigma_a, dtype=np.float64))
+    mu_a, sigma_a, mu_b, sigma_b = (np.asarray(v, dtype=np.float64) for v in (mu_a, sigma_a, mu_b, sigma_b))
+    values, vectors = np.linalg.eigh(sigma_a)
     root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
-    product = root_a @ np.asarray(sigma_b, dtype=np.float64) @ root_a
+    product = root_a @ sigma_b @ root_a
     trace_root = np.sqrt(np.linalg.eigvalsh((product + product.T) / 2).clip(min=0)).sum()
-    shift = np.square(np.asarray(mu_a, dtype=np.float64) - mu_b).sum()
-    return float(shift + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
+    return float(np.square(mu_a - mu_b).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
 
 
 class InceptionFeatures:

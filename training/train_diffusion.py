@@ -42,13 +42,15 @@ def load_vae(checkpoints: Path, version: str, device: torch.device) -> tuple[VAE
 
 
 @torch.no_grad()
-def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors: bool, batch: int = 128
-                   ) -> dict[str, torch.Tensor]:
+def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors: bool, batch: int = 128,
+                   show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Posterior ``{"means", "logvars"}`` for ``uint8 [N, 3, H, W]`` images, each ``[N, L, h, w]`` float32 on the
-    CPU; with ``mirrors`` also for the mirrored images (``[2N, ...]``, rows ``N..2N-1`` mirrored)."""
+    CPU; with ``mirrors`` also for the mirrored images (``[2N, ...]``, rows ``N..2N-1`` mirrored). ``show_progress``:
+    a progress bar (off on all but one process of a distributed run)."""
     means, logvars = [], []
     passes = (False, True) if mirrors else (False,)
-    progress = tqdm(total=len(passes) * len(images), desc="encoding latents", unit="img", mininterval=10)
+    progress = tqdm(total=len(passes) * len(images), desc="encoding latents", unit="img", mininterval=10,
+                    disable=not show_progress)
     for flipped in passes:
         for chunk in images.split(batch):
             x = to_float(chunk).to(device)
@@ -60,11 +62,11 @@ def encode_dataset(vae: VAE, images: torch.Tensor, device: torch.device, mirrors
     return {"means": torch.cat(means), "logvars": torch.cat(logvars)}
 
 
-def encode_training_images(vae: VAE, data: Path, data_cfg: DataConfig, limit: int | None, device: torch.device
-                           ) -> dict[str, torch.Tensor]:
+def encode_training_images(vae: VAE, data: Path, data_cfg: DataConfig, limit: int | None, device: torch.device,
+                           show_progress: bool) -> dict[str, torch.Tensor]:
     """:func:`encode_dataset` of the train split's images (decoded here: a latent cache hit never decodes them)."""
     images, _ = load_split(data, "train", data_cfg, limit=limit)
-    return encode_dataset(vae, images, device, mirrors=data_cfg.hflip)
+    return encode_dataset(vae, images, device, mirrors=data_cfg.hflip, show_progress=show_progress)
 
 
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, seed: int) -> tuple[float, float]:
@@ -134,7 +136,8 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
     cache_key = (f"{vae_manifest.version}-{data_fingerprint[:16]}-{opts.limit or 'all'}"
                  f"{'-mirrored' if data_cfg.hflip else ''}")
     cache = opts.latent_cache / f"{cache_key}.pt" if opts.latent_cache is not None else None
-    latents = cached_tensors(cache, partial(encode_training_images, vae, opts.data, data_cfg, opts.limit, device))
+    latents = cached_tensors(cache, partial(encode_training_images, vae, opts.data, data_cfg, opts.limit, device,
+                                            ddp.is_main))
     means, logvars = latents["means"], latents["logvars"]
     if data_cfg.hflip:
         labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
