@@ -45,7 +45,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 
 stage info 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))\"" || true
 stage checks 75 $PY -m bench.gpu_checks --device cuda --checks invariance,precision,fallback,memory,sync || true
-stage compile 120 $PY -m bench.gpu_checks --device cuda --checks compile --compile-mode reduce-overhead --name gpu_compile || true
+stage compile 200 $PY -m bench.gpu_checks --device cuda --checks compile --compile-mode reduce-overhead --name gpu_compile || true
 stage samplers 60 $PY -m bench.samplers --device cuda --precisions fp16,bf16,fp32 --compile off --samplers dpmpp:20 \
   --batches 1,16,64,256 --ddpm-batches "" --name samplers_cuda || true
 stage baseline 50 $PY -m bench.baseline --device cuda --batches 1,32,256 || true
