@@ -203,11 +203,13 @@ def derive_checkpoint(root: str | Path, kind: str, version: str,
 
 
 def same_encoder(root: str | Path, vae_a: str, vae_b: str) -> bool:
-    """Whether two VAE versions map images to the same latents: their encoder weights are equal bit for bit."""
+    """Whether two VAE versions map images to the same latents: their encoder weights are equal in value. Training
+    loads weights as float32, so a decoder fine-tune of a version stored in float16 and exported in float32 holds
+    the same encoder (every float16 value is exact in float32); the other way round rounds it, and differs."""
     a, b = (load_checkpoint(root, "vae", version).state_dict for version in (vae_a, vae_b))
     names = sorted(name for name in a if name.startswith("encoder."))
     return names == sorted(name for name in b if name.startswith("encoder.")) and all(
-        a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]) for name in names)
+        torch.equal(a[name].float(), b[name].float()) for name in names)
 
 
 def warm_start(root: str | Path, kind: str, version: str) -> tuple[Checkpoint, Parent]:

@@ -19,6 +19,7 @@ from training.checkpoints import (
     list_versions,
     load_checkpoint,
     resolve_version,
+    same_encoder,
     save_checkpoint,
     update_metrics,
 )
@@ -143,6 +144,18 @@ def test_a_manifest_missing_a_field_or_from_an_unknown_format_is_refused(tmp_pat
         parse_manifest(raw)
     with pytest.raises(ManifestError, match="format_version 7"):
         parse_manifest({**MANIFEST.to_dict(), "format_version": 7})
+
+
+def test_the_same_encoder_exported_in_another_dtype_is_the_same_encoder(tmp_path: Path) -> None:
+    encoder = {"encoder.conv.weight": torch.randn(4, 3, generator=torch.Generator().manual_seed(0))}
+    decoder = {"decoder.conv.weight": torch.ones(3, 4)}
+    stored_half = save_checkpoint(tmp_path, {**encoder, **decoder}, MANIFEST, dtype=torch.float16, version="v-half").name
+    as_loaded = {name: weight.float() for name, weight in load_checkpoint(tmp_path, "vae", stored_half).state_dict.items()}
+    retrained_decoder = {**as_loaded, "decoder.conv.weight": torch.zeros(3, 4)}
+    exported_full = save_checkpoint(tmp_path, retrained_decoder, MANIFEST, dtype=torch.float32, version="v-full").name
+    assert same_encoder(tmp_path, stored_half, exported_full)  # float16 values are exact in float32
+    unrounded = save_checkpoint(tmp_path, {**encoder, **decoder}, MANIFEST, dtype=torch.float32, version="v-raw").name
+    assert not same_encoder(tmp_path, stored_half, unrounded)  # the float16 copy rounded these weights
 
 
 def test_a_decoder_fine_tune_can_replace_the_vae_of_a_diffusion_version(tiny_checkpoints: Path, synth_dir: Path,
