@@ -22,6 +22,7 @@ from training.checkpoints import (
     same_encoder,
     save_checkpoint,
     update_metrics,
+    warm_start,
 )
 from training.config import DataConfig, VAEConfig, VAETrainConfig
 from training.manifest import (
@@ -150,8 +151,8 @@ def test_the_same_encoder_exported_in_another_dtype_is_the_same_encoder(tmp_path
     encoder = {"encoder.conv.weight": torch.randn(4, 3, generator=torch.Generator().manual_seed(0))}
     decoder = {"decoder.conv.weight": torch.ones(3, 4)}
     stored_half = save_checkpoint(tmp_path, {**encoder, **decoder}, MANIFEST, dtype=torch.float16, version="v-half").name
-    as_loaded = {name: weight.float() for name, weight in load_checkpoint(tmp_path, "vae", stored_half).state_dict.items()}
-    retrained_decoder = {**as_loaded, "decoder.conv.weight": torch.zeros(3, 4)}
+    as_loaded, _ = warm_start(tmp_path, "vae", stored_half)  # how training loads it: float32
+    retrained_decoder = {**as_loaded.state_dict, "decoder.conv.weight": torch.zeros(3, 4)}
     exported_full = save_checkpoint(tmp_path, retrained_decoder, MANIFEST, dtype=torch.float32, version="v-full").name
     assert same_encoder(tmp_path, stored_half, exported_full)  # float16 values are exact in float32
     unrounded = save_checkpoint(tmp_path, {**encoder, **decoder}, MANIFEST, dtype=torch.float32, version="v-raw").name
