@@ -125,6 +125,11 @@ class VAETrainConfig:
     adversarial_start: int = 1000  # step at which the adversarial loss starts
     landmark_weight: float = 3.0  # extra L1 weight around eyes and mouth (when the folder has landmarks; 0: off)
     landmark_sigma: float = 0.06  # width of each landmark's weight bump, as a fraction of the image size
+    # > 0: a mouth whose luminance varies less than this (std, in [-1, 1] units; the synthetic faces' median is 0.22,
+    # their dark faces' 0.15) gets its landmark weight raised by the shortfall's ratio, up to mouth_contrast_cap
+    # (regions.contrast_boost); 0: off
+    mouth_contrast: float = 0.0
+    mouth_contrast_cap: float = 4.0
     train_encoder: bool = True  # False: fine-tune the decoder alone; the latent space (and diffusion models on it) stay valid
     grad_clip: float = 1.0
     seed: int = 0

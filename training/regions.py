@@ -3,7 +3,9 @@ of an attribute may change.
 
 Eyes and mouth are a few pixels at 64x64 and carry the attributes users ask for (a smile lives in the mouth
 corners); a plain L1 spreads its gradient over background and cheeks. ``landmark_weights`` raises the weight of
-the pixels around each landmark and around the mouth's centre. ``edit_mask`` marks an attribute's region
+the pixels around each landmark and around the mouth's centre, the mouth more on faces where it barely stands out
+from the skin (``contrast_boost``: a thin dark stroke on dark skin costs a plain L1 little when blurred away, and it
+is the smile). ``edit_mask`` marks an attribute's region
 (``config.EDIT_REGIONS``) so that an edit leaves the rest of the face as it was.
 """
 
@@ -17,16 +19,43 @@ import torch
 EDGE_REACH = 1.5
 
 
-def landmark_weights(landmarks: torch.Tensor, size: int, sigma: float, gain: float) -> torch.Tensor:
-    """``landmarks float [N, 5, 2]`` (x, y pixels: eyes, nose, mouth corners) -> weights ``[N, 1, size, size]`` in
-    ``[1, 1 + gain]``: ``1 + gain * max_k exp(-|p - c_k|^2 / (2 (sigma * size)^2))`` over the landmarks and the mouth
-    centre (the mean of the corners, where an open or curved smile sits)."""
+MOUTH_BUMPS = slice(3, 6)  # of :func:`feature_bumps`: the two mouth corners and the mouth's centre
+
+
+def feature_bumps(landmarks: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """``landmarks float [N, 5, 2]`` (x, y pixels: eyes, nose, mouth corners) -> ``[N, 6, size, size]`` in [0, 1]:
+    a Gaussian bump ``exp(-|p - c_k|^2 / (2 (sigma * size)^2))`` on each landmark and on the mouth centre (the mean
+    of the corners, where an open or curved smile sits), in that order."""
     centres = torch.cat([landmarks, landmarks[:, 3:5].mean(dim=1, keepdim=True)], dim=1)  # [N, 6, 2]
     axis = torch.arange(size, dtype=torch.float32, device=landmarks.device)
     dx = axis.view(1, 1, 1, size) - centres[..., 0, None, None]  # [N, 6, 1, size]
     dy = axis.view(1, 1, size, 1) - centres[..., 1, None, None]  # [N, 6, size, 1]
-    bumps = torch.exp(-(dx.square() + dy.square()) / (2 * (sigma * size) ** 2))  # [N, 6, size, size]
+    return torch.exp(-(dx.square() + dy.square()) / (2 * (sigma * size) ** 2))
+
+
+def landmark_weights(landmarks: torch.Tensor, size: int, sigma: float, gain: float,
+                     mouth_boost: torch.Tensor | None = None) -> torch.Tensor:
+    """``landmarks float [N, 5, 2]`` -> weights ``[N, 1, size, size]`` in ``[1, 1 + gain * max(1, mouth_boost)]``:
+    ``1 + gain * max_k bump_k`` over :func:`feature_bumps`, the mouth's bumps multiplied per image by
+    ``mouth_boost [N]`` (>= 1, e.g. :func:`contrast_boost`) when given."""
+    bumps = feature_bumps(landmarks, size, sigma)
+    if mouth_boost is not None:
+        bumps[:, MOUTH_BUMPS] *= mouth_boost.view(-1, 1, 1, 1).to(bumps)
     return 1 + gain * bumps.amax(dim=1, keepdim=True)
+
+
+def contrast_boost(images: torch.Tensor, landmarks: torch.Tensor, sigma: float, reference: float, cap: float
+                   ) -> torch.Tensor:
+    """How much more the mouth of each face should weigh: ``images [N, 3, S, S]`` in [-1, 1] and their
+    ``landmarks [N, 5, 2]`` -> ``[N]`` in ``[1, cap]``, ``reference / c`` where ``c`` is the standard deviation of
+    the image's luminance (Rec. 601, in the images' units) under its mouth bumps: 1 for a mouth that stands out by
+    ``reference`` or more, 3 for one at a third of it."""
+    bumps = feature_bumps(landmarks, images.shape[-1], sigma)[:, MOUTH_BUMPS].amax(dim=1, keepdim=True)
+    share = bumps / bumps.sum(dim=(2, 3), keepdim=True)
+    luminance = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    mean = (luminance * share).sum(dim=(2, 3), keepdim=True)
+    contrast = ((luminance - mean).square() * share).sum(dim=(1, 2, 3)).sqrt()
+    return (reference / contrast.clamp_min(1e-8)).clamp(1, cap)
 
 
 def weighted_l1(reconstruction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

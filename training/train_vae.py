@@ -2,7 +2,8 @@
 
 Loss: ``L1_w(x, x') + perceptual_weight * P(x, x') + kl_weight * KL`` (+ ``adversarial_weight`` times the
 hinge generator loss of a PatchGAN once ``adversarial_start`` is reached). ``L1_w`` weighs the pixels around eyes
-and mouth ``1 + landmark_weight`` times as much when the folder has CelebA's landmark file (plain L1 without it).
+and mouth ``1 + landmark_weight`` times as much when the folder has CelebA's landmark file (plain L1 without it),
+the mouth more where it barely stands out from the skin with ``mouth_contrast``.
 ``--init-from`` warm-starts from an exported version (its architecture, its weights) and records the lineage.
 """
 
@@ -21,7 +22,7 @@ from .manifest import TrainingRun, VAEManifest
 from .models.discriminator import PatchDiscriminator, hinge_discriminator_loss, hinge_generator_loss
 from .models.vae import VAE, kl_divergence
 from .perceptual import PerceptualLoss
-from .regions import landmark_weights, weighted_l1
+from .regions import contrast_boost, landmark_weights, weighted_l1
 from .runtime import DTYPES, BatchStream, autocast, start_run
 from .trainer import RunOptions, Trainer
 
@@ -63,8 +64,11 @@ class VAEStep:
         """Images ``[B, 3, S, S]`` in [-1, 1] on the device, mirrored at random, and their loss weights."""
         x = to_float(self.images[index])
         if self.landmarks is not None:  # the weight map travels with the image through the flip: channel 3
-            weights = landmark_weights(self.landmarks[index], self.data_cfg.image_size, self.cfg.landmark_sigma,
-                                       self.cfg.landmark_weight)
+            landmarks, cfg = self.landmarks[index], self.cfg
+            boost = (contrast_boost(x, landmarks, cfg.landmark_sigma, cfg.mouth_contrast, cfg.mouth_contrast_cap)
+                     if cfg.mouth_contrast > 0 else None)
+            weights = landmark_weights(landmarks, self.data_cfg.image_size, cfg.landmark_sigma, cfg.landmark_weight,
+                                       boost)
             x = torch.cat([x, weights], dim=1)
         if self.data_cfg.hflip:
             x = flip_batch(x, self.trainer.generators["flips"])

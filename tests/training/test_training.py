@@ -33,7 +33,7 @@ from training.evaluate import Setting, evaluate_versions
 from training.manifest import Parent
 from training.models.unet import EMBEDDING_TABLE, UNet, narrowed_attribute_table
 from training.pipeline import LatentDiffusion
-from training.regions import landmark_weights, weighted_l1
+from training.regions import contrast_boost, landmark_weights, weighted_l1
 from training.runtime import BatchStream, Distributed, load_state
 from training.train_diffusion import train_diffusion
 from training.train_vae import train_vae
@@ -253,6 +253,23 @@ def test_landmark_weights_peak_on_the_features_and_uniform_weights_give_plain_l1
     assert weights[0, 0, 2, 2] == pytest.approx(1.0, abs=1e-4) and weights.min() >= 1
     a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     assert weighted_l1(a, b, torch.full((2, 1, 8, 8), 5.0)) == pytest.approx(float((a - b).abs().mean()), rel=1e-6)
+
+
+def test_contrast_boost_raises_the_mouth_weight_of_faces_whose_mouth_barely_stands_out() -> None:
+    marks = torch.tensor([[[20.0, 24.0], [44.0, 24.0], [32.0, 34.0], [24.0, 44.0], [40.0, 44.0]]]).repeat(3, 1, 1)
+    stroke = torch.zeros(1, 1, 64, 64)
+    stroke[..., 43:46, 22:43] = 1.0  # a mouth line across the corners
+    strength = torch.tensor([0.9, 0.3, 0.02]).view(3, 1, 1, 1)  # strong, faint, barely there
+    images = torch.full((3, 3, 64, 64), -0.2) + strength * stroke
+    boost = contrast_boost(images, marks, sigma=0.06, reference=0.2, cap=4.0)
+    assert boost[0] == 1.0 and 1.5 < boost[1] < 4.0 and boost[2] == pytest.approx(4.0)
+    plain, boosted = landmark_weights(marks, 64, 0.06, 3.0), landmark_weights(marks, 64, 0.06, 3.0, boost)
+    assert torch.equal(boosted[0], plain[0])  # a mouth above the reference keeps its weight
+    assert boosted[1, 0, 44, 32] == pytest.approx(1 + 3.0 * float(boost[1]), rel=1e-3)  # the mouth centre, boosted
+    assert boosted[1, 0, 24, 20] == pytest.approx(plain[1, 0, 24, 20])  # the eyes are not
+    # the eyes' pixels do not set the contrast: a high-contrast eye does not hide a faint mouth
+    images[1, :, 22:27, 18:23] = 1.0
+    assert contrast_boost(images, marks, sigma=0.06, reference=0.2, cap=4.0)[1] == pytest.approx(float(boost[1]), rel=1e-3)
 
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])
