@@ -113,8 +113,9 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     retune.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     retune.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
     retune.add_argument("--vae", default=None, metavar="VERSION",
-                        help="decode with this VAE version instead: one whose encoder is bit for bit the current one's "
-                             "(a decoder fine-tune, `vae --train-encoder false`)")
+                        help="use this VAE version instead: one whose encoder is bit for bit the current one's (a "
+                             "decoder fine-tune, `vae --train-encoder false`) or whose decoder is (an encoder "
+                             "fine-tune, `vae --train-decoder false`: samples decode to the same images)")
     retune.add_argument("--attributes", nargs="+", default=None, metavar="NAME",
                         help="condition on these of the model's attributes alone, the others folded in as left open "
                              "(the same outputs as the source with them open)")
@@ -298,17 +299,18 @@ def run_transitions(args: argparse.Namespace) -> None:
 
 
 def run_retune(args: argparse.Namespace) -> None:
-    from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, same_encoder
+    from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, same_part
 
     source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
             if getattr(args, name, None) is None}
     changes: dict[str, Any] = {"sampling": config_from_args(SamplingConfig, args, **kept)}
     if args.vae:
-        vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; same_encoder loads the weights
-        if not same_encoder(args.checkpoints, source.vae_version, vae):
-            sys.exit(f"VAE {vae} encodes differently from {source.vae_version}, the latent space {source.version} "
-                     "was trained on: only a decoder fine-tune of it can replace it")
+        vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; same_part loads the weights
+        if not any(same_part(args.checkpoints, source.vae_version, vae, part) for part in ("encoder", "decoder")):
+            sys.exit(f"VAE {vae} neither encodes nor decodes like {source.vae_version}, the latent space "
+                     f"{source.version} was trained on: only a fine-tune of its decoder or of its encoder alone can "
+                     "replace it")
         changes["vae_version"] = vae
     weights: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     if args.attributes:

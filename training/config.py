@@ -131,6 +131,8 @@ class VAETrainConfig:
     mouth_contrast: float = 0.0
     mouth_contrast_cap: float = 4.0
     train_encoder: bool = True  # False: fine-tune the decoder alone; the latent space (and diffusion models on it) stay valid
+    # False: fine-tune the encoder alone; every latent a diffusion model samples decodes to the same image as before
+    train_decoder: bool = True
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50

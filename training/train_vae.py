@@ -108,7 +108,10 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     if parent is not None:
         vae.load_state_dict(parent.state_dict)
     modules: dict[str, torch.nn.Module] = {"model": DistributedDataParallel(vae) if ddp.world > 1 else vae}
+    if not (cfg.train_encoder or cfg.train_decoder):
+        raise ValueError("train_encoder and train_decoder are both off: nothing to train")
     vae.encoder.requires_grad_(cfg.train_encoder)
+    vae.decoder.requires_grad_(cfg.train_decoder)
     trained = [p for p in vae.parameters() if p.requires_grad]
     optimizers = {"model": torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)}
     if cfg.adversarial_weight > 0:

@@ -19,7 +19,7 @@ from training.checkpoints import (
     list_versions,
     load_checkpoint,
     resolve_version,
-    same_encoder,
+    same_part,
     save_checkpoint,
     update_metrics,
     warm_start,
@@ -154,13 +154,14 @@ def test_the_same_encoder_exported_in_another_dtype_is_the_same_encoder(tmp_path
     as_loaded, _ = warm_start(tmp_path, "vae", stored_half)  # how training loads it: float32
     retrained_decoder = {**as_loaded.state_dict, "decoder.conv.weight": torch.zeros(3, 4)}
     exported_full = save_checkpoint(tmp_path, retrained_decoder, MANIFEST, dtype=torch.float32, version="v-full").name
-    assert same_encoder(tmp_path, stored_half, exported_full)  # float16 values are exact in float32
+    assert same_part(tmp_path, stored_half, exported_full, "encoder")  # float16 values are exact in float32
+    assert not same_part(tmp_path, stored_half, exported_full, "decoder")
     unrounded = save_checkpoint(tmp_path, {**encoder, **decoder}, MANIFEST, dtype=torch.float32, version="v-raw").name
-    assert not same_encoder(tmp_path, stored_half, unrounded)  # the float16 copy rounded these weights
+    assert not same_part(tmp_path, stored_half, unrounded, "encoder")  # the float16 copy rounded these weights
 
 
-def test_a_decoder_fine_tune_can_replace_the_vae_of_a_diffusion_version(tiny_checkpoints: Path, synth_dir: Path,
-                                                                         tmp_path: Path) -> None:
+def test_a_fine_tune_of_one_part_can_replace_the_vae_of_a_diffusion_version(tiny_checkpoints: Path, synth_dir: Path,
+                                                                             tmp_path: Path) -> None:
     from training.__main__ import main
     from training.train_vae import train_vae
     from training.trainer import RunOptions
@@ -170,18 +171,22 @@ def test_a_decoder_fine_tune_can_replace_the_vae_of_a_diffusion_version(tiny_che
     source = load_checkpoint(root, "diffusion").manifest
     parent = load_checkpoint(root, "vae", source.vae_version)
     tuned = {}
-    for train_encoder in (False, True):
-        opts = RunOptions(synth_dir, root, tmp_path / f"run-{train_encoder}", precision="fp32", threads=1,
+    for trained in ("decoder", "encoder", "both"):
+        opts = RunOptions(synth_dir, root, tmp_path / f"run-{trained}", precision="fp32", threads=1,
                           init_from=source.vae_version)
-        cfg = VAETrainConfig(steps=2, batch_size=8, log_every=1, train_encoder=train_encoder)
-        tuned[train_encoder] = load_checkpoint(root, "vae", train_vae(DataConfig(), parent.manifest.model, cfg, opts).name)
-    decoder_only = tuned[False]
-    for name, weight in parent.state_dict.items():
-        changed = not torch.equal(weight, decoder_only.state_dict[name])
-        assert changed == name.startswith("decoder."), name
-    with pytest.raises(SystemExit, match="encodes differently"):
-        main(["retune", "--checkpoints", str(root), "--diffusion", source.version, "--vae", tuned[True].version])
-    assert main(["retune", "--checkpoints", str(root), "--diffusion", source.version,
-                 "--vae", decoder_only.version]) == 0
-    derived = load_checkpoint(root, "diffusion").manifest
-    assert derived.vae_version == decoder_only.version and derived.files == source.files
+        cfg = VAETrainConfig(steps=2, batch_size=8, log_every=1, train_encoder=trained != "decoder",
+                             train_decoder=trained != "encoder")
+        tuned[trained] = load_checkpoint(root, "vae", train_vae(DataConfig(), parent.manifest.model, cfg, opts).name)
+    for part in ("decoder", "encoder"):
+        for name, weight in parent.state_dict.items():
+            changed = not torch.equal(weight, tuned[part].state_dict[name])
+            assert changed == name.startswith(f"{part}."), (part, name)
+    with pytest.raises(SystemExit, match="neither encodes nor decodes like"):
+        main(["retune", "--checkpoints", str(root), "--diffusion", source.version, "--vae", tuned["both"].version])
+    for part in ("decoder", "encoder"):
+        assert main(["retune", "--checkpoints", str(root), "--diffusion", source.version,
+                     "--vae", tuned[part].version]) == 0
+        derived = load_checkpoint(root, "diffusion").manifest
+        assert derived.vae_version == tuned[part].version and derived.files == source.files
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_vae(DataConfig(), parent.manifest.model, VAETrainConfig(train_encoder=False, train_decoder=False), opts)
