@@ -99,6 +99,8 @@ class VAEStep:
 
 def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opts: RunOptions) -> Path | None:
     """Train (or resume from ``opts.run_dir/state.pt``); returns the new checkpoint folder on the main rank."""
+    if not (cfg.train_encoder or cfg.train_decoder):
+        raise ValueError("train_encoder and train_decoder are both off: nothing to train")
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
     parent = lineage = None
     if opts.init_from:
@@ -108,8 +110,6 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     if parent is not None:
         vae.load_state_dict(parent.state_dict)
     modules: dict[str, torch.nn.Module] = {"model": DistributedDataParallel(vae) if ddp.world > 1 else vae}
-    if not (cfg.train_encoder or cfg.train_decoder):
-        raise ValueError("train_encoder and train_decoder are both off: nothing to train")
     vae.encoder.requires_grad_(cfg.train_encoder)
     vae.decoder.requires_grad_(cfg.train_decoder)
     trained = [p for p in vae.parameters() if p.requires_grad]
