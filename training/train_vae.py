@@ -109,9 +109,9 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     vae = VAE(vae_cfg).to(device)
     if parent is not None:
         vae.load_state_dict(parent.state_dict)
-    modules: dict[str, torch.nn.Module] = {"model": DistributedDataParallel(vae) if ddp.world > 1 else vae}
-    vae.encoder.requires_grad_(cfg.train_encoder)
+    vae.encoder.requires_grad_(cfg.train_encoder)  # before DDP wraps it: DDP reduces what requires grad then
     vae.decoder.requires_grad_(cfg.train_decoder)
+    modules: dict[str, torch.nn.Module] = {"model": DistributedDataParallel(vae) if ddp.world > 1 else vae}
     trained = [p for p in vae.parameters() if p.requires_grad]
     optimizers = {"model": torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)}
     if cfg.adversarial_weight > 0:

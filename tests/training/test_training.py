@@ -142,6 +142,35 @@ torch.save(weights, {str(tmp_path)!r} + "/rank" + os.environ["RANK"] + ".pt")
     assert len(list((tiny_checkpoints / "diffusion").iterdir())) == before + 1
 
 
+def test_ddp_fine_tunes_one_half_of_the_vae(tiny_checkpoints: Path, synth_dir: Path, tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes, the decoder frozen: the run ends (DDP reduces only what is trained) and the
+    exported version keeps its parent's decoder bit for bit."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(tiny_checkpoints, root)
+    parent = load_checkpoint(root, "vae")
+    script = tmp_path / "ddp_vae.py"
+    script.write_text(f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from training.config import DataConfig, VAEConfig, VAETrainConfig
+from training.train_vae import train_vae
+from training.trainer import RunOptions
+opts = RunOptions(Path({str(synth_dir)!r}), Path({str(root)!r}), Path({str(tmp_path / "run")!r}), precision="fp32",
+                  threads=1, init_from={parent.version!r})
+train_vae(DataConfig(), VAEConfig(), VAETrainConfig(steps=3, batch_size=4, log_every=1,
+                                                       train_decoder=False), opts)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    child = load_checkpoint(root, "vae")
+    assert child.manifest.training.init_from.version == parent.version
+    for name, weight in parent.state_dict.items():
+        assert torch.equal(weight, child.state_dict[name]) == name.startswith("decoder."), name
+
+
 def test_adversarial_vae_training_runs_with_a_patch_discriminator(synth_dir: Path, tmp_path: Path) -> None:
     _vae(synth_dir, tmp_path / "ck", tmp_path / "run", 4, adversarial_weight=0.1, adversarial_start=2)
     state = load_state(tmp_path / "run" / "state.pt")
