@@ -299,15 +299,15 @@ def run_transitions(args: argparse.Namespace) -> None:
 
 
 def run_retune(args: argparse.Namespace) -> None:
-    from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, same_part
+    from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, shared_parts
 
     source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
             if getattr(args, name, None) is None}
     changes: dict[str, Any] = {"sampling": config_from_args(SamplingConfig, args, **kept)}
     if args.vae:
-        vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; same_part loads the weights
-        if not any(same_part(args.checkpoints, source.vae_version, vae, part) for part in ("encoder", "decoder")):
+        vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; shared_parts loads the weights
+        if not shared_parts(args.checkpoints, source.vae_version, vae):
             sys.exit(f"VAE {vae} neither encodes nor decodes like {source.vae_version}, the latent space "
                      f"{source.version} was trained on: only a fine-tune of its decoder or of its encoder alone can "
                      "replace it")

@@ -202,15 +202,19 @@ def derive_checkpoint(root: str | Path, kind: str, version: str,
     return save_checkpoint(root, state, source.manifest.replace(**changes, derived_from=source.version))
 
 
-def same_part(root: str | Path, vae_a: str, vae_b: str, part: str) -> bool:
-    """Whether two VAE versions hold the same ``part`` (``"encoder"``: they map images to the same latents;
-    ``"decoder"``: they draw every latent as the same image): its weights are equal in value. Training loads weights
-    as float32, so a fine-tune of the other part of a version stored in float16 and exported in float32 holds the
-    same ``part`` (every float16 value is exact in float32); the other way round rounds it, and differs."""
+def shared_parts(root: str | Path, vae_a: str, vae_b: str) -> tuple[str, ...]:
+    """The halves two VAE versions share, of ``("encoder", "decoder")``: their weights are equal in value (the same
+    encoder maps images to the same latents; the same decoder draws every latent as the same image). Training loads
+    weights as float32, so a fine-tune of the other half of a version stored in float16 and exported in float32
+    shares this half (every float16 value is exact in float32); the other way round rounds it, and differs."""
     a, b = (load_checkpoint(root, "vae", version).state_dict for version in (vae_a, vae_b))
-    names = sorted(name for name in a if name.startswith(f"{part}."))
-    return bool(names) and names == sorted(name for name in b if name.startswith(f"{part}.")) and all(
-        torch.equal(a[name].float(), b[name].float()) for name in names)
+
+    def same(part: str) -> bool:
+        names = sorted(name for name in a if name.startswith(f"{part}."))
+        return bool(names) and names == sorted(name for name in b if name.startswith(f"{part}.")) and all(
+            torch.equal(a[name].float(), b[name].float()) for name in names)
+
+    return tuple(part for part in ("encoder", "decoder") if same(part))
 
 
 def warm_start(root: str | Path, kind: str, version: str) -> tuple[Checkpoint, Parent]:

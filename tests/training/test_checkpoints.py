@@ -19,8 +19,8 @@ from training.checkpoints import (
     list_versions,
     load_checkpoint,
     resolve_version,
-    same_part,
     save_checkpoint,
+    shared_parts,
     update_metrics,
     warm_start,
 )
@@ -154,10 +154,9 @@ def test_the_same_encoder_exported_in_another_dtype_is_the_same_encoder(tmp_path
     as_loaded, _ = warm_start(tmp_path, "vae", stored_half)  # how training loads it: float32
     retrained_decoder = {**as_loaded.state_dict, "decoder.conv.weight": torch.zeros(3, 4)}
     exported_full = save_checkpoint(tmp_path, retrained_decoder, MANIFEST, dtype=torch.float32, version="v-full").name
-    assert same_part(tmp_path, stored_half, exported_full, "encoder")  # float16 values are exact in float32
-    assert not same_part(tmp_path, stored_half, exported_full, "decoder")
+    assert shared_parts(tmp_path, stored_half, exported_full) == ("encoder",)  # float16 values are exact in float32
     unrounded = save_checkpoint(tmp_path, {**encoder, **decoder}, MANIFEST, dtype=torch.float32, version="v-raw").name
-    assert not same_part(tmp_path, stored_half, unrounded, "encoder")  # the float16 copy rounded these weights
+    assert shared_parts(tmp_path, stored_half, unrounded) == ("decoder",)  # the float16 copy rounded the encoder
 
 
 def test_a_fine_tune_of_one_part_can_replace_the_vae_of_a_diffusion_version(tiny_checkpoints: Path, synth_dir: Path,
