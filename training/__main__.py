@@ -1,4 +1,4 @@
-"""``python -m training {synth,vae,diffusion,retune,evaluate,evaluate-edit,transitions,visualize} ...``"""
+"""``python -m training {synth,vae,diffusion,retune,reader,evaluate,evaluate-edit,transitions,visualize} ...``"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import (
     EDIT_GUIDANCE_SCALE,
+    EDIT_HOLD_GUIDANCE,
     EDIT_REFERENCE,
     EDIT_REFERENCES,
     EDIT_SCOPE,
@@ -21,6 +22,7 @@ from .config import (
     TUNING_SEED,
     DataConfig,
     DiffusionTrainConfig,
+    ReaderTrainConfig,
     SamplingConfig,
     ScheduleConfig,
     UNetConfig,
@@ -121,6 +123,20 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
                              "(the same outputs as the source with them open)")
     add_config_flags(retune, SamplingConfig)
 
+    reader = commands.add_parser("reader", help="a new diffusion version: same weights plus a latent attribute reader "
+                                                "(edits hold the attributes they leave open by its gradient)")
+    reader.add_argument("--data", type=Path, required=True, help="CelebA-layout folder")
+    reader.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    reader.add_argument("--diffusion", default="latest", help="diffusion checkpoint version to derive from")
+    reader.add_argument("--attributes", nargs="+", default=None, metavar="NAME",
+                        help="CelebA attributes to read (default: the version's own)")
+    reader.add_argument("--latent-cache", type=Path, default=None, metavar="DIR",
+                        help="the encoded training latents, shared with `diffusion --latent-cache`")
+    reader.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    reader.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    reader.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_config_flags(reader, ReaderTrainConfig)
+
 
 def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="attribute accuracy, KID/FID and VAE reconstruction")
@@ -186,6 +202,9 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--scope", nargs="+", default=[EDIT_SCOPE], choices=EDIT_SCOPES,
                        help="where edits may change the face: the attribute's region or the whole image "
                             "(default: the worker's)")
+    edits.add_argument("--hold-guidance", type=float, nargs="+", default=[EDIT_HOLD_GUIDANCE],
+                       help="step size(s) of the reader's guidance holding the attributes an edit leaves open (a "
+                            "version with a reader only; default: the worker's)")
     edits.add_argument("--tuning", action="store_true",
                        help="choosing a setting: the last n test faces per direction, disjoint from a report's first n")
     edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
@@ -269,7 +288,8 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps,
                              tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
                              train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
-                             tuning=args.tuning, judge_cache=args.judge_cache)
+                             tuning=args.tuning, judge_cache=args.judge_cache,
+                             hold_guidances=tuple(args.hold_guidance))
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:
@@ -328,8 +348,18 @@ def run_retune(args: argparse.Namespace) -> None:
     print(derive_checkpoint(args.checkpoints, "diffusion", source.version, weights, **changes))
 
 
+def run_reader(args: argparse.Namespace) -> None:
+    from .train_reader import train_reader
+    from .trainer import RunOptions
+
+    opts = RunOptions(args.data, args.checkpoints, run_dir=Path("."), device=args.device, limit=args.limit,
+                      threads=args.threads, latent_cache=args.latent_cache)  # no resumable state: run_dir unused
+    print(train_reader(args.diffusion, tuple(args.attributes) if args.attributes else None,
+                       config_from_args(ReaderTrainConfig, args), opts))
+
+
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,
-            "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune,
+            "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune, "reader": run_reader,
             "transitions": run_transitions}
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .manifest import FORMAT_VERSION, KINDS, Manifest, ManifestError, Parent, parse_manifest
 
 WEIGHTS_FILE = "model.safetensors"
+READER_FILE = "reader.safetensors"  # a diffusion version's latent attribute reader, when it has one
 MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
 
@@ -78,11 +79,13 @@ def _write_manifest(directory: Path, typed: Manifest) -> None:
 
 
 def save_checkpoint(root: str | Path, state_dict: dict[str, torch.Tensor], manifest: Manifest,
-                    dtype: torch.dtype | None = None, version: str | None = None) -> Path:
+                    dtype: torch.dtype | None = None, version: str | None = None,
+                    parts: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a new version of ``manifest.kind`` atomically (temp dir, then rename) and return its folder.
 
     ``manifest`` carries the configs and training facts; format, version, created_at and file hashes are set
-    here. ``dtype`` casts floating-point weights (e.g. ``torch.float16`` for the bundled model).
+    here. ``dtype`` casts floating-point weights (e.g. ``torch.float16`` for the bundled model). ``parts``: further
+    safetensors files (file name -> state dict, e.g. ``READER_FILE``), written as given and hashed like the weights.
     """
     kind = manifest.kind
     if kind not in KINDS:
@@ -100,10 +103,12 @@ def save_checkpoint(root: str | Path, state_dict: dict[str, torch.Tensor], manif
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=kind_dir))
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE))
+        for name, part in (parts or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in part.items()}, str(staging / name))
         sealed = manifest.replace(format_version=FORMAT_VERSION, version=version,
                                   created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
                                   weights_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-                                  files={WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE)})
+                                  files={name: sha256_file(staging / name) for name in (WEIGHTS_FILE, *(parts or {}))})
         _write_manifest(staging, sealed)
         os.rename(staging, target)
     except BaseException:
@@ -183,6 +188,17 @@ def load_checkpoint(root: str | Path, kind: str, version: str = LATEST, device: 
     return Checkpoint(directory, manifest, state_dict)
 
 
+def load_part(checkpoint: Checkpoint, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict of a further file of a loaded version (``save_checkpoint``'s ``parts``; its hash was verified
+    by :func:`load_checkpoint`)."""
+    if name not in checkpoint.manifest.files:
+        raise CheckpointError(f"{checkpoint.path}: manifest lists no {name}")
+    try:
+        return load_file(str(checkpoint.path / name), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{checkpoint.path / name}: unreadable ({exc})") from None
+
+
 def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> Manifest:
     """Merge evaluation ``metrics`` into a version's manifest (weights untouched) and re-seal it."""
     directory = Path(directory)
@@ -193,13 +209,15 @@ def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> Manifest:
 
 def derive_checkpoint(root: str | Path, kind: str, version: str,
                       weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                      **changes: Any) -> Path:
+                      parts: dict[str, dict[str, torch.Tensor]] | None = None, **changes: Any) -> Path:
     """A new version with ``version``'s weights (bit for bit, or as ``weights`` maps its state dict) and its
     manifest's fields replaced by ``changes`` (e.g. ``sampling=SamplingConfig(...)``), recording ``derived_from``;
-    the original version is left as it was."""
+    its further files come along, and ``parts`` adds or replaces some. The original version is left as it was."""
     source = load_checkpoint(root, kind, version)
     state = source.state_dict if weights is None else weights(source.state_dict)
-    return save_checkpoint(root, state, source.manifest.replace(**changes, derived_from=source.version))
+    kept = {name: load_part(source, name) for name in source.manifest.files if name != WEIGHTS_FILE}
+    return save_checkpoint(root, state, source.manifest.replace(**changes, derived_from=source.version),
+                           parts=kept | (parts or {}))
 
 
 def shared_parts(root: str | Path, vae_a: str, vae_b: str) -> tuple[str, ...]:

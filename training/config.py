@@ -34,6 +34,10 @@ EDIT_SCOPE = "region"
 # timesteps spread evenly over this span of the schedule (as fractions of its length).
 ATTRIBUTE_READ_TRIALS = 16
 ATTRIBUTE_READ_SPAN = (0.1, 0.9)
+# With a latent attribute reader in the version (``python -m training reader``), an edit also steers each step's x0
+# prediction inside the edited region down the gradient of the reader's loss against the input's own readings of the
+# attributes the edit leaves open, by this step size (0: off); measured in EVALUATION.md, ninth update.
+EDIT_HOLD_GUIDANCE = 1.0
 # Each attribute's region in the aligned crop: an ellipse (centre x, centre y, radius x, radius y) in fractions of the
 # image side. Smiling's spans the mouth of CelebA's aligned faces (mean mouth centre 0.74 of the side down the crop)
 # and of the synthetic ones (0.67, spread 0.02; mouth 0.15-0.25 of the side wide). An edit of an attribute not listed
@@ -93,6 +97,30 @@ class UNetConfig:
     dropout: float = 0.0
     num_attributes: int = 1
     null_label: int = 2  # label index meaning "attribute not given" (classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """Latent attribute reader: scaled latents ``[N, in_channels, h, w] -> logits [N, len(attributes)]``, two 3x3
+    convolutions (GroupNorm, SiLU) per level of ``channels``, halving the resolution between levels."""
+
+    attributes: tuple[str, ...]
+    in_channels: int = 4
+    channels: tuple[int, ...] = (64, 128, 128)
+    groups: int = 8
+
+
+@dataclass(frozen=True)
+class ReaderTrainConfig:
+    """``python -m training reader``: AdamW with a one-cycle schedule on latents sampled from the cached posteriors,
+    plus Gaussian noise of ``latent_noise`` (in scaled-latent units) so that the reader tolerates a sampler's drift."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    latent_noise: float = 0.1
+    seed: int = 0
 
 
 @dataclass(frozen=True)

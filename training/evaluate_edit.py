@@ -10,6 +10,10 @@ reference the source's label (or, with ``--reference null``, the unconditional m
 - kept: the judge's reading of each other attribute (``Eyeglasses``, ``Male``, ``Young``) is the same on the edit as
   on its input, per attribute and all at once.
 
+With a latent attribute reader in the version (``python -m training reader``), edits also hold the attributes they
+leave open by the reader's gradient (``--hold-guidance``: its step size; 0 turns it off); the judge, a pixel
+classifier trained apart from it, scores them all the same.
+
 Strength 0 (in the default sweep) is the VAE round trip with no diffusion step: its kept rates are the ceiling the
 judge and the VAE leave to any edit.
 
@@ -27,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .config import EDIT_REFERENCE, EDIT_SCOPE, DataConfig
+from .config import EDIT_HOLD_GUIDANCE, EDIT_REFERENCE, EDIT_SCOPE, DataConfig
 from .data.celeba import to_float
 from .diffusion.inversion import inversion_depth
 from .diffusion.noise import ImageNoise
@@ -44,17 +48,17 @@ TARGET_KEPT = 0.95
 
 @torch.no_grad()
 def edit_images(model: LatentDiffusion, images: torch.Tensor, target: dict[str, bool], strength: float, steps: int,
-                guidance_scale: float, reference: str = EDIT_REFERENCE, scope: str = EDIT_SCOPE, batch: int = 64
-                ) -> torch.Tensor:
+                guidance_scale: float, reference: str = EDIT_REFERENCE, scope: str = EDIT_SCOPE, batch: int = 64,
+                hold_guidance: float = EDIT_HOLD_GUIDANCE) -> torch.Tensor:
     """``uint8 [N, 3, S, S]`` faces -> their edits ``uint8 [N, 3, S, S]`` toward ``target`` by the worker's method
-    (:meth:`LatentDiffusion.edit_latents`; ``reference`` and ``scope`` as there)."""
+    (:meth:`LatentDiffusion.edit_latents`; ``reference``, ``scope`` and ``hold_guidance`` as there)."""
     depth = inversion_depth(strength, steps)
     out = []
     for chunk in images.split(batch):
         labels = model.labels_for(target).expand(len(chunk), -1)
         noise = ImageNoise([(0, i) for i in range(len(chunk))], model.device)  # DDIM with eta 0 draws none of it
         latents = model.edit_latents(model.encode(to_float(chunk)), labels, steps, depth, guidance_scale, noise,
-                                     reference, scope)
+                                     reference, scope, hold_guidance=hold_guidance)
         out.append(to_uint8(model.decode(latents)))
     return torch.cat(out)
 
@@ -91,8 +95,10 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
                    guidance_scales: tuple[float | None, ...], classifier_steps: int, seed: int, device: str = "cpu",
                    precision: str = "auto", train_limit: int | None = None,
                    references: tuple[str, ...] = (EDIT_REFERENCE,), scopes: tuple[str, ...] = (EDIT_SCOPE,),
-                   tuning: bool = False, judge_cache: Path | None = None) -> dict[str, Any]:
-    """The sweep: for each scope, reference, guidance scale (None: the model's own), strength and direction, ``n``
+                   tuning: bool = False, judge_cache: Path | None = None,
+                   hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,)) -> dict[str, Any]:
+    """The sweep: for each scope, reference, guidance scale (None: the model's own), hold guidance (acts with a
+    reader only: a version without one is measured once, as 0), strength and direction, ``n``
     held-out faces edited and scored (:func:`score_edits`) by one judge (its weights kept in ``judge_cache``, see
     :func:`~training.judge.train_classifier`)."""
     torch_device = pick_device(device)
@@ -106,17 +112,20 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
     results: dict[str, Any] = {
         "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps, "tuning": tuning,
         "classifier_steps": classifier_steps, "train_limit": train_limit, "seed": seed,
-        "precision": str(model.dtype).removeprefix("torch."),
+        "precision": str(model.dtype).removeprefix("torch."), "reader": model.reader is not None,
         "judge_accuracy": {name: rate(accuracy[:, k]) for k, name in enumerate(judge_cfg.attributes)},
         "rows": []}
     faces = held_out_faces(test_images, test_labels, n, tuning)
     guidances = [model.sampling.guidance_scale if g is None else g for g in guidance_scales]
-    for scope, reference, guidance, strength in itertools.product(scopes, references, guidances, strengths):
+    holds = hold_guidances if model.reader is not None else (0.0,)
+    for scope, reference, guidance, hold, strength in itertools.product(scopes, references, guidances, holds,
+                                                                        strengths):
         for source_value, sources in faces.items():
             started = time.perf_counter()
             edits = edit_images(model, sources, {attribute: not source_value}, strength, steps, guidance,
-                                reference, scope)
-            row = {"scope": scope, "reference": reference, "guidance_scale": guidance, "strength": strength,
+                                reference, scope, hold_guidance=hold)
+            row = {"scope": scope, "reference": reference, "guidance_scale": guidance, "hold_guidance": hold,
+                   "strength": strength,
                    "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
                                 f"{'not_' if source_value else ''}{attribute.lower()}",
                    "seconds_per_edit": (time.perf_counter() - started) / n,
@@ -138,12 +147,13 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              f"n = {results['n_per_direction']} {faces} per direction. Command: `{command}`", "",
              f"- judge accuracy on the sharp test split (95% Wilson intervals, {results['classifier_steps']} "
              f"training steps on {results['train_limit'] or 'all'} training faces): {judge}", "",
-             "| scope | reference | guidance | strength | direction | target read [95% CI] | PSNR to input (dB) | "
-             "Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| scope | reference | guidance | hold guidance | strength | direction | target read [95% CI] | "
+             "PSNR to input (dB) | Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         kept = [_percent(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
-        lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['strength']:g} | "
+        lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['hold_guidance']:g} | "
+                     f"{row['strength']:g} | "
                      f"{row['direction']} | {_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
                      f"{_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
     return "\n".join(lines) + "\n"

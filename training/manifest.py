@@ -14,6 +14,7 @@ from typing import Any
 from .config import (
     DataConfig,
     DiffusionTrainConfig,
+    ReaderConfig,
     SamplingConfig,
     ScheduleConfig,
     UNetConfig,
@@ -104,6 +105,7 @@ class DiffusionManifest(Manifest):
     latent_clip: float  # max |z_model| seen in training: the samplers clamp x0 predictions to it
     latent_shape: tuple[int, int, int]  # [C, H, W] of the model's latents
     image_size: int
+    reader: ReaderConfig | None = None  # the latent attribute reader in ``READER_FILE``, when the version has one
 
 
 def _jsonable(value: Any) -> Any:
@@ -155,7 +157,8 @@ def parse_manifest(raw: dict[str, Any]) -> VAEManifest | DiffusionManifest:
                 **common, model=from_dict(UNetConfig, raw["model"]), schedule=from_dict(ScheduleConfig, raw["schedule"]),
                 sampling=from_dict(SamplingConfig, raw["sampling"]), vae_version=raw["vae_version"],
                 latent_scale=float(raw["latent_scale"]), latent_clip=float(raw["latent_clip"]),
-                latent_shape=tuple(raw["latent_shape"]), image_size=int(raw["image_size"]))
+                latent_shape=tuple(raw["latent_shape"]), image_size=int(raw["image_size"]),
+                reader=from_dict(ReaderConfig, raw["reader"]) if raw.get("reader") else None)
         raise ManifestError(f"kind {raw['kind']!r} is not one of {KINDS}")
     except KeyError as exc:
         raise ManifestError(f"manifest misses the field {exc.args[0]!r}") from None

@@ -7,16 +7,19 @@ This is the one sampling path: the worker's engine and the evaluation tool both 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from .checkpoints import load_checkpoint
+from .checkpoints import READER_FILE, load_checkpoint, load_part
 from .config import (
     ATTRIBUTE_READ_SPAN,
     ATTRIBUTE_READ_TRIALS,
+    EDIT_HOLD_GUIDANCE,
     EDIT_REFERENCE,
     EDIT_REFERENCES,
     EDIT_REGIONS,
@@ -30,6 +33,7 @@ from .diffusion.noise import ImageNoise
 from .diffusion.samplers import DDIMSampler, StepCallback, StepConstraint, make_sampler, run_chain
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, VAEManifest
+from .models.reader import LatentReader
 from .models.unet import UNet
 from .models.vae import VAE
 from .regions import edit_mask
@@ -45,6 +49,7 @@ class LatentDiffusion:
     vae_manifest: VAEManifest
     device: torch.device
     dtype: torch.dtype  # compute dtype of the UNet and decoder weights
+    reader: LatentReader | None = None  # float32; the version's latent attribute reader, when it has one
     _copies: dict[tuple[str, torch.dtype], torch.nn.Module] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -58,10 +63,15 @@ class LatentDiffusion:
         unet.load_state_dict(diffusion.state_dict)
         vae = VAE(vae_checkpoint.manifest.model)
         vae.load_state_dict(vae_checkpoint.state_dict)
+        reader = None
+        if diffusion.manifest.reader is not None:
+            reader = LatentReader(diffusion.manifest.reader)
+            reader.load_state_dict(load_part(diffusion, READER_FILE))
+            reader = reader.to(device).eval().requires_grad_(False)
         return cls(unet.to(device, dtype).eval().requires_grad_(False),
                    vae.to(device, dtype).eval().requires_grad_(False),
                    NoiseSchedule(diffusion.manifest.schedule), diffusion.manifest.sampling,
-                   diffusion.manifest, vae_checkpoint.manifest, device, dtype)
+                   diffusion.manifest, vae_checkpoint.manifest, device, dtype, reader)
 
     @property
     def version(self) -> str:
@@ -196,7 +206,8 @@ class LatentDiffusion:
     def edit_latents(self, latents: torch.Tensor, targets: torch.Tensor, steps: int, depth: int,
                      guidance_scale: float, noise: ImageNoise, reference: str = EDIT_REFERENCE,
                      scope: str = EDIT_SCOPE, invert_callback: InversionCallback | None = None,
-                     callback: StepCallback | None = None, unet: torch.nn.Module | None = None) -> torch.Tensor:
+                     callback: StepCallback | None = None, unet: torch.nn.Module | None = None,
+                     hold_guidance: float = EDIT_HOLD_GUIDANCE) -> torch.Tensor:
         """Edit scaled latents ``[N, C, h, w]`` toward ``targets [N, A]``: DDIM inversion through ``depth`` of
         ``steps`` steps, then DDIM regeneration with guidance from that depth; float32 latents ``[N, C, h, w]``.
 
@@ -209,7 +220,7 @@ class LatentDiffusion:
         prediction ``callback`` sees) outside the region of the attributes the targets set
         (:func:`~training.regions.edit_mask`) are put back on the input's inversion path, so the rest of the face
         stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM with
-        eta > 0."""
+        eta > 0. ``hold_guidance``: the step size of :meth:`hold_step` (used when the version has a reader)."""
         if reference not in EDIT_REFERENCES:
             raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
         if scope not in EDIT_SCOPES:
@@ -227,15 +238,53 @@ class LatentDiffusion:
                 invert_callback(done, x)
 
         inverted = self.invert_latents(latents, references, steps, depth, record, unet)
+        region = scope == "region"
+        mask = edit_mask(edited, self.attributes, null, EDIT_REGIONS if region else {}, tuple(self.latent_shape[1:]))
+        hold = self.reader is not None and hold_guidance > 0
         constraint = None
-        if scope == "region":
-            mask = edit_mask(edited, self.attributes, null, EDIT_REGIONS, tuple(self.latent_shape[1:]))
+        if region or hold:
+            held = self.held_readings(latents, edited) if hold else None  # (readings, which to hold)
 
             def constraint(i: int, x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return torch.lerp(path[i + 1], x, mask), torch.lerp(latents, x0, mask)
+                if region:
+                    x, x0 = torch.lerp(path[i + 1], x, mask), torch.lerp(latents, x0, mask)
+                if held is not None:
+                    x, x0 = self.hold_step(x, x0, *held, hold_guidance * mask, steps, i)
+                return x, x0
 
         return self.sample_latents(targets, noise, "ddim", steps, guidance_scale, callback, unet,
                                    start=(steps - depth, inverted), reference=references, constraint=constraint)
+
+    @torch.no_grad()
+    def held_readings(self, latents: torch.Tensor, edited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an edit toward ``edited [N, A]`` holds: the reader's readings ``[N, R]`` (0/1) of the input's scaled
+        latents ``[N, C, h, w]``, and which of them to hold, ``[N, R]`` (1 for each reader attribute the row does
+        not set)."""
+        assert self.reader is not None
+        null = self.unet.config.null_label
+        readings = (self.reader(latents.float()) > 0).float()
+        columns = torch.ones_like(readings)
+        for k, name in enumerate(self.reader.config.attributes):
+            if name in self.attributes:
+                columns[:, k] = (edited[:, self.attributes.index(name)] == null).float()
+        return readings, columns
+
+    def hold_step(self, x: torch.Tensor, x0: torch.Tensor, held: torch.Tensor, columns: torch.Tensor,
+                  step_size: torch.Tensor, steps: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of reader guidance after DDIM step ``i`` of ``steps``: the x0 prediction ``[N, C, h, w]`` moves
+        by ``-step_size * grad`` of the reader's summed binary cross-entropy against ``held [N, R]`` (over the
+        ``columns [N, R]`` held), and the latents ``x`` at the next timestep ``t'`` by ``sqrt(abar_t')`` times that,
+        so that they keep the DDIM relation ``x = sqrt(abar) x0 + sqrt(1 - abar) eps`` with the same ``eps``.
+        ``step_size``: ``[N or 1, 1, h, w]`` (the region's mask times the scale)."""
+        assert self.reader is not None
+        with torch.enable_grad():
+            probe = x0.detach().float().requires_grad_(True)
+            loss = (F.binary_cross_entropy_with_logits(self.reader(probe), held, reduction="none") * columns).sum()
+            (gradient,) = torch.autograd.grad(loss, probe)
+        shift = -step_size * gradient
+        sampler = DDIMSampler(self.schedule, self.manifest.latent_clip)
+        sampler.set_timesteps(steps)
+        return x + math.sqrt(sampler.abar_at(i + 1)) * shift, x0 + shift
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:

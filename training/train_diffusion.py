@@ -69,6 +69,20 @@ def encode_training_images(vae: VAE, data: Path, data_cfg: DataConfig, limit: in
     return encode_dataset(vae, images, device, mirrors=data_cfg.hflip, show_progress=show_progress)
 
 
+def training_latents(vae: VAE, vae_version: str, data_fingerprint: str, data_cfg: DataConfig, opts: RunOptions,
+                     device: torch.device, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The train split's posterior ``means`` and ``logvars`` (``float32 [M, C, h, w]``, M = N or 2N with mirror
+    images) and labels ``int64 [M, A]``, read from ``opts.latent_cache`` when that VAE encoded these data before."""
+    labels = load_split_labels(opts.data, "train", data_cfg, limit=opts.limit)
+    cache_key = f"{vae_version}-{data_fingerprint[:16]}-{opts.limit or 'all'}{'-mirrored' if data_cfg.hflip else ''}"
+    cache = opts.latent_cache / f"{cache_key}.pt" if opts.latent_cache is not None else None
+    latents = cached_tensors(cache, partial(encode_training_images, vae, opts.data, data_cfg, opts.limit, device,
+                                            show_progress))
+    if data_cfg.hflip:
+        labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
+    return latents["means"], latents["logvars"], labels
+
+
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, seed: int) -> tuple[float, float]:
     """``(scale, clip)``: ``scale = 1 / std`` of sampled latents; ``clip = max |scale * z|`` over them (the range
     the samplers clamp their x0 predictions to)."""
@@ -131,16 +145,9 @@ def train_diffusion(vae_version: str, unet_cfg: UNetConfig, schedule_cfg: Schedu
 
     vae, vae_manifest = load_vae(opts.checkpoints, vae_version, device)
     data_cfg = dataclasses.replace(vae_manifest.data, attributes=attributes or vae_manifest.data.attributes)
-    labels = load_split_labels(opts.data, "train", data_cfg, limit=opts.limit)
     data_fingerprint = fingerprint(opts.data)
-    cache_key = (f"{vae_manifest.version}-{data_fingerprint[:16]}-{opts.limit or 'all'}"
-                 f"{'-mirrored' if data_cfg.hflip else ''}")
-    cache = opts.latent_cache / f"{cache_key}.pt" if opts.latent_cache is not None else None
-    latents = cached_tensors(cache, partial(encode_training_images, vae, opts.data, data_cfg, opts.limit, device,
-                                            ddp.is_main))
-    means, logvars = latents["means"], latents["logvars"]
-    if data_cfg.hflip:
-        labels = torch.cat([labels, labels])  # the mirrored half keeps its labels
+    means, logvars, labels = training_latents(vae, vae_manifest.version, data_fingerprint, data_cfg, opts, device,
+                                              ddp.is_main)
     scale, clip = latent_statistics(means, logvars, cfg.seed)
     del vae
 

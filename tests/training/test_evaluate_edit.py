@@ -42,13 +42,13 @@ def test_the_sweep_scores_each_setting_and_direction(tiny_checkpoints: Path, syn
         (reference, strength, direction) for reference in ("source", "null") for strength in (0.0, 0.5)
         for direction in ("smiling -> not_smiling", "not_smiling -> smiling")]
     for row in rows:
-        assert row["guidance_scale"] == 2.0
+        assert row["guidance_scale"] == 2.0 and row["hold_guidance"] == 0.0  # no reader: nothing to hold by
         for key in ("success", "kept_all", "kept_Eyeglasses", "kept_Male", "kept_Young"):
             entry = row[key]
             assert entry["n"] == 2 and 0 <= entry["low"] <= entry["rate"] <= entry["high"] <= 1, key
     assert set(results["judge_accuracy"]) == {"Smiling", "Eyeglasses", "Male", "Young"}
     report = markdown_report(results, "python -m training evaluate-edit …")
-    assert report.count("| source | 2 | 0 | ") == 2 and report.count("| null | 2 | 0.5 | ") == 2
+    assert report.count("| source | 2 | 0 | 0 | ") == 2 and report.count("| null | 2 | 0 | 0.5 | ") == 2
 
 
 class LabelRecorder(torch.nn.Module):
