@@ -37,7 +37,7 @@ ATTRIBUTE_READ_SPAN = (0.1, 0.9)
 # With a latent attribute reader in the version (``python -m training reader``), an edit also steers each step's x0
 # prediction inside the edited region down the gradient of the reader's loss against the input's own readings of the
 # attributes the edit leaves open, by this step size (0: off); measured in EVALUATION.md, ninth update.
-EDIT_HOLD_GUIDANCE = 1.0
+EDIT_HOLD_GUIDANCE = 0.5
 # Each attribute's region in the aligned crop: an ellipse (centre x, centre y, radius x, radius y) in fractions of the
 # image side. Smiling's spans the mouth of CelebA's aligned faces (mean mouth centre 0.74 of the side down the crop)
 # and of the synthetic ones (0.67, spread 0.02; mouth 0.15-0.25 of the side wide). An edit of an attribute not listed
