@@ -244,12 +244,15 @@ class LatentDiffusion:
         constraint = None
         if region or hold:
             held = self.held_readings(latents, edited) if hold else None  # (readings, which to hold)
+            step_size = hold_guidance * mask
+            ddim = DDIMSampler(self.schedule, self.manifest.latent_clip)  # the regeneration's timesteps
+            ddim.set_timesteps(steps)
 
             def constraint(i: int, x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 if region:
                     x, x0 = torch.lerp(path[i + 1], x, mask), torch.lerp(latents, x0, mask)
                 if held is not None:
-                    x, x0 = self.hold_step(x, x0, *held, hold_guidance * mask, steps, i)
+                    x, x0 = self.hold_step(x, x0, *held, step_size, ddim.abar_at(i + 1))
                 return x, x0
 
         return self.sample_latents(targets, noise, "ddim", steps, guidance_scale, callback, unet,
@@ -270,21 +273,19 @@ class LatentDiffusion:
         return readings, columns
 
     def hold_step(self, x: torch.Tensor, x0: torch.Tensor, held: torch.Tensor, columns: torch.Tensor,
-                  step_size: torch.Tensor, steps: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of reader guidance after DDIM step ``i`` of ``steps``: the x0 prediction ``[N, C, h, w]`` moves
-        by ``-step_size * grad`` of the reader's summed binary cross-entropy against ``held [N, R]`` (over the
-        ``columns [N, R]`` held), and the latents ``x`` at the next timestep ``t'`` by ``sqrt(abar_t')`` times that,
-        so that they keep the DDIM relation ``x = sqrt(abar) x0 + sqrt(1 - abar) eps`` with the same ``eps``.
-        ``step_size``: ``[N or 1, 1, h, w]`` (the region's mask times the scale)."""
+                  step_size: torch.Tensor, abar_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of reader guidance after a DDIM step: the x0 prediction ``[N, C, h, w]`` moves by ``-step_size *
+        grad`` of the reader's summed binary cross-entropy against ``held [N, R]`` (over the ``columns [N, R]``
+        held), and the latents ``x``, now at the timestep whose ``abar`` is ``abar_next`` (1 after the last step),
+        by ``sqrt(abar_next)`` times that, so that they keep the DDIM relation ``x = sqrt(abar) x0 + sqrt(1 - abar)
+        eps`` with the same ``eps``. ``step_size``: ``[N or 1, 1, h, w]`` (the region's mask times the scale)."""
         assert self.reader is not None
         with torch.enable_grad():
             probe = x0.detach().float().requires_grad_(True)
             loss = (F.binary_cross_entropy_with_logits(self.reader(probe), held, reduction="none") * columns).sum()
             (gradient,) = torch.autograd.grad(loss, probe)
         shift = -step_size * gradient
-        sampler = DDIMSampler(self.schedule, self.manifest.latent_clip)
-        sampler.set_timesteps(steps)
-        return x + math.sqrt(sampler.abar_at(i + 1)) * shift, x0 + shift
+        return x + math.sqrt(abar_next) * shift, x0 + shift
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:

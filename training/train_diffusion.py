@@ -83,11 +83,16 @@ def training_latents(vae: VAE, vae_version: str, data_fingerprint: str, data_cfg
     return latents["means"], latents["logvars"], labels
 
 
+def sample_posterior(means: torch.Tensor, logvars: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Raw VAE latents drawn from the posteriors ``N(means, exp(logvars))`` (both ``[N, C, h, w]``), one
+    ``generator`` draw of their shape."""
+    return means + torch.exp(0.5 * logvars) * torch.randn(means.shape, generator=generator)
+
+
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, seed: int) -> tuple[float, float]:
     """``(scale, clip)``: ``scale = 1 / std`` of sampled latents; ``clip = max |scale * z|`` over them (the range
     the samplers clamp their x0 predictions to)."""
-    generator = torch.Generator().manual_seed(seed)
-    z = means + torch.exp(0.5 * logvars) * torch.randn(means.shape, generator=generator)
+    z = sample_posterior(means, logvars, torch.Generator().manual_seed(seed))
     scale = 1.0 / float(z.std())
     return scale, float((z * scale).abs().max())
 
@@ -114,8 +119,7 @@ class DiffusionStep:
         trainer, cfg, noise_gen = self.trainer, self.cfg, self.trainer.generators["noise"]
         index = next(trainer.stream)
         n = len(index)
-        eps_latent = torch.randn(self.means[index].shape, generator=noise_gen)
-        z0 = self.scale * (self.means[index] + torch.exp(0.5 * self.logvars[index]) * eps_latent)
+        z0 = self.scale * sample_posterior(self.means[index], self.logvars[index], noise_gen)
         y = self.labels[index].clone()
         null = self.unet.config.null_label
         if cfg.attribute_dropout > 0:  # no draw otherwise: single-attribute runs keep their random stream

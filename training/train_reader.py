@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoints import READER_FILE, derive_checkpoint, load_checkpoint
+from .checkpoints import READER_FILE, derive_checkpoint, read_manifest, resolve_version
 from .config import DataConfig, ReaderConfig, ReaderTrainConfig
 from .data.celeba import fingerprint, load_split, to_float
 from .judge import rate
 from .models.reader import LatentReader
 from .runtime import pick_device
-from .train_diffusion import load_vae, training_latents
+from .train_diffusion import load_vae, sample_posterior, training_latents
 from .trainer import RunOptions
 
 
@@ -34,7 +34,7 @@ def train_reader(version: str, attributes: tuple[str, ...] | None, cfg: ReaderTr
     device = pick_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    manifest = load_checkpoint(opts.checkpoints, "diffusion", version).manifest
+    manifest = read_manifest(resolve_version(opts.checkpoints, "diffusion", version))  # derive_checkpoint loads weights
     vae, vae_manifest = load_vae(opts.checkpoints, manifest.vae_version, device)
     data_cfg = dataclasses.replace(manifest.data, attributes=attributes or manifest.data.attributes)
     means, logvars, labels = training_latents(vae, vae_manifest.version, fingerprint(opts.data), data_cfg, opts,
@@ -47,8 +47,8 @@ def train_reader(version: str, attributes: tuple[str, ...] | None, cfg: ReaderTr
     reader.train()
     for _ in tqdm(range(cfg.steps), desc="reader", mininterval=10):
         index = torch.randint(0, len(means), (cfg.batch_size,), generator=generator)
-        sampled = means[index] + torch.exp(0.5 * logvars[index]) * torch.randn(means[index].shape, generator=generator)
-        z = manifest.latent_scale * sampled + cfg.latent_noise * torch.randn(sampled.shape, generator=generator)
+        z = manifest.latent_scale * sample_posterior(means[index], logvars[index], generator)
+        z = z + cfg.latent_noise * torch.randn(z.shape, generator=generator)
         loss = F.binary_cross_entropy_with_logits(reader(z.to(device)), labels[index].float().to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
