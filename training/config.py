@@ -158,6 +158,9 @@ class VAETrainConfig:
     # (regions.contrast_boost); 0: off
     mouth_contrast: float = 0.0
     mouth_contrast_cap: float = 4.0
+    # True: draw training faces in proportion to that boost too (needs mouth_contrast > 0): faint mouths come up to
+    # mouth_contrast_cap times as often, so the few faces that lose their smile in the round trip are seen more
+    contrast_sampling: bool = False
     train_encoder: bool = True  # False: fine-tune the decoder alone; the latent space (and diffusion models on it) stay valid
     # False: fine-tune the encoder alone; every latent a diffusion model samples decodes to the same image as before
     train_decoder: bool = True

@@ -165,26 +165,37 @@ class BatchStream:
     """Endless shuffled mini-batch indices over ``size`` items; each rank takes its slice of every global batch.
 
     Identical on every rank for a seed (the permutation generator is shared); its state resumes exactly.
+    ``weights`` (``float [size]``, >= 0): each pass over the data draws its ``size`` indices with replacement in
+    proportion to them (an item of weight 2 comes twice as often as one of weight 1) instead of a permutation.
     """
 
     size: int
     batch_size: int
     seed: int
     distributed: Distributed = field(default_factory=Distributed)
+    weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size % self.distributed.world:
             raise ValueError(f"batch size {self.batch_size} is not divisible by {self.distributed.world} processes")
+        if self.weights is not None and self.weights.shape != (self.size,):
+            raise ValueError(f"weights of shape {tuple(self.weights.shape)} for {self.size} items")
         self.generator = torch.Generator().manual_seed(self.seed)
-        self._order = torch.randperm(self.size, generator=self.generator)
+        self._order = self._draw()
         self._position = 0
+
+    def _draw(self) -> torch.Tensor:
+        """The next pass's order of indices ``int64 [size]``."""
+        if self.weights is None:
+            return torch.randperm(self.size, generator=self.generator)
+        return torch.multinomial(self.weights.double(), self.size, replacement=True, generator=self.generator)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
     def __next__(self) -> torch.Tensor:
         if self._position + self.batch_size > self.size:
-            self._order = torch.randperm(self.size, generator=self.generator)
+            self._order = self._draw()
             self._position = 0
         batch = self._order[self._position:self._position + self.batch_size]
         self._position += self.batch_size

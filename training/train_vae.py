@@ -3,7 +3,8 @@
 Loss: ``L1_w(x, x') + perceptual_weight * P(x, x') + kl_weight * KL`` (+ ``adversarial_weight`` times the
 hinge generator loss of a PatchGAN once ``adversarial_start`` is reached). ``L1_w`` weighs the pixels around eyes
 and mouth ``1 + landmark_weight`` times as much when the folder has CelebA's landmark file (plain L1 without it),
-the mouth more where it barely stands out from the skin with ``mouth_contrast``.
+the mouth more where it barely stands out from the skin with ``mouth_contrast`` (and such faces drawn more often
+with ``contrast_sampling``).
 ``--init-from`` warm-starts from an exported version (its architecture, its weights) and records the lineage.
 """
 
@@ -49,6 +50,15 @@ def reconstruct_images(vae: VAE, images: torch.Tensor, device: torch.device, dty
             mean, _ = vae.encode(to_float(chunk).to(device))
             out.append(vae.decode(mean).float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def face_contrast_boosts(images: torch.Tensor, landmarks: torch.Tensor, cfg: VAETrainConfig,
+                         chunk: int = 1024) -> torch.Tensor:
+    """Every face's mouth contrast boost (:func:`regions.contrast_boost` with ``cfg``'s reference and cap):
+    ``images uint8 [N, 3, S, S]``, ``landmarks [N, 5, 2]`` -> ``float32 [N]`` in ``[1, mouth_contrast_cap]``."""
+    return torch.cat([contrast_boost(to_float(faces), marks, cfg.landmark_sigma, cfg.mouth_contrast,
+                                     cfg.mouth_contrast_cap)
+                      for faces, marks in zip(images.split(chunk), landmarks.split(chunk), strict=True)])
 
 
 class VAEStep:
@@ -101,6 +111,9 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     """Train (or resume from ``opts.run_dir/state.pt``); returns the new checkpoint folder on the main rank."""
     if not (cfg.train_encoder or cfg.train_decoder):
         raise ValueError("train_encoder and train_decoder are both off: nothing to train")
+    if cfg.contrast_sampling and not (cfg.mouth_contrast > 0 and cfg.landmark_weight > 0):
+        raise ValueError("contrast_sampling draws faces by their mouth's contrast boost: it needs mouth_contrast > 0 "
+                         "and landmark_weight > 0")
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
     parent = lineage = None
     if opts.init_from:
@@ -120,8 +133,11 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
         optimizers["disc"] = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     images, _ = load_split(opts.data, "train", data_cfg, limit=opts.limit)
     landmarks = load_landmarks(opts.data, "train", data_cfg, limit=opts.limit) if cfg.landmark_weight > 0 else None
+    if cfg.contrast_sampling and landmarks is None:
+        raise ValueError(f"contrast_sampling needs landmarks, and {opts.data} has no landmark file")
+    weights = face_contrast_boosts(images, landmarks, cfg) if cfg.contrast_sampling else None
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, modules, optimizers,
-                      dtype == torch.float16, BatchStream(len(images), cfg.batch_size, cfg.seed, ddp),
+                      dtype == torch.float16, BatchStream(len(images), cfg.batch_size, cfg.seed, ddp, weights),
                       {"flips": torch.Generator().manual_seed(cfg.seed * 1000 + 7 + ddp.rank)})
     perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
     trainer.run(VAEStep(vae, images, landmarks, perceptual, data_cfg, cfg, trainer, dtype), "vae")

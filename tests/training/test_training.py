@@ -27,6 +27,7 @@ from training.config import (
     VAEConfig,
     VAETrainConfig,
 )
+from training.data.celeba import load_landmarks, load_split
 from training.data.layout import LANDMARK_FILE
 from training.diffusion.schedule import NoiseSchedule
 from training.evaluate import Setting, evaluate_versions
@@ -36,7 +37,7 @@ from training.pipeline import LatentDiffusion
 from training.regions import contrast_boost, landmark_weights, weighted_l1
 from training.runtime import BatchStream, Distributed, load_state
 from training.train_diffusion import train_diffusion
-from training.train_vae import train_vae
+from training.train_vae import face_contrast_boosts, train_vae
 from training.trainer import RunOptions, Trainer
 
 
@@ -154,7 +155,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 from training.config import DataConfig, VAEConfig, VAETrainConfig
-from training.train_vae import train_vae
+from training.train_vae import face_contrast_boosts, train_vae
 from training.trainer import RunOptions
 opts = RunOptions(Path({str(synth_dir)!r}), Path({str(root)!r}), Path({str(tmp_path / "run")!r}), precision="fp32",
                   threads=1, init_from={parent.version!r})
@@ -299,6 +300,34 @@ def test_contrast_boost_raises_the_mouth_weight_of_faces_whose_mouth_barely_stan
     # the eyes' pixels do not set the contrast: a high-contrast eye does not hide a faint mouth
     images[1, :, 22:27, 18:23] = 1.0
     assert contrast_boost(images, marks, sigma=0.06, reference=0.2, cap=4.0)[1] == pytest.approx(float(boost[1]), rel=1e-3)
+
+
+def test_a_weighted_stream_draws_items_in_proportion_and_resumes_exactly() -> None:
+    weights = torch.cat([torch.ones(50), torch.full((50,), 3.0)])
+    stream = BatchStream(100, 10, 0, weights=weights)
+    drawn = torch.cat([next(stream) for _ in range(2000)])
+    heavy_share = float((drawn >= 50).float().mean())
+    assert heavy_share == pytest.approx(0.75, abs=0.02)  # 3 : 1, over 20,000 draws
+    state = stream.state()
+    copy = BatchStream(100, 10, 0, weights=weights)
+    copy.load(state)
+    for _ in range(15):  # across the end of a pass, where a new order is drawn
+        assert torch.equal(next(copy), next(stream))
+    with pytest.raises(ValueError, match="weights of shape"):
+        BatchStream(100, 10, 0, weights=torch.ones(99))
+
+
+def test_contrast_sampling_draws_faint_mouths_more_often(synth_dir: Path, tmp_path: Path) -> None:
+    cfg = VAETrainConfig(mouth_contrast=0.6, mouth_contrast_cap=4.0)
+    data_cfg = DataConfig(image_size=32)
+    images, _ = load_split(synth_dir, "train", data_cfg)
+    boosts = face_contrast_boosts(images, load_landmarks(synth_dir, "train", data_cfg), cfg)
+    assert boosts.shape == (len(images),) and boosts.min() >= 1 and boosts.max() <= 4
+    assert boosts.max() > boosts.min()  # the synthetic faces' mouths differ in contrast
+    assert _vae(synth_dir, tmp_path / "ck", tmp_path / "run", 2, mouth_contrast=0.6, contrast_sampling=True)
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "run"))
+    with pytest.raises(ValueError, match="mouth_contrast > 0"):
+        _vae(synth_dir, tmp_path / "ck", tmp_path / "off", 2, contrast_sampling=True)
 
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])
