@@ -141,8 +141,9 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
 def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="attribute accuracy, KID/FID and VAE reconstruction")
     evaluate.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-    evaluate.add_argument("--diffusion", nargs="+", default=["latest"],
-                          help="diffusion checkpoint version(s), judged side by side by one judge")
+    evaluate.add_argument("--diffusion", nargs="*", default=["latest"],
+                          help="diffusion checkpoint version(s), judged side by side by one judge; none (the flag "
+                               "alone) with --vae: the VAE versions alone")
     evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge, test: KID/FID)")
     evaluate.add_argument("--vae", nargs="*", default=[], metavar="VERSION",
                           help="also measure these VAE versions alone (round trip) with the same judge")

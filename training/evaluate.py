@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoints import load_checkpoint, resolve_version, update_metrics
+from .checkpoints import load_checkpoint, read_manifest, resolve_version, update_metrics
 from .config import REPORT_SEED, TUNING_SEED, DataConfig
 from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
@@ -230,18 +230,24 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
 
     ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
+    if not (versions or vae_versions):
+        raise ValueError("nothing to evaluate: give diffusion versions, VAE versions or both")
     torch_device = pick_device(device)
     models = [LatentDiffusion.load(checkpoints, v, torch_device, pick_dtype(torch_device, precision)) for v in versions]
     data_configs = {first_attribute_only(m.manifest.data) for m in models}  # further attributes are left open
+    if not models:  # VAE versions alone: judged on what they were trained on
+        data_configs = {first_attribute_only(read_manifest(resolve_version(checkpoints, "vae", v)).data)
+                        for v in vae_versions}
     if len(data_configs) != 1:
-        raise ValueError(f"versions {versions} differ in their data config or first attribute; evaluate them apart")
+        raise ValueError(f"versions {versions or vae_versions} differ in their data config or first attribute; "
+                         "evaluate them apart")
     for model in models:  # refuse before any work
         if not tuning and seed in seeds_used(model.manifest):
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
                             f"(default {REPORT_SEED}) or pass --tuning")
     (data_cfg,) = data_configs
     judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed, cache=judge_cache)
-    scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid else None
+    scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid and models else None
     tools = Instruments(judge, test_images, test_labels, scorer)
     if scorer is not None:
         tools.floor_faces = training_faces(data, data_cfg, n)

@@ -94,7 +94,7 @@ class VAEStep:
             recon, mean, logvar = trainer.modules["model"](x)
             recon = recon.float()
             rec_loss = weighted_l1(recon, x, weights)
-            perc_loss = self.perceptual(recon, x)
+            perc_loss = self.perceptual(recon, x) if cfg.perceptual_weight > 0 else recon.new_zeros(())
             kl = kl_divergence(mean.float(), logvar.float())
             loss = rec_loss + cfg.perceptual_weight * perc_loss + cfg.kl_weight * kl
             if adversarial:

@@ -68,6 +68,13 @@ def test_a_vae_version_is_measured_alone_by_the_same_judge(checkpoints: Path, sy
     assert vae_row["judge_on_reconstructions"]["n"] == 12
     assert load_checkpoint(checkpoints, "vae", vae_version).manifest.metrics["evaluation"]["vae_version"] == vae_version
     assert f"VAE `{vae_version}` alone" in markdown_report(vae_row, "python -m training evaluate …")
+    # without a diffusion version: the VAE alone, the same judge (same seed and steps), nothing generated
+    (alone,) = evaluate_versions(checkpoints, [], synth_dir, n=2, settings=[Setting("ddim", 2, 2.0)], seed=REPORT_SEED,
+                                 classifier_steps=2, precision="fp32", vae_versions=(vae_version,))
+    assert alone["vae_attribute_agreement"] == vae_row["vae_attribute_agreement"]
+    assert alone["vae_psnr_db"] == vae_row["vae_psnr_db"]
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate_versions(checkpoints, [], synth_dir, n=2, settings=[], seed=REPORT_SEED, classifier_steps=2)
 
 
 def test_a_feature_cache_gives_the_same_numbers_and_reads_the_repeated_sets(checkpoints: Path, synth_dir: Path,
