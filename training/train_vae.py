@@ -64,10 +64,12 @@ def face_contrast_boosts(images: torch.Tensor, landmarks: torch.Tensor, cfg: VAE
 class VAEStep:
     """One optimisation step of the VAE (and of its discriminator once the adversarial loss is on)."""
 
-    def __init__(self, vae: VAE, images: torch.Tensor, landmarks: torch.Tensor | None, perceptual: PerceptualLoss,
-                 data_cfg: DataConfig, cfg: VAETrainConfig, trainer: Trainer, dtype: torch.dtype):
-        """``images uint8 [N, 3, S, S]``; ``landmarks [N, 5, 2]`` pixels, or None for the plain L1."""
-        self.vae, self.images, self.landmarks, self.perceptual = vae, images, landmarks, perceptual
+    def __init__(self, vae: VAE, images: torch.Tensor, landmarks: torch.Tensor | None, boosts: torch.Tensor | None,
+                 perceptual: PerceptualLoss, data_cfg: DataConfig, cfg: VAETrainConfig, trainer: Trainer,
+                 dtype: torch.dtype):
+        """``images uint8 [N, 3, S, S]``; ``landmarks [N, 5, 2]`` pixels, or None for the plain L1; ``boosts [N]``:
+        each face's mouth weight factor (:func:`face_contrast_boosts`), or None for none."""
+        self.vae, self.images, self.landmarks, self.boosts, self.perceptual = vae, images, landmarks, boosts, perceptual
         self.cfg, self.data_cfg, self.trainer, self.dtype = cfg, data_cfg, trainer, dtype
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,8 +77,7 @@ class VAEStep:
         x = to_float(self.images[index])
         if self.landmarks is not None:  # the weight map travels with the image through the flip: channel 3
             landmarks, cfg = self.landmarks[index], self.cfg
-            boost = (contrast_boost(x, landmarks, cfg.landmark_sigma, cfg.mouth_contrast, cfg.mouth_contrast_cap)
-                     if cfg.mouth_contrast > 0 else None)
+            boost = self.boosts[index] if self.boosts is not None else None
             weights = landmark_weights(landmarks, self.data_cfg.image_size, cfg.landmark_sigma, cfg.landmark_weight,
                                        boost)
             x = torch.cat([x, weights], dim=1)
@@ -135,12 +136,14 @@ def train_vae(data_cfg: DataConfig, vae_cfg: VAEConfig, cfg: VAETrainConfig, opt
     landmarks = load_landmarks(opts.data, "train", data_cfg, limit=opts.limit) if cfg.landmark_weight > 0 else None
     if cfg.contrast_sampling and landmarks is None:
         raise ValueError(f"contrast_sampling needs landmarks, and {opts.data} has no landmark file")
-    weights = face_contrast_boosts(images, landmarks, cfg) if cfg.contrast_sampling else None
+    # one boost per face, computed once: it weighs the face's mouth and, with contrast_sampling, how often it is drawn
+    boosts = face_contrast_boosts(images, landmarks, cfg) if landmarks is not None and cfg.mouth_contrast > 0 else None
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, modules, optimizers,
-                      dtype == torch.float16, BatchStream(len(images), cfg.batch_size, cfg.seed, ddp, weights),
+                      dtype == torch.float16,
+                      BatchStream(len(images), cfg.batch_size, cfg.seed, ddp, boosts if cfg.contrast_sampling else None),
                       {"flips": torch.Generator().manual_seed(cfg.seed * 1000 + 7 + ddp.rank)})
     perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
-    trainer.run(VAEStep(vae, images, landmarks, perceptual, data_cfg, cfg, trainer, dtype), "vae")
+    trainer.run(VAEStep(vae, images, landmarks, boosts, perceptual, data_cfg, cfg, trainer, dtype), "vae")
 
     result = None
     if ddp.is_main:
