@@ -17,6 +17,7 @@ from .config import (
     EDIT_SCOPE,
     EDIT_SCOPES,
     EDIT_SWEEP_STRENGTHS,
+    JUDGE_PANEL_SIZE,
     PRECISIONS,
     REPORT_SEED,
     TUNING_SEED,
@@ -156,6 +157,9 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
                           help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
+    evaluate.add_argument("--judges", type=int, default=JUDGE_PANEL_SIZE,
+                          help="classifiers in the judge panel (seeds: the evaluation seed and the next ones); a "
+                               "verdict is their mean probability")
     evaluate.add_argument("--precision", default="auto", choices=PRECISIONS,
                           help="sampling precision (auto: the worker's, fp16 on CUDA; bf16 on CPUs with native bf16, else fp32)")
     evaluate.add_argument("--seed", type=int, default=None,
@@ -275,7 +279,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
         args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed, args.classifier_steps,
         fid=not args.no_fid, precision=args.precision, tuning=args.tuning, vae_versions=tuple(args.vae),
-        feature_cache=args.feature_cache, judge_cache=args.judge_cache))
+        feature_cache=args.feature_cache, judge_cache=args.judge_cache, judges=args.judges))
     print(report)
     if args.report:
         with args.report.open("a") as handle:

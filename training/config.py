@@ -16,6 +16,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Noise seeds of ``python -m training evaluate``: reported numbers never come from the seeds that chose a setting.
 REPORT_SEED = 1_000_003
 TUNING_SEED = 0
+JUDGE_PANEL_SIZE = 5  # classifiers in the judge of `evaluate` (seeds: the evaluation seed and the next four)
 # evaluate-edit's default sweep; 0 is the VAE round trip alone: how often the judge's readings change with no edit at
 # all (the kept rates' ceiling, set by the VAE and the judge's borderline cases, not by the edit)
 EDIT_SWEEP_STRENGTHS = (0.0, 0.3, 0.45, 0.6, 0.8)

@@ -1,8 +1,9 @@
 """``python -m training evaluate``: attribute control, KID/FID and VAE reconstruction, each with its uncertainty.
 
-- The judge (:mod:`training.judge`) is trained on the folder's train split with a generator's failure modes as
-  augmentations; its accuracy on the sharp test split, a blurred copy and the VAE's reconstructions is reported
-  beside everything it judges, with a warning when they differ by more than 2 points.
+- The judge (:mod:`training.judge`) is a panel of classifiers (``--judges``, default five seeds) trained on the
+  folder's train split with a generator's failure modes as augmentations; a verdict is their mean probability, and
+  each rate comes with every member's own. Its accuracy on the sharp test split, a blurred copy and the VAE's
+  reconstructions is reported beside everything it judges, with a warning when they differ by more than 2 points.
 - For each sampler setting, ``n`` images per label are generated with the worker's sampling path
   (:meth:`LatentDiffusion.sample_latents` + :meth:`LatentDiffusion.decode`, image ``i`` seeded by ``(seed, i)``)
   and scored: attribute accuracy per label with a 95% Wilson interval, KID (unbiased at small n) and FID against
@@ -27,11 +28,11 @@ import numpy as np
 import torch
 
 from .checkpoints import load_checkpoint, read_manifest, resolve_version, update_metrics
-from .config import REPORT_SEED, TUNING_SEED, DataConfig
+from .config import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED, DataConfig
 from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import AttributeClassifier, first_attribute_only, rate, robustness, train_classifier
+from .judge import JudgePanel, first_attribute_only, robustness, train_panel
 from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
 from .models.vae import VAE
@@ -121,7 +122,7 @@ class Scorer:
         return scores
 
 
-def score_setting(model: LatentDiffusion, setting: Setting, n: int, seed: int, judge: AttributeClassifier,
+def score_setting(model: LatentDiffusion, setting: Setting, n: int, seed: int, judge: JudgePanel,
                   scorer: Scorer | None) -> dict[str, Any]:
     """One row of the table: ``n`` images per label generated and judged (rates with intervals), KID/FID."""
     setting = setting.for_model(model)
@@ -133,9 +134,10 @@ def score_setting(model: LatentDiffusion, setting: Setting, n: int, seed: int, j
     row["seconds_per_image"] = (time.perf_counter() - started) / (2 * n)
     for value, images in generated.items():
         label = ("" if value else "not_") + attribute.lower()
-        verdict = rate(judge.predict(images)[:, 0] == int(value))
+        verdict = judge.read(images).rate_of(torch.full((len(images),), int(value)))
         row[f"accuracy_{label}"] = verdict["rate"]
         row[f"accuracy_{label}_ci95"] = [verdict["low"], verdict["high"]]
+        row[f"accuracy_{label}_members"] = verdict["members"]
     if scorer:
         row |= scorer.score(generated, attribute.lower())
     return row
@@ -143,9 +145,9 @@ def score_setting(model: LatentDiffusion, setting: Setting, n: int, seed: int, j
 
 @dataclass
 class Instruments:
-    """What judges every model of one evaluation: the trained judge, the test split and the KID/FID scorer."""
+    """What judges every model of one evaluation: the trained judge panel, the test split and the KID/FID scorer."""
 
-    judge: AttributeClassifier
+    judge: JudgePanel
     test_images: torch.Tensor  # uint8 [N, 3, S, S]
     test_labels: torch.Tensor  # int64 [N, A]
     scorer: Scorer | None
@@ -174,13 +176,13 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
                    seed: int, tuning: bool) -> dict[str, Any]:
     """One model's numbers (see :func:`evaluate_versions`), merged into its manifest's metrics."""
     reconstructions = reconstruct(model, tools.test_images)
-    judged = tools.judge.predict
     results: dict[str, Any] = {
         "version": model.version, "attribute": model.attributes[0], "n_per_label": n, "seed": seed,
         "test_images": len(tools.test_images), "precision": str(model.dtype).removeprefix("torch."),
         "judge": robustness(tools.judge, tools.test_images, tools.test_labels, reconstructions),
+        "judge_seeds": tools.judge.seeds,
         "vae_psnr_db": psnr(to_float(reconstructions), to_float(tools.test_images)),
-        "vae_attribute_agreement": rate(judged(reconstructions)[:, 0] == judged(tools.test_images)[:, 0]),
+        "vae_attribute_agreement": tools.judge.read(reconstructions).rate_of(tools.judge.read(tools.test_images)),
     }
     if results["judge"]["warning"]:
         print(f"WARNING ({model.version}): {results['judge']['warning']}", flush=True)
@@ -209,10 +211,11 @@ def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: 
     vae = VAE(checkpoint.manifest.model)
     vae.load_state_dict({k: v.float() for k, v in checkpoint.state_dict.items()})
     recon = to_uint8(reconstruct_images(vae.to(device).eval(), tools.test_images, device, torch.float32))
-    judged = tools.judge.predict
-    results = {"vae_version": checkpoint.version, "vae_psnr_db": psnr(to_float(recon), to_float(tools.test_images)),
-               "vae_attribute_agreement": rate(judged(recon)[:, 0] == judged(tools.test_images)[:, 0]),
-               "judge_on_reconstructions": rate(judged(recon)[:, 0] == tools.test_labels[:, 0])}
+    verdicts = tools.judge.read(recon)
+    results = {"vae_version": checkpoint.version, "judge_seeds": tools.judge.seeds,
+               "vae_psnr_db": psnr(to_float(recon), to_float(tools.test_images)),
+               "vae_attribute_agreement": verdicts.rate_of(tools.judge.read(tools.test_images)),
+               "judge_on_reconstructions": verdicts.rate_of(tools.test_labels[:, 0])}
     update_metrics(checkpoint.path, {"evaluation": results})
     return results
 
@@ -220,13 +223,13 @@ def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: 
 def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int, settings: list[Setting], seed: int,
                       classifier_steps: int, device: str = "cpu", fid: bool = True, precision: str = "auto",
                       tuning: bool = False, vae_versions: tuple[str, ...] = (), feature_cache: Path | None = None,
-                      judge_cache: Path | None = None) -> list[dict[str, Any]]:
-    """Several diffusion versions side by side, judged by one judge against one set of reference features (they
-    must share a data config). Each version's numbers are also merged into its manifest's ``metrics`` (under
-    ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also measured on their own
+                      judge_cache: Path | None = None, judges: int = JUDGE_PANEL_SIZE) -> list[dict[str, Any]]:
+    """Several diffusion versions side by side, judged by one judge panel (``judges`` classifiers) against one set
+    of reference features (they must share a data config). Each version's numbers are also merged into its
+    manifest's ``metrics`` (under ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also measured on their own
     (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
     folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`);
-    ``judge_cache``: one for the judge's weights (see :func:`train_classifier`).
+    ``judge_cache``: one for the judge panel's weights (see :func:`~training.judge.train_panel`).
 
     ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""
@@ -246,7 +249,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
                             f"(default {REPORT_SEED}) or pass --tuning")
     (data_cfg,) = data_configs
-    judge, test_images, test_labels = train_classifier(data, data_cfg, classifier_steps, seed, cache=judge_cache)
+    judge, test_images, test_labels = train_panel(data, data_cfg, classifier_steps, seed, judges, judge_cache)
     scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid and models else None
     tools = Instruments(judge, test_images, test_labels, scorer)
     if scorer is not None:
@@ -264,8 +267,22 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
                              precision, tuning)[0]
 
 
+def _members(rates: list[float]) -> str:
+    """The range of a panel's members' own rates ("" for a panel of one)."""
+    return f"members {100 * min(rates):.1f}–{100 * max(rates):.1f}%" if len(rates) > 1 else ""
+
+
 def _percent(entry: dict[str, Any]) -> str:
-    return f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}] (n={entry['n']})"
+    """A judged rate, its interval and n, and the range of the panel members' own rates."""
+    spread = _members(entry["members"])
+    return (f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}] "
+            f"(n={entry['n']}{'; ' + spread if spread else ''})")
+
+
+def _panel(seeds: list[int]) -> str:
+    """The judge panel in words."""
+    return (f"judge: a panel of {len(seeds)} classifiers (seeds {seeds[0]}–{seeds[-1]}), verdict = their mean "
+            "probability; ranges are the members' own rates") if len(seeds) > 1 else f"judge: one classifier (seed {seeds[0]})"
 
 
 def markdown_report(results: dict[str, Any], command: str) -> str:
@@ -274,10 +291,12 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
     if "vae_version" in results:
         return (f"- VAE `{results['vae_version']}` alone (`{command}`): {results['vae_psnr_db']:.2f} dB PSNR on the "
                 f"test split; judge agreement image/reconstruction {_percent(results['vae_attribute_agreement'])}; "
-                f"judge accuracy on the reconstructions {_percent(results['judge_on_reconstructions'])}\n")
+                f"judge accuracy on the reconstructions {_percent(results['judge_on_reconstructions'])} "
+                f"({_panel(results['judge_seeds'])})\n")
     label = results["attribute"].lower()
     judge = results["judge"]
     lines = [f"Model `{results['version']}`. Command: `{command}` (seed {results['seed']}, {results['precision']})", "",
+             f"- {_panel(results['judge_seeds'])}",
              f"- judge accuracy (95% Wilson intervals): sharp test images {_percent(judge['sharp'])}; blurred copy "
              f"{_percent(judge['blurred'])}"
              + (f"; VAE reconstructions {_percent(judge['reconstructed'])}" if "reconstructed" in judge else ""),
@@ -298,7 +317,8 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
               f"KID ×1000 | FID (n gen / n ref) | s / image |", "|---|---|---|---|---|---|---|---|"]
     for row in results["settings"]:
         accuracies = [f"{100 * row[f'accuracy_{k}']:.1f}% [{100 * row[f'accuracy_{k}_ci95'][0]:.1f}, "
-                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}]" for k in (label, f"not_{label}")]
+                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}] {_members(row[f'accuracy_{k}_members'])}".rstrip()
+                      for k in (label, f"not_{label}")]
         quality = (f"{1000 * row['kid']:.2f} ± {1000 * row['kid_std']:.2f} | {row['fid']:.2f} "
                    f"({2 * row['n_per_label']} / {row['reference_images']})") if "fid" in row else "– | –"
         lines.append(f"| {row['sampler']} | {row['steps']} | {row['guidance_scale']:g} | {' | '.join(accuracies)} | "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from training.checkpoints import load_checkpoint
-from training.config import REPORT_SEED, TUNING_SEED
+from training.config import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
 from training.evaluate import SeedError, Setting, evaluate, evaluate_versions, markdown_report
 
 
@@ -34,6 +34,11 @@ def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoin
     assert set(judge) >= {"sharp", "blurred", "reconstructed", "spread", "warning"}
     assert judge["sharp"]["n"] == judge["reconstructed"]["n"] == 12
     assert (judge["warning"] is None) == (judge["spread"] <= 0.02)
+    # the default judge is a panel: its seeds start at the evaluation's, and each rate carries every member's
+    assert results["judge_seeds"] == list(range(REPORT_SEED, REPORT_SEED + JUDGE_PANEL_SIZE))
+    for entry in (judge["sharp"], judge["reconstructed"], results["vae_attribute_agreement"]):
+        assert len(entry["members"]) == JUDGE_PANEL_SIZE and all(0 <= r <= 1 for r in entry["members"])
+    assert len(row["accuracy_smiling_members"]) == JUDGE_PANEL_SIZE
     assert math.isfinite(results["vae_psnr_db"]) and 0 <= results["vae_attribute_agreement"]["rate"] <= 1
     real, through_vae = results["floors"]["real"], results["floors"]["vae"]
     assert real["reference_images"] == 12 and all(math.isfinite(real[k]) for k in ("kid", "fid"))
@@ -44,6 +49,7 @@ def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoin
     report = markdown_report(results, "python -m training evaluate …")
     assert "| dpmpp | 3 | 2 |" in report and "(12 / 12)" in report and "not a headline measurement" in report
     assert "floors at the same n: real training faces KID" in report
+    assert f"a panel of {JUDGE_PANEL_SIZE} classifiers" in report and "members " in report
 
 
 def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints: Path, synth_dir: Path) -> None:
@@ -68,6 +74,7 @@ def test_a_vae_version_is_measured_alone_by_the_same_judge(checkpoints: Path, sy
     assert vae_row["judge_on_reconstructions"]["n"] == 12
     assert load_checkpoint(checkpoints, "vae", vae_version).manifest.metrics["evaluation"]["vae_version"] == vae_version
     assert f"VAE `{vae_version}` alone" in markdown_report(vae_row, "python -m training evaluate …")
+    assert vae_row["judge_seeds"] == model_row["judge_seeds"]
     # without a diffusion version: the VAE alone, the same judge (same seed and steps), nothing generated
     (alone,) = evaluate_versions(checkpoints, [], synth_dir, n=2, settings=[Setting("ddim", 2, 2.0)], seed=REPORT_SEED,
                                  classifier_steps=2, precision="fp32", vae_versions=(vae_version,))

@@ -11,7 +11,15 @@ import training.judge as judge_module
 from training.config import DataConfig
 from training.data.celeba import load_split
 from training.data.synthetic import write_dataset
-from training.judge import NO_AUGMENTATION, Augmentation, blurred, degrade, gaussian_blur, train_classifier
+from training.judge import (
+    NO_AUGMENTATION,
+    Augmentation,
+    blurred,
+    degrade,
+    gaussian_blur,
+    train_classifier,
+    train_panel,
+)
 
 
 def test_blur_is_per_image_and_sigma_zero_changes_nothing() -> None:
@@ -71,3 +79,30 @@ def test_a_cached_judge_is_read_back_without_training_and_another_seed_trains_an
     other, _, _ = train_classifier(faces, config, steps=5, seed=1, cache=tmp_path)
     assert len(list(tmp_path.glob("judge-*.pt"))) == 2
     assert not torch.equal(other.state_dict()["head.2.weight"], first.state_dict()["head.2.weight"])
+
+
+def test_a_panel_reads_the_mean_probability_of_its_members_and_reports_each_members_rate(faces: Path) -> None:
+    config = DataConfig()
+    panel, test_images, test_labels = train_panel(faces, config, steps=40, seed=5, size=3)
+    assert panel.seeds == [5, 6, 7]
+    single, _, _ = train_classifier(faces, config, steps=40, seed=6)  # a member is the judge of its seed
+    assert torch.equal(panel.members[1].predict(test_images), single.predict(test_images))
+
+    verdicts = panel.read(test_images)
+    members = torch.stack([member.predict(test_images)[:, 0] for member in panel.members])
+    assert torch.equal(verdicts.members, members)
+    mean = torch.stack([torch.sigmoid(member.logits(test_images)[:, 0]) for member in panel.members]).mean(dim=0)
+    assert torch.equal(verdicts.panel, (mean > 0.5).long())
+    # young members disagree on some faces, and there the mean probability, not a vote count, decides
+    assert bool((members.min(dim=0).values != members.max(dim=0).values).any())
+
+    truth = test_labels[:, 0]
+    accuracy = verdicts.rate_of(truth)
+    assert accuracy["n"] == len(truth) and accuracy["rate"] == float((verdicts.panel == truth).float().mean())
+    assert accuracy["members"] == [float((row == truth).float().mean()) for row in members]
+    agreement = panel.read(blurred(test_images)).rate_of(verdicts)  # member by member against its own reading
+    blurred_members = torch.stack([member.predict(blurred(test_images))[:, 0] for member in panel.members])
+    assert agreement["members"] == [float((b == s).float().mean()) for b, s in zip(blurred_members, members,
+                                                                                    strict=True)]
+    with pytest.raises(ValueError, match="at least one member"):
+        train_panel(faces, config, steps=1, seed=0, size=0)
