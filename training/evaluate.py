@@ -226,8 +226,8 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
                       judge_cache: Path | None = None, judges: int = JUDGE_PANEL_SIZE) -> list[dict[str, Any]]:
     """Several diffusion versions side by side, judged by one judge panel (``judges`` classifiers) against one set
     of reference features (they must share a data config). Each version's numbers are also merged into its
-    manifest's ``metrics`` (under ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also measured on their own
-    (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
+    manifest's ``metrics`` (under ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also
+    measured on their own (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
     folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`);
     ``judge_cache``: one for the judge panel's weights (see :func:`~training.judge.train_panel`).
 
@@ -281,8 +281,10 @@ def _percent(entry: dict[str, Any]) -> str:
 
 def _panel(seeds: list[int]) -> str:
     """The judge panel in words."""
+    if len(seeds) == 1:
+        return f"judge: one classifier (seed {seeds[0]})"
     return (f"judge: a panel of {len(seeds)} classifiers (seeds {seeds[0]}–{seeds[-1]}), verdict = their mean "
-            "probability; ranges are the members' own rates") if len(seeds) > 1 else f"judge: one classifier (seed {seeds[0]})"
+            "probability; ranges are the members' own rates")
 
 
 def markdown_report(results: dict[str, Any], command: str) -> str:
