@@ -32,7 +32,7 @@ from .config import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED, DataConfig
 from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import JudgePanel, first_attribute_only, robustness, train_panel
+from .judge import JudgePanel, Verdicts, first_attribute_only, robustness, train_panel
 from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
 from .models.vae import VAE
@@ -150,6 +150,7 @@ class Instruments:
     judge: JudgePanel
     test_images: torch.Tensor  # uint8 [N, 3, S, S]
     test_labels: torch.Tensor  # int64 [N, A]
+    test_verdicts: Verdicts  # the judge's reading of the test images: what a round trip should keep
     scorer: Scorer | None
     floor_faces: dict[bool, torch.Tensor] | None = None  # n training faces per label, uint8 [n, 3, S, S]
     real_floor: dict[str, float] | None = None  # their KID/FID against the test split (the same for every model)
@@ -182,7 +183,7 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
         "judge": robustness(tools.judge, tools.test_images, tools.test_labels, reconstructions),
         "judge_seeds": tools.judge.seeds,
         "vae_psnr_db": psnr(to_float(reconstructions), to_float(tools.test_images)),
-        "vae_attribute_agreement": tools.judge.read(reconstructions).rate_of(tools.judge.read(tools.test_images)),
+        "vae_attribute_agreement": tools.judge.read(reconstructions).rate_of(tools.test_verdicts),
     }
     if results["judge"]["warning"]:
         print(f"WARNING ({model.version}): {results['judge']['warning']}", flush=True)
@@ -214,7 +215,7 @@ def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: 
     verdicts = tools.judge.read(recon)
     results = {"vae_version": checkpoint.version, "judge_seeds": tools.judge.seeds,
                "vae_psnr_db": psnr(to_float(recon), to_float(tools.test_images)),
-               "vae_attribute_agreement": verdicts.rate_of(tools.judge.read(tools.test_images)),
+               "vae_attribute_agreement": verdicts.rate_of(tools.test_verdicts),
                "judge_on_reconstructions": verdicts.rate_of(tools.test_labels[:, 0])}
     update_metrics(checkpoint.path, {"evaluation": results})
     return results
@@ -251,7 +252,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     (data_cfg,) = data_configs
     judge, test_images, test_labels = train_panel(data, data_cfg, classifier_steps, seed, judges, judge_cache)
     scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid and models else None
-    tools = Instruments(judge, test_images, test_labels, scorer)
+    tools = Instruments(judge, test_images, test_labels, judge.read(test_images), scorer)
     if scorer is not None:
         tools.floor_faces = training_faces(data, data_cfg, n)
         tools.real_floor = scorer.score(tools.floor_faces, data_cfg.attributes[0].lower())
