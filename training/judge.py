@@ -16,6 +16,7 @@ with each member's own rate, so the seeds' spread stays in view.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .runtime import cached_tensors
 # the accuracies of the robustness check may differ by this much before the report warns
 ROBUSTNESS_TOLERANCE = 0.02
 TEST_BLUR_SIGMA = 1.2  # pixels at 64x64: the fixed blur of the "blurred" test copy
+TRAINING_BATCH = 64  # images per training step of a judge
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def first_attribute_only(data_cfg: DataConfig) -> DataConfig:
 
 
 def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, augmentation: Augmentation = Augmentation(),
-                     batch: int = 64, train_limit: int | None = None, cache: Path | None = None
+                     batch: int = TRAINING_BATCH, train_limit: int | None = None, cache: Path | None = None
                      ) -> tuple[AttributeClassifier, torch.Tensor, torch.Tensor]:
     """Train on the train split (its first ``train_limit`` images, default all) with ``augmentation`` (plus mirror
     images); returns the classifier, the test images ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``.
@@ -175,15 +177,8 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, au
     ``cache``: a folder keeping the trained weights under a name made of everything they depend on (the data's
     fingerprint, ``data_cfg``, ``steps``, ``seed``, ``augmentation``, ``batch``, ``train_limit``); a later call with
     the same inputs reads them instead of training (training is deterministic on one machine)."""
-    test_images, test_labels = load_split(data, "test", data_cfg)
-    path = None
-    if cache is not None:  # the data's fingerprint reads every image's size: only for a cache
-        inputs = repr((fingerprint(data), data_cfg, steps, seed, augmentation, batch, train_limit))
-        path = cache / f"judge-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt"
-    classifier = AttributeClassifier(len(data_cfg.attributes), data_cfg.image_size)
-    classifier.load_state_dict(cached_tensors(path, lambda: _fit(data, data_cfg, steps, seed, augmentation, batch,
-                                                                 train_limit)))
-    return classifier, test_images, test_labels
+    (classifier,) = _classifiers(data, data_cfg, steps, [seed], augmentation, batch, train_limit, cache)
+    return classifier, *load_split(data, "test", data_cfg)
 
 
 def train_panel(data: Path, data_cfg: DataConfig, steps: int, seed: int, size: int = JUDGE_PANEL_SIZE,
@@ -192,19 +187,40 @@ def train_panel(data: Path, data_cfg: DataConfig, steps: int, seed: int, size: i
     as one :class:`JudgePanel`; with the test images ``uint8 [N, 3, S, S]`` and labels ``int64 [N, A]``."""
     if size < 1:
         raise ValueError(f"a judge panel needs at least one member, got {size}")
-    trained = [train_classifier(data, data_cfg, steps, seed + k, cache=cache) for k in range(size)]
-    _, test_images, test_labels = trained[0]
-    members = [classifier for classifier, _, _ in trained]
-    return JudgePanel(members, [seed + k for k in range(size)]), test_images, test_labels
+    seeds = [seed + k for k in range(size)]
+    members = _classifiers(data, data_cfg, steps, seeds, Augmentation(), TRAINING_BATCH, None, cache)
+    return JudgePanel(members, seeds), *load_split(data, "test", data_cfg)
 
 
-def _fit(data: Path, data_cfg: DataConfig, steps: int, seed: int, augmentation: Augmentation, batch: int,
-         train_limit: int | None) -> dict[str, torch.Tensor]:
-    """The trained weights of :func:`train_classifier` (initialised and trained from ``seed`` alone)."""
+def _classifiers(data: Path, data_cfg: DataConfig, steps: int, seeds: list[int], augmentation: Augmentation,
+                 batch: int, train_limit: int | None, cache: Path | None) -> list[AttributeClassifier]:
+    """One classifier per seed, read from ``cache`` or trained (see :func:`train_classifier`); the data's
+    fingerprint and the train split are read at most once for all of them."""
+    data_key = fingerprint(data) if cache is not None else None  # reads every image's size: only for a cache
+    train_split = functools.cache(lambda: load_split(data, "train", data_cfg, train_limit))  # by the first to train
+
+    def fit(seed: int) -> dict[str, torch.Tensor]:
+        return _fit(*train_split(), data_cfg.image_size, steps, seed, augmentation, batch)
+
+    classifiers = []
+    for seed in seeds:
+        path = None
+        if cache is not None:
+            inputs = repr((data_key, data_cfg, steps, seed, augmentation, batch, train_limit))
+            path = cache / f"judge-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt"
+        classifier = AttributeClassifier(len(data_cfg.attributes), data_cfg.image_size)
+        classifier.load_state_dict(cached_tensors(path, functools.partial(fit, seed)))
+        classifiers.append(classifier)
+    return classifiers
+
+
+def _fit(images: torch.Tensor, labels: torch.Tensor, image_size: int, steps: int, seed: int,
+         augmentation: Augmentation, batch: int) -> dict[str, torch.Tensor]:
+    """The trained weights of a classifier on ``images uint8 [N, 3, S, S]`` and ``labels int64 [N, A]``
+    (initialised and trained from ``seed`` alone)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images, labels = load_split(data, "train", data_cfg, train_limit)
-    classifier = AttributeClassifier(labels.shape[1], data_cfg.image_size)
+    classifier = AttributeClassifier(labels.shape[1], image_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1))
     classifier.train()
