@@ -145,7 +145,7 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--diffusion", nargs="*", default=["latest"],
                           help="diffusion checkpoint version(s), judged side by side by one judge; none (the flag "
                                "alone) with --vae: the VAE versions alone")
-    evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge, test: KID/FID)")
+    evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge; test, or val with --tuning: held-out faces)")
     evaluate.add_argument("--vae", nargs="*", default=[], metavar="VERSION",
                           help="also measure these VAE versions alone (round trip) with the same judge")
     evaluate.add_argument("--n", type=int, default=500, help="generated images per label and setting")
@@ -165,7 +165,8 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seed", type=int, default=None,
                           help=f"noise seeds (default: {REPORT_SEED} for a report, {TUNING_SEED} with --tuning)")
     evaluate.add_argument("--tuning", action="store_true",
-                          help="choosing serving defaults: tuning seeds, stored as metrics.tuning, not as the report")
+                          help="choosing (serving defaults, a VAE): tuning seeds and the validation split in place of "
+                               "the test split, stored as metrics.tuning, not as the report")
     evaluate.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
     evaluate.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                           help="keep the Inception features of repeated image sets (test split, floors) here")

@@ -16,6 +16,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Noise seeds of ``python -m training evaluate``: reported numbers never come from the seeds that chose a setting.
 REPORT_SEED = 1_000_003
 TUNING_SEED = 0
+# ... and their held-out faces: a report judges the test split; choosing (``--tuning``) never looks at it
+REPORT_SPLIT = "test"
+TUNING_SPLIT = "val"
 JUDGE_PANEL_SIZE = 5  # classifiers in the judge of `evaluate` (seeds: the evaluation seed and the next four)
 # evaluate-edit's default sweep; 0 is the VAE round trip alone: how often the judge's readings change with no edit at
 # all (the kept rates' ceiling, set by the VAE and the judge's borderline cases, not by the edit)

@@ -8,8 +8,9 @@
   (:meth:`LatentDiffusion.sample_latents` + :meth:`LatentDiffusion.decode`, image ``i`` seeded by ``(seed, i)``)
   and scored: attribute accuracy per label with a 95% Wilson interval, KID (unbiased at small n) and FID against
   the test split (n printed with each; compare FIDs only at equal n), seconds per image.
-- Reported numbers use ``REPORT_SEED``; tuning (``--tuning``) uses ``TUNING_SEED`` and is stored apart, and a
-  report refuses any seed that trained or tuned the model, so no reported number was selected on its own seeds.
+- Reported numbers use ``REPORT_SEED`` and the test split; tuning (``--tuning``) uses ``TUNING_SEED`` and the
+  validation split in its place (judged faces, round trips, KID/FID reference) and is stored apart, and a report
+  refuses any seed that trained or tuned the model: no reported number was selected on its own seeds or faces.
 - The VAE's reconstruction PSNR on the test split, and how often the judge agrees on an image and its
   reconstruction (a smile the VAE loses cannot be generated).
 - Floors beside the generated rows: KID/FID of ``n`` real training faces per label against the test split (what a
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .checkpoints import load_checkpoint, read_manifest, resolve_version, update_metrics
-from .config import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED, DataConfig
+from .config import JUDGE_PANEL_SIZE, REPORT_SEED, REPORT_SPLIT, TUNING_SEED, TUNING_SPLIT, DataConfig
 from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
@@ -99,14 +100,15 @@ def reconstruct(model: LatentDiffusion, images: torch.Tensor, batch: int = 128) 
 
 
 class Scorer:
-    """KID and FID of generated sets against the test split, per label and overall (one Inception pass each)."""
+    """KID and FID of generated sets against held-out faces (``uint8 [N, 3, S, S]``, labels ``int64 [N, A]``: the
+    test split, or the validation split when choosing), per label and overall (one Inception pass each)."""
 
-    def __init__(self, device: torch.device, test_images: torch.Tensor, test_labels: torch.Tensor, seed: int,
-                 feature_cache: Path | None = None):
+    def __init__(self, device: torch.device, reference_images: torch.Tensor, reference_labels: torch.Tensor,
+                 seed: int, feature_cache: Path | None = None):
         self.inception = InceptionFeatures(device, feature_cache)
         self.seed = seed
-        features = self.inception.features(test_images)
-        masks = {value: (test_labels[:, 0] == int(value)).numpy() for value in (True, False)}
+        features = self.inception.features(reference_images)
+        masks = {value: (reference_labels[:, 0] == int(value)).numpy() for value in (True, False)}
         self.reference = {value: features[mask] for value, mask in masks.items()} | {None: features}
         self.statistics = {key: self.inception.statistics(f) for key, f in self.reference.items()}
 
@@ -145,15 +147,17 @@ def score_setting(model: LatentDiffusion, setting: Setting, n: int, seed: int, j
 
 @dataclass
 class Instruments:
-    """What judges every model of one evaluation: the trained judge panel, the test split and the KID/FID scorer."""
+    """What judges every model of one evaluation: the trained judge panel, the held-out faces and the KID/FID
+    scorer."""
 
     judge: JudgePanel
-    test_images: torch.Tensor  # uint8 [N, 3, S, S]
-    test_labels: torch.Tensor  # int64 [N, A]
-    test_verdicts: Verdicts  # the judge's reading of the test images: what a round trip should keep
+    split: str  # which held-out faces: REPORT_SPLIT, or TUNING_SPLIT when choosing
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N, A]
+    verdicts: Verdicts  # the judge's reading of the images: what a round trip should keep
     scorer: Scorer | None
     floor_faces: dict[bool, torch.Tensor] | None = None  # n training faces per label, uint8 [n, 3, S, S]
-    real_floor: dict[str, float] | None = None  # their KID/FID against the test split (the same for every model)
+    real_floor: dict[str, float] | None = None  # their KID/FID against the held-out faces (the same for every model)
 
 
 def training_faces(data: Path, data_cfg: DataConfig, n: int) -> dict[bool, torch.Tensor]:
@@ -166,7 +170,7 @@ def training_faces(data: Path, data_cfg: DataConfig, n: int) -> dict[bool, torch
 
 
 def floors(model: LatentDiffusion, tools: Instruments) -> dict[str, dict[str, float]]:
-    """KID/FID of the real training faces (``real``) and of their VAE round trips (``vae``) against the test split:
+    """KID/FID of the real training faces (``real``) and of their VAE round trips (``vae``) against the held-out faces:
     the distances a perfect generator, and a perfect diffusion model on this VAE, would score at this n."""
     assert tools.scorer is not None and tools.floor_faces is not None and tools.real_floor is not None
     round_trips = {value: reconstruct(model, faces) for value, faces in tools.floor_faces.items()}
@@ -176,14 +180,15 @@ def floors(model: LatentDiffusion, tools: Instruments) -> dict[str, dict[str, fl
 def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments, n: int, settings: list[Setting],
                    seed: int, tuning: bool) -> dict[str, Any]:
     """One model's numbers (see :func:`evaluate_versions`), merged into its manifest's metrics."""
-    reconstructions = reconstruct(model, tools.test_images)
+    reconstructions = reconstruct(model, tools.images)
     results: dict[str, Any] = {
         "version": model.version, "attribute": model.attributes[0], "n_per_label": n, "seed": seed,
-        "test_images": len(tools.test_images), "precision": str(model.dtype).removeprefix("torch."),
-        "judge": robustness(tools.judge, tools.test_images, tools.test_labels, reconstructions),
+        "split": tools.split, f"{tools.split}_images": len(tools.images),
+        "precision": str(model.dtype).removeprefix("torch."),
+        "judge": robustness(tools.judge, tools.images, tools.labels, reconstructions),
         "judge_seeds": tools.judge.seeds,
-        "vae_psnr_db": psnr(to_float(reconstructions), to_float(tools.test_images)),
-        "vae_attribute_agreement": tools.judge.read(reconstructions).rate_of(tools.test_verdicts),
+        "vae_psnr_db": psnr(to_float(reconstructions), to_float(tools.images)),
+        "vae_attribute_agreement": tools.judge.read(reconstructions).rate_of(tools.verdicts),
     }
     if results["judge"]["warning"]:
         print(f"WARNING ({model.version}): {results['judge']['warning']}", flush=True)
@@ -205,19 +210,21 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
     return results
 
 
-def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: torch.device) -> dict[str, Any]:
-    """A VAE version alone (float32): PSNR of test-split reconstructions, the judge's agreement between each image
-    and its reconstruction, and the judge's accuracy on the reconstructions; merged into its manifest's metrics."""
+def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: torch.device, seed: int,
+                   tuning: bool) -> dict[str, Any]:
+    """A VAE version alone (float32): PSNR of the held-out faces' reconstructions, the judge's agreement between
+    each image and its reconstruction, and the judge's accuracy on the reconstructions; merged into its manifest's
+    metrics (under ``tuning`` when choosing, else ``evaluation``)."""
     checkpoint = load_checkpoint(checkpoints, "vae", version)
     vae = VAE(checkpoint.manifest.model)
     vae.load_state_dict({k: v.float() for k, v in checkpoint.state_dict.items()})
-    recon = to_uint8(reconstruct_images(vae.to(device).eval(), tools.test_images, device, torch.float32))
+    recon = to_uint8(reconstruct_images(vae.to(device).eval(), tools.images, device, torch.float32))
     verdicts = tools.judge.read(recon)
-    results = {"vae_version": checkpoint.version, "judge_seeds": tools.judge.seeds,
-               "vae_psnr_db": psnr(to_float(recon), to_float(tools.test_images)),
-               "vae_attribute_agreement": verdicts.rate_of(tools.test_verdicts),
-               "judge_on_reconstructions": verdicts.rate_of(tools.test_labels[:, 0])}
-    update_metrics(checkpoint.path, {"evaluation": results})
+    results = {"vae_version": checkpoint.version, "split": tools.split, "seed": seed, "judge_seeds": tools.judge.seeds,
+               "vae_psnr_db": psnr(to_float(recon), to_float(tools.images)),
+               "vae_attribute_agreement": verdicts.rate_of(tools.verdicts),
+               "judge_on_reconstructions": verdicts.rate_of(tools.labels[:, 0])}
+    update_metrics(checkpoint.path, {"tuning" if tuning else "evaluation": results})
     return results
 
 
@@ -250,13 +257,14 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
                             f"(default {REPORT_SEED}) or pass --tuning")
     (data_cfg,) = data_configs
-    judge, test_images, test_labels = train_panel(data, data_cfg, classifier_steps, seed, judges, judge_cache)
-    scorer = Scorer(torch_device, test_images, test_labels, seed, feature_cache) if fid and models else None
-    tools = Instruments(judge, test_images, test_labels, judge.read(test_images), scorer)
+    split = TUNING_SPLIT if tuning else REPORT_SPLIT
+    judge, images, labels = train_panel(data, data_cfg, classifier_steps, seed, judges, judge_cache, split)
+    scorer = Scorer(torch_device, images, labels, seed, feature_cache) if fid and models else None
+    tools = Instruments(judge, split, images, labels, judge.read(images), scorer)
     if scorer is not None:
         tools.floor_faces = training_faces(data, data_cfg, n)
         tools.real_floor = scorer.score(tools.floor_faces, data_cfg.attributes[0].lower())
-    vaes = [vae_round_trip(checkpoints, version, tools, torch_device) for version in vae_versions]
+    vaes = [vae_round_trip(checkpoints, version, tools, torch_device, seed, tuning) for version in vae_versions]
     return vaes + [evaluate_model(checkpoints, model, tools, n, settings, seed, tuning) for model in models]
 
 
@@ -293,20 +301,20 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
     a VAE measured alone)."""
     if "vae_version" in results:
         return (f"- VAE `{results['vae_version']}` alone (`{command}`): {results['vae_psnr_db']:.2f} dB PSNR on the "
-                f"test split; judge agreement image/reconstruction {_percent(results['vae_attribute_agreement'])}; "
+                f"{results['split']} split; judge agreement image/reconstruction {_percent(results['vae_attribute_agreement'])}; "
                 f"judge accuracy on the reconstructions {_percent(results['judge_on_reconstructions'])} "
                 f"({_panel(results['judge_seeds'])})\n")
-    label = results["attribute"].lower()
+    label, split = results["attribute"].lower(), results["split"]
     judge = results["judge"]
     lines = [f"Model `{results['version']}`. Command: `{command}` (seed {results['seed']}, {results['precision']})", "",
              f"- {_panel(results['judge_seeds'])}",
-             f"- judge accuracy (95% Wilson intervals): sharp test images {_percent(judge['sharp'])}; blurred copy "
+             f"- judge accuracy (95% Wilson intervals): sharp {split} images {_percent(judge['sharp'])}; blurred copy "
              f"{_percent(judge['blurred'])}"
              + (f"; VAE reconstructions {_percent(judge['reconstructed'])}" if "reconstructed" in judge else ""),
-             f"- VAE reconstruction on the test split: {results['vae_psnr_db']:.2f} dB PSNR; judge agreement between "
+             f"- VAE reconstruction on the {split} split: {results['vae_psnr_db']:.2f} dB PSNR; judge agreement between "
              f"image and reconstruction: {_percent(results['vae_attribute_agreement'])}",
              f"- {results['n_per_label']} generated images per label for each setting; KID (x 1000, ± std over "
-             "subsets) and FID against the test split"]
+             f"subsets) and FID against the {split} split"]
     if judge["warning"]:
         lines.append(f"- **warning:** {judge['warning']}")
     if "floors" in results:

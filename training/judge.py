@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import JUDGE_PANEL_SIZE, DataConfig
+from .config import JUDGE_PANEL_SIZE, REPORT_SPLIT, DataConfig
 from .data.celeba import fingerprint, load_split, to_float
 from .imaging import to_uint8
 from .metrics import wilson_interval
@@ -182,14 +182,15 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, au
 
 
 def train_panel(data: Path, data_cfg: DataConfig, steps: int, seed: int, size: int = JUDGE_PANEL_SIZE,
-                cache: Path | None = None) -> tuple[JudgePanel, torch.Tensor, torch.Tensor]:
+                cache: Path | None = None, split: str = REPORT_SPLIT) -> tuple[JudgePanel, torch.Tensor, torch.Tensor]:
     """``size`` classifiers of :func:`train_classifier` (seeds ``seed`` .. ``seed + size - 1``, each cached apart)
-    as one :class:`JudgePanel`; with the test images ``uint8 [N, 3, S, S]`` and labels ``int64 [N, A]``."""
+    as one :class:`JudgePanel`; with the held-out images of ``split`` ("test", or "val" to choose without looking
+    at the test split) ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``."""
     if size < 1:
         raise ValueError(f"a judge panel needs at least one member, got {size}")
     seeds = [seed + k for k in range(size)]
     members = _classifiers(data, data_cfg, steps, seeds, Augmentation(), TRAINING_BATCH, None, cache)
-    return JudgePanel(members, seeds), *load_split(data, "test", data_cfg)
+    return JudgePanel(members, seeds), *load_split(data, split, data_cfg)
 
 
 def _classifiers(data: Path, data_cfg: DataConfig, steps: int, seeds: list[int], augmentation: Augmentation,
@@ -250,20 +251,21 @@ def rate(hits: torch.Tensor) -> dict[str, Any]:
     return {"rate": k / n if n else float("nan"), "low": low, "high": high, "n": n}
 
 
-def robustness(judge: JudgePanel, test_images: torch.Tensor, test_labels: torch.Tensor,
+def robustness(judge: JudgePanel, images: torch.Tensor, labels: torch.Tensor,
                reconstructions: torch.Tensor | None) -> dict[str, Any]:
-    """The judge's accuracy on the first attribute: sharp test split, a blurred copy, and (when given) the VAE's
-    reconstructions of the same images, each judged against the true labels (with each member's accuracy);
-    ``warning`` when the panel's accuracies differ by more than ``ROBUSTNESS_TOLERANCE``."""
-    truth = test_labels[:, 0]
-    checks = {"sharp": test_images, "blurred": blurred(test_images)}
+    """The judge's accuracy on the first attribute: held-out ``images uint8 [N, 3, S, S]`` (the test split, or the
+    validation split when choosing), a blurred copy, and (when given) the VAE's reconstructions of the same images,
+    each judged against the true ``labels int64 [N, A]`` (with each member's accuracy); ``warning`` when the panel's
+    accuracies differ by more than ``ROBUSTNESS_TOLERANCE``."""
+    truth = labels[:, 0]
+    checks = {"sharp": images, "blurred": blurred(images)}
     if reconstructions is not None:
         checks["reconstructed"] = reconstructions
-    report: dict[str, Any] = {name: judge.read(images).rate_of(truth) for name, images in checks.items()}
+    report: dict[str, Any] = {name: judge.read(checked).rate_of(truth) for name, checked in checks.items()}
     rates = [entry["rate"] for entry in report.values()]
     spread = max(rates) - min(rates)
     report["spread"] = spread
     report["warning"] = (f"the judge's accuracy differs by {100 * spread:.1f} points between sharp, blurred and "
-                         "reconstructed test images: its verdicts on generated images are less certain"
+                         "reconstructed held-out images: its verdicts on generated images are less certain"
                          if spread > ROBUSTNESS_TOLERANCE else None)
     return report

@@ -10,7 +10,9 @@ import pytest
 
 from training.checkpoints import load_checkpoint
 from training.config import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
+from training.data.celeba import load_split
 from training.evaluate import SeedError, Setting, evaluate, evaluate_versions, markdown_report
+from training.judge import first_attribute_only
 
 
 @pytest.fixture()
@@ -82,6 +84,24 @@ def test_a_vae_version_is_measured_alone_by_the_same_judge(checkpoints: Path, sy
     assert alone["vae_psnr_db"] == vae_row["vae_psnr_db"]
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate_versions(checkpoints, [], synth_dir, n=2, settings=[], seed=REPORT_SEED, classifier_steps=2)
+
+
+def test_choosing_a_vae_judges_the_validation_split_and_leaves_the_report_alone(checkpoints: Path,
+                                                                               synth_dir: Path) -> None:
+    """``tuning=True`` reads the validation split in place of the test split and stores its numbers apart."""
+    vae_version = load_checkpoint(checkpoints, "vae", "latest").version
+    args = dict(n=2, settings=[], classifier_steps=2, precision="fp32", vae_versions=(vae_version,))
+    (report,) = evaluate_versions(checkpoints, [], synth_dir, seed=REPORT_SEED, **args)
+    (chosen,) = evaluate_versions(checkpoints, [], synth_dir, seed=TUNING_SEED, tuning=True, **args)
+    metrics = load_checkpoint(checkpoints, "vae", vae_version).manifest.metrics
+    assert (report["split"], chosen["split"]) == ("test", "val")
+    assert metrics["evaluation"] == report and metrics["tuning"] == chosen
+    assert chosen["judge_seeds"] == list(range(TUNING_SEED, TUNING_SEED + JUDGE_PANEL_SIZE))
+    _, val_labels = load_split(synth_dir, "val", first_attribute_only(load_checkpoint(checkpoints, "vae",
+                                                                                      vae_version).manifest.data))
+    assert chosen["judge_on_reconstructions"]["n"] == len(val_labels)
+    assert chosen["vae_psnr_db"] != report["vae_psnr_db"]  # other faces
+    assert "on the val split" in markdown_report(chosen, "python -m training evaluate --tuning …")
 
 
 def test_a_feature_cache_gives_the_same_numbers_and_reads_the_repeated_sets(checkpoints: Path, synth_dir: Path,
