@@ -186,6 +186,9 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     transitions.add_argument("--steps", type=int, default=20)
     transitions.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     transitions.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the judge")
+    transitions.add_argument("--judges", type=int, default=JUDGE_PANEL_SIZE,
+                             help="classifiers in the judge panel (as evaluate's)")
+    transitions.add_argument("--judge-cache", type=Path, default=None, metavar="DIR", help=JUDGE_CACHE_HELP)
     transitions.add_argument("--precision", default="auto", choices=PRECISIONS)
     transitions.add_argument("--seed", type=int, default=REPORT_SEED)
     transitions.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
@@ -316,7 +319,7 @@ def run_transitions(args: argparse.Namespace) -> None:
 
     results = evaluate_transitions(args.checkpoints, args.diffusion, args.data, args.n, args.frames, args.sampler,
                                    args.steps, args.guidance, args.seed, args.classifier_steps,
-                                   precision=args.precision)
+                                   precision=args.precision, judges=args.judges, judge_cache=args.judge_cache)
     report = transitions_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

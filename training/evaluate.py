@@ -33,7 +33,16 @@ from .config import JUDGE_PANEL_SIZE, REPORT_SEED, REPORT_SPLIT, TUNING_SEED, TU
 from .data.celeba import load_split, to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import JudgePanel, Verdicts, first_attribute_only, robustness, train_panel
+from .judge import (
+    JudgePanel,
+    Verdicts,
+    describe_panel,
+    first_attribute_only,
+    format_rate,
+    members_range,
+    robustness,
+    train_panel,
+)
 from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
 from .models.vae import VAE
@@ -276,43 +285,23 @@ def evaluate(checkpoints: Path, version: str, data: Path, n: int, settings: list
                              precision, tuning)[0]
 
 
-def _members(rates: list[float]) -> str:
-    """The range of a panel's members' own rates ("" for a panel of one)."""
-    return f"members {100 * min(rates):.1f}–{100 * max(rates):.1f}%" if len(rates) > 1 else ""
-
-
-def _percent(entry: dict[str, Any]) -> str:
-    """A judged rate, its interval and n, and the range of the panel members' own rates."""
-    spread = _members(entry["members"])
-    return (f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}] "
-            f"(n={entry['n']}{'; ' + spread if spread else ''})")
-
-
-def _panel(seeds: list[int]) -> str:
-    """The judge panel in words."""
-    if len(seeds) == 1:
-        return f"judge: one classifier (seed {seeds[0]})"
-    return (f"judge: a panel of {len(seeds)} classifiers (seeds {seeds[0]}–{seeds[-1]}), verdict = their mean "
-            "probability; ranges are the members' own rates")
-
-
 def markdown_report(results: dict[str, Any], command: str) -> str:
     """The evaluation as a Markdown section: the command, the judge, the VAE, the sampler table (or the one line of
     a VAE measured alone)."""
     if "vae_version" in results:
         return (f"- VAE `{results['vae_version']}` alone (`{command}`): {results['vae_psnr_db']:.2f} dB PSNR on the "
-                f"{results['split']} split; judge agreement image/reconstruction {_percent(results['vae_attribute_agreement'])}; "
-                f"judge accuracy on the reconstructions {_percent(results['judge_on_reconstructions'])} "
-                f"({_panel(results['judge_seeds'])})\n")
+                f"{results['split']} split; judge agreement image/reconstruction {format_rate(results['vae_attribute_agreement'])}; "
+                f"judge accuracy on the reconstructions {format_rate(results['judge_on_reconstructions'])} "
+                f"({describe_panel(results['judge_seeds'])})\n")
     label, split = results["attribute"].lower(), results["split"]
     judge = results["judge"]
     lines = [f"Model `{results['version']}`. Command: `{command}` (seed {results['seed']}, {results['precision']})", "",
-             f"- {_panel(results['judge_seeds'])}",
-             f"- judge accuracy (95% Wilson intervals): sharp {split} images {_percent(judge['sharp'])}; blurred copy "
-             f"{_percent(judge['blurred'])}"
-             + (f"; VAE reconstructions {_percent(judge['reconstructed'])}" if "reconstructed" in judge else ""),
+             f"- {describe_panel(results['judge_seeds'])}",
+             f"- judge accuracy (95% Wilson intervals): sharp {split} images {format_rate(judge['sharp'])}; blurred copy "
+             f"{format_rate(judge['blurred'])}"
+             + (f"; VAE reconstructions {format_rate(judge['reconstructed'])}" if "reconstructed" in judge else ""),
              f"- VAE reconstruction on the {split} split: {results['vae_psnr_db']:.2f} dB PSNR; judge agreement between "
-             f"image and reconstruction: {_percent(results['vae_attribute_agreement'])}",
+             f"image and reconstruction: {format_rate(results['vae_attribute_agreement'])}",
              f"- {results['n_per_label']} generated images per label for each setting; KID (x 1000, ± std over "
              f"subsets) and FID against the {split} split"]
     if judge["warning"]:
@@ -328,7 +317,7 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
               f"KID ×1000 | FID (n gen / n ref) | s / image |", "|---|---|---|---|---|---|---|---|"]
     for row in results["settings"]:
         accuracies = [f"{100 * row[f'accuracy_{k}']:.1f}% [{100 * row[f'accuracy_{k}_ci95'][0]:.1f}, "
-                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}] {_members(row[f'accuracy_{k}_members'])}".rstrip()
+                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}] {members_range(row[f'accuracy_{k}_members'])}".rstrip()
                       for k in (label, f"not_{label}")]
         quality = (f"{1000 * row['kid']:.2f} ± {1000 * row['kid_std']:.2f} | {row['fid']:.2f} "
                    f"({2 * row['n_per_label']} / {row['reference_images']})") if "fid" in row else "– | –"

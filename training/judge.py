@@ -146,7 +146,12 @@ class Verdicts:
         """How often these verdicts equal ``expected``: the images' labels ``int64 [N]``, or the panel's verdicts on
         other images (compared member by member). :func:`rate` of the panel, plus ``members``: each member's rate."""
         panel, members = (expected.panel, expected.members) if isinstance(expected, Verdicts) else (expected, expected)
-        return rate(self.panel == panel) | {"members": (self.members == members).float().mean(dim=1).tolist()}
+        return panel_rate(self.panel == panel, self.members == members)
+
+
+def panel_rate(panel_hits: torch.Tensor, member_hits: torch.Tensor) -> dict[str, Any]:
+    """:func:`rate` of the panel's hits ``bool [N]``, plus ``members``: each member's rate from ``bool [K, N]``."""
+    return rate(panel_hits) | {"members": member_hits.float().mean(dim=1).tolist()}
 
 
 class JudgePanel:
@@ -249,6 +254,26 @@ def rate(hits: torch.Tensor) -> dict[str, Any]:
     n, k = hits.numel(), int(hits.sum())
     low, high = wilson_interval(k, n)
     return {"rate": k / n if n else float("nan"), "low": low, "high": high, "n": n}
+
+
+def members_range(rates: list[float]) -> str:
+    """The range of a panel's members' own rates ("" for a panel of one)."""
+    return f"members {100 * min(rates):.1f}–{100 * max(rates):.1f}%" if len(rates) > 1 else ""
+
+
+def format_rate(entry: dict[str, Any]) -> str:
+    """A judged rate, its interval and n, and the range of the panel members' own rates."""
+    spread = members_range(entry["members"])
+    return (f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}] "
+            f"(n={entry['n']}{'; ' + spread if spread else ''})")
+
+
+def describe_panel(seeds: list[int]) -> str:
+    """The judge panel in words."""
+    if len(seeds) == 1:
+        return f"judge: one classifier (seed {seeds[0]})"
+    return (f"judge: a panel of {len(seeds)} classifiers (seeds {seeds[0]}–{seeds[-1]}), verdict = their mean "
+            "probability; ranges are the members' own rates")
 
 
 def robustness(judge: JudgePanel, images: torch.Tensor, labels: torch.Tensor,

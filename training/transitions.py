@@ -8,8 +8,9 @@ and runs the same sampler, so only the condition changes.
 
 ``python -m training transitions`` (:func:`evaluate_transitions`) measures on ``n`` faces per target value:
 
-- ``success``: the judge reads the first frame as the source value and the last as the target (with a 95% Wilson
-  interval; the product goal is >= 90%);
+- ``success``: the judge panel (``evaluate``'s, :class:`~training.judge.JudgePanel`) reads the first frame as the
+  source value and the last as the target (with a 95% Wilson interval and each member's rate; the product goal is
+  >= 90%);
 - ``first_as_source`` / ``last_as_target``: each end alone;
 - ``identity_psnr_db``: PSNR between the first and last frames over the upper half of the face (eyes, brows,
   hair: what makes the person and what a smile barely moves), beside ``other_face_psnr_db``, the same between
@@ -26,10 +27,11 @@ from typing import Any
 
 import torch
 
+from .config import JUDGE_PANEL_SIZE
 from .data.celeba import to_float
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import AttributeClassifier, first_attribute_only, rate, train_classifier
+from .judge import JudgePanel, describe_panel, first_attribute_only, format_rate, panel_rate, train_panel
 from .pipeline import LatentDiffusion
 from .runtime import pick_device, pick_dtype
 from .train_vae import psnr
@@ -57,16 +59,18 @@ def sample_transition(model: LatentDiffusion, attributes: dict[str, bool], pairs
     return to_uint8(model.decode(latents)).unflatten(0, (frames, len(pairs)))
 
 
-def transition_scores(clips: torch.Tensor, target: bool, judge: AttributeClassifier) -> dict[str, Any]:
-    """Scores of ``clips uint8 [F, n, 3, H, W]`` whose attribute 0 moves to ``target`` (see the module doc)."""
-    first, last = judge.predict(clips[0])[:, 0], judge.predict(clips[-1])[:, 0]
-    source_read, target_read = first == int(not target), last == int(target)
+def transition_scores(clips: torch.Tensor, target: bool, judge: JudgePanel) -> dict[str, Any]:
+    """Scores of ``clips uint8 [F, n, 3, H, W]`` whose attribute 0 moves to ``target`` (see the module doc); each
+    judged rate is the panel's, with every member's own."""
+    first, last = judge.read(clips[0]), judge.read(clips[-1])
+    source, wanted = int(not target), int(target)
     upper = clips.shape[-2] // 2
     steps = (to_float(clips[1:]) - to_float(clips[:-1])).abs().flatten(2).mean(2)  # [F-1, n]
     return {
-        "success": rate(source_read & target_read),
-        "first_as_source": rate(source_read),
-        "last_as_target": rate(target_read),
+        "success": panel_rate((first.panel == source) & (last.panel == wanted),
+                              (first.members == source) & (last.members == wanted)),
+        "first_as_source": panel_rate(first.panel == source, first.members == source),
+        "last_as_target": panel_rate(last.panel == wanted, last.members == wanted),
         "identity_psnr_db": psnr(to_float(clips[-1][..., :upper, :]), to_float(clips[0][..., :upper, :])),
         "other_face_psnr_db": psnr(to_float(clips[-1][..., :upper, :]),
                                    to_float(clips[-1].roll(1, dims=0)[..., :upper, :])),
@@ -76,20 +80,23 @@ def transition_scores(clips: torch.Tensor, target: bool, judge: AttributeClassif
 
 def evaluate_transitions(checkpoints: Path, version: str, data: Path, n: int, frames: int, sampler: str, steps: int,
                          guidance_scale: float | None, seed: int, classifier_steps: int, device: str = "cpu",
-                         precision: str = "auto", batch: int = 8) -> dict[str, Any]:
+                         precision: str = "auto", batch: int = 8, judges: int = JUDGE_PANEL_SIZE,
+                         judge_cache: Path | None = None) -> dict[str, Any]:
     """Transition scores for ``n`` faces per target value of the model's first attribute (faces ``(seed, i)``,
-    ``batch`` faces at a time), judged by a judge trained on ``data``'s train split (its accuracy on the test
-    split reported beside)."""
+    ``batch`` faces at a time), judged by ``evaluate``'s judge panel (``judges`` classifiers from ``seed`` on,
+    trained on ``data``'s train split, weights kept in ``judge_cache``; its accuracy on the test split reported
+    beside)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     guidance = model.sampling.guidance_scale if guidance_scale is None else guidance_scale
-    judge, test_images, test_labels = train_classifier(data, first_attribute_only(model.manifest.data),
-                                                       classifier_steps, seed)
+    judge, test_images, test_labels = train_panel(data, first_attribute_only(model.manifest.data),
+                                                  classifier_steps, seed, judges, judge_cache)
     attribute = model.attributes[0]
     results: dict[str, Any] = {"version": model.version, "attribute": attribute, "n_per_label": n, "frames": frames,
                                "sampler": sampler, "steps": steps, "guidance_scale": guidance, "seed": seed,
                                "precision": str(model.dtype).removeprefix("torch."),
-                               "judge_test_accuracy": rate(judge.predict(test_images)[:, 0] == test_labels[:, 0])}
+                               "judge_seeds": judge.seeds,
+                               "judge_test_accuracy": judge.read(test_images).rate_of(test_labels[:, 0])}
     started = time.perf_counter()
     for target in (True, False):
         clips = torch.cat([sample_transition(model, {attribute: target},
@@ -100,26 +107,21 @@ def evaluate_transitions(checkpoints: Path, version: str, data: Path, n: int, fr
     return results
 
 
-def _percent(entry: dict[str, Any]) -> str:
-    return f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"
-
-
 def transitions_report(results: dict[str, Any], command: str) -> str:
     """The measurement as a Markdown table, one row per target value."""
     label = results["attribute"].lower()
     lines = [f"Model `{results['version']}`, {results['sampler']} {results['steps']} steps, guidance "
              f"{results['guidance_scale']:g}, {results['frames']} frames, {results['precision']}, seed "
              f"{results['seed']}, n = {results['n_per_label']} faces per target; "
-             f"{results['seconds_per_frame']:.3f} s per frame; judge accuracy on the test split "
-             f"{_percent(results['judge_test_accuracy'])} (n={results['judge_test_accuracy']['n']}). "
-             f"Command: `{command}`", "",
+             f"{results['seconds_per_frame']:.3f} s per frame; {describe_panel(results['judge_seeds'])}; its "
+             f"accuracy on the test split {format_rate(results['judge_test_accuracy'])}. Command: `{command}`", "",
              "| transition | success: first read as source and last as target [95% CI] | first as source | "
              "last as target | upper-face PSNR first/last (other faces) | largest step |",
              "|---|---|---|---|---|---|"]
     for target, name in ((True, label), (False, f"not_{label}")):
         row = results[name]
         source = f"not_{label}" if target else label
-        lines.append(f"| {source} -> {name} | {_percent(row['success'])} | {_percent(row['first_as_source'])} | "
-                     f"{_percent(row['last_as_target'])} | {row['identity_psnr_db']:.1f} dB "
+        lines.append(f"| {source} -> {name} | {format_rate(row['success'])} | {format_rate(row['first_as_source'])} | "
+                     f"{format_rate(row['last_as_target'])} | {row['identity_psnr_db']:.1f} dB "
                      f"({row['other_face_psnr_db']:.1f} dB) | {row['largest_step']:.2f} |")
     return "\n".join(lines) + "\n"
