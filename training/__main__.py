@@ -203,6 +203,8 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--guidance", type=float, nargs="+", default=[EDIT_GUIDANCE_SCALE],
                        help="one or more (default: the worker's edit guidance)")
     edits.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
+    edits.add_argument("--judges", type=int, default=JUDGE_PANEL_SIZE,
+                       help="classifiers in the judge panel (as evaluate's)")
     edits.add_argument("--train-limit", type=int, default=None, help="train the judge on the first N training faces")
     edits.add_argument("--precision", default="auto", choices=PRECISIONS)
     edits.add_argument("--seed", type=int, default=REPORT_SEED, help="the judge's training seed")
@@ -298,7 +300,7 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
                              tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
                              train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
                              tuning=args.tuning, judge_cache=args.judge_cache,
-                             hold_guidances=tuple(args.hold_guidance))
+                             hold_guidances=tuple(args.hold_guidance), judges=args.judges)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

@@ -17,8 +17,9 @@ classifier trained apart from it, scores them all the same.
 Strength 0 (in the default sweep) is the VAE round trip with no diffusion step: its kept rates are the ceiling the
 judge and the VAE leave to any edit.
 
-Rates come with 95% Wilson intervals. One judge reads all four attributes: the same classifier and training loop
-as ``evaluate``'s, trained on the four columns; its accuracy per attribute on the sharp test split is reported.
+Rates come with 95% Wilson intervals. One judge panel reads all four attributes: ``evaluate``'s panel (classifiers
+of consecutive seeds, a verdict = their mean probability), trained on the four columns; its accuracy per attribute
+on the sharp test split is reported, and every rate carries each member's own.
 Edits are deterministic (DDIM with eta 0), so no seed is involved beyond the judge's training.
 """
 
@@ -31,12 +32,12 @@ from typing import Any
 
 import torch
 
-from .config import EDIT_HOLD_GUIDANCE, EDIT_REFERENCE, EDIT_SCOPE, DataConfig
+from .config import EDIT_HOLD_GUIDANCE, EDIT_REFERENCE, EDIT_SCOPE, JUDGE_PANEL_SIZE, DataConfig
 from .data.celeba import to_float
 from .diffusion.inversion import inversion_depth
 from .diffusion.noise import ImageNoise
 from .imaging import to_uint8
-from .judge import AttributeClassifier, rate, train_classifier
+from .judge import JudgePanel, describe_panel, format_rate, panel_rate, train_panel
 from .pipeline import LatentDiffusion
 from .runtime import pick_device, pick_dtype
 from .train_vae import psnr
@@ -63,17 +64,20 @@ def edit_images(model: LatentDiffusion, images: torch.Tensor, target: dict[str, 
     return torch.cat(out)
 
 
-def score_edits(judge: AttributeClassifier, sources: torch.Tensor, edits: torch.Tensor, target: bool
-                ) -> dict[str, Any]:
+def score_edits(judge: JudgePanel, sources: torch.Tensor, edits: torch.Tensor, target: bool) -> dict[str, Any]:
     """Success, PSNR and the kept attributes of ``edits`` of ``sources`` (both ``uint8 [N, 3, S, S]``); column 0 of
-    the judge is the edited attribute, the others ``KEPT_ATTRIBUTES``."""
-    before, after = judge.predict(sources), judge.predict(edits)
-    same = before[:, 1:] == after[:, 1:]
-    row: dict[str, Any] = {"success": rate(after[:, 0] == int(target)),
-                           "psnr_db": psnr(to_float(edits), to_float(sources)),
-                           "kept_all": rate(same.all(dim=1))}
-    for k, name in enumerate(KEPT_ATTRIBUTES):
-        row[f"kept_{name}"] = rate(same[:, k])
+    the judge panel is the edited attribute, the others ``KEPT_ATTRIBUTES``. Each judged rate is the panel's, with
+    every member's own (a member keeps an attribute when its own readings of source and edit agree)."""
+    edited = judge.read(edits, 0)
+    row: dict[str, Any] = {"success": edited.rate_of(torch.full((len(edits),), int(target))),
+                           "psnr_db": psnr(to_float(edits), to_float(sources))}
+    kept_panel, kept_members = [], []
+    for k, name in enumerate(KEPT_ATTRIBUTES, start=1):
+        before, after = judge.read(sources, k), judge.read(edits, k)
+        row[f"kept_{name}"] = after.rate_of(before)
+        kept_panel.append(after.panel == before.panel)
+        kept_members.append(after.members == before.members)
+    row["kept_all"] = panel_rate(torch.stack(kept_panel).all(dim=0), torch.stack(kept_members).all(dim=0))
     return row
 
 
@@ -96,24 +100,26 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
                    precision: str = "auto", train_limit: int | None = None,
                    references: tuple[str, ...] = (EDIT_REFERENCE,), scopes: tuple[str, ...] = (EDIT_SCOPE,),
                    tuning: bool = False, judge_cache: Path | None = None,
-                   hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,)) -> dict[str, Any]:
+                   hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,), judges: int = JUDGE_PANEL_SIZE
+                   ) -> dict[str, Any]:
     """The sweep: for each scope, reference, guidance scale (None: the model's own), hold guidance (acts with a
     reader only: a version without one is measured once, as 0), strength and direction, ``n``
-    held-out faces edited and scored (:func:`score_edits`) by one judge (its weights kept in ``judge_cache``, see
-    :func:`~training.judge.train_classifier`)."""
+    held-out faces edited and scored (:func:`score_edits`) by one judge panel of ``judges`` classifiers from
+    ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.judge.train_panel`)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]
     data_cfg = model.manifest.data
     judge_cfg = DataConfig(attributes=(attribute, *KEPT_ATTRIBUTES), crop=data_cfg.crop, image_size=data_cfg.image_size)
-    judge, test_images, test_labels = train_classifier(data, judge_cfg, classifier_steps, seed, train_limit=train_limit,
-                                                       cache=judge_cache)
-    accuracy = judge.predict(test_images) == test_labels
+    judge, test_images, test_labels = train_panel(data, judge_cfg, classifier_steps, seed, judges, judge_cache,
+                                                  train_limit=train_limit)
     results: dict[str, Any] = {
         "version": model.version, "attribute": attribute, "n_per_direction": n, "steps": steps, "tuning": tuning,
         "classifier_steps": classifier_steps, "train_limit": train_limit, "seed": seed,
         "precision": str(model.dtype).removeprefix("torch."), "reader": model.reader is not None,
-        "judge_accuracy": {name: rate(accuracy[:, k]) for k, name in enumerate(judge_cfg.attributes)},
+        "judge_seeds": judge.seeds,
+        "judge_accuracy": {name: judge.read(test_images, k).rate_of(test_labels[:, k])
+                           for k, name in enumerate(judge_cfg.attributes)},
         "rows": []}
     faces = held_out_faces(test_images, test_labels, n, tuning)
     guidances = [model.sampling.guidance_scale if g is None else g for g in guidance_scales]
@@ -141,12 +147,13 @@ def _percent(entry: dict[str, Any]) -> str:
 
 def markdown_report(results: dict[str, Any], command: str) -> str:
     """The sweep as a Markdown table, with the judge's accuracy per attribute and the sample size."""
-    judge = "; ".join(f"{name} {_percent(entry)}" for name, entry in results["judge_accuracy"].items())
+    judge = "; ".join(f"{name} {format_rate(entry)}" for name, entry in results["judge_accuracy"].items())
     faces = "tuning faces (the last of the test split)" if results["tuning"] else "held-out faces"
     lines = [f"Model `{results['version']}`, DDIM {results['steps']} steps, {results['precision']}; "
              f"n = {results['n_per_direction']} {faces} per direction. Command: `{command}`", "",
-             f"- judge accuracy on the sharp test split (95% Wilson intervals, {results['classifier_steps']} "
-             f"training steps on {results['train_limit'] or 'all'} training faces): {judge}", "",
+             f"- {describe_panel(results['judge_seeds'])}; its accuracy on the sharp test split (95% Wilson "
+             f"intervals, {results['classifier_steps']} training steps on {results['train_limit'] or 'all'} "
+             f"training faces): {judge}", "",
              "| scope | reference | guidance | hold guidance | strength | direction | target read [95% CI] | "
              "PSNR to input (dB) | Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

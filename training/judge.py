@@ -136,7 +136,7 @@ class AttributeClassifier(nn.Module):
 
 @dataclass(frozen=True)
 class Verdicts:
-    """A panel's reading of its first attribute on ``N`` images: ``panel int64 [N]`` in {0, 1} (the members' mean
+    """A panel's reading of one attribute on ``N`` images: ``panel int64 [N]`` in {0, 1} (the members' mean
     probability > 0.5) and ``members int64 [K, N]`` (each member's own reading)."""
 
     panel: torch.Tensor
@@ -161,9 +161,10 @@ class JudgePanel:
         self.members = members
         self.seeds = seeds  # each member's training seed
 
-    def read(self, images: torch.Tensor) -> Verdicts:
-        """``uint8 [N, 3, H, W]`` -> the panel's and each member's verdicts on the first attribute."""
-        logits = torch.stack([member.logits(images)[:, 0] for member in self.members])  # [K, N]
+    def read(self, images: torch.Tensor, attribute: int = 0) -> Verdicts:
+        """``uint8 [N, 3, H, W]`` -> the panel's and each member's verdicts on ``attribute`` (a column of the
+        members' data config; 0: the first)."""
+        logits = torch.stack([member.logits(images)[:, attribute] for member in self.members])  # [K, N]
         return Verdicts(panel=(torch.sigmoid(logits).mean(dim=0) > 0.5).long(), members=(logits > 0).long())
 
 
@@ -187,14 +188,16 @@ def train_classifier(data: Path, data_cfg: DataConfig, steps: int, seed: int, au
 
 
 def train_panel(data: Path, data_cfg: DataConfig, steps: int, seed: int, size: int = JUDGE_PANEL_SIZE,
-                cache: Path | None = None, split: str = REPORT_SPLIT) -> tuple[JudgePanel, torch.Tensor, torch.Tensor]:
-    """``size`` classifiers of :func:`train_classifier` (seeds ``seed`` .. ``seed + size - 1``, each cached apart)
-    as one :class:`JudgePanel`; with the held-out images of ``split`` ("test", or "val" to choose without looking
-    at the test split) ``uint8 [N, 3, S, S]`` and their labels ``int64 [N, A]``."""
+                cache: Path | None = None, split: str = REPORT_SPLIT, train_limit: int | None = None
+                ) -> tuple[JudgePanel, torch.Tensor, torch.Tensor]:
+    """``size`` classifiers of :func:`train_classifier` (seeds ``seed`` .. ``seed + size - 1``, each cached apart;
+    trained on the first ``train_limit`` training images, default all) as one :class:`JudgePanel`; with the
+    held-out images of ``split`` ("test", or "val" to choose without looking at the test split) ``uint8 [N, 3, S,
+    S]`` and their labels ``int64 [N, A]``."""
     if size < 1:
         raise ValueError(f"a judge panel needs at least one member, got {size}")
     seeds = [seed + k for k in range(size)]
-    members = _classifiers(data, data_cfg, steps, seeds, Augmentation(), TRAINING_BATCH, None, cache)
+    members = _classifiers(data, data_cfg, steps, seeds, Augmentation(), TRAINING_BATCH, train_limit, cache)
     return JudgePanel(members, seeds), *load_split(data, split, data_cfg)
 
 

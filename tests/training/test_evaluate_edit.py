@@ -36,7 +36,7 @@ def test_strength_zero_is_the_vae_round_trip_and_a_deep_edit_changes_the_face(ti
 def test_the_sweep_scores_each_setting_and_direction(tiny_checkpoints: Path, synth_dir: Path) -> None:
     results = evaluate_edits(tiny_checkpoints, "latest", synth_dir, n=2, strengths=(0.0, 0.5), steps=4,
                              guidance_scales=(2.0,), classifier_steps=2, seed=0, precision="fp32",
-                             references=("source", "null"))
+                             references=("source", "null"), judges=2)
     rows = results["rows"]
     assert [(r["reference"], r["strength"], r["direction"]) for r in rows] == [
         (reference, strength, direction) for reference in ("source", "null") for strength in (0.0, 0.5)
@@ -46,9 +46,16 @@ def test_the_sweep_scores_each_setting_and_direction(tiny_checkpoints: Path, syn
         for key in ("success", "kept_all", "kept_Eyeglasses", "kept_Male", "kept_Young"):
             entry = row[key]
             assert entry["n"] == 2 and 0 <= entry["low"] <= entry["rate"] <= entry["high"] <= 1, key
+            assert len(entry["members"]) == 2, key
+        kept = [row[f"kept_{name}"] for name in ("Eyeglasses", "Male", "Young")]
+        assert row["kept_all"]["rate"] <= min(entry["rate"] for entry in kept)  # all three at once, face by face
+        for k in range(2):  # and member by member
+            assert row["kept_all"]["members"][k] <= min(entry["members"][k] for entry in kept)
+    assert results["judge_seeds"] == [0, 1]
     assert set(results["judge_accuracy"]) == {"Smiling", "Eyeglasses", "Male", "Young"}
     report = markdown_report(results, "python -m training evaluate-edit …")
     assert report.count("| source | 2 | 0 | 0 | ") == 2 and report.count("| null | 2 | 0 | 0.5 | ") == 2
+    assert "a panel of 2 classifiers" in report
 
 
 class LabelRecorder(torch.nn.Module):

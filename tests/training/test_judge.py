@@ -13,7 +13,9 @@ from training.data.celeba import load_split
 from training.data.synthetic import write_dataset
 from training.judge import (
     NO_AUGMENTATION,
+    AttributeClassifier,
     Augmentation,
+    JudgePanel,
     blurred,
     degrade,
     gaussian_blur,
@@ -106,3 +108,18 @@ def test_a_panel_reads_the_mean_probability_of_its_members_and_reports_each_memb
                                                                                     strict=True)]
     with pytest.raises(ValueError, match="at least one member"):
         train_panel(faces, config, steps=1, seed=0, size=0)
+
+
+def test_a_panel_reads_the_attribute_column_it_is_asked_for() -> None:
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(AttributeClassifier(3, 32))
+    panel = JudgePanel(members, [0, 1])
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for column in range(3):
+        logits = torch.stack([member.logits(images)[:, column] for member in members])
+        verdicts = panel.read(images, column)
+        assert torch.equal(verdicts.members, (logits > 0).long())
+        assert torch.equal(verdicts.panel, (torch.sigmoid(logits).mean(dim=0) > 0.5).long())
+    assert not torch.equal(panel.read(images, 0).members, panel.read(images, 2).members)
