@@ -145,7 +145,8 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--diffusion", nargs="*", default=["latest"],
                           help="diffusion checkpoint version(s), judged side by side by one judge; none (the flag "
                                "alone) with --vae: the VAE versions alone")
-    evaluate.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train: judge; test, or val with --tuning: held-out faces)")
+    evaluate.add_argument("--data", type=Path, required=True,
+                          help="CelebA-layout folder (train: judge; test, or val with --tuning: held-out faces)")
     evaluate.add_argument("--vae", nargs="*", default=[], metavar="VERSION",
                           help="also measure these VAE versions alone (round trip) with the same judge")
     evaluate.add_argument("--n", type=int, default=500, help="generated images per label and setting")

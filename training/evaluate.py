@@ -290,18 +290,19 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
     a VAE measured alone)."""
     if "vae_version" in results:
         return (f"- VAE `{results['vae_version']}` alone (`{command}`): {results['vae_psnr_db']:.2f} dB PSNR on the "
-                f"{results['split']} split; judge agreement image/reconstruction {format_rate(results['vae_attribute_agreement'])}; "
+                f"{results['split']} split; judge agreement image/reconstruction "
+                f"{format_rate(results['vae_attribute_agreement'])}; "
                 f"judge accuracy on the reconstructions {format_rate(results['judge_on_reconstructions'])} "
                 f"({describe_panel(results['judge_seeds'])})\n")
     label, split = results["attribute"].lower(), results["split"]
     judge = results["judge"]
     lines = [f"Model `{results['version']}`. Command: `{command}` (seed {results['seed']}, {results['precision']})", "",
              f"- {describe_panel(results['judge_seeds'])}",
-             f"- judge accuracy (95% Wilson intervals): sharp {split} images {format_rate(judge['sharp'])}; blurred copy "
-             f"{format_rate(judge['blurred'])}"
+             f"- judge accuracy (95% Wilson intervals): sharp {split} images {format_rate(judge['sharp'])}; "
+             f"blurred copy {format_rate(judge['blurred'])}"
              + (f"; VAE reconstructions {format_rate(judge['reconstructed'])}" if "reconstructed" in judge else ""),
-             f"- VAE reconstruction on the {split} split: {results['vae_psnr_db']:.2f} dB PSNR; judge agreement between "
-             f"image and reconstruction: {format_rate(results['vae_attribute_agreement'])}",
+             f"- VAE reconstruction on the {split} split: {results['vae_psnr_db']:.2f} dB PSNR; judge agreement "
+             f"between image and reconstruction: {format_rate(results['vae_attribute_agreement'])}",
              f"- {results['n_per_label']} generated images per label for each setting; KID (x 1000, ± std over "
              f"subsets) and FID against the {split} split"]
     if judge["warning"]:
@@ -317,7 +318,8 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
               f"KID ×1000 | FID (n gen / n ref) | s / image |", "|---|---|---|---|---|---|---|---|"]
     for row in results["settings"]:
         accuracies = [f"{100 * row[f'accuracy_{k}']:.1f}% [{100 * row[f'accuracy_{k}_ci95'][0]:.1f}, "
-                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}] {members_range(row[f'accuracy_{k}_members'])}".rstrip()
+                      f"{100 * row[f'accuracy_{k}_ci95'][1]:.1f}] "
+                      f"{members_range(row[f'accuracy_{k}_members'])}".rstrip()
                       for k in (label, f"not_{label}")]
         quality = (f"{1000 * row['kid']:.2f} ± {1000 * row['kid_std']:.2f} | {row['fid']:.2f} "
                    f"({2 * row['n_per_label']} / {row['reference_images']})") if "fid" in row else "– | –"
