@@ -190,14 +190,15 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
                    seed: int, tuning: bool) -> dict[str, Any]:
     """One model's numbers (see :func:`evaluate_versions`), merged into its manifest's metrics."""
     reconstructions = reconstruct(model, tools.images)
+    reconstructed = tools.judge.read(reconstructions)  # read once: for the robustness check and the agreement
     results: dict[str, Any] = {
         "version": model.version, "attribute": model.attributes[0], "n_per_label": n, "seed": seed,
         "split": tools.split, f"{tools.split}_images": len(tools.images),
         "precision": str(model.dtype).removeprefix("torch."),
-        "judge": robustness(tools.judge, tools.images, tools.labels, reconstructions),
+        "judge": robustness(tools.judge, tools.images, tools.labels, tools.verdicts, reconstructed),
         "judge_seeds": tools.judge.seeds,
         "vae_psnr_db": psnr(to_float(reconstructions), to_float(tools.images)),
-        "vae_attribute_agreement": tools.judge.read(reconstructions).rate_of(tools.verdicts),
+        "vae_attribute_agreement": reconstructed.rate_of(tools.verdicts),
     }
     if results["judge"]["warning"]:
         print(f"WARNING ({model.version}): {results['judge']['warning']}", flush=True)

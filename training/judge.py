@@ -142,11 +142,17 @@ class Verdicts:
     panel: torch.Tensor
     members: torch.Tensor
 
-    def rate_of(self, expected: Verdicts | torch.Tensor) -> dict[str, Any]:
-        """How often these verdicts equal ``expected``: the images' labels ``int64 [N]``, or the panel's verdicts on
-        other images (compared member by member). :func:`rate` of the panel, plus ``members``: each member's rate."""
+    def hits(self, expected: Verdicts | torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where these verdicts equal ``expected`` (the images' labels ``int64 [N]``, one value for every image, or
+        the panel's verdicts on other images, compared member by member): the panel's ``bool [N]`` and the
+        members' ``bool [K, N]``; hits of several checks combine with ``&`` before :func:`panel_rate`."""
         panel, members = (expected.panel, expected.members) if isinstance(expected, Verdicts) else (expected, expected)
-        return panel_rate(self.panel == panel, self.members == members)
+        return self.panel == panel, self.members == members
+
+    def rate_of(self, expected: Verdicts | torch.Tensor | int) -> dict[str, Any]:
+        """How often these verdicts equal ``expected`` (as in :meth:`hits`): :func:`rate` of the panel, plus
+        ``members``: each member's rate."""
+        return panel_rate(*self.hits(expected))
 
 
 def panel_rate(panel_hits: torch.Tensor, member_hits: torch.Tensor) -> dict[str, Any]:
@@ -279,17 +285,18 @@ def describe_panel(seeds: list[int]) -> str:
             "probability; ranges are the members' own rates")
 
 
-def robustness(judge: JudgePanel, images: torch.Tensor, labels: torch.Tensor,
-               reconstructions: torch.Tensor | None) -> dict[str, Any]:
+def robustness(judge: JudgePanel, images: torch.Tensor, labels: torch.Tensor, sharp: Verdicts,
+               reconstructed: Verdicts | None) -> dict[str, Any]:
     """The judge's accuracy on the first attribute: held-out ``images uint8 [N, 3, S, S]`` (the test split, or the
-    validation split when choosing), a blurred copy, and (when given) the VAE's reconstructions of the same images,
-    each judged against the true ``labels int64 [N, A]`` (with each member's accuracy); ``warning`` when the panel's
-    accuracies differ by more than ``ROBUSTNESS_TOLERANCE``."""
+    validation split when choosing; ``sharp``: the judge's reading of them), a blurred copy, and (when given, as the
+    judge's reading) the VAE's reconstructions of the same images, each judged against the true ``labels int64 [N,
+    A]`` (with each member's accuracy); ``warning`` when the panel's accuracies differ by more than
+    ``ROBUSTNESS_TOLERANCE``."""
     truth = labels[:, 0]
-    checks = {"sharp": images, "blurred": blurred(images)}
-    if reconstructions is not None:
-        checks["reconstructed"] = reconstructions
-    report: dict[str, Any] = {name: judge.read(checked).rate_of(truth) for name, checked in checks.items()}
+    readings = {"sharp": sharp, "blurred": judge.read(blurred(images))}
+    if reconstructed is not None:
+        readings["reconstructed"] = reconstructed
+    report: dict[str, Any] = {name: verdicts.rate_of(truth) for name, verdicts in readings.items()}
     rates = [entry["rate"] for entry in report.values()]
     spread = max(rates) - min(rates)
     report["spread"] = spread
