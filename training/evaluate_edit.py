@@ -68,16 +68,12 @@ def score_edits(judge: JudgePanel, sources: torch.Tensor, edits: torch.Tensor, t
     """Success, PSNR and the kept attributes of ``edits`` of ``sources`` (both ``uint8 [N, 3, S, S]``); column 0 of
     the judge panel is the edited attribute, the others ``KEPT_ATTRIBUTES``. Each judged rate is the panel's, with
     every member's own (a member keeps an attribute when its own readings of source and edit agree)."""
-    edited = judge.read(edits, 0)
-    row: dict[str, Any] = {"success": edited.rate_of(torch.full((len(edits),), int(target))),
+    row: dict[str, Any] = {"success": judge.read(edits, 0).rate_of(int(target)),
                            "psnr_db": psnr(to_float(edits), to_float(sources))}
-    kept_panel, kept_members = [], []
-    for k, name in enumerate(KEPT_ATTRIBUTES, start=1):
-        before, after = judge.read(sources, k), judge.read(edits, k)
-        row[f"kept_{name}"] = after.rate_of(before)
-        kept_panel.append(after.panel == before.panel)
-        kept_members.append(after.members == before.members)
-    row["kept_all"] = panel_rate(torch.stack(kept_panel).all(dim=0), torch.stack(kept_members).all(dim=0))
+    kept = [judge.read(edits, k).hits(judge.read(sources, k)) for k in range(1, 1 + len(KEPT_ATTRIBUTES))]
+    for name, hits in zip(KEPT_ATTRIBUTES, kept, strict=True):
+        row[f"kept_{name}"] = panel_rate(*hits)
+    row["kept_all"] = panel_rate(*(torch.stack(part).all(dim=0) for part in zip(*kept, strict=True)))
     return row
 
 

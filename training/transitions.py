@@ -62,15 +62,13 @@ def sample_transition(model: LatentDiffusion, attributes: dict[str, bool], pairs
 def transition_scores(clips: torch.Tensor, target: bool, judge: JudgePanel) -> dict[str, Any]:
     """Scores of ``clips uint8 [F, n, 3, H, W]`` whose attribute 0 moves to ``target`` (see the module doc); each
     judged rate is the panel's, with every member's own."""
-    first, last = judge.read(clips[0]), judge.read(clips[-1])
-    source, wanted = int(not target), int(target)
+    source_read, target_read = judge.read(clips[0]).hits(int(not target)), judge.read(clips[-1]).hits(int(target))
     upper = clips.shape[-2] // 2
     steps = (to_float(clips[1:]) - to_float(clips[:-1])).abs().flatten(2).mean(2)  # [F-1, n]
     return {
-        "success": panel_rate((first.panel == source) & (last.panel == wanted),
-                              (first.members == source) & (last.members == wanted)),
-        "first_as_source": panel_rate(first.panel == source, first.members == source),
-        "last_as_target": panel_rate(last.panel == wanted, last.members == wanted),
+        "success": panel_rate(source_read[0] & target_read[0], source_read[1] & target_read[1]),
+        "first_as_source": panel_rate(*source_read),
+        "last_as_target": panel_rate(*target_read),
         "identity_psnr_db": psnr(to_float(clips[-1][..., :upper, :]), to_float(clips[0][..., :upper, :])),
         "other_face_psnr_db": psnr(to_float(clips[-1][..., :upper, :]),
                                    to_float(clips[-1].roll(1, dims=0)[..., :upper, :])),
