@@ -18,9 +18,9 @@ import uvloop
 
 from bench.common import markdown_table, save
 from bench.stack import start_redis
+from facegen.contract.spec import DEFAULT_QUEUE
 from service.app import create_app
 from service.config import Settings
-from worker.spec import DEFAULT_QUEUE
 
 BODY = b'{"label": "smiling", "count": 1, "seed": 7}'
 

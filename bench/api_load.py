@@ -22,7 +22,7 @@ import redis
 
 from bench.common import markdown_table, save
 from bench.stack import start_api, start_redis
-from worker.spec import DEFAULT_QUEUE
+from facegen.contract.spec import DEFAULT_QUEUE
 
 WRK_SCRIPT = """
 wrk.method = "POST"

@@ -12,7 +12,7 @@ import argparse
 
 from bench.common import markdown_table, model_arguments, save
 from bench.samplers import measure
-from training.checkpoints import load_checkpoint
+from facegen.model.checkpoints import load_checkpoint
 from worker.engine import Engine
 
 BASELINE = ("ddpm", 1000)

@@ -38,7 +38,7 @@ def machine() -> dict[str, Any]:
 
 def model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags naming the model and where it runs, shared by the model benchmarks."""
-    from training.checkpoints import BUNDLED_CHECKPOINTS
+    from facegen.model.checkpoints import BUNDLED_CHECKPOINTS
 
     parser.add_argument("--checkpoints", default=str(BUNDLED_CHECKPOINTS))
     parser.add_argument("--model", default="latest", help="diffusion checkpoint version")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import markdown_table, save, write
-from training.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint
 
 NAME = "ddp_resume"
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from bench.common import markdown_table, model_arguments, save, timed, write
-from training.diffusion.noise import ImageNoise
+from facegen.model.diffusion.noise import ImageNoise
 from worker.engine import Engine, ImageRequest, RunStats
 
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import markdown_table, model_arguments, save, timed
-from training.diffusion.guidance import guided
-from training.diffusion.noise import ImageNoise
-from training.diffusion.samplers import make_sampler, run_chain
-from training.pipeline import LatentDiffusion
-from training.runtime import pick_device, pick_dtype
+from facegen.model.device import pick_device, pick_dtype
+from facegen.model.diffusion.guidance import guided
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import make_sampler, run_chain
+from facegen.model.pipeline import LatentDiffusion
 from worker.engine import compile_for_inference
 
 

@@ -15,9 +15,8 @@ COPY requirements/api.lock ./requirements/
 RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/api.lock
 COPY pyproject.toml README.md ./
+COPY facegen ./facegen
 COPY service ./service
-COPY worker ./worker
-COPY training ./training
 # pip byte-compiles at install time, so the read-only root filesystem at runtime costs nothing.
 # ".[api]" with --no-deps adds only facegen itself; pip check proves the lock left no dependency out.
 # Contract check: the API image never carries torch.

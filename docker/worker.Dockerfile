@@ -34,9 +34,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY requirements/worker.lock ./requirements/
 RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/worker.lock
-COPY service ./service
+COPY facegen ./facegen
 COPY worker ./worker
-COPY training ./training
 # ".[worker]" with --no-deps adds only facegen itself; pip check proves no dependency is missing.
 # Contract check: the CUDA build of torch was installed (version local tag "+cu128"), not a CPU wheel, with the
 # Triton that torch.compile needs on CUDA.

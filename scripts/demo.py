@@ -19,8 +19,8 @@ import time
 import urllib.error
 import urllib.request
 
+from facegen.model.checkpoints import list_versions
 from scripts.redisctl import ensure_redis
-from training.checkpoints import list_versions
 from worker.settings import WorkerSettings
 
 READY_TIMEOUT_S = 180

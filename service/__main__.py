@@ -12,9 +12,9 @@ import sys
 
 import uvicorn
 
+from facegen.contract.connection import credentials_problem
 from service import admission, redis_clients
 from service.config import get_settings
-from worker.connection import credentials_problem
 
 
 def main(argv: list[str] | None = None) -> int:

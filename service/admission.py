@@ -17,14 +17,14 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
+from facegen.contract import spec
+from facegen.contract.fair_queue import DISPATCH_LUA
 from service.config import Settings
 from service.keys import REPLICATION_MARK_KEY, rate_key, tombstone_key
 from service.redis_clients import replica_wait_s
 from service.schemas import WebhookCreate
 from service.tenancy import Caller, quota_for
 from service.webhooks import delivery as webhook_delivery
-from worker import spec
-from worker.fair_queue import DISPATCH_LUA
 
 # Jobs at the head of the RQ queue that admission reads for the key's jobs already dispatched (at most one per
 # worker is, in keyed use; anonymous or retried jobs may stand beside them).
@@ -70,7 +70,7 @@ def fingerprint(payload: str) -> str:
 # their images against its quota, and its submission rate (GCRA: a bucket of `per minute` tokens refilled evenly,
 # the time from Redis). Refused: the job just pushed (the queue's tail) and its hash are removed again. Admitted:
 # an API key's job moves from the queue to the key's list (dispatched at once when the RQ queue is empty, which
-# wakes an idle worker; see worker/fair_queue.py), and the job gets its tombstone.
+# wakes an idle worker; see facegen/contract/fair_queue.py), and the job gets its tombstone.
 # KEYS: queue, job hash, tombstone, ring, turn, rate. ARGV: job id, max queued, tombstone value, tombstone TTL (s),
 # prefix of the keys' lists, key id ('' for an open API), images, max queued jobs, max queued images, submissions
 # per minute, prefix of job hashes. Returns {'ok', depth} or {limit, allowed, retry after (s, 0 = unknown)}.

@@ -10,6 +10,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from facegen.contract.artifacts import open_store
 from service import redis_clients, registry
 from service.api.deps import Services
 from service.api.errors import add_error_handlers
@@ -21,7 +22,6 @@ from service.api.routes.edit import EDIT_PATH
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
 from service.tenancy import KeyLabels
-from worker.artifacts import open_store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

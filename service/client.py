@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from worker.spec import DEFAULT_COUNT, DEFAULT_SAMPLER, LATEST, Sampler
+from facegen.contract.spec import DEFAULT_COUNT, DEFAULT_SAMPLER, LATEST, Sampler
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ENDED = {"finished", "failed", "canceled", "stopped"}

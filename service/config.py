@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from worker import spec
-from worker.artifacts import ArtifactSettings
-from worker.connection import RedisSettings
+from facegen.contract import spec
+from facegen.contract.artifacts import ArtifactSettings
+from facegen.contract.connection import RedisSettings
 
 _DAY_S = 24 * 3600
 UPLOAD_FORM_OVERHEAD_BYTES = 16 * 1024

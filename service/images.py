@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import ExifTags, Image
 
-from worker.spec import PROVENANCE_KEY
+from facegen.contract.spec import PROVENANCE_KEY
 
 JPEG_QUALITY = 95
 USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"  # EXIF UserComment's 8-byte character-code prefix

@@ -14,11 +14,11 @@ from pydantic import ValidationError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from facegen.contract import spec
+from facegen.contract.artifacts import ArtifactStore, OpenedArtifact
 from service.config import Settings
 from service.keys import observed_key, tombstone_key
 from service.tenancy import Caller
-from worker import spec
-from worker.artifacts import ArtifactStore, OpenedArtifact
 
 PENDING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
                      JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
-from worker import spec
+from facegen.contract import spec
 
 
 def tombstone_key(job_id: str) -> str:

@@ -19,9 +19,9 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from facegen.contract.fair_queue import waiting_by_key
 from service import job_ops, registry
 from service.tenancy import KeyLabels
-from worker.fair_queue import waiting_by_key
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The API's Redis clients: a synchronous one for RQ (the ``def`` routes) and an asyncio one for POST /generate.
 
 Timeouts, keep-alive, health checks, retries, TLS and Sentinel come from the policy both processes share
-(worker.connection); both clients fail fast: a couple of short retries, then the routes answer 503.
+(facegen.contract.connection); both clients fail fast: a couple of short retries, then the routes answer 503.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import redis
 import redis.asyncio
 from rq import Queue
 
+from facegen.contract import connection
 from service.config import Settings
-from worker import connection
 
 
 def connect(settings: Settings, on_error: connection.OnError | None = None) -> redis.Redis:

@@ -9,7 +9,7 @@ import redis
 import redis.asyncio
 from pydantic import ValidationError
 
-from worker import spec
+from facegen.contract import spec
 
 # Without any worker in the registry, requests may still name these (they wait in the queue for one).
 FALLBACK_ATTRIBUTES = ["Smiling"]

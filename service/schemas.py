@@ -1,4 +1,4 @@
-"""HTTP schemas: what clients send and receive. The job spec itself (what the worker gets) lives in worker.spec."""
+"""HTTP schemas: what clients send and receive. The job spec itself (what the worker gets) lives in facegen.contract.spec."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from rq.job import JobStatus
 
+from facegen.contract import spec
 from service.webhooks.targets import check_url
-from worker import spec
 
 # Seeds the API draws itself stay below 2**53 so that JavaScript clients (the playground) read them exactly.
 MAX_RANDOM_SEED = 2**53 - 1

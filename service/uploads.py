@@ -22,7 +22,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from worker import spec
+from facegen.contract import spec
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 UPLOAD_BACKGROUND = (255, 255, 255)  # what transparent pixels become

@@ -50,7 +50,7 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> Path:
     """A checkpoints folder with one tiny VAE and one tiny diffusion version (3 training steps each)."""
-    from training.config import (
+    from facegen.model.config import (
         DataConfig,
         DiffusionTrainConfig,
         SamplingConfig,

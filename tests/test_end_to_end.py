@@ -14,9 +14,9 @@ import pytest
 import redis
 from PIL import Image
 
+from facegen.model.imaging import GRID_PADDING
 from tests.conftest import ROOT, redis_url_for_db
 from tests.service.conftest import LiveServer
-from training.imaging import GRID_PADDING
 
 REDIS_URL = redis_url_for_db(13)
 

@@ -14,13 +14,13 @@ import redis
 import torch
 from PIL import Image
 
+from facegen.contract import spec
+from facegen.model.device import cpu_has_native_bf16, pick_dtype
+from facegen.model.imaging import GRID_PADDING, grid_shape
 from service.images import read_parameters
 from tests.conftest import ROOT, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_for
 from tests.service.conftest import LiveServer
-from training.imaging import GRID_PADDING, grid_shape
-from training.runtime import cpu_has_native_bf16, pick_dtype
-from worker import spec
 
 REDIS_URL = redis_url_for_db(7)
 KEYS = {"a": "key-a-images-test", "b": "key-b-images-test"}

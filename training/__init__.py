@@ -1,4 +1,5 @@
-"""Training package: CelebA-layout data, the attention VAE, the latent diffusion UNet, samplers, checkpoints.
+"""Making models: CelebA-layout data (:mod:`training.data`), the trainers (``train_*``, :mod:`training.trainer`,
+:mod:`training.runtime`), their evaluation (:mod:`training.evaluation`) and the ``python -m training`` CLI.
 
-The worker imports networks, samplers and the checkpoint loader from here; nothing here imports the worker.
+Builds on the served model in :mod:`facegen.model`; nothing in the served path imports this package.
 """

@@ -9,18 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from facegen.model.config import (
     EDIT_GUIDANCE_SCALE,
     EDIT_HOLD_GUIDANCE,
     EDIT_REFERENCE,
     EDIT_REFERENCES,
     EDIT_SCOPE,
     EDIT_SCOPES,
-    EDIT_SWEEP_STRENGTHS,
-    JUDGE_PANEL_SIZE,
     PRECISIONS,
-    REPORT_SEED,
-    TUNING_SEED,
     DataConfig,
     DiffusionTrainConfig,
     ReaderTrainConfig,
@@ -30,8 +26,9 @@ from .config import (
     VAEConfig,
     VAETrainConfig,
 )
-from .diffusion.samplers import SAMPLERS
-from .runtime import DTYPES
+from facegen.model.device import DTYPES
+from facegen.model.diffusion.samplers import SAMPLERS
+from training.evaluation.protocol import EDIT_SWEEP_STRENGTHS, JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
 
 DEFAULT_CHECKPOINTS = Path("checkpoints")
 
@@ -62,7 +59,7 @@ def inherited_sampling(args: argparse.Namespace) -> dict[str, Any]:
     """A warm-started diffusion run keeps its parent's serving defaults, except those given as flags."""
     if not args.init_from:
         return {}
-    from .checkpoints import read_manifest, resolve_version
+    from facegen.model.checkpoints import read_manifest, resolve_version
 
     parent = read_manifest(resolve_version(args.checkpoints, "diffusion", args.init_from))
     return {name: value for name, value in dataclasses.asdict(parent.sampling).items()
@@ -175,9 +172,9 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
-    """The measurements of transitions and edits (training/transitions.py, training/evaluate_edit.py)."""
+    """The measurements of transitions and edits (training/evaluation/transitions.py, training/evaluation/evaluate_edit.py)."""
     transitions = commands.add_parser("transitions", help="attribute transitions: first frame read as the source "
-                                      "value and last as the target, identity kept (training/transitions.py)")
+                                      "value and last as the target, identity kept (training/evaluation/transitions.py)")
     transitions.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     transitions.add_argument("--diffusion", default="latest", help="diffusion checkpoint version")
     transitions.add_argument("--data", type=Path, required=True, help="CelebA-layout folder (train split: the judge)")
@@ -267,7 +264,7 @@ def run_diffusion(args: argparse.Namespace) -> None:
 
 def evaluation_settings(args: argparse.Namespace) -> list[Any]:
     """The rows to measure: ``--settings``, ``--sweep``, or the one ``--sampler/--steps/--guidance``."""
-    from .evaluate import Setting, sweep_settings
+    from training.evaluation.evaluate import Setting, sweep_settings
 
     guidance = args.guidance  # None: each model's own default
     if args.settings:
@@ -279,7 +276,7 @@ def evaluation_settings(args: argparse.Namespace) -> list[Any]:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_versions, markdown_report
+    from training.evaluation.evaluate import evaluate_versions, markdown_report
 
     seed = args.seed if args.seed is not None else TUNING_SEED if args.tuning else REPORT_SEED
     command = "python -m training " + " ".join(args.argv)
@@ -294,7 +291,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_evaluate_edit(args: argparse.Namespace) -> None:
-    from .evaluate_edit import evaluate_edits, markdown_report
+    from training.evaluation.evaluate_edit import evaluate_edits, markdown_report
 
     strengths = tuple(float(value) for value in args.strengths.split(","))
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps,
@@ -310,7 +307,7 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
 
 
 def run_visualize(args: argparse.Namespace) -> None:
-    from .visualize import visualize as make_pictures
+    from training.evaluation.visualize import visualize as make_pictures
 
     for path in make_pictures(args.checkpoints, args.diffusion, args.data, args.out, args.count, args.sampler,
                               args.steps, args.frames, args.seed):
@@ -318,7 +315,7 @@ def run_visualize(args: argparse.Namespace) -> None:
 
 
 def run_transitions(args: argparse.Namespace) -> None:
-    from .transitions import evaluate_transitions, transitions_report
+    from training.evaluation.transitions import evaluate_transitions, transitions_report
 
     results = evaluate_transitions(args.checkpoints, args.diffusion, args.data, args.n, args.frames, args.sampler,
                                    args.steps, args.guidance, args.seed, args.classifier_steps,
@@ -331,7 +328,7 @@ def run_transitions(args: argparse.Namespace) -> None:
 
 
 def run_retune(args: argparse.Namespace) -> None:
-    from .checkpoints import derive_checkpoint, load_checkpoint, resolve_version, shared_parts
+    from facegen.model.checkpoints import derive_checkpoint, load_checkpoint, resolve_version, shared_parts
 
     source = load_checkpoint(args.checkpoints, "diffusion", args.diffusion).manifest
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
@@ -346,7 +343,7 @@ def run_retune(args: argparse.Namespace) -> None:
         changes["vae_version"] = vae
     weights: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     if args.attributes:
-        from .models.unet import EMBEDDING_TABLE, narrowed_attribute_table
+        from facegen.model.networks.unet import EMBEDDING_TABLE, narrowed_attribute_table
 
         kept = tuple(args.attributes)
 

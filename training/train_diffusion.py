@@ -22,14 +22,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint, warm_start
-from .config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
-from .data.celeba import fingerprint, load_split, load_split_labels, to_float
-from .diffusion.schedule import NoiseSchedule
-from .manifest import DiffusionManifest, TrainingRun, VAEManifest
-from .models.unet import EMBEDDING_TABLE, UNet, grown_attribute_table
-from .models.vae import VAE
-from .runtime import DTYPES, EMA, BatchStream, autocast, cached_tensors, start_run, unwrap
+from facegen.model.checkpoints import load_checkpoint, save_checkpoint, warm_start
+from facegen.model.config import DataConfig, DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
+from facegen.model.device import DTYPES, autocast
+from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.imaging import to_float
+from facegen.model.manifest import DiffusionManifest, TrainingRun, VAEManifest
+from facegen.model.networks.unet import EMBEDDING_TABLE, UNet, grown_attribute_table
+from facegen.model.networks.vae import VAE
+from training.data.celeba import fingerprint, load_split, load_split_labels
+from training.runtime import EMA, BatchStream, cached_tensors, start_run, unwrap
+
 from .trainer import RunOptions, Trainer
 
 

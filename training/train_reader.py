@@ -1,6 +1,6 @@
 """``python -m training reader``: give a diffusion version a latent attribute reader.
 
-The reader (``training.models.reader``) learns the attributes of the train split from their latents, sampled as the
+The reader (``facegen.model.networks.reader``) learns the attributes of the train split from their latents, sampled as the
 diffusion trainer samples them (``z = scale * (mean + exp(logvar / 2) * eps)``, mirror images included) plus
 Gaussian noise, with a binary cross-entropy per attribute. The result is a new diffusion version: the source's
 weights bit for bit (so it samples exactly as before), with ``reader.safetensors`` and the reader's accuracy on the
@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoints import READER_FILE, derive_checkpoint, read_manifest, resolve_version
-from .config import DataConfig, ReaderConfig, ReaderTrainConfig
-from .data.celeba import fingerprint, load_split, to_float
-from .judge import rate
-from .models.reader import LatentReader
-from .runtime import pick_device
+from facegen.model.checkpoints import READER_FILE, derive_checkpoint, read_manifest, resolve_version
+from facegen.model.config import DataConfig, ReaderConfig, ReaderTrainConfig
+from facegen.model.device import pick_device
+from facegen.model.imaging import to_float
+from facegen.model.networks.reader import LatentReader
+from training.data.celeba import fingerprint, load_split
+from training.stats import rate
+
 from .train_diffusion import load_vae, sample_posterior, training_latents
 from .trainer import RunOptions
 

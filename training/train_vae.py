@@ -16,15 +16,18 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoints import save_checkpoint, warm_start
-from .config import DataConfig, VAEConfig, VAETrainConfig
-from .data.celeba import fingerprint, load_landmarks, load_split, to_float
-from .manifest import TrainingRun, VAEManifest
-from .models.discriminator import PatchDiscriminator, hinge_discriminator_loss, hinge_generator_loss
-from .models.vae import VAE, kl_divergence
+from facegen.model.checkpoints import save_checkpoint, warm_start
+from facegen.model.config import DataConfig, VAEConfig, VAETrainConfig
+from facegen.model.device import DTYPES, autocast
+from facegen.model.imaging import to_float
+from facegen.model.manifest import TrainingRun, VAEManifest
+from facegen.model.networks.vae import VAE, kl_divergence
+from facegen.model.regions import contrast_boost, landmark_weights, weighted_l1
+from training.data.celeba import fingerprint, load_landmarks, load_split
+from training.discriminator import PatchDiscriminator, hinge_discriminator_loss, hinge_generator_loss
+from training.runtime import BatchStream, start_run
+
 from .perceptual import PerceptualLoss
-from .regions import contrast_boost, landmark_weights, weighted_l1
-from .runtime import DTYPES, BatchStream, autocast, start_run
 from .trainer import RunOptions, Trainer
 
 

@@ -18,16 +18,16 @@ import uuid
 import redis
 import torch
 
-from training.checkpoints import CheckpointError, list_versions
+from facegen.contract.artifacts import open_store
+from facegen.contract.connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
+from facegen.contract.fair_queue import FairQueue
+from facegen.contract.spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
+from facegen.model.checkpoints import CheckpointError, list_versions
 
 from . import jobs
-from .artifacts import open_store
-from .connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
 from .engine import CompileUnsupported, Engine
-from .fair_queue import FairQueue
 from .metrics import Liveness, WorkerMetrics
 from .settings import WorkerSettings
-from .spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
 
 log = logging.getLogger("worker")
 REGISTRY_TTL_S = 30  # a model entry disappears this long after its last worker stops refreshing it

@@ -11,12 +11,12 @@ import io
 import torch
 from PIL import Image
 
-from training.config import DataConfig
-from training.data.celeba import face_crop
-from training.diffusion.inversion import inversion_depth
+from facegen.contract.spec import EDIT_MAX_SIDE, EditSpec, JobSpec
+from facegen.model.config import DataConfig
+from facegen.model.diffusion.inversion import inversion_depth
+from facegen.model.imaging import face_crop
 
 from .engine import EditRequest
-from .spec import EDIT_MAX_SIDE, EditSpec, JobSpec
 
 
 def decode_face(png: bytes, data: DataConfig) -> torch.Tensor:

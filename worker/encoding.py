@@ -1,6 +1,6 @@
 """A finished job's files: its PNG grid, each image alone as a PNG (both with provenance), and its GIF.
 
-Returns ``{artifact kind: Artifact}`` (kinds of ``worker.spec.artifact_key``); where they are stored is the
+Returns ``{artifact kind: Artifact}`` (kinds of ``facegen.contract.spec.artifact_key``); where they are stored is the
 caller's business, so every kind goes through the same store.
 """
 
@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from training.imaging import gif_bytes, grid_image, png_bytes
+from facegen.contract.artifacts import Artifact
+from facegen.contract.spec import ARTIFACT_MEDIA_TYPES, JobSpec, image_kind
+from facegen.model.imaging import gif_bytes, grid_image, png_bytes
 
-from .artifacts import Artifact
 from .engine import RequestOutput
 from .provenance import ModelIdentity, parameters, png_text
-from .spec import ARTIFACT_MEDIA_TYPES, JobSpec, image_kind
 
 
 def encode_artifacts(job_id: str, spec: JobSpec, output: RequestOutput, resolved: dict[str, Any],

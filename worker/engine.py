@@ -32,15 +32,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from training.data.celeba import to_float
-from training.diffusion.inversion import inversion_depth
-from training.diffusion.noise import ImageNoise
-from training.diffusion.samplers import trajectory_indices
-from training.imaging import to_uint8
-from training.pipeline import LatentDiffusion
-from training.runtime import pick_device, pick_dtype
-
-from .spec import PREVIEW_SIDE
+from facegen.contract.spec import PREVIEW_SIDE
+from facegen.model.device import pick_device, pick_dtype
+from facegen.model.diffusion.inversion import inversion_depth
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import trajectory_indices
+from facegen.model.imaging import to_float, to_uint8
+from facegen.model.pipeline import LatentDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +303,7 @@ class Engine:
              progress: ProgressFn | None = None) -> tuple[dict[str, RequestOutput], RunStats]:
         """Edit every request's face in one batch: VAE-encode it, invert it by DDIM through ``strength`` of the
         ``steps`` DDIM steps and regenerate it under its attributes with guidance
-        (:meth:`~training.pipeline.LatentDiffusion.edit_latents`, the evaluation's path too). Each
+        (:meth:`~facegen.model.pipeline.LatentDiffusion.edit_latents`, the evaluation's path too). Each
         output's image is the edit, its ``source`` the input, its frames go from the input to the edit (the x0
         predictions of the regeneration). Progress counts inversion and regeneration steps; latent rows with NaN/Inf
         are redone in a wider dtype, as in :meth:`run`."""

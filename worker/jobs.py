@@ -1,7 +1,7 @@
 """RQ glue: the job function the service enqueues by name, and the worker that batches compatible jobs.
 
 :class:`FacegenWorker` is an RQ ``SimpleWorker`` (no fork: the model stays loaded) that serves API keys in turn
-(worker/fair_queue.py). When it dequeues a job it claims compatible waiting jobs (same model, sampler, steps and
+(facegen/contract/fair_queue.py). When it dequeues a job it claims compatible waiting jobs (same model, sampler, steps and
 guidance; the keys' jobs taken in turn) up to ``MAX_BATCH`` images, moving them atomically from their lists to
 RQ's intermediate list as RQ's own dequeue does, marks them all started,
 runs one batched denoising pass for all of them, then lets RQ perform each job, which only encodes and stores
@@ -30,18 +30,10 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import utcformat
 
-from training.imaging import png_bytes
-
-from .artifacts import ArtifactStore, ArtifactStoreUnavailable, put_retrying
-from .connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
-from .edit import decode_face, edit_request, progress_total
-from .encoding import encode_artifacts
-from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
-from .fair_queue import FairQueue, waiting_jobs
-from .metrics import Liveness, WorkerMetrics
-from .provenance import ModelIdentity
-from .settings import WorkerSettings
-from .spec import (
+from facegen.contract.artifacts import ArtifactStore, ArtifactStoreUnavailable, put_retrying
+from facegen.contract.connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, read_timeout_s
+from facegen.contract.fair_queue import FairQueue, waiting_jobs
+from facegen.contract.spec import (
     DEFAULT_EDIT_GUIDANCE,
     LATEST,
     META_ARTIFACTS,
@@ -59,6 +51,14 @@ from .spec import (
     parse_job_spec,
     preview_key,
 )
+from facegen.model.imaging import png_bytes
+
+from .edit import decode_face, edit_request, progress_total
+from .encoding import encode_artifacts
+from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestOutput, RunStats
+from .metrics import Liveness, WorkerMetrics
+from .provenance import ModelIdentity
+from .settings import WorkerSettings
 from .transition import transition_output, transition_requests
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def dequeue_wait_s(settings: WorkerSettings) -> int:
 
 
 class FacegenWorker(SimpleWorker):
-    """SimpleWorker that batches compatible jobs, serves API keys in turn (worker/fair_queue.py) and heartbeats
+    """SimpleWorker that batches compatible jobs, serves API keys in turn (facegen/contract/fair_queue.py) and heartbeats
     while it samples."""
 
     queue_class = FairQueue

@@ -16,10 +16,10 @@ from functools import cache
 from importlib import metadata
 from typing import Any
 
-from training.checkpoints import WEIGHTS_FILE
+from facegen.contract.spec import PROVENANCE_KEY, EditSpec, JobSpec
+from facegen.model.checkpoints import WEIGHTS_FILE
 
 from .engine import Engine
-from .spec import PROVENANCE_KEY, EditSpec, JobSpec
 
 PACKAGE = "facegen"
 

@@ -8,12 +8,11 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from training.checkpoints import BUNDLED_CHECKPOINTS
-from training.config import PRECISIONS
-
-from .artifacts import ArtifactSettings
-from .connection import RedisSettings
-from .spec import DEFAULT_QUEUE, LATEST
+from facegen.contract.artifacts import ArtifactSettings
+from facegen.contract.connection import RedisSettings
+from facegen.contract.spec import DEFAULT_QUEUE, LATEST
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS
+from facegen.model.config import PRECISIONS
 
 
 class WorkerSettings(RedisSettings, ArtifactSettings):

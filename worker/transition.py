@@ -1,7 +1,7 @@
 """Attribute transitions: a job's images as GIFs whose condition moves from the opposite of each requested
 attribute value to it while the noise stays fixed.
 
-The conditions of the frames come from :mod:`training.transitions` (frame ``f`` of ``F`` is ``f / (F - 1)`` of the
+The conditions of the frames come from :mod:`facegen.model.transitions` (frame ``f`` of ``F`` is ``f / (F - 1)`` of the
 way from the opposite label values to the requested ones; the UNet blends the label vectors) and guidance runs
 against the null label as for any image. Every frame of image ``k`` draws all its noise from stream ``(seed, first_index + k)``
 with the same sampler and steps, so the frames differ only by the condition: the same person, changing. The last
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from training.transitions import frame_attributes, frame_weights
+from facegen.contract.spec import JobSpec
+from facegen.model.transitions import frame_attributes, frame_weights
 
 from .engine import ImageRequest, RequestOutput
-from .spec import JobSpec
 
 
 def frame_key(job_id: str, frame: int) -> str:

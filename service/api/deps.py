@@ -17,12 +17,12 @@ from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 
+from facegen.contract.artifacts import ArtifactStore
 from service import tenancy
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LiveModels
 from service.tenancy import Caller, KeyLabels
-from worker.artifacts import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Services:
     metrics: Metrics
     live_models: LiveModels
     key_labels: KeyLabels  # key id -> metric label (bounded cardinality)
-    artifacts: ArtifactStore  # finished jobs' files (worker/artifacts.py: Redis or S3, per ARTIFACT_STORE)
+    artifacts: ArtifactStore  # finished jobs' files (facegen/contract/artifacts.py: Redis or S3, per ARTIFACT_STORE)
 
 
 async def get_services(request: Request) -> Services:

@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from facegen.contract.artifacts import ArtifactStoreUnavailable
 from service.api.deps import ApiError
 from service.config import Settings
 from service.metrics import Metrics
-from worker.artifacts import ArtifactStoreUnavailable
 
 log = logging.getLogger("service")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from worker import spec
+from facegen.contract import spec
 
 DESCRIPTION = """\
 Attribute-conditioned face generation with a latent diffusion model.

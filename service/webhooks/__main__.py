@@ -17,10 +17,16 @@ from prometheus_client import start_http_server
 from pydantic import ValidationError
 from rq import Queue, SimpleWorker
 
+from facegen.contract.connection import (
+    OUTAGE_PATIENCE_S,
+    RECONNECT_WAIT_MAX_S,
+    connect,
+    credentials_problem,
+    describe,
+)
 from service.config import Settings, get_settings
 from service.webhooks.metrics import REGISTRY
 from service.webhooks.sender import sweep
-from worker.connection import OUTAGE_PATIENCE_S, RECONNECT_WAIT_MAX_S, connect, credentials_problem, describe
 
 log = logging.getLogger("service.webhooks")
 

@@ -21,9 +21,9 @@ import redis
 from rq import Queue, Retry
 from rq.job import Dependency, JobStatus
 
+from facegen.contract import spec
 from service.config import Settings
 from service.schemas import WebhookCreate, WebhookState
-from worker import spec
 
 DELIVER_FUNCTION = "service.webhooks.sender.deliver"  # enqueued by dotted name, like the generation job
 DELIVERY_SUFFIX = "-webhook"

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from facegen.contract.artifacts import ArtifactSettings
 from scripts.s3ctl import S3Server
-from worker.artifacts import ArtifactSettings
 
 
 @pytest.fixture(scope="module")

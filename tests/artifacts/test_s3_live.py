@@ -13,12 +13,12 @@ import redis
 from PIL import Image
 from rq.job import Job
 
+from facegen.contract.spec import artifact_key
+from facegen.model.imaging import GRID_PADDING
 from service.client import FacegenClient
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_ended, wait_for
 from tests.service.conftest import LiveServer
-from training.imaging import GRID_PADDING
-from worker.spec import artifact_key
 
 REDIS_URL = redis_url_for_db(6)
 # Store failures end quickly: two uploads a fifth of a second apart, and one retry of the job by RQ.

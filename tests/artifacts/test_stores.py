@@ -15,9 +15,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from scripts.redisctl import free_port
-from tests.conftest import ROOT, flushed_database, redis_url_for_db
-from worker.artifacts import (
+from facegen.contract.artifacts import (
     STREAM_CHUNK_BYTES,
     Artifact,
     ArtifactSettings,
@@ -27,8 +25,10 @@ from worker.artifacts import (
     open_store,
     put_retrying,
 )
+from facegen.contract.spec import artifact_key
+from scripts.redisctl import free_port
+from tests.conftest import ROOT, flushed_database, redis_url_for_db
 from worker.settings import WorkerSettings
-from worker.spec import artifact_key
 
 REDIS_URL = redis_url_for_db(7)
 JOB_ID = "5b0e8a8e-7f0c-4a57-9d4e-2f1f5a4c1b11"

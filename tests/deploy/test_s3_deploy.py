@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 
+from facegen.contract.artifacts import ArtifactSettings
 from tests.deploy.test_compose import compose_bin, compose_env  # noqa: F401 - fixtures
 from tests.deploy.test_compose import render as render_compose
 from tests.deploy.test_k8s import (
@@ -25,7 +26,6 @@ from tests.deploy.test_k8s import (
     main_container,
     render,
 )
-from worker.artifacts import ArtifactSettings
 
 CREDENTIALS = "facegen-s3"  # the Secret the operator creates: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 LIFECYCLE_FILE = S3_OVERLAY / "s3-lifecycle.json"

@@ -1,4 +1,4 @@
-"""A fake GPU worker: plays the worker's side of the wire contract (worker/spec.py) without torch.
+"""A fake GPU worker: plays the worker's side of the wire contract (facegen/contract/spec.py) without torch.
 
 It is a real RQ ``SimpleWorker`` (so job statuses, timestamps and registries move exactly as RQ moves them),
 whose job class resolves ``spec.JOB_FUNCTION`` to ``FakeBehaviour.run`` instead of importing the real worker.
@@ -29,8 +29,8 @@ from rq.registry import CanceledJobRegistry
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import utcformat
 
-from worker import spec
-from worker.fair_queue import FairQueue
+from facegen.contract import spec
+from facegen.contract.fair_queue import FairQueue
 
 FAKE_VERSION = "fake-v1"
 FAKE_GUIDANCE = 3.0
@@ -162,7 +162,7 @@ def _job_class(behaviour: FakeBehaviour) -> type[Job]:
 
 class FakeWorker(SimpleWorker):
     """Runs in any thread (no signal handlers, timer-based job timeouts); serves API keys in turn, as the real
-    worker does (worker/fair_queue.py)."""
+    worker does (facegen/contract/fair_queue.py)."""
 
     death_penalty_class = TimerDeathPenalty
     queue_class = FairQueue

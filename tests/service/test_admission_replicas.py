@@ -11,11 +11,11 @@ import redis
 from fastapi.testclient import TestClient
 from rq.job import Job
 
+from facegen.contract import spec
 from scripts.redisctl import RedisServer
 from service.app import create_app
 from service.config import Settings
 from tests.reliability.conftest import wait_for
-from worker import spec
 
 BODY = {"label": "smiling", "count": 1}
 

@@ -11,6 +11,7 @@ from PIL import Image
 from rq import Queue
 from rq.job import Job
 
+from facegen.contract import spec
 from service import job_ops, keys
 from tests.service.fakeworker import (
     FakeBehaviour,
@@ -20,7 +21,6 @@ from tests.service.fakeworker import (
     render_png,
     wait_until,
 )
-from worker import spec
 
 
 def submit(client, **body) -> dict:

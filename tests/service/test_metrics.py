@@ -6,8 +6,8 @@ import uuid
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from facegen.contract import spec
 from tests.service.fakeworker import publish_model
-from worker import spec
 
 
 def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

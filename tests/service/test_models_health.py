@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from facegen.contract import spec
 from tests.service.fakeworker import model_info, publish_model
-from worker import spec
 
 
 def test_models_empty_without_workers(client):

@@ -1,6 +1,5 @@
-"""The API process never imports torch, nor any module of the worker but the light ones both processes share:
-worker.spec (the job contract), worker.connection (the Redis connection policy), worker.artifacts (the artifact
-store) and worker.fair_queue (the keys' turns, which admission starts)."""
+"""The API process never imports torch, nor any module of ours but the wire contract it shares with the worker
+(facegen.contract: job spec, Redis connection policy, artifact store, fair queue)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from service.config import Settings
 import service.__main__, service.client
 app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
 app.openapi()
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "worker", "training", "numpy"))))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "facegen", "worker", "training", "numpy"))))
 """
 
 
@@ -27,5 +26,6 @@ def test_building_the_app_imports_no_torch():
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert "torch" not in modules
-    shared = ["worker", "worker.artifacts", "worker.connection", "worker.fair_queue", "worker.spec"]
-    assert [m for m in modules if m.split(".")[0] in ("worker", "training")] == shared
+    shared = ["facegen", "facegen.contract", "facegen.contract.artifacts", "facegen.contract.connection",
+              "facegen.contract.fair_queue", "facegen.contract.spec"]
+    assert [m for m in modules if m.split(".")[0] in ("facegen", "worker", "training")] == shared

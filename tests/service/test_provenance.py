@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from facegen.contract.spec import PROVENANCE_KEY
 from service.client import ClientError, reproduce_request
 from service.images import ImageFormat, convert, read_parameters
-from worker.spec import PROVENANCE_KEY
 
 RECORD = {"model": "v1", "model_sha256": "ab" * 32, "vae": "v0", "sampler": "dpmpp", "steps": 20,
           "guidance_scale": 5.0, "seed": 7, "index": 3, "attributes": {"Smiling": True}, "job_id": "j"}

@@ -1,4 +1,4 @@
-"""The Redis connection policy the API and the worker share (worker.connection): settings, what logs may show,
+"""The Redis connection policy the API and the worker share (facegen.contract.connection): settings, what logs may show,
 client options, and connection errors reaching the metrics."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from facegen.contract import connection
+from facegen.contract.connection import RedisSettings
 from scripts.redisctl import AclUser, RedisServer
 from service import admission, redis_clients
 from service.app import create_app
 from service.config import Settings
 from tests.service.conftest import free_port
-from worker import connection
-from worker.connection import RedisSettings
 
 PASSWORD = "pa55:w/rd@x"
 

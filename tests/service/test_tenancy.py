@@ -13,11 +13,11 @@ from fastapi.routing import iter_route_contexts
 from pydantic import ValidationError
 from rq.job import Job
 
+from facegen.contract import spec
 from service.app import create_app
 from service.config import Settings
 from service.tenancy import KeyLabels
 from tests.service.fakeworker import FakeWorker, publish_model
-from worker import spec
 
 KEYS = {"a": "key-a-0123456789", "b": "key-b-0123456789", "admin": "key-admin-0123456789"}
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from rq.job import Job
 
+from facegen.contract import spec
 from service.config import UPLOAD_FORM_OVERHEAD_BYTES
 from tests.service.conftest import LiveServer
-from worker import spec
 
 MAX_UPLOAD_BYTES = 300_000
 MAX_UPLOAD_PIXELS = 2_000_000

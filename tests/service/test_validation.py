@@ -7,8 +7,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from facegen.contract import spec
 from service.app import create_app
-from worker import spec
 
 OK = {"label": "smiling"}
 

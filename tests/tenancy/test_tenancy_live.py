@@ -18,12 +18,12 @@ import redis
 from fastapi.routing import iter_route_contexts
 from rq.job import Job
 
+from facegen.contract import spec
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_for
 from tests.service.conftest import LiveServer
-from worker import spec
 
 REDIS_URL = redis_url_for_db(10)
 # Random keys, so that finding one in a log cannot be a coincidence.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoints import (
+from facegen.model.checkpoints import (
     BUNDLED_CHECKPOINTS,
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -24,8 +24,8 @@ from training.checkpoints import (
     update_metrics,
     warm_start,
 )
-from training.config import DataConfig, VAEConfig, VAETrainConfig
-from training.manifest import (
+from facegen.model.config import DataConfig, VAEConfig, VAETrainConfig
+from facegen.model.manifest import (
     FORMAT_VERSION,
     DiffusionManifest,
     ManifestError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import DataConfig
+from facegen.model.config import DataConfig
 from training.data.celeba import (
     DatasetError,
     load_landmarks,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoints import load_checkpoint
-from training.config import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
+from facegen.model.checkpoints import load_checkpoint
 from training.data.celeba import load_split
-from training.evaluate import SeedError, Setting, evaluate, evaluate_versions, markdown_report
-from training.judge import first_attribute_only
+from training.evaluation.evaluate import SeedError, Setting, evaluate, evaluate_versions, markdown_report
+from training.evaluation.judge import first_attribute_only
+from training.evaluation.protocol import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
 
 
 @pytest.fixture()

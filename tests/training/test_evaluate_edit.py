@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import EDIT_REGIONS
-from training.data.celeba import load_split, to_float
-from training.diffusion.inversion import DEFAULT_REFINEMENTS
-from training.diffusion.noise import ImageNoise
-from training.diffusion.schedule import NoiseSchedule
-from training.evaluate_edit import edit_images, evaluate_edits, held_out_faces, markdown_report
-from training.imaging import to_uint8
-from training.models.unet import UNet
-from training.pipeline import LatentDiffusion
-from training.regions import edit_mask
+from facegen.model.config import EDIT_REGIONS
+from facegen.model.diffusion.inversion import DEFAULT_REFINEMENTS
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.imaging import to_float, to_uint8
+from facegen.model.networks.unet import UNet
+from facegen.model.pipeline import LatentDiffusion
+from facegen.model.regions import edit_mask
+from training.data.celeba import load_split
+from training.evaluation.evaluate_edit import edit_images, evaluate_edits, held_out_faces, markdown_report
 
 
 def test_strength_zero_is_the_vae_round_trip_and_a_deep_edit_changes_the_face(tiny_checkpoints: Path,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.config import ScheduleConfig
-from training.diffusion import noise as noise_module
-from training.diffusion.noise import ImageNoise
-from training.diffusion.samplers import make_sampler, run_chain
-from training.diffusion.schedule import NoiseSchedule, eps_from_x0
+from facegen.model.config import ScheduleConfig
+from facegen.model.diffusion import noise as noise_module
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import make_sampler, run_chain
+from facegen.model.diffusion.schedule import NoiseSchedule, eps_from_x0
 
 SHAPE = (4, 8, 8)
 PAIRS = [(7, 0), (7, 1), (123, 5)]

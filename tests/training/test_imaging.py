@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.imaging import FINAL_FRAME_HOLD, GRID_PADDING, gif_bytes, grid_image, grid_shape, png_bytes
+from facegen.model.imaging import FINAL_FRAME_HOLD, GRID_PADDING, gif_bytes, grid_image, grid_shape, png_bytes
 
 
 @pytest.mark.parametrize(("count", "shape"), [(1, (1, 1)), (2, (1, 2)), (3, (2, 2)), (4, (2, 2)), (5, (2, 3)),

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
+from facegen.model.config import ScheduleConfig
+from facegen.model.diffusion.inversion import ddim_invert, inversion_depth
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import DDIMSampler, run_chain
+from facegen.model.diffusion.schedule import NoiseSchedule
 from tests.training.test_samplers import DATA_STD, SHAPE, ideal_output
-from training.config import ScheduleConfig
-from training.diffusion.inversion import ddim_invert, inversion_depth
-from training.diffusion.noise import ImageNoise
-from training.diffusion.samplers import DDIMSampler, run_chain
-from training.diffusion.schedule import NoiseSchedule
 
 STEPS = 50
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import training.judge as judge_module
-from training.config import DataConfig
+import training.evaluation.judge as judge_module
+from facegen.model.config import DataConfig
 from training.data.celeba import load_split
 from training.data.synthetic import write_dataset
-from training.judge import (
+from training.evaluation.judge import (
     NO_AUGMENTATION,
     AttributeClassifier,
     Augmentation,

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import frechet_distance, kid, wilson_interval
+from training.evaluation.metrics import frechet_distance, kid
+from training.stats import wilson_interval
 
 
 @pytest.mark.parametrize(("rate", "n"), [(0.5, 40), (0.9, 200), (0.97, 500)])

@@ -11,20 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.checkpoints import (
+from facegen.model.checkpoints import (
     READER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     derive_checkpoint,
     load_checkpoint,
 )
-from training.config import EDIT_REGIONS, ReaderConfig, ReaderTrainConfig
+from facegen.model.config import EDIT_REGIONS, ReaderConfig, ReaderTrainConfig
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.networks.reader import LatentReader
+from facegen.model.pipeline import LatentDiffusion
+from facegen.model.regions import edit_mask
 from training.data.celeba import load_split_labels
-from training.diffusion.noise import ImageNoise
-from training.evaluate_edit import evaluate_edits
-from training.models.reader import LatentReader
-from training.pipeline import LatentDiffusion
-from training.regions import edit_mask
+from training.evaluation.evaluate_edit import evaluate_edits
 from training.train_reader import train_reader
 from training.trainer import RunOptions
 

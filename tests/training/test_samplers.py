@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from training.config import ScheduleConfig
-from training.diffusion.guidance import guided
-from training.diffusion.noise import ImageNoise
-from training.diffusion.samplers import SAMPLERS, make_sampler, run_chain, trailing_timesteps
-from training.diffusion.schedule import NoiseSchedule
+from facegen.model.config import ScheduleConfig
+from facegen.model.diffusion.guidance import guided
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import SAMPLERS, make_sampler, run_chain, trailing_timesteps
+from facegen.model.diffusion.schedule import NoiseSchedule
 
 DATA_STD = 0.5
 SHAPE = (2, 4, 4)

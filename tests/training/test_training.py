@@ -14,11 +14,8 @@ import pytest
 import torch
 
 import training.train_diffusion as train_diffusion_module
-from tests.conftest import ROOT, TINY_UNET, TINY_VAE
-from training.__main__ import main
-from training.checkpoints import load_checkpoint
-from training.config import (
-    REPORT_SEED,
+from facegen.model.checkpoints import load_checkpoint
+from facegen.model.config import (
     DataConfig,
     DiffusionTrainConfig,
     SamplingConfig,
@@ -27,14 +24,17 @@ from training.config import (
     VAEConfig,
     VAETrainConfig,
 )
+from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.manifest import Parent
+from facegen.model.networks.unet import EMBEDDING_TABLE, UNet, narrowed_attribute_table
+from facegen.model.pipeline import LatentDiffusion
+from facegen.model.regions import contrast_boost, landmark_weights, weighted_l1
+from tests.conftest import ROOT, TINY_UNET, TINY_VAE
+from training.__main__ import main
 from training.data.celeba import load_landmarks, load_split
 from training.data.layout import LANDMARK_FILE
-from training.diffusion.schedule import NoiseSchedule
-from training.evaluate import Setting, evaluate_versions
-from training.manifest import Parent
-from training.models.unet import EMBEDDING_TABLE, UNet, narrowed_attribute_table
-from training.pipeline import LatentDiffusion
-from training.regions import contrast_boost, landmark_weights, weighted_l1
+from training.evaluation.evaluate import Setting, evaluate_versions
+from training.evaluation.protocol import REPORT_SEED
 from training.runtime import BatchStream, Distributed, load_state
 from training.train_diffusion import train_diffusion
 from training.train_vae import face_contrast_boosts, train_vae
@@ -116,7 +116,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tiny_checkpoints: Path, synth_dir: P
 import os, sys, torch
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-from training.config import DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
+from facegen.model.config import DiffusionTrainConfig, SamplingConfig, ScheduleConfig, UNetConfig
 from training.trainer import RunOptions, Trainer
 import training.train_diffusion as td
 trained = {{}}
@@ -154,7 +154,7 @@ def test_ddp_fine_tunes_one_half_of_the_vae(tiny_checkpoints: Path, synth_dir: P
 import sys
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
-from training.config import DataConfig, VAEConfig, VAETrainConfig
+from facegen.model.config import DataConfig, VAEConfig, VAETrainConfig
 from training.train_vae import face_contrast_boosts, train_vae
 from training.trainer import RunOptions
 opts = RunOptions(Path({str(synth_dir)!r}), Path({str(root)!r}), Path({str(tmp_path / "run")!r}), precision="fp32",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from training.config import REPORT_SEED
-from training.judge import AttributeClassifier, JudgePanel
-from training.transitions import evaluate_transitions, transition_scores, transitions_report
+from training.evaluation.judge import AttributeClassifier, JudgePanel
+from training.evaluation.protocol import REPORT_SEED
+from training.evaluation.transitions import evaluate_transitions, transition_scores, transitions_report
 
 
 def test_success_needs_both_ends_read_right_by_the_panel_and_by_each_member() -> None:

@@ -7,8 +7,8 @@ import sys
 
 from PIL import Image
 
+from facegen.model.imaging import GRID_PADDING
 from tests.conftest import ROOT
-from training.imaging import GRID_PADDING
 
 
 def test_visualize_writes_every_picture(tiny_checkpoints, synth_dir, tmp_path) -> None:

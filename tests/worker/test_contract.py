@@ -1,9 +1,9 @@
-"""The torch-free job contract (worker.spec) names what training defines: they must agree."""
+"""The torch-free job contract (facegen.contract.spec) names what training defines: they must agree."""
 
-from training.checkpoints import LATEST as CHECKPOINT_LATEST
-from training.config import EDIT_GUIDANCE_SCALE
-from training.diffusion.samplers import SAMPLERS
-from worker.spec import DEFAULT_EDIT_GUIDANCE, DEFAULT_STEPS, LATEST, Sampler
+from facegen.contract.spec import DEFAULT_EDIT_GUIDANCE, DEFAULT_STEPS, LATEST, Sampler
+from facegen.model.checkpoints import LATEST as CHECKPOINT_LATEST
+from facegen.model.config import EDIT_GUIDANCE_SCALE
+from facegen.model.diffusion.samplers import SAMPLERS
 
 
 def test_every_sampler_of_the_contract_is_a_training_sampler_and_back() -> None:

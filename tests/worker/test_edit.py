@@ -18,13 +18,12 @@ import torch
 from PIL import Image
 from rq.job import Job
 
+from facegen.contract.spec import EDIT_MAX_SIDE
+from facegen.model.imaging import GRID_PADDING, face_crop, to_float, to_uint8
+from facegen.model.pipeline import LatentDiffusion
 from tests.conftest import ROOT, redis_url_for_db
 from tests.service.conftest import LiveServer
-from training.data.celeba import face_crop, to_float
 from training.data.synthetic import face
-from training.imaging import GRID_PADDING, to_uint8
-from training.pipeline import LatentDiffusion
-from worker.spec import EDIT_MAX_SIDE
 
 REDIS_URL = redis_url_for_db(13)
 TILE = 64

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.diffusion.samplers import trajectory_indices
-from training.runtime import cpu_has_native_bf16
+from facegen.model.device import cpu_has_native_bf16
+from facegen.model.diffusion.samplers import trajectory_indices
 from worker.engine import (
     Bucketed,
     CompileUnsupported,
@@ -38,7 +38,7 @@ def bf16_engine(tiny_checkpoints: Path) -> Engine:
 
 def assert_same_images(first: torch.Tensor, second: torch.Tensor) -> None:
     """``uint8 [N, 3, H, W]`` computed in different batches: bit-identical where the engine's CPU precision is
-    batch-invariant (native bf16, ``training.runtime.pick_dtype``); elsewhere oneDNN's fp32 kernels change with the
+    batch-invariant (native bf16, ``facegen.model.device.pick_dtype``); elsewhere oneDNN's fp32 kernels change with the
     batch size, and the pictures agree to within rounding."""
     if cpu_has_native_bf16():
         assert torch.equal(first, second)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import common, gpu_checks, gpu_summary
-from training.runtime import cpu_has_native_bf16
+from facegen.model.device import cpu_has_native_bf16
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import urllib.request
 from rq import Queue
 from rq.job import JobStatus
 
+from facegen.contract.spec import DEFAULT_QUEUE
 from scripts.processes import stop_process
 from scripts.redisctl import free_port
 from tests.conftest import ROOT
 from tests.worker.test_worker_process import connection, enqueue, worker_env  # noqa: F401 - the fixture
-from worker.spec import DEFAULT_QUEUE
 
 
 def get(url: str) -> tuple[int, bytes]:

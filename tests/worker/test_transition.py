@@ -9,10 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from training.runtime import cpu_has_native_bf16
-from training.transitions import frame_weights, sample_transition
+from facegen.contract.spec import MAX_TRANSITION_CHAINS, JobSpec
+from facegen.model.device import cpu_has_native_bf16
+from facegen.model.transitions import frame_weights
+from training.evaluation.transitions import sample_transition
 from worker.engine import Engine, ImageRequest
-from worker.spec import MAX_TRANSITION_CHAINS, JobSpec
 from worker.transition import transition_output, transition_requests
 
 STEPS = 5

@@ -11,9 +11,9 @@ import sys
 from rq import Queue
 from rq.job import JobStatus
 
+from facegen.contract.spec import DEFAULT_QUEUE
 from tests.conftest import ROOT
 from tests.worker.test_worker_process import connection, enqueue, worker_env  # noqa: F401 - the fixture
-from worker.spec import DEFAULT_QUEUE
 
 
 def test_buckets_are_warmed_up_before_the_worker_registers_and_takes_a_job(tiny_checkpoints,

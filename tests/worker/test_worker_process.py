@@ -21,12 +21,7 @@ from PIL import Image
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
-from scripts.processes import stop_process
-from scripts.redisctl import free_port
-from tests.conftest import ROOT, redis_url_for_db
-from training.imaging import GRID_PADDING
-from worker.engine import Engine, ImageRequest
-from worker.spec import (
+from facegen.contract.spec import (
     DEFAULT_QUEUE,
     JOB_FUNCTION,
     META_ARTIFACTS,
@@ -38,6 +33,11 @@ from worker.spec import (
     artifact_key,
     cancel_key,
 )
+from facegen.model.imaging import GRID_PADDING
+from scripts.processes import stop_process
+from scripts.redisctl import free_port
+from tests.conftest import ROOT, redis_url_for_db
+from worker.engine import Engine, ImageRequest
 
 REDIS_URL = redis_url_for_db(12)
 TILE = 64

@@ -18,17 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DataConfig
-from .layout import (
-    ATTR_FILE,
-    IMAGE_DIR,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    LANDMARK_FILE,
-    LANDMARK_NAMES,
-    PARTITION_FILE,
-    SPLITS,
-)
+from facegen.model.config import DataConfig
+from facegen.model.imaging import IMAGE_HEIGHT, IMAGE_WIDTH, center_crop_resize
+from training.data.layout import ATTR_FILE, IMAGE_DIR, LANDMARK_FILE, LANDMARK_NAMES, PARTITION_FILE, SPLITS
 
 
 class DatasetError(ValueError):
@@ -126,23 +118,6 @@ def load_image(path: Path, config: DataConfig) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image ({exc})") from None
 
 
-def center_crop_resize(image: Image.Image, side: int, size: int) -> np.ndarray:
-    """An RGB image -> ``uint8 [3, size, size]``: its centred ``side x side`` square, resized (bicubic)."""
-    w, h = image.size
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    image = image.resize((size, size), Image.BICUBIC, reducing_gap=2.0)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def face_crop(image: Image.Image, config: DataConfig) -> np.ndarray:
-    """Any RGB face photo -> ``uint8 [3, S, S]`` framed as training frames CelebA: the centred square whose side is
-    the fraction ``config.crop / IMAGE_WIDTH`` of the shorter side (on a 178x218 aligned image exactly
-    :func:`load_image`'s crop), resized to ``config.image_size``."""
-    side = max(1, round(min(image.size) * config.crop / IMAGE_WIDTH))
-    return center_crop_resize(image, side, config.image_size)
-
-
 def split_indices(root: Path, annotations: Annotations, split: str, limit: int | None) -> list[int]:
     """Row numbers of ``annotations`` in one split ("train", "val", "test"), the first ``limit`` of them."""
     if split not in SPLITS:
@@ -232,7 +207,3 @@ def fingerprint(root: str | Path) -> str:
         digest.update(f"{path.name}:{path.stat().st_size};".encode())
     return digest.hexdigest()
 
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """``uint8 [N, 3, S, S]`` in 0..255 -> ``float32`` in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)

@@ -6,7 +6,6 @@ PARTITION_FILE = "list_eval_partition.txt"
 LANDMARK_FILE = "list_landmarks_align_celeba.txt"  # optional: x y of five points per image, in aligned pixels
 LANDMARK_NAMES = ("lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
                   "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y")
-IMAGE_WIDTH, IMAGE_HEIGHT = 178, 218  # aligned-and-cropped CelebA images
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 ATTRIBUTE_NAMES = (

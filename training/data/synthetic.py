@@ -17,12 +17,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .layout import (
+from facegen.model.imaging import IMAGE_HEIGHT, IMAGE_WIDTH
+from training.data.layout import (
     ATTR_FILE,
     ATTRIBUTE_NAMES,
     IMAGE_DIR,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
     LANDMARK_FILE,
     LANDMARK_NAMES,
     PARTITION_FILE,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from facegen.contract import spec
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
 from service.api.routes.jobs import (
     IdempotencyKey,
@@ -22,7 +23,6 @@ from service.api.routes.jobs import (
 )
 from service.schemas import MAX_RANDOM_SEED, ErrorPublic, JobAccepted, QuotaError, WebhookCreate
 from service.uploads import UploadError, prepare_upload
-from worker import spec
 
 EDIT_PATH = "/edit"
 _ATTRIBUTES = TypeAdapter(dict[str, bool])

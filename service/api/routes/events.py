@@ -1,7 +1,7 @@
 """GET /jobs/{id}/events: the job's progress as Server-Sent Events, relayed from the job's Redis stream.
 
 The worker writes the stream (``started``, a ``progress`` per step, the final ``finished``/``failed``/``canceled``;
-see :class:`worker.spec.JobEvent`); this route relays its entries with their stream ids as SSE ids, so a client
+see :class:`facegen.contract.spec.JobEvent`); this route relays its entries with their stream ids as SSE ids, so a client
 that reconnects with ``Last-Event-ID`` continues after the last entry it got. While the job waits in the queue the
 route sends ``queued`` events with the queue position (ids ``0-1``, ``0-2``, … sort before every stream id). A job
 that ended without a final entry (a worker killed for good, an expired stream) gets its final event from its RQ
@@ -25,12 +25,12 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
+from facegen.contract import connection, spec
+from facegen.contract.spec import FINAL_EVENTS, JobEvent
 from service import job_ops
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, caller_of, require_api_key
 from service.api.routes.jobs import GONE, NOT_FOUND, _fetch
 from service.config import Settings
-from worker import connection, spec
-from worker.spec import FINAL_EVENTS, JobEvent
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
 

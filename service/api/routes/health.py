@@ -7,11 +7,11 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from facegen.contract import spec
+from facegen.contract.artifacts import ArtifactStore, ArtifactStoreUnavailable
 from service import registry
 from service.api.deps import ServicesDep
 from service.schemas import Health, Readiness
-from worker import spec
-from worker.artifacts import ArtifactStore, ArtifactStoreUnavailable
 
 router = APIRouter(tags=["health"])
 

@@ -16,6 +16,8 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
+from facegen.contract import spec
+from facegen.contract.artifacts import OpenedArtifact
 from service import admission, images, job_ops, keys, registry
 from service.api.deps import (
     UNAUTHORIZED,
@@ -44,8 +46,6 @@ from service.schemas import (
 from service.tenancy import ANONYMOUS, Caller
 from service.webhooks import delivery as webhook_delivery
 from service.webhooks import targets
-from worker import spec
-from worker.artifacts import OpenedArtifact
 
 # Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
 # (Settings.retry_after_s) since the job is already being worked on.

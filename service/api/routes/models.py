@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from facegen.contract import spec
 from service import registry
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
 from service.schemas import ErrorPublic, ModelList, ModelPublic
-from worker import spec
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={**UNAUTHORIZED, **UNAVAILABLE})

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from facegen.model.networks.reader import LatentReader
+from facegen.model.networks.unet import UNet
+from facegen.model.networks.vae import VAE
+
 from .checkpoints import READER_FILE, load_checkpoint, load_part
 from .config import (
     ATTRIBUTE_READ_SPAN,
@@ -33,9 +37,6 @@ from .diffusion.noise import ImageNoise
 from .diffusion.samplers import DDIMSampler, StepCallback, StepConstraint, make_sampler, run_chain
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, VAEManifest
-from .models.reader import LatentReader
-from .models.unet import UNet
-from .models.vae import VAE
 from .regions import edit_mask
 
 
@@ -91,7 +92,7 @@ class LatentDiffusion:
 
     def labels_for(self, attributes: Mapping[str, float]) -> torch.Tensor:
         """``float32 [A]``: each given attribute's value (1/0 for True/False; a value in between blends the two,
-        see :class:`~training.models.unet.AttributeEmbedding`), the null label for the model's others.
+        see :class:`~facegen.model.networks.unet.AttributeEmbedding`), the null label for the model's others.
 
         Raises ``ValueError`` naming the valid attributes when one is unknown."""
         unknown = sorted(set(attributes) - set(self.attributes))
@@ -152,7 +153,7 @@ class LatentDiffusion:
     def invert_latents(self, latents: torch.Tensor, labels: torch.Tensor, steps: int, depth: int,
                        callback: InversionCallback | None = None,
                        unet: torch.nn.Module | None = None) -> torch.Tensor:
-        """DDIM inversion (``training.diffusion.inversion``) of scaled latents ``[N, C, h, w]`` under ``labels
+        """DDIM inversion (``facegen.model.diffusion.inversion``) of scaled latents ``[N, C, h, w]`` under ``labels
         [N, A]`` (unguided; the null label = unconditional) through ``depth`` of ``steps`` DDIM steps: the latents
         (float32) from which ``sample_latents(..., "ddim", steps, ..., start=(steps - depth, x))`` regenerates."""
         unet = self.unet if unet is None else unet
@@ -218,7 +219,7 @@ class LatentDiffusion:
 
         ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each regeneration step the latents (and the x0
         prediction ``callback`` sees) outside the region of the attributes the targets set
-        (:func:`~training.regions.edit_mask`) are put back on the input's inversion path, so the rest of the face
+        (:func:`~facegen.model.regions.edit_mask`) are put back on the input's inversion path, so the rest of the face
         stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM with
         eta > 0. ``hold_guidance``: the step size of :meth:`hold_step` (used when the version has a reader)."""
         if reference not in EDIT_REFERENCES:

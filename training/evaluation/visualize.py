@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .data.celeba import load_split, to_float
-from .diffusion.noise import ImageNoise
-from .diffusion.samplers import trajectory_indices
-from .imaging import gif_bytes, grid_image, to_uint8
-from .pipeline import LatentDiffusion
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import trajectory_indices
+from facegen.model.imaging import gif_bytes, grid_image, to_float, to_uint8
+from facegen.model.pipeline import LatentDiffusion
+from training.data.celeba import load_split
 
 
 def denoising_trajectory(model: LatentDiffusion, attributes: dict[str, bool], seed: int, count: int, sampler: str,

@@ -1,6 +1,6 @@
 """The checkpoint manifest as frozen, typed dataclasses: readers use attributes, never string keys.
 
-``manifest.json`` stays plain JSON on disk (sealed by ``training.checkpoints``); :func:`parse_manifest` turns it
+``manifest.json`` stays plain JSON on disk (sealed by ``facegen.model.checkpoints``); :func:`parse_manifest` turns it
 into a :class:`VAEManifest` or :class:`DiffusionManifest`, migrating older ``format_version`` layouts first, and
 ``to_dict`` writes it back. The configs inside are the same dataclasses the trainers use.
 """

@@ -37,10 +37,10 @@ EDIT_MAX_IMAGE_BYTES = 256 * 1024
 # An edit's depth into the noise and its guidance when the request leaves them out: with the source label as the
 # guidance reference, the pair of the `python -m training evaluate-edit` sweeps at which the judge reads the target on
 # at least 90% of edits in both directions while changing the least of the rest of the face (EVALUATION.md, "Editing
-# a real face"). The guidance repeats training.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
+# a real face"). The guidance repeats facegen.model.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
 DEFAULT_EDIT_STRENGTH = 0.6
 DEFAULT_EDIT_GUIDANCE = 3.0
-# The version name training.checkpoints resolves to the newest; repeated here because this module stays torch-free
+# The version name facegen.model.checkpoints resolves to the newest; repeated here because this module stays torch-free
 # (tests/worker/test_contract.py checks the two agree).
 LATEST = "latest"
 
@@ -51,7 +51,7 @@ KEY_PREFIX = "facegen"
 
 
 class Sampler(StrEnum):
-    """Reverse-diffusion samplers the worker offers: the names of ``training.diffusion.samplers.SAMPLERS``, which
+    """Reverse-diffusion samplers the worker offers: the names of ``facegen.model.diffusion.samplers.SAMPLERS``, which
     this torch-free module cannot import (tests/worker/test_contract.py checks they agree)."""
 
     dpmpp = "dpmpp"  # DPM-Solver++(2M), deterministic
@@ -208,7 +208,7 @@ class BatchKey(BaseModel):
 
 # ----- Redis keys ---------------------------------------------------------------------------------------------
 def artifact_key(job_id: str, kind: str) -> str:
-    """Redis key of a job's artifact in the Redis artifact store (worker/artifacts.py); ``kind`` names it:
+    """Redis key of a job's artifact in the Redis artifact store (facegen/contract/artifacts.py); ``kind`` names it:
     ``"grid"`` (PNG), ``"animation"`` (GIF) or an :func:`image_kind` (one image's PNG)."""
     return f"{KEY_PREFIX}:artifact:{job_id}:{kind}"
 
@@ -232,7 +232,7 @@ def model_registry_key(version: str) -> str:
 MODEL_INDEX_KEY = f"{KEY_PREFIX}:models"
 
 
-# ----- fair queueing across API keys (worker/fair_queue.py) --------------------------------------------------
+# ----- fair queueing across API keys (facegen/contract/fair_queue.py) --------------------------------------------------
 # A job submitted with an API key waits in its key's own list until a worker serves the keys in turn; its RQ origin
 # stays the queue, so RQ's registries, retries and maintenance work as for any job.
 OWNER_FIELD = "facegen_owner"  # field of the RQ job hash: the key id that submitted the job (absent: open API)

@@ -1,6 +1,6 @@
 """``python -m training evaluate``: attribute control, KID/FID and VAE reconstruction, each with its uncertainty.
 
-- The judge (:mod:`training.judge`) is a panel of classifiers (``--judges``, default five seeds) trained on the
+- The judge (:mod:`training.evaluation.judge`) is a panel of classifiers (``--judges``, default five seeds) trained on the
   folder's train split with a generator's failure modes as augmentations; a verdict is their mean probability, and
   each rate comes with every member's own. Its accuracy on the sharp test split, a blurred copy and the VAE's
   reconstructions is reported beside everything it judges, with a warning when they differ by more than 2 points.
@@ -28,11 +28,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoints import load_checkpoint, read_manifest, resolve_version, update_metrics
-from .config import JUDGE_PANEL_SIZE, REPORT_SEED, REPORT_SPLIT, TUNING_SEED, TUNING_SPLIT, DataConfig
-from .data.celeba import load_split, to_float
-from .diffusion.noise import ImageNoise
-from .imaging import to_uint8
+from facegen.model.checkpoints import load_checkpoint, read_manifest, resolve_version, update_metrics
+from facegen.model.config import DataConfig
+from facegen.model.device import pick_device, pick_dtype
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.imaging import to_float, to_uint8
+from facegen.model.manifest import DiffusionManifest
+from facegen.model.networks.vae import VAE
+from facegen.model.pipeline import LatentDiffusion
+from training.data.celeba import load_split
+from training.evaluation.protocol import (
+    JUDGE_PANEL_SIZE,
+    REPORT_SEED,
+    REPORT_SPLIT,
+    TUNING_SEED,
+    TUNING_SPLIT,
+)
+from training.train_vae import psnr, reconstruct_images
+
 from .judge import (
     JudgePanel,
     Verdicts,
@@ -43,12 +56,7 @@ from .judge import (
     robustness,
     train_panel,
 )
-from .manifest import DiffusionManifest
 from .metrics import InceptionFeatures, kid
-from .models.vae import VAE
-from .pipeline import LatentDiffusion
-from .runtime import pick_device, pick_dtype
-from .train_vae import psnr, reconstruct_images
 
 HEADLINE_MIN_N = 500  # images per label the headline row needs before the report calls it one
 
@@ -247,7 +255,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
     manifest's ``metrics`` (under ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also
     measured on their own (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
     folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`);
-    ``judge_cache``: one for the judge panel's weights (see :func:`~training.judge.train_panel`).
+    ``judge_cache``: one for the judge panel's weights (see :func:`~training.evaluation.judge.train_panel`).
 
     ``precision`` is the sampling precision (``auto``: the worker's, fp16 on CUDA and bf16 on CPU). A report
     (``tuning=False``) refuses seeds that trained or tuned a model (:func:`seeds_used`)."""

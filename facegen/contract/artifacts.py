@@ -5,7 +5,7 @@ through :class:`ArtifactStore`; the API reads them through it. Which store serve
 (``ARTIFACT_STORE``), read once by :func:`open_store`; nothing else branches on it.
 
 - :class:`RedisArtifactStore` (the default, for one machine): each artifact is a Redis key
-  (:func:`worker.spec.artifact_key`) that expires with the job.
+  (:func:`facegen.contract.spec.artifact_key`) that expires with the job.
 - :class:`S3ArtifactStore`: each artifact is an object ``{S3_PREFIX}{job_id}/{name}`` in ``S3_BUCKET`` of any
   S3-compatible store (AWS S3, MinIO, SeaweedFS), reached with boto3's default credential chain (the standard
   ``AWS_*`` variables, a profile, an instance or pod role). The job in Redis, which expires after

@@ -16,7 +16,7 @@
   for the primary on every new connection and follow a failover; ``REDIS_URL`` then gives only the scheme
   (``rediss`` = TLS, to the Sentinels too), the credentials and the database.
 
-Imports neither torch nor FastAPI: the API process uses it as it uses :mod:`worker.spec`.
+Imports neither torch nor FastAPI: the API process uses it as it uses :mod:`facegen.contract.spec`.
 """
 
 from __future__ import annotations

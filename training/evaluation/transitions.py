@@ -3,12 +3,12 @@ attribute values to them, and how well that works on a model.
 
 Frame ``f`` of ``F`` conditions on ``w_f = f / (F - 1)`` of the way: an attribute wanted ``True`` takes the label
 value ``w_f``, one wanted ``False`` ``1 - w_f``; the UNet blends the label vectors of 0 and 1 linearly
-(:class:`~training.models.unet.AttributeEmbedding`). Every frame of an image draws its noise from the same stream
+(:class:`~facegen.model.networks.unet.AttributeEmbedding`). Every frame of an image draws its noise from the same stream
 and runs the same sampler, so only the condition changes.
 
 ``python -m training transitions`` (:func:`evaluate_transitions`) measures on ``n`` faces per target value:
 
-- ``success``: the judge panel (``evaluate``'s, :class:`~training.judge.JudgePanel`) reads the first frame as the
+- ``success``: the judge panel (``evaluate``'s, :class:`~training.evaluation.judge.JudgePanel`) reads the first frame as the
   source value and the last as the target (with a 95% Wilson interval and each member's rate; the product goal is
   >= 90%);
 - ``first_as_source`` / ``last_as_target``: each end alone;
@@ -27,25 +27,15 @@ from typing import Any
 
 import torch
 
-from .config import JUDGE_PANEL_SIZE
-from .data.celeba import to_float
-from .diffusion.noise import ImageNoise
-from .imaging import to_uint8
+from facegen.model.device import pick_device, pick_dtype
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.imaging import to_float, to_uint8
+from facegen.model.pipeline import LatentDiffusion
+from facegen.model.transitions import frame_attributes, frame_weights
+from training.evaluation.protocol import JUDGE_PANEL_SIZE
+from training.train_vae import psnr
+
 from .judge import JudgePanel, describe_panel, first_attribute_only, format_rate, panel_rate, train_panel
-from .pipeline import LatentDiffusion
-from .runtime import pick_device, pick_dtype
-from .train_vae import psnr
-
-
-def frame_weights(frames: int) -> list[float]:
-    """``frames`` (>= 2) evenly spaced fractions from 0 (source) to 1 (target), both ends exact."""
-    return [f / (frames - 1) for f in range(frames)]
-
-
-def frame_attributes(attributes: dict[str, bool], weight: float) -> dict[str, float]:
-    """The condition ``weight`` of the way from the opposite of ``attributes`` to them (``weight = 1``: exactly
-    ``attributes`` as 1.0/0.0)."""
-    return {name: weight if wanted else 1.0 - weight for name, wanted in attributes.items()}
 
 
 @torch.no_grad()

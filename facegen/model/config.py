@@ -10,27 +10,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-# Compute precisions every entry point accepts (``training.runtime.pick_dtype`` turns one into a dtype).
+# Compute precisions every entry point accepts (``facegen.model.device.pick_dtype`` turns one into a dtype).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# Noise seeds of ``python -m training evaluate``: reported numbers never come from the seeds that chose a setting.
-REPORT_SEED = 1_000_003
-TUNING_SEED = 0
-# ... and their held-out faces: a report judges the test split; choosing (``--tuning``) never looks at it
-REPORT_SPLIT = "test"
-TUNING_SPLIT = "val"
-JUDGE_PANEL_SIZE = 5  # classifiers in the judge of `evaluate` (seeds: the evaluation seed and the next four)
-# evaluate-edit's default sweep; 0 is the VAE round trip alone: how often the judge's readings change with no edit at
-# all (the kept rates' ceiling, set by the VAE and the judge's borderline cases, not by the edit)
-EDIT_SWEEP_STRENGTHS = (0.0, 0.3, 0.45, 0.6, 0.8)
 # What an edit inverts under and guides away from (``LatentDiffusion.edit_latents``): the source's label or the null
 # (unconditional) one, and the edit's guidance scale; the defaults are the measured ones (EVALUATION.md, "Editing a
-# real face"); worker.spec.DEFAULT_EDIT_GUIDANCE repeats the scale torch-free (tests/worker/test_contract.py).
+# real face"); facegen.contract.spec.DEFAULT_EDIT_GUIDANCE repeats the scale torch-free (tests/worker/test_contract.py).
 EDIT_REFERENCES = ("source", "null")
 EDIT_REFERENCE = "source"
 EDIT_GUIDANCE_SCALE = 3.0
 # Where an edit may change the face: "region" keeps every latent outside the edited attributes' regions on the input's
-# own inversion path (``training.regions.edit_mask``), "image" lets the whole image change.
+# own inversion path (``facegen.model.regions.edit_mask``), "image" lets the whole image change.
 EDIT_SCOPES = ("region", "image")
 EDIT_SCOPE = "region"
 # An edit holds the attributes it leaves open at the input's values, read by the model itself (``LatentDiffusion.

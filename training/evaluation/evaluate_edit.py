@@ -5,7 +5,7 @@ strength of a sweep, by the worker's path (:meth:`LatentDiffusion.edit_latents`)
 ``strength`` of the ``steps`` DDIM steps, DDIM regeneration under the target with guidance; inversion and guidance
 reference the source's label (or, with ``--reference null``, the unconditional model). Each strength is scored by:
 
-- success: the judge (``training.judge``, trained with a generator's failure modes as augmentations) reads the target;
+- success: the judge (``training.evaluation.judge``, trained with a generator's failure modes as augmentations) reads the target;
 - PSNR of the edit to its input (the 64x64 crop the model saw);
 - kept: the judge's reading of each other attribute (``Eyeglasses``, ``Male``, ``Young``) is the same on the edit as
   on its input, per attribute and all at once.
@@ -32,15 +32,16 @@ from typing import Any
 
 import torch
 
-from .config import EDIT_HOLD_GUIDANCE, EDIT_REFERENCE, EDIT_SCOPE, JUDGE_PANEL_SIZE, DataConfig
-from .data.celeba import to_float
-from .diffusion.inversion import inversion_depth
-from .diffusion.noise import ImageNoise
-from .imaging import to_uint8
+from facegen.model.config import EDIT_HOLD_GUIDANCE, EDIT_REFERENCE, EDIT_SCOPE, DataConfig
+from facegen.model.device import pick_device, pick_dtype
+from facegen.model.diffusion.inversion import inversion_depth
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.imaging import to_float, to_uint8
+from facegen.model.pipeline import LatentDiffusion
+from training.evaluation.protocol import JUDGE_PANEL_SIZE
+from training.train_vae import psnr
+
 from .judge import JudgePanel, describe_panel, format_rate, panel_rate, train_panel
-from .pipeline import LatentDiffusion
-from .runtime import pick_device, pick_dtype
-from .train_vae import psnr
 
 KEPT_ATTRIBUTES = ("Eyeglasses", "Male", "Young")
 TARGET_SUCCESS = 0.90  # the issue's targets at the default strength
@@ -101,7 +102,7 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
     """The sweep: for each scope, reference, guidance scale (None: the model's own), hold guidance (acts with a
     reader only: a version without one is measured once, as 0), strength and direction, ``n``
     held-out faces edited and scored (:func:`score_edits`) by one judge panel of ``judges`` classifiers from
-    ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.judge.train_panel`)."""
+    ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.evaluation.judge.train_panel`)."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]

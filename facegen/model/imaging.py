@@ -8,13 +8,18 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .config import DataConfig
+
 GRID_PADDING = 2  # pixels between and around tiles
 GRID_BACKGROUND = (255, 255, 255)
 FINAL_FRAME_HOLD = 4  # the last GIF frame stays this many frame durations
+# CelebA's aligned-and-cropped images: the frame training faces come in, and that uploaded photos are cropped like
+IMAGE_WIDTH, IMAGE_HEIGHT = 178, 218
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -64,3 +69,24 @@ def gif_bytes(frames: list[torch.Tensor], fps: int) -> bytes:
                            loop=0, disposal=1, optimize=False)
     return buffer.getvalue()
 
+
+def center_crop_resize(image: Image.Image, side: int, size: int) -> np.ndarray:
+    """An RGB image -> ``uint8 [3, size, size]``: its centred ``side x side`` square, resized (bicubic)."""
+    w, h = image.size
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    image = image.resize((size, size), Image.BICUBIC, reducing_gap=2.0)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def face_crop(image: Image.Image, config: DataConfig) -> np.ndarray:
+    """Any RGB face photo -> ``uint8 [3, S, S]`` framed as training frames CelebA: the centred square whose side is
+    the fraction ``config.crop / IMAGE_WIDTH`` of the shorter side (on a 178x218 aligned image exactly
+    :func:`load_image`'s crop), resized to ``config.image_size``."""
+    side = max(1, round(min(image.size) * config.crop / IMAGE_WIDTH))
+    return center_crop_resize(image, side, config.image_size)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, 3, S, S]`` in 0..255 -> ``float32`` in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import JUDGE_PANEL_SIZE, REPORT_SPLIT, DataConfig
-from .data.celeba import fingerprint, load_split, to_float
-from .imaging import to_uint8
-from .metrics import wilson_interval
-from .runtime import cached_tensors
+from facegen.model.config import DataConfig
+from facegen.model.imaging import to_float, to_uint8
+from training.data.celeba import fingerprint, load_split
+from training.evaluation.protocol import JUDGE_PANEL_SIZE, REPORT_SPLIT
+from training.runtime import cached_tensors
+from training.stats import rate
 
 # the accuracies of the robustness check may differ by this much before the report warns
 ROBUSTNESS_TOLERANCE = 0.02
@@ -256,13 +257,6 @@ def blurred(images: torch.Tensor, sigma_at_64: float = TEST_BLUR_SIGMA) -> torch
     """``uint8 [N, 3, S, S]`` blurred with one Gaussian (``sigma`` pixels at 64x64, scaled with ``S``)."""
     sigma = torch.full((len(images),), sigma_at_64 * images.shape[-1] / 64)
     return to_uint8(gaussian_blur(to_float(images), sigma))
-
-
-def rate(hits: torch.Tensor) -> dict[str, Any]:
-    """A success rate with its 95% Wilson interval: ``{"rate", "low", "high", "n"}`` from a bool/0-1 tensor."""
-    n, k = hits.numel(), int(hits.sum())
-    low, high = wilson_interval(k, n)
-    return {"rate": k / n if n else float("nan"), "low": low, "high": high, "n": n}
 
 
 def members_range(rates: list[float]) -> str:

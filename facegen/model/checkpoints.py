@@ -1,6 +1,6 @@
 """Versioned, self-describing checkpoints: ``<root>/<kind>/<version>/{model.safetensors, manifest.json}``.
 
-The manifest (:mod:`training.manifest`, typed) holds everything needed to rebuild the network (configs), what it
+The manifest (:mod:`facegen.model.manifest`, typed) holds everything needed to rebuild the network (configs), what it
 was trained on, and the sha256 of every weight file, plus an ``integrity`` hash of the manifest itself. Loading verifies both and
 refuses anything that does not match; weights are read with safetensors, never unpickled. A version is never
 overwritten; ``latest`` is the manifest with the newest ``created_at``.
@@ -32,7 +32,7 @@ MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
 
 # The checkpoints shipped in this repository (the demo model); the worker serves them unless told otherwise.
-BUNDLED_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+BUNDLED_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 class CheckpointError(RuntimeError):
