@@ -12,7 +12,7 @@ import argparse
 
 from bench.common import markdown_table, model_arguments, save
 from bench.samplers import measure
-from facegen.model.checkpoints import load_checkpoint
+from facegen.model.checkpoints import read_evaluation, resolve_version
 from worker.engine import Engine
 
 BASELINE = ("ddpm", 1000)
@@ -20,9 +20,8 @@ DEFAULT = ("dpmpp", 20)
 
 
 def evaluation_of(checkpoints: str, version: str, guidance: float) -> dict[str, dict]:
-    """``{"ddpm-1000": {...}, "dpmpp-20": {...}}`` from the manifest's stored evaluation, where present."""
-    manifest = load_checkpoint(checkpoints, "diffusion", version).manifest
-    settings = manifest.metrics.get("evaluation", {}).get("settings", [])
+    """``{"ddpm-1000": {...}, "dpmpp-20": {...}}`` from the version's evaluation record, where present."""
+    settings = read_evaluation(resolve_version(checkpoints, "diffusion", version)).get("evaluation", {}).get("settings", [])
     wanted = {f"{s}-{n}-g{guidance:g}": f"{s}-{n}" for s, n in (BASELINE, DEFAULT)}
     return {wanted[entry["setting"]]: entry for entry in settings if entry.get("setting") in wanted}
 

@@ -2,8 +2,9 @@
 
 The manifest (:mod:`facegen.model.manifest`, typed) holds everything needed to rebuild the network (configs), what it
 was trained on, and the sha256 of every weight file, plus an ``integrity`` hash of the manifest itself. Loading verifies both and
-refuses anything that does not match; weights are read with safetensors, never unpickled. A version is never
-overwritten; ``latest`` is the manifest with the newest ``created_at``.
+refuses anything that does not match; weights are read with safetensors, never unpickled. A version never changes
+once written: numbers measured later go to its evaluation record (``evaluation.json``) beside it. ``latest`` is the
+manifest with the newest ``created_at``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .manifest import FORMAT_VERSION, KINDS, Manifest, ManifestError, Parent, pa
 WEIGHTS_FILE = "model.safetensors"
 READER_FILE = "reader.safetensors"  # a diffusion version's latent attribute reader, when it has one
 MANIFEST_FILE = "manifest.json"
+# Numbers measured after a version was sealed (``python -m training evaluate``), kept beside it, never in the manifest
+EVALUATION_FILE = "evaluation.json"
 LATEST = "latest"
 
 # The checkpoints shipped in this repository (the demo model); the worker serves them unless told otherwise.
@@ -199,12 +202,35 @@ def load_part(checkpoint: Checkpoint, name: str, device: str = "cpu") -> dict[st
         raise CheckpointError(f"{checkpoint.path / name}: unreadable ({exc})") from None
 
 
-def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> Manifest:
-    """Merge evaluation ``metrics`` into a version's manifest (weights untouched) and re-seal it."""
+def read_evaluation(directory: str | Path) -> dict[str, Any]:
+    """The evaluation record beside a version: ``{entry: results}`` (e.g. ``"evaluation"``, ``"tuning"``), ``{}``
+    when it has none. Refused when the record names another version or another manifest than the folder's."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    _write_manifest(directory, manifest.replace(metrics={**manifest.metrics, **metrics}))
-    return read_manifest(directory)
+    path = directory / EVALUATION_FILE
+    if not path.is_file():
+        return {}
+    manifest_hash = sha256_file(directory / MANIFEST_FILE)
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("manifest_sha256") != manifest_hash:
+        raise CheckpointError(f"{path}: recorded for another manifest than {directory / MANIFEST_FILE}")
+    return record["results"]
+
+
+def record_evaluation(directory: str | Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``results`` (``{entry: results}``) into the evaluation record beside a version, replaced atomically.
+    The sealed manifest and the weights stay byte for byte as they were: a version never changes once written."""
+    directory = Path(directory)
+    read_manifest(directory)  # only a sound version gets a record
+    merged = read_evaluation(directory) | results
+    record = {"version": directory.name, "manifest_sha256": sha256_file(directory / MANIFEST_FILE),
+              "results": merged}
+    tmp = directory / (EVALUATION_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / EVALUATION_FILE)
+    return merged
 
 
 def derive_checkpoint(root: str | Path, kind: str, version: str,

@@ -13,15 +13,18 @@ import torch
 
 from facegen.model.checkpoints import (
     BUNDLED_CHECKPOINTS,
+    EVALUATION_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     list_versions,
     load_checkpoint,
+    read_evaluation,
+    read_manifest,
+    record_evaluation,
     resolve_version,
     save_checkpoint,
     shared_parts,
-    update_metrics,
     warm_start,
 )
 from facegen.model.config import DataConfig, VAEConfig, VAETrainConfig
@@ -34,6 +37,7 @@ from facegen.model.manifest import (
     parse_manifest,
 )
 
+FORMAT_1 = Path(__file__).resolve().parents[1] / "fixtures" / "format1"
 MANIFEST = VAEManifest(model=VAEConfig(channels=(8,)), data=DataConfig(), attributes=("Smiling",),
                        dataset_fingerprint="f" * 64,
                        training=TrainingRun(VAETrainConfig(steps=1), 1, 10, "float32", 1, "cpu"))
@@ -107,10 +111,36 @@ def test_wrong_kind_missing_and_bad_names(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "empty", "vae")
 
 
-def test_update_metrics_reseals_the_manifest(tmp_path: Path) -> None:
+def test_an_evaluation_record_sits_beside_a_version_that_never_changes(tmp_path: Path) -> None:
     folder = _save(tmp_path)
-    update_metrics(folder, {"fid": 12.5})
-    assert load_checkpoint(tmp_path, "vae", folder.name).manifest.metrics == {"fid": 12.5}
+    sealed = {name: (folder / name).read_bytes() for name in (MANIFEST_FILE, WEIGHTS_FILE)}
+    assert read_evaluation(folder) == {}
+    record_evaluation(folder, {"evaluation": {"fid": 12.5}})
+    assert record_evaluation(folder, {"tuning": {"seeds": [3]}}) == {"evaluation": {"fid": 12.5}, "tuning": {"seeds": [3]}}
+    assert read_evaluation(folder) == {"evaluation": {"fid": 12.5}, "tuning": {"seeds": [3]}}
+    assert {name: (folder / name).read_bytes() for name in sealed} == sealed  # byte for byte
+    assert load_checkpoint(tmp_path, "vae", folder.name).manifest.metrics == MANIFEST.metrics
+
+
+def test_an_evaluation_record_of_another_manifest_is_refused(tmp_path: Path) -> None:
+    first, second = _save(tmp_path), _save(tmp_path)
+    record_evaluation(first, {"evaluation": {"fid": 1.0}})
+    shutil.copy(first / EVALUATION_FILE, second / EVALUATION_FILE)
+    with pytest.raises(CheckpointError, match="another manifest"):
+        read_evaluation(second)
+
+
+def test_the_bundled_versions_are_sealed_and_their_records_match() -> None:
+    """What git carries: the served diffusion version and its VAE, each verified, each with its evaluation record,
+    and nothing else (every other version lives in the model store)."""
+    served = load_checkpoint(BUNDLED_CHECKPOINTS, "diffusion")
+    vae = load_checkpoint(BUNDLED_CHECKPOINTS, "vae", served.manifest.vae_version)
+    assert [m.version for m in list_versions(BUNDLED_CHECKPOINTS, "diffusion")] == [served.version]
+    assert [m.version for m in list_versions(BUNDLED_CHECKPOINTS, "vae")] == [vae.version]
+    for checkpoint in (served, vae):
+        assert read_evaluation(checkpoint.path)["evaluation"]
+    weights = sum(path.stat().st_size for path in BUNDLED_CHECKPOINTS.rglob("*.safetensors"))
+    assert weights <= 25 * 2**20
 
 
 def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Path, tmp_path: Path) -> None:
@@ -128,11 +158,12 @@ def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Pa
     assert load_checkpoint(root, "diffusion", source.version).manifest == source.manifest  # untouched
 
 
-def test_bundled_format_1_manifests_migrate_to_typed_ones() -> None:
-    vae = load_checkpoint(BUNDLED_CHECKPOINTS, "vae", "20261129-025024-3a2c52").manifest
+def test_format_1_manifests_migrate_to_typed_ones() -> None:
+    """Manifests of the first format, as two published versions carry them."""
+    vae = read_manifest(FORMAT_1 / "vae")
     assert isinstance(vae, VAEManifest) and vae.training.examples == 24000
     assert vae.training.config.landmark_weight == 0.0  # trained before the landmark loss existed
-    diffusion = load_checkpoint(BUNDLED_CHECKPOINTS, "diffusion", "20261129-122215-08db79").manifest  # format 1
+    diffusion = read_manifest(FORMAT_1 / "diffusion")
     assert isinstance(diffusion, DiffusionManifest) and diffusion.training.weights == "ema"
     assert diffusion.training.config.min_snr_gamma == 0.0 and diffusion.training.examples == 48000
     assert parse_manifest(diffusion.to_dict()) == diffusion  # the JSON form round-trips

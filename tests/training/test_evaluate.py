@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from facegen.model.checkpoints import load_checkpoint
+from facegen.model.checkpoints import MANIFEST_FILE, load_checkpoint, read_evaluation
 from training.data.celeba import load_split
 from training.evaluation.evaluate import SeedError, Setting, evaluate, evaluate_versions, markdown_report
 from training.evaluation.judge import first_attribute_only
@@ -17,13 +17,15 @@ from training.evaluation.protocol import JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_S
 
 @pytest.fixture()
 def checkpoints(tiny_checkpoints: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny checkpoints: evaluation writes metrics into the manifest."""
+    """A copy of the tiny checkpoints: evaluation writes records beside its versions."""
     return Path(shutil.copytree(tiny_checkpoints, tmp_path / "ck"))
 
 
 def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoints: Path, synth_dir: Path) -> None:
+    sealed = {path: path.read_bytes() for path in checkpoints.rglob(MANIFEST_FILE)}
     results = evaluate(checkpoints, "latest", synth_dir, n=6, settings=[Setting("dpmpp", 3, 2.0)], seed=REPORT_SEED,
                        classifier_steps=5, precision="fp32")
+    assert {path: path.read_bytes() for path in sealed} == sealed  # a published manifest never changes
     row = results["settings"][0]
     for key in ("fid", "fid_smiling", "fid_not_smiling", "kid", "kid_std", "kid_smiling", "accuracy_smiling",
                 "accuracy_not_smiling", "seconds_per_image"):
@@ -45,9 +47,9 @@ def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoin
     real, through_vae = results["floors"]["real"], results["floors"]["vae"]
     assert real["reference_images"] == 12 and all(math.isfinite(real[k]) for k in ("kid", "fid"))
     assert through_vae["fid"] != real["fid"]  # the round trip changes the faces, and so their distance
-    manifest = load_checkpoint(checkpoints, "diffusion", "latest").manifest
-    assert manifest.metrics["evaluation"]["settings"][0]["setting"] == "dpmpp-3-g2"
-    assert manifest.metrics["evaluation"]["seed"] == REPORT_SEED
+    record = read_evaluation(load_checkpoint(checkpoints, "diffusion", "latest").path)
+    assert record["evaluation"]["settings"][0]["setting"] == "dpmpp-3-g2"
+    assert record["evaluation"]["seed"] == REPORT_SEED
     report = markdown_report(results, "python -m training evaluate …")
     assert "| dpmpp | 3 | 2 |" in report and "(12 / 12)" in report and "not a headline measurement" in report
     assert "floors at the same n: real training faces KID" in report
@@ -59,7 +61,7 @@ def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints:
     with pytest.raises(SeedError, match=f"seed {TUNING_SEED} trained or tuned"):
         evaluate(checkpoints, "latest", synth_dir, seed=TUNING_SEED, **args)
     evaluate(checkpoints, "latest", synth_dir, seed=77, tuning=True, **args)
-    metrics = load_checkpoint(checkpoints, "diffusion", "latest").manifest.metrics
+    metrics = read_evaluation(load_checkpoint(checkpoints, "diffusion", "latest").path)
     assert metrics["tuning"]["seeds"] == [77] and "evaluation" not in metrics
     with pytest.raises(SeedError, match="seed 77"):  # once it has tuned, 77 no longer reports
         evaluate(checkpoints, "latest", synth_dir, seed=77, **args)
@@ -74,7 +76,7 @@ def test_a_vae_version_is_measured_alone_by_the_same_judge(checkpoints: Path, sy
     # the diffusion model decodes with the same VAE: its round trip is the same measurement, up to latent scaling
     assert vae_row["vae_psnr_db"] == pytest.approx(model_row["vae_psnr_db"], abs=0.05)
     assert vae_row["judge_on_reconstructions"]["n"] == 12
-    assert load_checkpoint(checkpoints, "vae", vae_version).manifest.metrics["evaluation"]["vae_version"] == vae_version
+    assert read_evaluation(load_checkpoint(checkpoints, "vae", vae_version).path)["evaluation"]["vae_version"] == vae_version
     assert f"VAE `{vae_version}` alone" in markdown_report(vae_row, "python -m training evaluate …")
     assert vae_row["judge_seeds"] == model_row["judge_seeds"]
     # without a diffusion version: the VAE alone, the same judge (same seed and steps), nothing generated
@@ -93,7 +95,7 @@ def test_choosing_a_vae_judges_the_validation_split_and_leaves_the_report_alone(
     args = dict(n=2, settings=[], classifier_steps=2, precision="fp32", vae_versions=(vae_version,))
     (report,) = evaluate_versions(checkpoints, [], synth_dir, seed=REPORT_SEED, **args)
     (chosen,) = evaluate_versions(checkpoints, [], synth_dir, seed=TUNING_SEED, tuning=True, **args)
-    metrics = load_checkpoint(checkpoints, "vae", vae_version).manifest.metrics
+    metrics = read_evaluation(load_checkpoint(checkpoints, "vae", vae_version).path)
     assert (report["split"], chosen["split"]) == ("test", "val")
     assert metrics["evaluation"] == report and metrics["tuning"] == chosen
     assert chosen["judge_seeds"] == list(range(TUNING_SEED, TUNING_SEED + JUDGE_PANEL_SIZE))

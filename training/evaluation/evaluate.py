@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from facegen.model.checkpoints import load_checkpoint, read_manifest, resolve_version, update_metrics
+from facegen.model.checkpoints import (
+    load_checkpoint,
+    read_evaluation,
+    read_manifest,
+    record_evaluation,
+    resolve_version,
+)
 from facegen.model.config import DataConfig
 from facegen.model.device import pick_device, pick_dtype
 from facegen.model.diffusion.noise import ImageNoise
@@ -88,9 +94,9 @@ def sweep_settings(guidance: float | None) -> list[Setting]:
     return settings + [Setting("dpmpp", 20, g) for g in (1.0, 2.0, 4.0) if g != guidance]
 
 
-def seeds_used(manifest: DiffusionManifest) -> set[int]:
-    """Seeds that shaped a model: its training seed and every tuning seed recorded in its metrics."""
-    return {TUNING_SEED, manifest.training.config.seed, *manifest.metrics.get("tuning", {}).get("seeds", [])}
+def seeds_used(manifest: DiffusionManifest, evaluation: dict[str, Any]) -> set[int]:
+    """Seeds that shaped a model: its training seed and every tuning seed in its evaluation record."""
+    return {TUNING_SEED, manifest.training.config.seed, *evaluation.get("tuning", {}).get("seeds", [])}
 
 
 @torch.no_grad()
@@ -196,7 +202,7 @@ def floors(model: LatentDiffusion, tools: Instruments) -> dict[str, dict[str, fl
 
 def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments, n: int, settings: list[Setting],
                    seed: int, tuning: bool) -> dict[str, Any]:
-    """One model's numbers (see :func:`evaluate_versions`), merged into its manifest's metrics."""
+    """One model's numbers (see :func:`evaluate_versions`), merged into its evaluation record."""
     reconstructions = reconstruct(model, tools.images)
     reconstructed = tools.judge.read(reconstructions)  # read once: for the robustness check and the agreement
     results: dict[str, Any] = {
@@ -220,19 +226,19 @@ def evaluate_model(checkpoints: Path, model: LatentDiffusion, tools: Instruments
         results["settings"].append(row)
         print({"version": model.version} | {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
               flush=True)
+    directory = resolve_version(checkpoints, "diffusion", model.version)
     if tuning:
-        tuned = model.manifest.metrics.get("tuning", {})
+        tuned = read_evaluation(directory).get("tuning", {})
         results["seeds"] = sorted({*tuned.get("seeds", []), seed})
-    update_metrics(resolve_version(checkpoints, "diffusion", model.version),
-                   {"tuning" if tuning else "evaluation": results})
+    record_evaluation(directory, {"tuning" if tuning else "evaluation": results})
     return results
 
 
 def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: torch.device, seed: int,
                    tuning: bool) -> dict[str, Any]:
     """A VAE version alone (float32): PSNR of the held-out faces' reconstructions, the judge's agreement between
-    each image and its reconstruction, and the judge's accuracy on the reconstructions; merged into its manifest's
-    metrics (under ``tuning`` when choosing, else ``evaluation``)."""
+    each image and its reconstruction, and the judge's accuracy on the reconstructions; merged into its evaluation
+    record (under ``tuning`` when choosing, else ``evaluation``)."""
     checkpoint = load_checkpoint(checkpoints, "vae", version)
     vae = VAE(checkpoint.manifest.model)
     vae.load_state_dict({k: v.float() for k, v in checkpoint.state_dict.items()})
@@ -242,7 +248,7 @@ def vae_round_trip(checkpoints: Path, version: str, tools: Instruments, device: 
                "vae_psnr_db": psnr(to_float(recon), to_float(tools.images)),
                "vae_attribute_agreement": verdicts.rate_of(tools.verdicts),
                "judge_on_reconstructions": verdicts.rate_of(tools.labels[:, 0])}
-    update_metrics(checkpoint.path, {"tuning" if tuning else "evaluation": results})
+    record_evaluation(checkpoint.path, {"tuning" if tuning else "evaluation": results})
     return results
 
 
@@ -252,7 +258,7 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
                       judge_cache: Path | None = None, judges: int = JUDGE_PANEL_SIZE) -> list[dict[str, Any]]:
     """Several diffusion versions side by side, judged by one judge panel (``judges`` classifiers) against one set
     of reference features (they must share a data config). Each version's numbers are also merged into its
-    manifest's ``metrics`` (under ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also
+    evaluation record (``evaluation.json`` beside it, under ``evaluation``, or ``tuning`` with ``tuning=True``). ``vae_versions`` are also
     measured on their own (:func:`vae_round_trip`) by the same judge; their rows come first in the returned list. ``feature_cache``: a
     folder for the Inception features of image sets evaluations repeat (see :class:`InceptionFeatures`);
     ``judge_cache``: one for the judge panel's weights (see :func:`~training.evaluation.judge.train_panel`).
@@ -271,7 +277,8 @@ def evaluate_versions(checkpoints: Path, versions: list[str], data: Path, n: int
         raise ValueError(f"versions {versions or vae_versions} differ in their data config or first attribute; "
                          "evaluate them apart")
     for model in models:  # refuse before any work
-        if not tuning and seed in seeds_used(model.manifest):
+        record = read_evaluation(resolve_version(checkpoints, "diffusion", model.version))
+        if not tuning and seed in seeds_used(model.manifest, record):
             raise SeedError(f"seed {seed} trained or tuned model {model.version}; report on other seeds "
                             f"(default {REPORT_SEED}) or pass --tuning")
     (data_cfg,) = data_configs
