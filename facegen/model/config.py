@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # What an edit inverts under and guides away from (``LatentDiffusion.edit_latents``): the source's label or the null
-# (unconditional) one, and the edit's guidance scale; the defaults are the measured ones (EVALUATION.md, "Editing a
-# real face"); facegen.contract.spec.DEFAULT_EDIT_GUIDANCE repeats the scale torch-free (tests/worker/test_contract.py).
+# (unconditional) one, and the edit's guidance scale; the defaults are the ones ``python -m training evaluate-edit``
+# chose; facegen.contract.spec.DEFAULT_EDIT_GUIDANCE repeats the scale torch-free (tests/worker/test_contract.py).
 EDIT_REFERENCES = ("source", "null")
 EDIT_REFERENCE = "source"
 EDIT_GUIDANCE_SCALE = 3.0
@@ -30,7 +30,7 @@ ATTRIBUTE_READ_TRIALS = 16
 ATTRIBUTE_READ_SPAN = (0.1, 0.9)
 # With a latent attribute reader in the version (``python -m training reader``), an edit also steers each step's x0
 # prediction inside the edited region down the gradient of the reader's loss against the input's own readings of the
-# attributes the edit leaves open, by this step size (0: off); measured in EVALUATION.md, ninth update.
+# attributes the edit leaves open, by this step size (0: off; chosen by ``evaluate-edit --hold-guidance``).
 EDIT_HOLD_GUIDANCE = 0.5
 # Each attribute's region in the aligned crop: an ellipse (centre x, centre y, radius x, radius y) in fractions of the
 # image side. Smiling's spans the mouth of CelebA's aligned faces (mean mouth centre 0.74 of the side down the crop)

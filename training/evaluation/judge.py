@@ -9,7 +9,7 @@ reconstructions, so every number it judges comes with the evidence that it can j
 ``evaluate`` judges with a :class:`JudgePanel`: several such classifiers, trained alike from consecutive seeds, whose
 verdict is their mean probability. One classifier's decision boundary depends on its seed, and a faint stroke near
 it is read one way or the other by chance: two judges differing only in their seed measured the same VAE's round trip
-at 97.1% and 97.9% (EVALUATION.md, tenth update). The panel's verdict varies less, and every rate it reports comes
+at 97.1% and 97.9%. The panel's verdict varies less, and every rate it reports comes
 with each member's own rate, so the seeds' spread stays in view.
 """
 
