@@ -32,6 +32,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	./scripts/ensure_chromium.sh
+	./scripts/ensure_promtool.sh
 	$(PY) -m scripts.redisctl run -- $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
