@@ -141,8 +141,7 @@ def submitted_at_of(job: Job) -> datetime | None:
 
 
 def started_at_of(job: Job) -> datetime | None:
-    """When the job's sampling began: its batch's start (``META_BATCH_RUN``), else RQ's ``started_at`` (which RQ
-    rewrites when it stores the job's share after the batch; the worker sets it back)."""
+    """When the job was claimed for its batch (``META_BATCH_RUN``), else RQ's ``started_at``."""
     run = job.meta.get(spec.META_BATCH_RUN)
     raw = run.get("started_at") if isinstance(run, dict) else None
     try:

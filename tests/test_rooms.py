@@ -179,3 +179,17 @@ def test_a_rule_breach_is_seen() -> None:
             test_room_imports_only_what_its_rules_allow("facegen.model")
     finally:
         SOURCES[module] = saved
+
+
+RQ_ADAPTER = "worker.jobs"  # the worker's one contact with RQ: the job function, the RQ worker, the batch's adapter
+
+
+def rq_importers(room: str) -> set[str]:
+    """The modules of ``room`` that import ``rq`` or one of its modules."""
+    return {module for module, imported in SOURCES.items() if room_of(module) == room
+            and any(target == "rq" or target.startswith("rq.") for target in imported)}
+
+
+def test_only_the_rq_adapter_imports_rq_in_the_worker() -> None:
+    """The batch steps reach RQ through the adapter only, so an RQ release can break one module at most."""
+    assert rq_importers("worker") == {RQ_ADAPTER}

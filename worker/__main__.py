@@ -20,11 +20,10 @@ import torch
 
 from facegen.contract.artifacts import open_store
 from facegen.contract.connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
-from facegen.contract.fair_queue import FairQueue
 from facegen.contract.spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
 from facegen.model.checkpoints import CheckpointError, list_versions
 
-from . import jobs
+from . import batch, jobs
 from .engine import CompileUnsupported, Engine
 from .metrics import Liveness, WorkerMetrics
 from .settings import WorkerSettings
@@ -120,16 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     info = model_info(engine, settings, name)
     metrics.model.info({"version": info.version, "vae_version": info.vae_version, "device": info.device,
                         "dtype": info.dtype})
-    runtime = jobs.WorkerRuntime(engine, settings, metrics, liveness, open_store(settings, connection))
+    runtime = batch.WorkerRuntime(engine, settings, metrics, liveness, open_store(settings, connection))
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
-    queues = [FairQueue(name_, connection=connection) for name_ in settings.queue_names()]
-    worker = jobs.FacegenWorker(queues, connection=connection, name=name, runtime=runtime)
     log.info("serving model %s (%s) from Redis at %s", info.version,
              json.dumps({"device": info.device, "dtype": info.dtype, "max_batch": settings.max_batch}),
              describe(settings))
     try:
-        worker.work(burst=args.burst, with_scheduler=False)
+        jobs.work(connection, settings, name, lambda queue: batch.perform_batch(queue, runtime), runtime.tick,
+                  burst=args.burst)
     finally:
         stop.set()
     return 0

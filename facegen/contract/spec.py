@@ -36,8 +36,8 @@ EDIT_MAX_SIDE = 256
 EDIT_MAX_IMAGE_BYTES = 256 * 1024
 # An edit's depth into the noise and its guidance when the request leaves them out: with the source label as the
 # guidance reference, the pair of the `python -m training evaluate-edit` sweeps at which the judge reads the target on
-# at least 90% of edits in both directions while changing the least of the rest of the face (EVALUATION.md, "Editing
-# a real face"). The guidance repeats facegen.model.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
+# at least 90% of edits in both directions while changing the least of the rest of the face.
+# The guidance repeats facegen.model.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
 DEFAULT_EDIT_STRENGTH = 0.6
 DEFAULT_EDIT_GUIDANCE = 3.0
 # The version name facegen.model.checkpoints resolves to the newest; repeated here because this module stays torch-free
@@ -319,8 +319,8 @@ META_RESOLVED = "resolved"  # the parameters actually used: steps, guidance_scal
 META_ARTIFACTS = "artifacts"  # {"grid": where, "animation": where} (a Redis key, an s3:// URL), set when it finishes
 META_ERROR = "error"  # a one-line reason when the job failed (no traceback)
 META_BATCH = "batch"  # {"jobs": n, "images": m}: the denoising batch this job shared
-# {"id": the batch's first job's id, "started_at": ISO time}: which batch, and when it began denoising (the worker
-# sets RQ's started_at back to it; the API reads it from here first)
+# {"id": the batch's first job's id, "started_at": ISO time}: which batch, and when the job was claimed for it (RQ's
+# own started_at, written once at the claim; the API reads it from here first)
 META_BATCH_RUN = "batch_run"
 DEFAULT_ARTIFACT_TTL_S = 24 * 3600  # artifacts and finished jobs live this long in Redis
 ARTIFACT_MEDIA_TYPES = {"grid": "image/png", "animation": "image/gif"}

@@ -7,8 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.jobs import Batch, JobCanceled, ProgressReporter, WorkerRuntime
+from worker.batch import Batch, WorkerRuntime
+from worker.errors import JobCanceled
 from worker.metrics import WorkerMetrics
+from worker.progress import ProgressReporter
 from worker.settings import WorkerSettings
 
 
@@ -45,7 +47,7 @@ class BlockingRedis:
 
 class FakeJob:
     def __init__(self):
-        self.id, self.timeout, self.meta, self.saved = "job-1", None, {}, []
+        self.id, self.timeout_s, self.meta, self.saved = "job-1", None, {}, []
 
     def save_meta(self):
         self.saved.append(dict(self.meta))
