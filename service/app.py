@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     conn = redis_clients.connect(settings, on_error=metrics.count_redis_error)
     async_conn = redis_clients.connect_async(settings, on_error=metrics.count_redis_error)
     event_streams = events.Streams.connect(settings, on_error=metrics.count_redis_error)
-    metrics.registry.register(QueueCollector(conn, settings.queue_name, key_labels))
+    metrics.registry.register(QueueCollector(conn, settings.queue_name, settings.webhook_queue, key_labels))
     queue = redis_clients.make_queue(conn, settings)
 
     @asynccontextmanager

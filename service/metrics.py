@@ -95,12 +95,13 @@ class Metrics:
 
 
 class QueueCollector(Collector):
-    """Queue depth (also by API key), RQ registry sizes and live models, read from Redis when Prometheus
-    scrapes."""
+    """Queue depth (also by API key), RQ registry sizes, live models, the webhook deliveries waiting and Redis's
+    memory, read from Redis when Prometheus scrapes."""
 
-    def __init__(self, conn: redis.Redis, queue_name: str, key_labels: KeyLabels) -> None:
+    def __init__(self, conn: redis.Redis, queue_name: str, webhook_queue: str, key_labels: KeyLabels) -> None:
         self.conn = conn
         self.queue_name = queue_name
+        self.webhook_queue = webhook_queue
         self.key_labels = key_labels
 
     def describe(self) -> Iterable[Metric]:
@@ -122,6 +123,8 @@ class QueueCollector(Collector):
             counts = {name: reg.get_job_count(cleanup=False) for name, reg in registries.items()}
             models = registry.read_models(self.conn)
             by_key = waiting_by_key(self.conn, self.queue_name)
+            deliveries = Queue(self.webhook_queue, connection=self.conn).count
+            memory = self.conn.info("memory")
         except redis.RedisError as exc:
             log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -146,6 +149,14 @@ class QueueCollector(Collector):
         for model in models:
             live.add_metric([model.version], 1)
         yield live
+        backlog = GaugeMetricFamily("facegen_webhook_queue_depth", "Webhook deliveries waiting to be sent.",
+                                    labels=["queue"])
+        backlog.add_metric([self.webhook_queue], deliveries)
+        yield backlog
+        yield GaugeMetricFamily("facegen_redis_memory_used_bytes", "Memory Redis uses (INFO memory used_memory).",
+                                value=memory.get("used_memory", 0))
+        yield GaugeMetricFamily("facegen_redis_memory_max_bytes",
+                                "Redis's maxmemory (INFO memory maxmemory; 0: no limit).", value=memory.get("maxmemory", 0))
 
 
     def _by_key(self, by_key: dict[str, int]) -> Metric:

@@ -21,11 +21,6 @@ NOT_PRODUCT = {"tests", "bench", "docs", "k8s", "docker", "requirements", "check
 
 # Series Prometheus itself makes, not an exporter: target health and alert state.
 PROMETHEUS_SERIES = {"up": "scrape target health", "ALERTS": "alert state"}
-# Series of exporters facegen does not ship, allowed in alert rules only (the rule's comment says what it needs).
-EXTERNAL_SERIES = {
-    "redis_memory_used_bytes": "redis_exporter (oliver006/redis_exporter)",
-    "redis_memory_max_bytes": "redis_exporter (oliver006/redis_exporter)",
-}
 
 _DEFINITION = re.compile(
     r"\b(Counter|Gauge|Histogram|Summary|Info|Enum"

@@ -14,7 +14,6 @@ import yaml
 
 from scripts import prometheus_rule
 from tests.ops.catalog import (
-    EXTERNAL_SERIES,
     OPERATIONS,
     PROMETHEUS_SERIES,
     REPO,
@@ -105,15 +104,9 @@ def test_every_alert_is_labelled_annotated_and_has_a_runbook():
 
 
 def test_rules_read_only_exported_metrics():
-    allowed = exported_series() | set(PROMETHEUS_SERIES) | set(EXTERNAL_SERIES)
+    allowed = exported_series() | set(PROMETHEUS_SERIES)
     exprs = {rule["alert"]: rule["expr"] for rule in alerts()}
     assert not unknown_metrics(exprs, allowed), unknown_metrics(exprs, allowed)
-    # a rule on another exporter's metrics says so in a comment next to it
-    text = RULES.read_text()
-    for name in EXTERNAL_SERIES:
-        if name in text:
-            block = text[: text.index(name)].rsplit("- alert:", 1)[1]
-            assert "Needs redis_exporter" in block, f"the rule reading {name} does not say what it needs"
 
 
 # ----- one source, two deliveries ---------------------------------------------------------------------------------

@@ -36,8 +36,12 @@ def test_metric_names_are_exposed(client):
         "facegen_redis_up",
         "facegen_queue_depth",
         "facegen_queue_registry_jobs",
+        "facegen_webhook_queue_depth",
+        "facegen_redis_memory_used_bytes",
+        "facegen_redis_memory_max_bytes",
     ):
         assert expected in names, expected
+    assert value(samples, "facegen_redis_memory_used_bytes") > 0  # read from Redis's INFO memory
 
 
 def test_requests_counted_by_route_template_and_status(client):
