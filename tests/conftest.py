@@ -93,3 +93,48 @@ def artifact_store_switch() -> Iterator[None]:
         print(f"\n[artifact store] the session stored {stored} objects in s3://{server.bucket}", file=sys.stderr)
     finally:
         server.stop()
+
+
+# ---- markers for `make check`, which runs only the tests with neither ----------------------------------------------
+# `services`: the test needs Redis, a server or worker process, SeaweedFS or a browser. Set when it uses one of
+# SERVICE_FIXTURES (directly or through another fixture), when its module talks to a Redis database of its own (a
+# module-level REDIS_URL), or when its path starts with one of SERVICE_PATHS.
+# `slow`: the test trains or compiles for long (tens of seconds to minutes on a CPU); set by SLOW_TESTS, node-id
+# prefixes, besides the tests that carry the marker themselves.
+# `make test` runs everything; `make check` runs ``-m "not services and not slow"`` with Redis out of reach, so that
+# a test which reaches a service without being marked fails there instead of passing by luck.
+SERVICE_FIXTURES = frozenset({
+    "redis_url",  # tests/service: the Redis of `make test`
+    "conn", "connection",  # a client of a test database
+    "live_server", "background_worker",  # `python -m service`, a worker thread serving the queue
+    "private_redis", "tls_redis",  # redis-server processes of the test's own
+    "s3_server",  # SeaweedFS
+})
+SERVICE_PATHS = (
+    "tests/reliability/",  # real processes on a real Redis, broken on purpose
+    "tests/service/test_admission_replicas.py",  # a primary and a replica of its own
+    "tests/worker/test_warm_up.py",  # `python -m worker` processes
+)
+SLOW_TESTS = (
+    "tests/training/test_evaluate.py",  # trains a judge, measures KID/FID (minutes)
+    "tests/training/test_judge.py::test_augmented_judge_",  # trains judges
+    "tests/training/test_judge.py::test_a_cached_judge_",
+    "tests/training/test_judge.py::test_a_panel_reads_the_mean_",
+    "tests/training/test_training.py::test_diffusion_loss_goes_down",  # trains until the loss falls
+    "tests/training/test_training.py::test_ddp_",  # two training processes
+    "tests/worker/test_engine.py::test_compiled_unet_",  # inductor compiles the UNet
+)
+
+
+def needs_services(item: pytest.Item) -> bool:
+    return (bool(SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+            or hasattr(getattr(item, "module", None), "REDIS_URL")
+            or item.nodeid.startswith(SERVICE_PATHS))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if needs_services(item):
+            item.add_marker(pytest.mark.services)
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)

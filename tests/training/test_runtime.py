@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from facegen.model import device
 from training import runtime
 
 
@@ -19,19 +20,19 @@ def first_image_alone_and_in_a_batch(dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_on_cpu_is_bf16_where_it_is_native_else_fp32(monkeypatch, native: bool):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
-    assert runtime.pick_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    assert device.pick_dtype(torch.device("cpu"), "auto") == (torch.bfloat16 if native else torch.float32)
 
 
-@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU emulates bf16")
+@pytest.mark.skipif(not device.cpu_has_native_bf16(), reason="this CPU emulates bf16")
 def test_native_bf16_is_the_batch_invariant_precision():
     assert torch.equal(*first_image_alone_and_in_a_batch(torch.bfloat16))
 
 
 def test_auto_is_fp16_on_cuda_and_explicit_choices_stand():
-    assert runtime.pick_dtype(torch.device("cuda"), "auto") == torch.float16
-    assert runtime.pick_dtype(torch.device("cpu"), "fp32") == torch.float32
-    assert runtime.pick_dtype(torch.device("cpu"), "fp16") == torch.float16
+    assert device.pick_dtype(torch.device("cuda"), "auto") == torch.float16
+    assert device.pick_dtype(torch.device("cpu"), "fp32") == torch.float32
+    assert device.pick_dtype(torch.device("cpu"), "fp16") == torch.float16
 
 
 @pytest.mark.parametrize("local_rank", [0, 1])
@@ -47,10 +48,10 @@ def test_each_rank_makes_its_own_gpu_current_before_joining_the_group(monkeypatc
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend, device_id=None: calls.append(("init_process_group", backend, device_id)))
     monkeypatch.setattr(dist, "get_rank", lambda: local_rank)
-    device, dtype, ddp = runtime.start_run("cuda", "auto", None, seed=0)
+    run_device, dtype, ddp = runtime.start_run("cuda", "auto", None, seed=0)
     own = torch.device("cuda", local_rank)
     assert calls == [("set_device", own), ("init_process_group", "nccl", own)]
-    assert device == own and dtype == torch.float16 and (ddp.rank, ddp.world, ddp.local_rank) == (local_rank, 2, local_rank)
+    assert run_device == own and dtype == torch.float16 and (ddp.rank, ddp.world, ddp.local_rank) == (local_rank, 2, local_rank)
 
 
 def test_cpu_ranks_join_gloo_without_a_device(monkeypatch) -> None:
