@@ -18,6 +18,7 @@ from service.api.main import ROUTERS
 from service.api.middleware import BodyLimitMiddleware
 from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
 from service.api.routes import events
+from service.api.routes import webhooks as webhook_routes
 from service.api.routes.edit import EDIT_PATH
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.event_streams = event_streams
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(webhook_routes.router)
     exact_openapi_bounds(app)
     add_error_handlers(app, settings, metrics)
 

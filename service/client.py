@@ -27,7 +27,8 @@ from typing import Any
 
 import httpx
 
-from facegen.contract.spec import DEFAULT_COUNT, DEFAULT_SAMPLER, LATEST, Sampler
+from facegen.contract.fields import DEFAULT_COUNT, LATEST
+from facegen.contract.spec import DEFAULT_SAMPLER, Sampler
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ENDED = {"finished", "failed", "canceled", "stopped"}

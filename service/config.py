@@ -97,14 +97,26 @@ class Settings(RedisSettings, ArtifactSettings):
     # A job that fails with a transient error, or whose worker dies, is run again up to this many times.
     job_retries: Annotated[int, Field(ge=0, le=10)] = 2
     # ----- webhooks (service/webhooks): POST /generate queues a delivery, `python -m service.webhooks` sends it
-    # Standard Webhooks signing secret, "whsec_" + base64 (the delivery process needs it; the API does not).
+    # Standard Webhooks master secret, "whsec_" + base64; unset = webhooks off. Each API key's deliveries are signed
+    # with a secret derived from it and the key id (shown to the key by GET /webhooks/secret), never with it.
     webhook_secret: Annotated[SecretStr | None, Field(repr=False)] = None
-    # Let webhook URLs reach private, loopback, link-local and reserved addresses (cloud metadata stays refused).
+    # The master secret before a rotation, "whsec_" + base64: while set, every delivery is signed with the secrets
+    # derived from both (two signatures), so receivers can switch to their new secret; unset = no rotation.
+    webhook_secret_previous: Annotated[SecretStr | None, Field(repr=False)] = None
+    # Let webhook URLs reach private, loopback and reserved addresses (link-local and cloud metadata stay refused).
     webhook_allow_private: bool = False
+    # Comma-separated ports webhook URLs may name (a URL without a port uses 80 or 443).
+    webhook_allowed_ports: Annotated[tuple[Annotated[int, Field(ge=1, le=65535)], ...], NoDecode,
+                                     Field(min_length=1)] = (80, 443)
+    # Delivery attempts of one API key's jobs in flight at once, across delivery processes (the open API's jobs
+    # count as one key); an attempt over the limit is put back for a moment, so a slow receiver holds at most this
+    # many senders and other keys' deliveries go on.
+    webhook_tenant_concurrency: Annotated[int, Field(ge=1, le=1000)] = 2
     webhook_queue: Annotated[str, Field(min_length=1)] = "facegen-webhooks"
     # Seconds before each retry of a failed delivery (comma-separated): 6 attempts over about 10 minutes.
     webhook_retry_intervals: Annotated[tuple[Annotated[int, Field(ge=0)], ...], NoDecode] = (10, 30, 60, 120, 360)
-    # One delivery attempt gives up after this many seconds (connect + answer).
+    # One delivery attempt gives up after this many seconds in all: connect, send, and the answer's status and
+    # headers (a receiver that drips its answer cannot stretch it); at most 64 KiB of the answer's body is read.
     webhook_timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
     # The delivery process releases the deliveries of jobs that ended without doing so this often (and runs RQ's
     # maintenance of its queue).
@@ -130,6 +142,18 @@ class Settings(RedisSettings, ArtifactSettings):
     def _secret_is_whsec(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             signing_key(value)  # raises ValueError naming the expected form
+        return value
+
+    _split_ports = field_validator("webhook_allowed_ports", mode="before")(_split_csv)
+
+    @field_validator("webhook_secret_previous")
+    @classmethod
+    def _previous_secret_is_whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                signing_key(value)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("WEBHOOK_SECRET", "WEBHOOK_SECRET_PREVIOUS", 1)) from None
         return value
 
     @field_validator("quota_overrides")

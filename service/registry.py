@@ -9,7 +9,7 @@ import redis
 import redis.asyncio
 from pydantic import ValidationError
 
-from facegen.contract import spec
+from facegen.contract import fields, spec
 
 # Without any worker in the registry, requests may still name these (they wait in the queue for one).
 FALLBACK_ATTRIBUTES = ["Smiling"]
@@ -81,7 +81,7 @@ def _parse_models(raws: list[bytes | None]) -> list[spec.ModelInfo]:
 
 def find_model(models: list[spec.ModelInfo], version: str) -> spec.ModelInfo | None:
     """The entry serving ``version``; for ``"latest"`` the one flagged ``is_latest`` (the newest if several)."""
-    if version == spec.LATEST:
+    if version == fields.LATEST:
         latest = [m for m in models if m.is_latest]
         return latest[-1] if latest else None
     return next((m for m in models if m.version == version), None)
@@ -97,10 +97,10 @@ def resolve_attributes(
     if models:
         model = find_model(models, version)
         if model is None:
-            known = ", ".join([spec.LATEST] + [m.version for m in models])
+            known = ", ".join([fields.LATEST] + [m.version for m in models])
             raise FieldError("model", f"unknown model {version!r}; live workers serve: {known}", version)
         names = model.attributes
-    elif version == spec.LATEST:
+    elif version == fields.LATEST:
         names = FALLBACK_ATTRIBUTES
     else:
         raise FieldError("model", f"unknown model {version!r}: no worker has published a model yet; use 'latest'",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -9,11 +12,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from rq.job import JobStatus
 
-from facegen.contract import spec
+from facegen.contract import fields, spec
 from service.webhooks.targets import check_url
-
-# Seeds the API draws itself stay below 2**53 so that JavaScript clients (the playground) read them exactly.
-MAX_RANDOM_SEED = 2**53 - 1
 
 GENERATE_EXAMPLES = [
     {"label": "smiling", "count": 4, "seed": 1234},
@@ -73,40 +73,32 @@ class JobCreate(BaseModel):
     )
 
     label: Annotated[
-        str | None,
+        fields.Label | None,
         Field(
-            min_length=1,
-            max_length=64,
             description='Condition as one label, case-insensitive: "smiling" or "not_smiling" (any attribute '
             "the model knows, with or without the not_ prefix; see GET /models).",
             examples=["smiling"],
         ),
     ] = None
     attributes: Annotated[
-        dict[str, bool] | None,
+        fields.AttributeMap | None,
         Field(
-            min_length=1,
-            max_length=40,
             description="Condition on several attributes at once (multi-attribute models): attribute name -> wanted. "
             "Names as listed by GET /models, case-insensitive.",
             examples=[{"Smiling": True, "Eyeglasses": False}],
         ),
     ] = None
-    count: Annotated[int, Field(ge=1, le=spec.MAX_COUNT, description="Images in the grid.")] = spec.DEFAULT_COUNT
+    count: Annotated[fields.Count, Field(description="Images in the grid.")] = fields.DEFAULT_COUNT
     seed: Annotated[
-        int | None,
+        fields.Seed | None,
         Field(
-            ge=0,
-            le=spec.MAX_SEED,
             description="Random seed; the same seed gives the same images whatever the count. "
             "Drawn at random (below 2^53) when absent, and echoed back.",
         ),
     ] = None
     steps: Annotated[
-        int | None,
+        fields.Steps | None,
         Field(
-            ge=1,
-            le=spec.MAX_STEPS,
             description="Denoising steps; default: the sampler's ("
             + ", ".join(f"{k.value} {v}" for k, v in spec.DEFAULT_STEPS.items())
             + ").",
@@ -116,30 +108,23 @@ class JobCreate(BaseModel):
         spec.DEFAULT_SAMPLER
     )
     guidance_scale: Annotated[
-        float | None,
+        fields.GuidanceScale | None,
         Field(
-            ge=0.0,
-            le=spec.MAX_GUIDANCE,
-            allow_inf_nan=False,
             description="Classifier-free guidance scale (0 = unconditional); default: the model's.",
         ),
     ] = None
     animation: Annotated[bool, Field(description="Also render the denoising trajectory as a GIF.")] = False
     animation_frames: Annotated[
-        int | None,
+        fields.AnimationFrames | None,
         Field(
-            ge=2,
-            le=spec.MAX_ANIMATION_FRAMES,
-            description=f"GIF frames (used when animation is true); default {spec.DEFAULT_ANIMATION_FRAMES}.",
+            description=f"GIF frames (used when animation is true); default {fields.DEFAULT_ANIMATION_FRAMES}.",
         ),
     ] = None
     animation_fps: Annotated[
-        int | None,
+        fields.AnimationFps | None,
         Field(
-            ge=1,
-            le=spec.MAX_ANIMATION_FPS,
             description=f"GIF frame rate (used when animation or transition is true); default "
-            f"{spec.DEFAULT_ANIMATION_FPS}.",
+            f"{fields.DEFAULT_ANIMATION_FPS}.",
         ),
     ] = None
     transition: Annotated[
@@ -150,47 +135,75 @@ class JobCreate(BaseModel):
                           "Exclusive with animation."),
     ] = False
     transition_frames: Annotated[
-        int | None,
+        fields.TransitionFrames | None,
         Field(
-            ge=2,
-            le=spec.MAX_TRANSITION_FRAMES,
             description=f"Transition frames per image (each a full denoising chain; count x transition_frames at "
-            f"most {spec.MAX_TRANSITION_CHAINS}); default {spec.DEFAULT_TRANSITION_FRAMES}.",
+            f"most {fields.MAX_TRANSITION_CHAINS}); default {fields.DEFAULT_TRANSITION_FRAMES}.",
         ),
     ] = None
     first_index: Annotated[
-        int,
+        fields.FirstIndex,
         Field(
-            ge=0,
-            le=spec.MAX_FIRST_INDEX,
             description="Index of the first image in the seed's sequence: the job's images are images first_index "
             "… first_index+count-1 of the seed, as in a grid of first_index+count (reproduces one image of a grid).",
         ),
     ] = 0
     model: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=64,
-            pattern=r"^[A-Za-z0-9._-]+$",
-            description='Model version (see GET /models); "latest" is the newest one the workers serve.',
-        ),
-    ] = spec.LATEST
+        fields.ModelVersion,
+        Field(description='Model version (see GET /models); "latest" is the newest one the workers serve.'),
+    ] = fields.LATEST
     webhook: WebhookField = None
-
-    @field_validator("label")
-    @classmethod
-    def _normalise_label(cls, value: str | None) -> str | None:
-        return value.strip().lower() if value is not None else None
 
     def field_errors(self) -> list[tuple[str, str]]:
         """Cross-field problems as ``(field, message)``; empty when the request is consistent."""
-        if (self.label is None) == (self.attributes is None):
-            which = "both were given" if self.label is not None else "neither was given"
-            return [("label", f"give exactly one of 'label' and 'attributes' ({which})")]
-        frames = self.transition_frames or spec.DEFAULT_TRANSITION_FRAMES
+        problem = condition_problem(self.label, self.attributes)
+        if problem is not None:
+            return [problem]
+        frames = self.transition_frames or fields.DEFAULT_TRANSITION_FRAMES
         problem = spec.transition_problem(self.animation, self.transition, self.count, frames)
         return [problem] if problem is not None else []
+
+    def fingerprint(self) -> str:
+        """A text that identifies the request's content (what an Idempotency-Key is held to)."""
+        return self.model_dump_json()
+
+
+@dataclass(frozen=True)
+class EditCreate:
+    """An edit request: POST /edit's form, its fields parsed and bounded by the route. Give exactly one of ``label``
+    and ``attributes``."""
+
+    image: bytes  # the uploaded file as sent (not checked yet: service/uploads.py)
+    label: str | None
+    attributes: dict[str, bool] | None
+    strength: float
+    seed: int | None
+    steps: int | None
+    guidance_scale: float | None
+    animation: bool
+    model: str
+    webhook: WebhookCreate | None
+    webhook_json: str | None  # the webhook as sent, part of the fingerprint
+
+    def field_errors(self) -> list[tuple[str, str]]:
+        """Cross-field problems as ``(field, message)``; empty when the request is consistent."""
+        problem = condition_problem(self.label, self.attributes)
+        return [problem] if problem is not None else []
+
+    def fingerprint(self) -> str:
+        """A text that identifies the request's content (what an Idempotency-Key is held to)."""
+        return json.dumps({"image": hashlib.sha256(self.image).hexdigest(), "label": self.label,
+                           "attributes": self.attributes, "strength": self.strength, "seed": self.seed,
+                           "steps": self.steps, "guidance_scale": self.guidance_scale, "animation": self.animation,
+                           "model": self.model, "webhook": self.webhook_json})
+
+
+def condition_problem(label: str | None, attributes: dict[str, bool] | None) -> tuple[str, str] | None:
+    """``(field, message)`` unless the request gives exactly one of ``label`` and ``attributes``."""
+    if (label is None) != (attributes is None):
+        return None
+    which = "both were given" if label is not None else "neither was given"
+    return ("label", f"give exactly one of 'label' and 'attributes' ({which})")
 
 
 class JobLinks(BaseModel):
@@ -200,6 +213,12 @@ class JobLinks(BaseModel):
         str | None, Field(description="The GIF, once finished; present only when the request asked for it "
                                       "(animation or transition).")
     ] = None
+
+    @classmethod
+    def of(cls, root_path: str, job_id: str, animation: bool) -> JobLinks:
+        """The links of job ``job_id`` under the API's ``root_path``; ``animation``: the job stores a GIF."""
+        base = f"{root_path}/jobs/{job_id}"
+        return cls(self=base, result=f"{base}/result", animation=f"{base}/animation" if animation else None)
 
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler: Any) -> dict[str, Any]:
@@ -323,3 +342,18 @@ class JobStateError(ErrorPublic):
 
     status: JobStatus
     error: str | None = None
+
+
+class WebhookSecret(BaseModel):
+    """GET /webhooks/secret: the secret the caller's webhook deliveries are signed with (Standard Webhooks)."""
+
+    key_id: Annotated[str | None, Field(
+        description="The API key's id (first 32 hex digits of its sha256) the secret belongs to; null while the "
+                    "API has no keys (one secret for every job).")]
+    secret: Annotated[str, Field(
+        description='Verify each delivery\'s "webhook-signature" with it, e.g. with a Standard Webhooks library.',
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])]
+    previous_secret: Annotated[str | None, Field(
+        description="While the server rotates its signing secret, the secret deliveries are also signed with "
+                    "(each carries both signatures): the one receivers verified with until now. Switch to "
+                    "`secret` before the rotation ends; null outside a rotation.")] = None

@@ -1,8 +1,8 @@
 """The wire contract between the service and the worker.
 
-Everything that crosses Redis is defined here once: the job spec, the queue and function names, the Redis key
-layout for artifacts, progress, cancel flags and the worker's model registry. This module imports neither
-torch nor FastAPI, so the API process can use it.
+Everything that crosses Redis is defined here once: the job spec (built from the field types of fields.py), the
+queue and function names, the Redis key layout for artifacts, progress, cancel flags and the worker's model
+registry. This module imports neither torch nor FastAPI, so the API process can use it.
 """
 
 from __future__ import annotations
@@ -12,37 +12,40 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-# ----- limits (one definition each) --------------------------------------------------------------------------
-MAX_COUNT = 64
-DEFAULT_COUNT = 4
-MAX_STEPS = 1000
-MAX_GUIDANCE = 20.0
-MAX_SEED = 2**63 - 1
-MAX_ANIMATION_FRAMES = 64
-DEFAULT_ANIMATION_FRAMES = 16
-MAX_ANIMATION_FPS = 30
-DEFAULT_ANIMATION_FPS = 8
-# Attribute transitions: frames per image (each a full denoising chain), and the chains a job may ask for in all
-# (count x transition_frames), the same bound as a plain job's images.
-MAX_TRANSITION_FRAMES = 16
-DEFAULT_TRANSITION_FRAMES = 8
-MAX_TRANSITION_CHAINS = MAX_COUNT
-MAX_FIRST_INDEX = 2**31 - 1
+from facegen.contract.fields import (
+    DEFAULT_ANIMATION_FPS,
+    DEFAULT_ANIMATION_FRAMES,
+    DEFAULT_COUNT,
+    DEFAULT_EDIT_STRENGTH,
+    DEFAULT_TRANSITION_FRAMES,
+    LATEST,
+    MAX_TRANSITION_CHAINS,
+    AnimationFps,
+    AnimationFrames,
+    Count,
+    FirstIndex,
+    GuidanceScale,
+    ModelVersion,
+    ResolvedAttributeMap,
+    Seed,
+    Steps,
+    Strength,
+    TransitionFrames,
+    normalise_label,
+)
+
+# ----- limits (one definition each; the request fields' own are in fields.py) ---------------------------------
 # Edits (POST /edit): the uploaded image reaches the worker as a PNG whose longest side is at most EDIT_MAX_SIDE
 # pixels (the API downscales it), so its bytes are bounded by EDIT_MAX_IMAGE_BYTES.
 EDIT_MAX_SIDE = 256
 EDIT_MAX_IMAGE_BYTES = 256 * 1024
-# An edit's depth into the noise and its guidance when the request leaves them out: with the source label as the
-# guidance reference, the pair of the `python -m training evaluate-edit` sweeps at which the judge reads the target on
-# at least 90% of edits in both directions while changing the least of the rest of the face.
-# The guidance repeats facegen.model.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
-DEFAULT_EDIT_STRENGTH = 0.6
+# An edit's guidance when the request leaves it out: with the source label as the guidance reference, the pair
+# (fields.DEFAULT_EDIT_STRENGTH, this) of the `python -m training evaluate-edit` sweeps at which the judge reads the
+# target on at least 90% of edits in both directions while changing the least of the rest of the face.
+# It repeats facegen.model.config.EDIT_GUIDANCE_SCALE (tests/worker/test_contract.py).
 DEFAULT_EDIT_GUIDANCE = 3.0
-# The version name facegen.model.checkpoints resolves to the newest; repeated here because this module stays torch-free
-# (tests/worker/test_contract.py checks the two agree).
-LATEST = "latest"
 
 # ----- queue contract -----------------------------------------------------------------------------------------
 DEFAULT_QUEUE = "facegen"
@@ -76,7 +79,7 @@ def label_to_attributes(label: str, attribute_names: list[str]) -> dict[str, boo
 
     Raises ``ValueError`` naming the valid labels when the label matches none of ``attribute_names``.
     """
-    match = _LABEL_RE.match(label.strip().lower())
+    match = _LABEL_RE.match(normalise_label(label))
     if match:
         by_label = {attribute_label(name): name for name in attribute_names}
         name = by_label.get(match.group(2))
@@ -101,20 +104,19 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["generate"] = "generate"
-    attributes: Annotated[dict[str, bool], Field(min_length=1, max_length=40)]
-    count: Annotated[int, Field(ge=1, le=MAX_COUNT)] = DEFAULT_COUNT
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
-    steps: Annotated[int | None, Field(ge=1, le=MAX_STEPS)] = None
+    attributes: ResolvedAttributeMap
+    count: Count = DEFAULT_COUNT
+    seed: Seed
+    steps: Steps | None = None
     sampler: Sampler = DEFAULT_SAMPLER
-    guidance_scale: Annotated[float | None, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] = None
+    guidance_scale: GuidanceScale | None = None
     animation: bool = False
-    animation_frames: Annotated[int, Field(ge=2, le=MAX_ANIMATION_FRAMES)] = DEFAULT_ANIMATION_FRAMES
-    animation_fps: Annotated[int, Field(ge=1, le=MAX_ANIMATION_FPS)] = DEFAULT_ANIMATION_FPS
-    model: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = LATEST
-    # image k of the job is image first_index + k of the seed (noise stream (seed, first_index + k))
-    first_index: Annotated[int, Field(ge=0, le=MAX_FIRST_INDEX)] = 0
+    animation_frames: AnimationFrames = DEFAULT_ANIMATION_FRAMES
+    animation_fps: AnimationFps = DEFAULT_ANIMATION_FPS
+    model: ModelVersion = LATEST
+    first_index: FirstIndex = 0
     transition: bool = False
-    transition_frames: Annotated[int, Field(ge=2, le=MAX_TRANSITION_FRAMES)] = DEFAULT_TRANSITION_FRAMES
+    transition_frames: TransitionFrames = DEFAULT_TRANSITION_FRAMES
 
     @model_validator(mode="after")
     def _transition_is_consistent(self) -> JobSpec:
@@ -122,14 +124,6 @@ class JobSpec(BaseModel):
         if problem is not None:
             raise ValueError(f"{problem[0]}: {problem[1]}")
         return self
-
-    @field_validator("attributes")
-    @classmethod
-    def _attribute_names_are_plain(cls, value: dict[str, bool]) -> dict[str, bool]:
-        for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9_]{1,40}", name):
-                raise ValueError(f"attribute name {name!r} must be 1-40 letters, digits or underscores")
-        return value
 
     def resolved_steps(self) -> int:
         return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
@@ -167,7 +161,7 @@ class EditParameters(JobSpec):
     kind: Literal["edit"] = "edit"  # type: ignore[assignment]
     count: Literal[1] = 1  # type: ignore[assignment]
     sampler: Literal[Sampler.ddim] = Sampler.ddim  # type: ignore[assignment]
-    strength: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = DEFAULT_EDIT_STRENGTH
+    strength: Strength = DEFAULT_EDIT_STRENGTH
 
 
 class EditSpec(EditParameters):

@@ -1,4 +1,4 @@
-"""Dependencies shared by the routers, as ``Annotated`` aliases.
+"""Dependencies shared by the routers, as ``Annotated`` aliases, and the few helpers and response docs they share.
 
 They are ``async def`` because none of them blocks: FastAPI runs a plain ``def`` dependency in its thread pool,
 a hop that cost more CPU than POST /generate's own work. POST /generate is ``async`` too (asyncio Redis
@@ -13,15 +13,18 @@ from typing import Annotated, Any
 
 import redis
 import redis.asyncio
-from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi import Depends, Header, HTTPException, Request, Response, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
+from rq.job import Job
 
 from facegen.contract.artifacts import ArtifactStore
-from service import tenancy
+from service import job_ops, tenancy
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LiveModels
+from service.schemas import ErrorPublic, JobAccepted
+from service.submission import Submitted
 from service.tenancy import Caller, KeyLabels
 
 
@@ -62,6 +65,25 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"description": "Redis is unreachable; retry after `Retry-After` seconds (body: `{detail}`)."}
 }
 
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorPublic, "description": "No such job (or another API key's: each key sees only its own jobs; "
+                                               "an admin key sees all)."}
+}
+
+GONE: dict[int | str, dict[str, Any]] = {
+    410: {"model": ErrorPublic, "description": "The job (or its images) existed but has expired."}
+}
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Any unique string (e.g. a UUID) chosen by the client; remembered for IDEMPOTENCY_TTL.",
+    ),
+]
+
 
 async def require_api_key(
     request: Request,
@@ -94,6 +116,30 @@ async def require_api_key(
 def caller_of(request: Request) -> Caller:
     """The caller ``require_api_key`` identified (every router that serves jobs depends on it)."""
     return request.state.caller
+
+
+def root_path(request: Request) -> str:
+    """The path the API is mounted under (``""`` at the root), without a trailing slash."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
+def fetch_job(conn: redis.Redis, job_id: str, caller: Caller) -> Job:
+    """The caller's job ``job_id``; 404 when there is none (or it is another key's), 410 when it has expired."""
+    try:
+        return job_ops.fetch(conn, job_id, caller)
+    except job_ops.JobNotFound:
+        raise ApiError(404, "job not found") from None
+    except job_ops.JobGone:
+        raise ApiError(410, "job expired") from None
+
+
+def accepted(response: Response, submitted: Submitted) -> JobAccepted:
+    """The answer to a queued job (service/submission.py): its URL in ``Location``, ``Idempotent-Replayed`` when an
+    earlier request with the same Idempotency-Key created it."""
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = submitted.job.links.self
+    return submitted.job
 
 
 async def require_json(request: Request) -> None:

@@ -1,4 +1,5 @@
-"""The app's error handlers: every error answers JSON ``{"detail": ...}``, never a traceback."""
+"""The app's error handlers: every error answers JSON ``{"detail": ...}``, never a traceback; the submission's
+refusals (service/submission.py) get their answers here, so the routes that submit stay thin."""
 
 from __future__ import annotations
 
@@ -16,11 +17,25 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facegen.contract.artifacts import ArtifactStoreUnavailable
+from service import admission
 from service.api.deps import ApiError
 from service.config import Settings
 from service.metrics import Metrics
+from service.submission import InvalidRequest, Problem
+from service.uploads import UploadError
 
 log = logging.getLogger("service")
+SUBMITTING_PATHS = ("/generate", "/edit")  # their 422s count as rejected jobs
+
+
+def field_error(loc: tuple[str | int, ...], message: str, value: Any, where: str = "body") -> dict[str, Any]:
+    """One entry of a 422's ``detail``, in FastAPI's format: ``loc`` within ``where`` (the body, a header)."""
+    return {"type": "value_error", "loc": (where, *loc), "msg": message, "input": value}
+
+
+def invalid_fields(problems: list[Problem]) -> RequestValidationError:
+    """The 422 for request body fields refused by their ``(loc, message, input)``."""
+    return RequestValidationError([field_error(*problem) for problem in problems])
 
 
 def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
@@ -31,11 +46,15 @@ def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> No
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        route = request.scope.get("route")
-        if getattr(route, "path", None) in ("/generate", "/edit") and not getattr(request.state, "rejection_counted", False):
+        if getattr(request.scope.get("route"), "path", None) in SUBMITTING_PATHS:
             metrics.jobs_rejected.labels("invalid").inc()
-        # FastAPI's own handler would echo a NaN/Infinity input and then fail to render it (500).
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        return _unprocessable(exc.errors())
+
+    @app.exception_handler(InvalidRequest)
+    async def refused_fields(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return await invalid(request, invalid_fields(exc.problems))
+
+    _add_submission_handlers(app, settings)
 
     @app.exception_handler(redis.RedisError)
     async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
@@ -78,6 +97,33 @@ def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> No
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _add_submission_handlers(app: FastAPI, settings: Settings) -> None:
+    """The answers to the other refusals of a submission (service/submission.py; it counts them)."""
+
+    @app.exception_handler(admission.IdempotencyMismatch)
+    async def idempotency_mismatch(request: Request, exc: admission.IdempotencyMismatch) -> JSONResponse:
+        key = request.headers.get("Idempotency-Key")
+        return _unprocessable([field_error(("Idempotency-Key",), str(exc), key, where="header")])
+
+    @app.exception_handler(admission.Refused)
+    async def refused(request: Request, exc: admission.Refused) -> JSONResponse:
+        if exc.limit == "max_queued":
+            detail = f"queue full (MAX_QUEUED={exc.allowed} jobs waiting); retry later"
+        else:
+            detail = f"quota reached: {exc.limit} (at most {exc.allowed} for this API key); retry later"
+        return JSONResponse({"detail": detail, "limit": exc.limit, "allowed": exc.allowed}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s or settings.retry_after_s)})
+
+    @app.exception_handler(UploadError)
+    async def upload_refused(request: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": f"image: {exc}"}, status_code=exc.status)
+
+
+def _unprocessable(errors: Any) -> JSONResponse:
+    # FastAPI's own handler would echo a NaN/Infinity input and then fail to render it (500).
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
 
 def _json_safe(value: Any) -> Any:

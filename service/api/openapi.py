@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from facegen.contract import spec
+from facegen.contract import fields
 
 DESCRIPTION = """\
 Attribute-conditioned face generation with a latent diffusion model.
@@ -37,7 +37,7 @@ def exact_openapi_bounds(app: FastAPI) -> None:
         if isinstance(node, dict):
             for key, item in node.items():
                 if key in _BOUND_KEYS and isinstance(item, float) and item.is_integer():
-                    node[key] = spec.MAX_SEED if item == float(spec.MAX_SEED) else int(item)
+                    node[key] = fields.MAX_SEED if item == float(fields.MAX_SEED) else int(item)
                 else:
                     fix(item)
         elif isinstance(node, list):

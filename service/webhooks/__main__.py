@@ -1,7 +1,8 @@
 """``python -m service.webhooks``: the delivery process (no torch). An RQ worker on ``WEBHOOK_QUEUE`` with RQ's
 scheduler (which enqueues the retries when their interval is up); every ``WEBHOOK_SWEEP_INTERVAL_S`` it runs RQ's
 maintenance of the queue and :func:`service.webhooks.sender.sweep`. Run as many as the receivers' latency needs:
-each sends one delivery at a time. Exits with status 2 (one line) without a valid ``WEBHOOK_SECRET`` or when Redis
+each sends one delivery at a time, and one API key's deliveries occupy at most ``WEBHOOK_TENANT_CONCURRENCY`` of
+them at once. Exits with status 2 (one line) without a valid ``WEBHOOK_SECRET`` or when Redis
 refuses its credentials."""
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # Outcome of each delivery attempt: delivered (2xx), retrying (failed, RQ retries it), exhausted (the last attempt
-# failed), refused (the URL now resolves to a forbidden address: not retried), skipped (the job's ending is not
-# one the webhook subscribed to, the job is gone, or an earlier attempt already delivered it).
+# failed), refused (the URL's port is not allowed or it now resolves to a forbidden address: not retried), skipped
+# (the job's ending is not one the webhook subscribed to, the job is gone, or an earlier attempt already delivered
+# it), throttled (not sent: its API key had WEBHOOK_TENANT_CONCURRENCY attempts in flight; it runs again shortly).
 DELIVERIES = Counter("facegen_webhook_deliveries", "Webhook delivery attempts by outcome.", ["outcome"],
                      registry=REGISTRY)
 ATTEMPT_SECONDS = Histogram("facegen_webhook_attempt_duration_seconds", "Duration of delivery attempts (POSTs).",

@@ -1,22 +1,36 @@
 """The delivery process's side of a webhook (imported by ``python -m service.webhooks``, not by the API): the RQ job
-that sends one attempt, and the sweep. See :mod:`service.webhooks.delivery` for the life of a delivery."""
+that sends one attempt, and the sweep. See :mod:`service.webhooks.delivery` for the life of a delivery.
+
+An attempt is bounded: its exchange with the receiver ends within ``WEBHOOK_TIMEOUT_S`` in all (connect, send, the
+answer's status and headers), at most ``MAX_RESPONSE_BYTES`` of the answer's body is read, and one tenant (API key)
+has at most ``WEBHOOK_TENANT_CONCURRENCY`` attempts in flight across all delivery processes (a slot in
+``facegen:webhook-slots:<key id>``, which expires should its holder die); an attempt over the limit is not made
+but scheduled again ``THROTTLED_RETRY_S`` later, without using up a retry, so slow receivers hold only their own
+tenant's deliveries back. What an attempt records for the client (``last_error``) is generic: ``HTTP <status>`` or
+``TRANSPORT_ERROR``, never what the connection met (which would reveal whether a port is open, or what a host
+answered); the delivery process's log has the detail."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import redis
-from rq import Queue, get_current_job
+from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from facegen.contract import spec
 from service import job_ops
-from service.config import Settings, get_settings, signing_key
+from service.config import Settings, get_settings
 from service.schemas import WebhookEvent
+from service.tenancy import ANONYMOUS
 from service.webhooks import signing, targets
 from service.webhooks.delivery import DELIVERY_SUFFIX, state_key
 from service.webhooks.metrics import ATTEMPT_SECONDS, DELIVERIES, SWEPT
@@ -25,6 +39,29 @@ EVENT_OF_STATUS = {JobStatus.FINISHED: WebhookEvent.completed, JobStatus.FAILED:
                    JobStatus.CANCELED: WebhookEvent.canceled, JobStatus.STOPPED: WebhookEvent.canceled}
 MAX_ERROR_CHARS = 300
 SWEEP_CHUNK = 500
+MAX_RESPONSE_BYTES = 64 * 1024  # of a receiver's answer's body, read then dropped
+# The last_error of an attempt that got no answer (refused, reset, timed out, TLS failed, ...): one line for all.
+TRANSPORT_ERROR = "delivery failed: connection error or timeout"
+# A throttled delivery (its tenant's slots all taken) runs again this many seconds later, up to this many times.
+THROTTLED_RETRY_S = 2
+THROTTLED_RETRIES = 100_000
+# A slot outlives its attempt's deadline by this much before it expires (its holder died).
+SLOT_MARGIN_S = 30
+# KEYS[1]: the tenant's slots (sorted set: holder -> expiry, Redis TIME seconds); ARGV: holder, limit, ttl (s).
+# Takes (or renews) the holder's slot if it has one or fewer than `limit` are taken; 1 if so, else 0.
+SLOT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
+return 1
+"""
+
+log = logging.getLogger("service.webhooks")
 
 
 class DeliveryFailed(Exception):
@@ -39,7 +76,7 @@ def payload(job: Job, event: WebhookEvent) -> bytes:
     links = {"self": f"/jobs/{job.id}"}
     if status == JobStatus.FINISHED:
         links["result"] = f"/jobs/{job.id}/result"
-        if job_spec is not None and job_spec.animation:
+        if job_spec is not None and job_spec.has_animation():  # the denoising trajectory or the transition
             links["animation"] = f"/jobs/{job.id}/animation"
     data: dict[str, Any] = {"job_id": job.id, "status": status.value, "links": links}
     error = job_ops.error_of(job)
@@ -58,50 +95,123 @@ def _record(connection: redis.Redis, job_id: str, ttl: int, **fields: Any) -> No
         pipe.execute()
 
 
-def post(url: str, address: targets.IPAddress, body: bytes, headers: dict[str, str], timeout_s: float
-         ) -> httpx.Response:
+def slots_key(tenant: str) -> str:
+    """Sorted set of the tenant's delivery attempts in flight: delivery id -> when its slot expires."""
+    return f"{spec.KEY_PREFIX}:webhook-slots:{tenant}"
+
+
+def acquire_slot(connection: redis.Redis, tenant: str, holder: str, settings: Settings) -> bool:
+    """Take one of ``tenant``'s ``WEBHOOK_TENANT_CONCURRENCY`` slots for ``holder`` (a delivery id; one it already
+    holds is renewed); ``False`` when all are taken."""
+    ttl = settings.webhook_timeout_s + SLOT_MARGIN_S
+    script = connection.register_script(SLOT_SCRIPT)
+    return script(keys=[slots_key(tenant)], args=[holder, settings.webhook_tenant_concurrency, ttl]) == 1
+
+
+def release_slot(connection: redis.Redis, tenant: str, holder: str) -> None:
+    connection.zrem(slots_key(tenant), holder)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a receiver answered: its status, and at most ``MAX_RESPONSE_BYTES`` of its body."""
+
+    status_code: int
+    body: bytes = b""
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+def post(url: str, address: targets.IPAddress, body: bytes, headers: dict[str, str], timeout_s: float) -> Answer:
     """POST ``body`` to ``url`` through the already checked ``address`` (the Host header and the TLS server
-    name stay the URL's host); redirects are not followed."""
+    name stay the URL's host); redirects are not followed. The exchange has one deadline, ``timeout_s`` in all:
+    connecting, sending and the answer's status line and headers must be done by then, else ``TimeoutError``
+    (per-read timeouts would let a receiver that drips its answer stretch the attempt forever); the body is read
+    in what is left of it, at most ``MAX_RESPONSE_BYTES``. Raises ``httpx.HTTPError`` or ``OSError`` when the
+    exchange fails."""
+    return asyncio.run(_post(url, address, body, headers, timeout_s))
+
+
+async def _post(url: str, address: targets.IPAddress, body: bytes, headers: dict[str, str], timeout_s: float
+                ) -> Answer:
     target = httpx.URL(url)
-    with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
-        return client.post(target.copy_with(host=str(address)), content=body,
-                           headers={**headers, "Host": target.netloc.decode(), "Content-Type": "application/json",
-                                    "User-Agent": "facegen-webhooks"},
-                           extensions={"sni_hostname": target.host} if target.scheme == "https" else None)
-
-
-def _attempt(delivery: Job, job: Job, url: str, body: bytes, settings: Settings) -> None:
-    """One signed POST; records it; raises ``DeliveryFailed`` (or ``TargetRefused``, not retried) on failure."""
-    connection, ttl = delivery.connection, settings.tombstone_ttl
+    request_headers = {**headers, "Host": target.netloc.decode(), "Content-Type": "application/json",
+                       "User-Agent": "facegen-webhooks"}
+    status: int | None = None
+    received = bytearray()
     try:
-        addresses = targets.resolve(url, settings.webhook_allow_private)
+        async with asyncio.timeout(timeout_s), httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+            async with client.stream("POST", target.copy_with(host=str(address)), content=body, headers=request_headers,
+                                     extensions={"sni_hostname": target.host} if target.scheme == "https" else None
+                                     ) as response:
+                status = response.status_code
+                async for chunk in response.aiter_raw():
+                    received += chunk[:MAX_RESPONSE_BYTES - len(received)]
+                    if len(received) >= MAX_RESPONSE_BYTES:
+                        break
+    except TimeoutError:
+        if status is None:  # the deadline came before the answer's status and headers
+            raise
+    return Answer(status, bytes(received))
+
+
+def _checked_address(delivery: Job, job_id: str, url: str, settings: Settings) -> targets.IPAddress:
+    """The address to send ``url``'s attempt to, checked again (its port, what its host resolves to now); a refusal
+    is recorded and not retried (``TargetRefused``)."""
+    try:
+        return targets.resolve(url, settings.webhook_allow_private, settings.webhook_allowed_ports)[0]
     except targets.TargetRefused as exc:
         delivery.retries_left = 0  # the address is forbidden: a retry would be refused too
-        _record(connection, job.id, ttl, last_status=None, last_error=f"refused: {exc}"[:MAX_ERROR_CHARS])
+        _record(delivery.connection, job_id, settings.tombstone_ttl, last_status=None,
+                last_error=f"refused: {exc}"[:MAX_ERROR_CHARS])
         DELIVERIES.labels("refused").inc()
         raise
-    headers = signing.headers(signing_key(settings.webhook_secret), delivery.id, int(time.time()), body)
+
+
+def _send(delivery_id: str, url: str, address: targets.IPAddress, body: bytes, headers: dict[str, str],
+          timeout_s: float) -> tuple[int | None, str | None]:
+    """One POST: ``(status, None)`` on 2xx, else ``(status or None, the generic error the client sees)``."""
     started = time.perf_counter()
     try:
-        response = post(url, addresses[0], body, headers, settings.webhook_timeout_s)
-        status, error = response.status_code, None if response.is_success else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
-        status, error = None, f"{type(exc).__name__}: {exc}"
-    ATTEMPT_SECONDS.observe(time.perf_counter() - started)
+        answer = post(url, address, body, headers, timeout_s)
+    except (httpx.HTTPError, OSError) as exc:  # TimeoutError is an OSError
+        log.info("webhook %s to %s: %s: %s", delivery_id, address, type(exc).__name__, exc)
+        return None, TRANSPORT_ERROR
+    finally:
+        ATTEMPT_SECONDS.observe(time.perf_counter() - started)
+    return answer.status_code, None if answer.is_success else f"HTTP {answer.status_code}"
+
+
+def _attempt(delivery: Job, job: Job, url: str, body: bytes, settings: Settings, tenant: str) -> bool:
+    """One signed POST; records it; raises ``DeliveryFailed`` (or ``TargetRefused``, not retried) on failure.
+    ``False`` (nothing sent nor recorded) when ``tenant`` already has all its attempts in flight."""
+    connection = delivery.connection
+    address = _checked_address(delivery, job.id, url, settings)
+    if not acquire_slot(connection, tenant, delivery.id, settings):
+        return False
+    try:
+        headers = signing.headers(signing.tenant_keys(settings, tenant), delivery.id, int(time.time()), body)
+        status, error = _send(delivery.id, url, address, body, headers, settings.webhook_timeout_s)
+    finally:
+        release_slot(connection, tenant, delivery.id)
     fields: dict[str, Any] = {"last_status": status, "last_error": error and error[:MAX_ERROR_CHARS]}
     if error is None:
         fields["delivered"] = 1
-    _record(connection, job.id, ttl, **fields)
+    _record(connection, job.id, settings.tombstone_ttl, **fields)
     if error is None:
         DELIVERIES.labels("delivered").inc()
-        return
+        return True
     DELIVERIES.labels("retrying" if delivery.retries_left else "exhausted").inc()
-    raise DeliveryFailed(f"webhook for job {job.id} to {url}: {error}")
+    raise DeliveryFailed(f"webhook for job {job.id}: {error}")
 
 
-def deliver(job_id: str, url: str, events: list[str]) -> str:
+def deliver(job_id: str, url: str, events: list[str]) -> str | Retry:
     """RQ entry point (``service.webhooks.sender.deliver``): report how ``job_id`` ended to ``url`` if ``events``
-    includes it. Returns what happened; raises to have RQ retry."""
+    includes it, signed with the secrets of the job's owner (its API key id). Returns what happened, or a
+    ``Retry`` (RQ schedules it again, without using up a retry) when the owner's attempts in flight are at their
+    limit; raises to have RQ retry."""
     delivery = get_current_job()
     if delivery is None:
         raise RuntimeError("service.webhooks.sender.deliver runs inside `python -m service.webhooks`")
@@ -118,7 +228,10 @@ def deliver(job_id: str, url: str, events: list[str]) -> str:
     if connection.hget(state_key(job_id), "delivered") == b"1":  # an earlier run sent it but died before RQ knew
         DELIVERIES.labels("skipped").inc()
         return "skipped: already delivered"
-    _attempt(delivery, job, url, payload(job, event), settings)
+    tenant = job_ops.owner_of(connection, job) or ANONYMOUS
+    if not _attempt(delivery, job, url, payload(job, event), settings, tenant):
+        DELIVERIES.labels("throttled").inc()
+        return Retry(max=THROTTLED_RETRIES, interval=THROTTLED_RETRY_S)
     return f"delivered job.{event.value}"
 
 

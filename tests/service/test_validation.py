@@ -7,7 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from facegen.contract import spec
+from facegen.contract import fields, spec
 from service.app import create_app
 
 OK = {"label": "smiling"}
@@ -33,7 +33,7 @@ INVALID = [
     ("attributes", {"attributes": {"Wearing_Hat": True}}),
     ("attributes", {"attributes": {"Smílíng": True}}),
     ("count", {**OK, "count": 0}),
-    ("count", {**OK, "count": spec.MAX_COUNT + 1}),
+    ("count", {**OK, "count": fields.MAX_COUNT + 1}),
     ("count", {**OK, "count": -3}),
     ("count", {**OK, "count": 10**30}),
     ("count", {**OK, "count": "4"}),
@@ -41,26 +41,26 @@ INVALID = [
     ("count", {**OK, "count": True}),
     ("count", {**OK, "count": None}),
     ("seed", {**OK, "seed": -1}),
-    ("seed", {**OK, "seed": spec.MAX_SEED + 1}),
+    ("seed", {**OK, "seed": fields.MAX_SEED + 1}),
     ("seed", {**OK, "seed": 10**400}),
     ("seed", {**OK, "seed": "1"}),
     ("seed", {**OK, "seed": 1.5}),
     ("steps", {**OK, "steps": 0}),
-    ("steps", {**OK, "steps": spec.MAX_STEPS + 1}),
+    ("steps", {**OK, "steps": fields.MAX_STEPS + 1}),
     ("steps", {**OK, "steps": 2**64}),
     ("steps", {**OK, "steps": "20"}),
     ("sampler", {**OK, "sampler": "euler"}),
     ("sampler", {**OK, "sampler": 1}),
     ("sampler", {**OK, "sampler": None}),
     ("guidance_scale", {**OK, "guidance_scale": -0.1}),
-    ("guidance_scale", {**OK, "guidance_scale": spec.MAX_GUIDANCE + 0.5}),
+    ("guidance_scale", {**OK, "guidance_scale": fields.MAX_GUIDANCE + 0.5}),
     ("guidance_scale", {**OK, "guidance_scale": "3"}),
     ("animation", {**OK, "animation": "yes"}),
     ("animation", {**OK, "animation": 1}),
     ("animation_frames", {**OK, "animation": True, "animation_frames": 1}),
-    ("animation_frames", {**OK, "animation": True, "animation_frames": spec.MAX_ANIMATION_FRAMES + 1}),
+    ("animation_frames", {**OK, "animation": True, "animation_frames": fields.MAX_ANIMATION_FRAMES + 1}),
     ("animation_fps", {**OK, "animation": True, "animation_fps": 0}),
-    ("animation_fps", {**OK, "animation": True, "animation_fps": spec.MAX_ANIMATION_FPS + 1}),
+    ("animation_fps", {**OK, "animation": True, "animation_fps": fields.MAX_ANIMATION_FPS + 1}),
     ("model", {**OK, "model": ""}),
     ("model", {**OK, "model": "a/b"}),
     ("model", {**OK, "model": "x" * 65}),
@@ -133,8 +133,8 @@ def test_valid_requests_are_accepted(client):
         {"label": "Smiling"},
         {"label": " NOT_SMILING "},
         {"attributes": {"smiling": False}},
-        {**OK, "count": spec.MAX_COUNT, "seed": spec.MAX_SEED, "steps": spec.MAX_STEPS, "sampler": "ddpm",
-         "guidance_scale": spec.MAX_GUIDANCE, "animation": True, "animation_frames": 2, "animation_fps": 1},
+        {**OK, "count": fields.MAX_COUNT, "seed": fields.MAX_SEED, "steps": fields.MAX_STEPS, "sampler": "ddpm",
+         "guidance_scale": fields.MAX_GUIDANCE, "animation": True, "animation_frames": 2, "animation_fps": 1},
         {**OK, "count": 1, "seed": 0, "steps": 1, "guidance_scale": 0},
         {**OK, "animation_frames": 8, "animation_fps": 4},  # ignored without animation
     ):

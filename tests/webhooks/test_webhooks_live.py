@@ -1,26 +1,33 @@
 """Webhooks as deployed: ``python -m service`` (uvicorn), ``python -m worker`` on a tiny checkpoint and ``python -m
 service.webhooks`` on a real Redis, delivering to a real HTTP receiver that verifies each signature with the
-Standard Webhooks reference library and fails the first two attempts of every delivery.
+Standard Webhooks reference library (with the secret ``GET /webhooks/secret`` gives, not the server's master secret)
+and fails the first two attempts of every delivery.
 
 ``WEBHOOK_JOBS`` (default 30) sets the scenario's size; the issue's target is ``WEBHOOK_JOBS=200``."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 
 import httpx
 import pytest
+from rq.job import Job, JobStatus
 
+from facegen.contract import spec
+from service.schemas import WebhookEvent
+from service.webhooks import sender
 from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, metric_total, wait_for
 from tests.service.conftest import LiveServer, free_port
-from tests.webhooks.conftest import SECRET, DeliveryProcess, Receiver, dumps, payload_types
+from tests.webhooks.conftest import SECRET, DeliveryProcess, Receiver, dumps, payload_types, tenant_secret
 
 REDIS_URL = redis_url_for_db(8)
 JOBS = int(os.environ.get("WEBHOOK_JOBS", "30"))
-# Retries 1 s apart (the default backoff spreads 6 attempts over ~10 minutes), swept every second.
+# Retries 1 s apart (the default backoff spreads 6 attempts over ~10 minutes), swept every second; the receiver's
+# port is added to WEBHOOK_ALLOWED_PORTS.
 FAST = {"WEBHOOK_RETRY_INTERVALS": "1,1,1,1,1", "WEBHOOK_SWEEP_INTERVAL_S": "1", "WEBHOOK_ALLOW_PRIVATE": "true",
         "WEBHOOK_SECRET": SECRET}
 
@@ -35,6 +42,7 @@ def receiver():
     receiver = Receiver(fail_first=2)
     server, url = receiver.serve()
     receiver.url = url
+    receiver.env = {**FAST, "WEBHOOK_ALLOWED_PORTS": url.split(":")[2].split("/")[0]}
     yield receiver
     server.shutdown()
 
@@ -43,10 +51,15 @@ def receiver():
 def stack(conn, receiver, tiny_checkpoints, tmp_path_factory):
     logs = tmp_path_factory.mktemp("webhook-logs")
     metrics_port = free_port()
-    api = LiveServer(REDIS_URL, env=FAST)
+    api = LiveServer(REDIS_URL, env=receiver.env)
     worker = WorkerProcess(REDIS_URL, tiny_checkpoints, MAX_BATCH="32")
-    delivery = DeliveryProcess(REDIS_URL, logs / "webhooks.log", WEBHOOK_METRICS_PORT=str(metrics_port), **FAST)
+    delivery = DeliveryProcess(REDIS_URL, logs / "webhooks.log", WEBHOOK_METRICS_PORT=str(metrics_port),
+                               **receiver.env)
     state = {"api": api, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    # the open API's secret (every job is everyone's), as a receiver gets it; it is not the master secret
+    secret = httpx.get(f"{api.url}/webhooks/secret", timeout=10).json()
+    assert secret == {"key_id": None, "secret": tenant_secret(SECRET, None), "previous_secret": None}
+    receiver.secret = secret["secret"]
     yield state
     state["api"].stop()
     worker.stop()
@@ -67,7 +80,7 @@ def test_every_job_gets_one_verified_delivery_through_failures_and_an_api_restar
     for n in range(JOBS):
         if n == JOBS // 2:  # restart the API once, mid-way
             stack["api"].stop()
-            stack["api"] = LiveServer(REDIS_URL, env=FAST)
+            stack["api"] = LiveServer(REDIS_URL, env=receiver.env)
         request, key = {**body, "seed": n}, str(uuid.uuid4())  # one Idempotency-Key for all tries
         response = wait_for(lambda r=request, k=key: submit(stack["api"].url, r, k), 30, "the API to accept")
         assert response.status_code == 202, response.text
@@ -123,3 +136,37 @@ def test_an_ending_not_subscribed_to_is_not_sent(stack, receiver, conn):
     wait_for(lambda: conn.hget(f"rq:job:{job_id}-webhook", "status") == b"finished", 60, "the delivery job to run")
     assert job_id not in receiver.delivered
     assert httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()["webhook"]["attempts"] == 0
+
+
+def test_a_transition_jobs_payload_links_its_animation(stack, receiver):
+    """A transition's GIF is its animation (GET /jobs/{id}/animation), as the denoising trajectory is an animated
+    job's: the completed event links it."""
+    url = stack["api"].url
+    body = {"label": "smiling", "count": 1, "steps": 2, "seed": 11, "transition": True, "transition_frames": 2,
+            "webhook": {"url": receiver.url}}
+    accepted = httpx.post(f"{url}/generate", json=body, timeout=10)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["job_id"]
+    assert accepted.json()["links"]["animation"] == f"/jobs/{job_id}/animation"
+    wait_for(lambda: receiver.delivered.get(job_id), 120, "the transition's webhook")
+    (payload,) = receiver.delivered[job_id]
+    assert payload["type"] == "job.completed", dumps(payload)
+    assert payload["data"]["links"] == {"self": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result",
+                                        "animation": f"/jobs/{job_id}/animation"}, dumps(payload)
+    animation = httpx.get(f"{url}{payload['data']['links']['animation']}", timeout=10)
+    assert animation.status_code == 200 and animation.headers["content-type"] == "image/gif"
+
+
+@pytest.mark.parametrize(("kind", "animated"), [({}, False), ({"animation": True}, True),
+                                                ({"transition": True, "transition_frames": 2}, True)])
+def test_a_finished_jobs_payload_links_its_animation_when_it_has_one(conn, kind, animated):
+    """The payload the delivery process builds, from the job as RQ keeps it (no worker, no delivery process)."""
+    job_spec = spec.JobSpec(attributes={"Smiling": True}, seed=1, count=1, **kind)
+    job = Job.create(spec.JOB_FUNCTION, args=(job_spec.model_dump(mode="json"),), connection=conn,
+                     id=str(uuid.uuid4()))
+    job.set_status(JobStatus.FINISHED)
+    data = json.loads(sender.payload(job, WebhookEvent.completed))["data"]
+    assert data["status"] == "finished"
+    assert ("animation" in data["links"]) is animated, data
+    if animated:
+        assert data["links"]["animation"] == f"/jobs/{job.id}/animation"

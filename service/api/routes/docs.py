@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from service.api.deps import require_api_key
+from service.api.deps import require_api_key, root_path
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_api_key)])
 
@@ -18,13 +18,9 @@ def openapi(request: Request) -> JSONResponse:
 
 @router.get("/docs")
 def swagger(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(openapi_url=_root(request) + "/openapi.json", title=request.app.title + " - docs")
+    return get_swagger_ui_html(openapi_url=root_path(request) + "/openapi.json", title=request.app.title + " - docs")
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
-    return get_redoc_html(openapi_url=_root(request) + "/openapi.json", title=request.app.title + " - ReDoc")
-
-
-def _root(request: Request) -> str:
-    return request.scope.get("root_path", "").rstrip("/")
+    return get_redoc_html(openapi_url=root_path(request) + "/openapi.json", title=request.app.title + " - ReDoc")

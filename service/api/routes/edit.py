@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from pydantic import TypeAdapter, ValidationError
-from starlette.concurrency import run_in_threadpool
 
-from facegen.contract import spec
-from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
-from service.api.routes.jobs import (
+from facegen.contract import fields, spec
+from service import submission
+from service.api.deps import (
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    ApiError,
     IdempotencyKey,
-    _validation_error,
-    check_webhook,
-    queue_job,
-    resolve_attributes,
+    ServicesDep,
+    accepted,
+    caller_of,
+    require_api_key,
+    root_path,
 )
-from service.schemas import MAX_RANDOM_SEED, ErrorPublic, JobAccepted, QuotaError, WebhookCreate
-from service.uploads import UploadError, prepare_upload
+from service.api.errors import invalid_fields
+from service.schemas import EditCreate, ErrorPublic, JobAccepted, QuotaError, WebhookCreate
 
 EDIT_PATH = "/edit"
-_ATTRIBUTES = TypeAdapter(dict[str, bool])
+_ATTRIBUTES: TypeAdapter[dict[str, bool]] = TypeAdapter(fields.AttributeMap)
+_COUNT_ERRORS = {"too_short", "too_long"}
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
 
@@ -35,13 +35,13 @@ def _parse_attributes(text: str | None) -> dict[str, bool] | None:
     if text is None:
         return None
     try:
-        value = _ATTRIBUTES.validate_json(text)
-    except ValidationError:
-        raise _validation_error([(("attributes",), 'must be a JSON object of attribute name -> true/false, e.g. '
-                                                  '{"Smiling": true}', text)]) from None
-    if not 1 <= len(value) <= 40:
-        raise _validation_error([(("attributes",), "must name 1 to 40 attributes", text)])
-    return value
+        return _ATTRIBUTES.validate_json(text)
+    except ValidationError as exc:
+        if {e["type"] for e in exc.errors()} <= _COUNT_ERRORS:
+            message = f"must name 1 to {fields.MAX_ATTRIBUTES} attributes"
+        else:
+            message = 'must be a JSON object of attribute name -> true/false, e.g. {"Smiling": true}'
+        raise invalid_fields([(("attributes",), message, text)]) from None
 
 
 def _parse_webhook(text: str | None) -> WebhookCreate | None:
@@ -51,7 +51,7 @@ def _parse_webhook(text: str | None) -> WebhookCreate | None:
     try:
         return WebhookCreate.model_validate_json(text)
     except ValidationError as exc:
-        raise _validation_error([(("webhook", *e["loc"]), e["msg"], text) for e in exc.errors()]) from None
+        raise invalid_fields([(("webhook", *e["loc"]), e["msg"], text) for e in exc.errors()]) from None
 
 
 async def _read_upload(image: UploadFile, max_bytes: int) -> bytes:
@@ -93,49 +93,38 @@ async def create_edit(
     response: Response,
     services: ServicesDep,
     image: Annotated[UploadFile, File(description="The face: a PNG, JPEG or WebP file.")],
-    label: Annotated[str | None, Form(min_length=1, max_length=64,
-                                      description='Target, e.g. "smiling" or "not_smiling".')] = None,
+    label: Annotated[fields.Label | None, Form(description='Target, e.g. "smiling" or "not_smiling".')] = None,
     attributes: Annotated[str | None, Form(max_length=4096, description='Target as a JSON object, e.g. '
                                                                         '{"Smiling": true}.')] = None,
-    strength: Annotated[float, Form(ge=0.0, le=1.0, allow_inf_nan=False,
-                                    description="How deep into the noise the edit goes: 0 keeps the image (its VAE "
-                                                "round trip), 1 regenerates it from noise.")] = spec.DEFAULT_EDIT_STRENGTH,
-    seed: Annotated[int | None, Form(ge=0, le=spec.MAX_SEED, description="Echoed back; edits are "
-                                                                         "deterministic.")] = None,
-    steps: Annotated[int | None, Form(ge=1, le=spec.MAX_STEPS, description="DDIM steps of the whole schedule "
-                                      f"(default {spec.DEFAULT_STEPS[spec.Sampler.ddim]}); the edit runs "
-                                      "`strength` of them twice (inversion, regeneration).")] = None,
-    guidance_scale: Annotated[float | None, Form(ge=0.0, le=spec.MAX_GUIDANCE, allow_inf_nan=False,
-                                                 description="Guidance from the source's label toward the target; "
-                                                             f"default {spec.DEFAULT_EDIT_GUIDANCE:g}.")] = None,
+    strength: Annotated[fields.Strength, Form(description="How deep into the noise the edit goes: 0 keeps the image "
+                                                          "(its VAE round trip), 1 regenerates it from noise.")] = (
+        fields.DEFAULT_EDIT_STRENGTH
+    ),
+    seed: Annotated[fields.Seed | None, Form(description="Echoed back; edits are deterministic.")] = None,
+    steps: Annotated[fields.Steps | None, Form(description="DDIM steps of the whole schedule (default "
+                                               f"{spec.DEFAULT_STEPS[spec.Sampler.ddim]}); the edit runs `strength` "
+                                               "of them twice (inversion, regeneration).")] = None,
+    guidance_scale: Annotated[fields.GuidanceScale | None, Form(
+        description=f"Guidance from the source's label toward the target; default {spec.DEFAULT_EDIT_GUIDANCE:g}.",
+    )] = None,
     animation: Annotated[bool, Form(description="Also render the change as a GIF.")] = False,
-    model: Annotated[str, Form(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = spec.LATEST,
+    model: Annotated[fields.ModelVersion, Form()] = fields.LATEST,
     webhook: Annotated[str | None, Form(max_length=4096, description='As POST /generate\'s `webhook`, as JSON: '
                                                                    '{"url": "https://…", "events": ["completed"]}.')] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
-    settings, given_seed = services.settings, seed
-    parsed = _parse_attributes(attributes)
-    label = label.strip().lower() if label is not None else None
-    if (label is None) == (parsed is None):
-        raise _validation_error([(("label",), "give exactly one of 'label' and 'attributes'", label)])
-    data = await _read_upload(image, settings.max_upload_bytes)
-    try:
-        png = await run_in_threadpool(prepare_upload, data, settings.max_upload_pixels)
-    except UploadError as exc:
-        raise ApiError(exc.status, f"image: {exc}") from None
-    target = await resolve_attributes(services, model, label, parsed)
-    hook = _parse_webhook(webhook)
-    await check_webhook(hook, settings)
-    seed = seed if seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
-    try:
-        job_spec = spec.EditSpec(attributes=target, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                                 strength=strength, animation=animation, model=model,
-                                 image=base64.b64encode(png).decode())
-    except ValidationError as exc:
-        raise _validation_error([(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]) from None
-    digest = json.dumps({"image": hashlib.sha256(data).hexdigest(), "label": label, "attributes": parsed,
-                         "strength": strength, "seed": given_seed, "steps": steps,
-                         "guidance_scale": guidance_scale, "animation": animation, "model": model,
-                         "webhook": webhook})
-    return await queue_job(request, response, services, job_spec, idempotency_key, digest, hook)
+    edit = EditCreate(
+        image=await _read_upload(image, services.settings.max_upload_bytes),
+        label=label,
+        attributes=_parse_attributes(attributes),
+        strength=strength,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        animation=animation,
+        model=model,
+        webhook=_parse_webhook(webhook),
+        webhook_json=webhook,
+    )
+    submitted = await submission.submit_edit(services, caller_of(request), edit, idempotency_key, root_path(request))
+    return accepted(response, submitted)

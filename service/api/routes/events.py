@@ -28,8 +28,17 @@ from starlette.concurrency import run_in_threadpool
 from facegen.contract import connection, spec
 from facegen.contract.spec import FINAL_EVENTS, JobEvent
 from service import job_ops
-from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, caller_of, require_api_key
-from service.api.routes.jobs import GONE, NOT_FOUND, _fetch
+from service.api.deps import (
+    GONE,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    ApiError,
+    ServicesDep,
+    caller_of,
+    fetch_job,
+    require_api_key,
+)
 from service.config import Settings
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
@@ -190,7 +199,7 @@ async def job_events(
         raise ApiError(503, "too many open event streams; poll GET /jobs/{id} or retry later",
                        headers={"Retry-After": str(services.settings.retry_after_s)})
     caller = caller_of(request)
-    job = await run_in_threadpool(_fetch, services.redis, job_id, caller)
+    job = await run_in_threadpool(fetch_job, services.redis, job_id, caller)
     cursor = Cursor.parse(last_event_id)
     if last_event_id and job_ops.status_of(job) in job_ops.ENDED:
         if not await streams.client.xread({spec.events_key(job_id): cursor.stream_id()}, count=1):

@@ -7,7 +7,7 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from facegen.contract import spec
+from facegen.contract import fields
 from facegen.contract.artifacts import ArtifactStore, ArtifactStoreUnavailable
 from service import registry
 from service.api.deps import ServicesDep
@@ -34,7 +34,7 @@ def healthz() -> Health:
 def readyz(services: ServicesDep) -> Readiness | JSONResponse:
     try:
         services.redis.ping()
-        latest = registry.find_model(registry.read_models(services.redis), spec.LATEST)
+        latest = registry.find_model(registry.read_models(services.redis), fields.LATEST)
     except redis.RedisError:
         return _unready(Readiness(status="unavailable", redis=False, reason="Redis is unreachable"),
                         services.settings.retry_after_s)

@@ -4,35 +4,35 @@ its images."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
-from pydantic import ValidationError
 from rq.job import Job, JobStatus
 
-from facegen.contract import spec
+from facegen.contract import fields, spec
 from facegen.contract.artifacts import OpenedArtifact
-from service import admission, images, job_ops, keys, registry
+from service import images, job_ops, submission
 from service.api.deps import (
+    GONE,
+    NOT_FOUND,
     UNAUTHORIZED,
     UNAVAILABLE,
     ApiError,
+    IdempotencyKey,
     Services,
     ServicesDep,
+    accepted,
     caller_of,
+    fetch_job,
     require_api_key,
     require_json,
+    root_path,
 )
-from service.config import Settings
-from service.metrics import Metrics
 from service.schemas import (
-    MAX_RANDOM_SEED,
     ErrorPublic,
     JobAccepted,
     JobCreate,
@@ -41,11 +41,9 @@ from service.schemas import (
     JobStateError,
     Progress,
     QuotaError,
-    WebhookCreate,
 )
-from service.tenancy import ANONYMOUS, Caller
+from service.tenancy import Caller
 from service.webhooks import delivery as webhook_delivery
-from service.webhooks import targets
 
 # Retry-After on a 409 for images not ready yet: a poll interval, shorter than the overload back-off
 # (Settings.retry_after_s) since the job is already being worked on.
@@ -53,9 +51,6 @@ NOT_READY_RETRY_S = 1
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
 
-NOT_FOUND = {404: {"model": ErrorPublic, "description": "No such job (or another API key's: each key sees only "
-                                                       "its own jobs; an admin key sees all)."}}
-GONE = {410: {"model": ErrorPublic, "description": "The job (or its images) existed but has expired."}}
 ARTIFACT_TTL_NOTE = (
     "Artifacts live as long as the finished job (ARTIFACT_TTL, default 24 h); after that the answer is 410."
 )
@@ -64,51 +59,6 @@ STATE_NOTE = (
     "running (`queued`, `started`, …) the 409 carries `Retry-After`; a `failed`, `canceled` or `stopped` job never "
     "gets images (the body's `error` says why) — resubmit instead."
 )
-
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="Any unique string (e.g. a UUID) chosen by the client; remembered for IDEMPOTENCY_TTL.",
-    ),
-]
-
-
-def _links(request: Request, job_id: str, animation: bool) -> JobLinks:
-    base = request.scope.get("root_path", "").rstrip("/") + f"/jobs/{job_id}"
-    return JobLinks(self=base, result=f"{base}/result", animation=f"{base}/animation" if animation else None)
-
-
-def _validation_error(errors: list[tuple[tuple[str | int, ...], str, Any]]) -> RequestValidationError:
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value} for loc, msg, value in errors]
-    )
-
-
-def _build_spec(body: JobCreate, attributes: dict[str, bool], seed: int) -> spec.JobSpec:
-    # frames and fps only matter with their GIF; otherwise the spec's defaults stand
-    wanted = {"animation_frames": body.animation, "animation_fps": body.animation or body.transition,
-              "transition_frames": body.transition}
-    extra = {name: getattr(body, name) for name, used in wanted.items() if used and getattr(body, name)}
-    try:
-        return spec.JobSpec(
-            attributes=attributes,
-            count=body.count,
-            seed=seed,
-            steps=body.steps,
-            sampler=body.sampler,
-            guidance_scale=body.guidance_scale,
-            animation=body.animation,
-            transition=body.transition,
-            first_index=body.first_index,
-            model=body.model,
-            **extra,
-        )
-    except ValidationError as exc:  # e.g. an attribute name a worker published that the spec refuses
-        raise _validation_error([(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]) from None
 
 
 @router.post(
@@ -144,93 +94,9 @@ async def create_job(
     services: ServicesDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
-    problems = [((name,), message, getattr(body, name)) for name, message in body.field_errors()]
-    if problems:
-        raise _validation_error(problems)
-    attributes = await resolve_attributes(services, body.model, body.label, body.attributes)
-    await check_webhook(body.webhook, services.settings)
-    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
-    job_spec = _build_spec(body, attributes, seed)
-    return await queue_job(request, response, services, job_spec, idempotency_key, body.model_dump_json(),
-                           body.webhook)
-
-
-async def resolve_attributes(services: ServicesDep, model: str, label: str | None,
-                             attributes: dict[str, bool] | None) -> dict[str, bool]:
-    """The request's condition checked against the live models; 422 naming the field, else the attributes."""
-    try:
-        return await services.live_models.resolve(model, label, attributes)
-    except registry.FieldError as exc:
-        raise _validation_error([(exc.loc, exc.message, exc.value)]) from None
-    except redis.RedisError:
-        services.metrics.jobs_rejected.labels("redis_unavailable").inc()
-        raise
-
-
-async def queue_job(request: Request, response: Response, services: ServicesDep, job_spec: spec.JobSpec,
-                    idempotency_key: str | None, request_digest: str, webhook: WebhookCreate | None) -> JobAccepted:
-    """Admit and enqueue ``job_spec`` for the caller (queue cap, quota, fair queue, replicas, idempotency keyed by
-    ``request_digest``, a text that identifies the request's content; its ``webhook`` delivery queued with it) and
-    answer as POST /generate does."""
-    settings, metrics, caller = services.settings, services.metrics, caller_of(request)
-    key_label = services.key_labels(caller.key_id)
-    try:
-        idempotency = None
-        if idempotency_key is not None:
-            idempotency = (keys.idempotency_key(caller.key_id or ANONYMOUS, idempotency_key),
-                           admission.fingerprint(request_digest))
-        submission = await admission.submit(services.async_redis, services.queue, job_spec, settings, caller,
-                                            idempotency, webhook)
-    except admission.Refused as exc:
-        raise _refusal(exc, settings.retry_after_s, metrics, key_label) from None
-    except admission.IdempotencyMismatch as exc:
-        metrics.jobs_rejected.labels("idempotency_conflict").inc()
-        request.state.rejection_counted = True
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": str(exc), "input": idempotency_key}]
-        ) from None
-    except admission.NotReplicated:
-        metrics.jobs_rejected.labels("not_replicated").inc()
-        raise
-    except redis.RedisError:
-        metrics.jobs_rejected.labels("redis_unavailable").inc()
-        raise
-    if submission.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    else:
-        metrics.jobs_submitted.labels(job_spec.sampler.value).inc()
-        metrics.key_jobs_submitted.labels(key_label).inc()
-        metrics.key_images_submitted.labels(key_label).inc(job_spec.count)
-    links = _links(request, submission.job_id, job_spec.has_animation())
-    response.headers["Location"] = links.self
-    return JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
-
-
-async def check_webhook(webhook: WebhookCreate | None, settings: Settings) -> None:
-    """422 naming ``webhook`` when the server has no ``WEBHOOK_SECRET`` (webhooks are off), ``webhook.url`` when
-    its host resolves to an address webhooks may not reach (SSRF)."""
-    if webhook is None:
-        return
-    if settings.webhook_secret is None:
-        raise _validation_error([(("webhook",), "webhooks are off on this server (it has no WEBHOOK_SECRET)",
-                                  webhook.model_dump(mode="json"))])
-    try:
-        await targets.resolve_async(webhook.url, settings.webhook_allow_private)
-    except targets.TargetRefused as exc:
-        raise _validation_error([(("webhook", "url"), str(exc), webhook.url)]) from None
-
-
-def _refusal(exc: admission.Refused, retry_after_s: int, metrics: Metrics, key_label: str) -> ApiError:
-    """The 429 for a refused job, counted by reason and by key."""
-    reason = "queue_full" if exc.limit == "max_queued" else exc.limit
-    metrics.jobs_rejected.labels(reason).inc()
-    metrics.key_jobs_rejected.labels(key_label, reason).inc()
-    if exc.limit == "max_queued":
-        detail = f"queue full (MAX_QUEUED={exc.allowed} jobs waiting); retry later"
-    else:
-        detail = f"quota reached: {exc.limit} (at most {exc.allowed} for this API key); retry later"
-    return ApiError(429, detail, headers={"Retry-After": str(exc.retry_after_s or retry_after_s)},
-                    limit=exc.limit, allowed=exc.allowed)
+    submitted = await submission.submit_generate(services, caller_of(request), body, idempotency_key,
+                                                 root_path(request))
+    return accepted(response, submitted)
 
 
 def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
@@ -251,18 +117,9 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
         error=job_ops.error_of(job),
         webhook=webhook_delivery.public_state(conn, job.id),
-        links=_links(request, job.id,
-                     job_spec.has_animation() if job_spec else job_ops.animation_requested(conn, job.id)),
+        links=JobLinks.of(root_path(request), job.id,
+                          job_spec.has_animation() if job_spec else job_ops.animation_requested(conn, job.id)),
     )
-
-
-def _fetch(conn: redis.Redis, job_id: str, caller: Caller) -> Job:
-    try:
-        return job_ops.fetch(conn, job_id, caller)
-    except job_ops.JobNotFound:
-        raise ApiError(404, "job not found") from None
-    except job_ops.JobGone:
-        raise ApiError(410, "job expired") from None
 
 
 @router.get(
@@ -275,7 +132,7 @@ def _fetch(conn: redis.Redis, job_id: str, caller: Caller) -> Job:
     responses={**NOT_FOUND, **GONE, **UNAVAILABLE},
 )
 def read_job(job_id: str, request: Request, services: ServicesDep) -> JobPublic:
-    job = _fetch(services.redis, job_id, caller_of(request))
+    job = fetch_job(services.redis, job_id, caller_of(request))
     if job_ops.first_sighting(services.redis, job, services.settings.tombstone_ttl):
         services.metrics.observe_ended(job)
     return _public(request, services.redis, job)
@@ -297,7 +154,7 @@ def read_job(job_id: str, request: Request, services: ServicesDep) -> JobPublic:
 )
 def cancel_job(job_id: str, request: Request, response: Response, services: ServicesDep) -> JobPublic:
     conn, caller = services.redis, caller_of(request)
-    job = _fetch(conn, job_id, caller)
+    job = fetch_job(conn, job_id, caller)
     try:
         new_status = job_ops.cancel(conn, job, services.settings)
     except job_ops.NotReady as exc:
@@ -416,7 +273,7 @@ def read_animation(job_id: str, request: Request, services: ServicesDep) -> Resp
 )
 def read_image(
     job_id: str,
-    index: Annotated[int, Path(ge=0, le=spec.MAX_COUNT - 1, description="Image index within the job, from 0.")],
+    index: Annotated[int, Path(ge=0, le=fields.MAX_COUNT - 1, description="Image index within the job, from 0.")],
     request: Request,
     services: ServicesDep,
     image_format: Annotated[images.ImageFormat, Query(alias="format", description="File format.")] = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from facegen.contract import spec
+from facegen.contract import fields
 from service import registry
 from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, require_api_key
 from service.schemas import ErrorPublic, ModelList, ModelPublic
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(requ
 )
 def list_models(services: ServicesDep) -> ModelList:
     models = registry.read_models(services.redis)
-    latest = registry.find_model(models, spec.LATEST)
+    latest = registry.find_model(models, fields.LATEST)
     return ModelList(models=[ModelPublic.from_info(m) for m in models], latest=latest.version if latest else None)
 
 

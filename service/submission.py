@@ -1,0 +1,172 @@
+"""Submitting a job, the use case behind POST /generate and POST /edit: validate the request (its fields together,
+an edit's image, its condition against the live models, its webhook), build the job spec, then admit and enqueue it
+in one Redis transaction (queue cap, the caller's quota and rate, replicas, idempotency: service/admission.py) and
+answer with the public job. The routes only parse HTTP input and turn what this raises into answers (service/api/errors.py):
+
+- :class:`InvalidRequest`: a field refused (422 naming it);
+- ``service.uploads.UploadError``: an edit's image refused (413/415/422 naming ``image``);
+- ``admission.Refused`` (429), ``admission.IdempotencyMismatch`` (422 naming the Idempotency-Key header),
+  ``redis.RedisError`` (503), each counted in the rejection metrics here.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from facegen.contract import fields, spec
+from service import admission, keys, registry
+from service.schemas import EditCreate, JobAccepted, JobCreate, JobLinks, WebhookCreate
+from service.tenancy import ANONYMOUS, Caller
+from service.uploads import prepare_upload
+from service.webhooks import targets
+
+if TYPE_CHECKING:  # the routes' container of clients and settings; the use case needs no HTTP layer at run time
+    from service.api.deps import Services
+
+Problem = tuple[tuple[str | int, ...], str, Any]  # (loc within the request, message, the input refused)
+
+
+class InvalidRequest(Exception):
+    """Request fields the submission refuses, each a :data:`Problem`."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {message}" for loc, message, _ in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A queued job as the caller sees it."""
+
+    job: JobAccepted
+    replayed: bool  # an earlier request with the same Idempotency-Key created the job
+
+
+@dataclass(frozen=True)
+class _Order:
+    """What a submission of either kind holds once its own checks passed: the condition to resolve, the seed asked
+    for (``None``: draw one), the spec's other fields, the webhook, and the request's fingerprint."""
+
+    kind: type[spec.JobSpec]
+    model: str
+    label: str | None
+    attributes: dict[str, bool] | None
+    seed: int | None
+    spec_fields: dict[str, Any]
+    webhook: WebhookCreate | None
+    fingerprint: str
+
+
+async def submit_generate(services: Services, caller: Caller, body: JobCreate, idempotency_key: str | None,
+                          root_path: str) -> Submitted:
+    """Queue POST /generate's ``body`` for ``caller``; links under ``root_path``."""
+    _check_fields(body)
+    # frames and fps only matter with their GIF; otherwise the spec's defaults stand
+    wanted = {"animation_frames": body.animation, "animation_fps": body.animation or body.transition,
+              "transition_frames": body.transition}
+    extra = {name: getattr(body, name) for name, used in wanted.items() if used and getattr(body, name)}
+    spec_fields = {"count": body.count, "steps": body.steps, "sampler": body.sampler,
+                   "guidance_scale": body.guidance_scale, "animation": body.animation, "transition": body.transition,
+                   "first_index": body.first_index, **extra}
+    order = _Order(spec.JobSpec, body.model, body.label, body.attributes, body.seed, spec_fields, body.webhook,
+                   body.fingerprint())
+    return await _submit(services, caller, order, idempotency_key, root_path)
+
+
+async def submit_edit(services: Services, caller: Caller, edit: EditCreate, idempotency_key: str | None,
+                      root_path: str) -> Submitted:
+    """Queue POST /edit's ``edit`` for ``caller``: its image checked and bounded for the worker first (raises
+    ``UploadError``); links under ``root_path``."""
+    _check_fields(edit)
+    png = await run_in_threadpool(prepare_upload, edit.image, services.settings.max_upload_pixels)
+    spec_fields = {"steps": edit.steps, "guidance_scale": edit.guidance_scale, "strength": edit.strength,
+                   "animation": edit.animation, "image": base64.b64encode(png).decode()}
+    order = _Order(spec.EditSpec, edit.model, edit.label, edit.attributes, edit.seed, spec_fields, edit.webhook,
+                   edit.fingerprint())
+    return await _submit(services, caller, order, idempotency_key, root_path)
+
+
+def _check_fields(request: JobCreate | EditCreate) -> None:
+    problems = [((name,), message, getattr(request, name)) for name, message in request.field_errors()]
+    if problems:
+        raise InvalidRequest(problems)
+
+
+async def _submit(services: Services, caller: Caller, order: _Order, idempotency_key: str | None,
+                  root_path: str) -> Submitted:
+    attributes = await _resolve(services, order)
+    await _check_webhook(order.webhook, services)
+    seed = order.seed if order.seed is not None else fields.draw_seed()
+    try:
+        job_spec = order.kind(attributes=attributes, seed=seed, model=order.model, **order.spec_fields)
+    except ValidationError as exc:  # e.g. an attribute name a worker published that the spec refuses
+        raise InvalidRequest([(tuple(e["loc"]), e["msg"], e.get("input")) for e in exc.errors()]) from None
+    submission = await _admit(services, caller, job_spec, idempotency_key, order)
+    links = JobLinks.of(root_path, submission.job_id, job_spec.has_animation())
+    job = JobAccepted(job_id=submission.job_id, status=submission.status, seed=submission.seed, links=links)
+    return Submitted(job=job, replayed=submission.replayed)
+
+
+async def _resolve(services: Services, order: _Order) -> dict[str, bool]:
+    """The order's condition checked against the live models, as ``{attribute name: wanted}``."""
+    try:
+        return await services.live_models.resolve(order.model, order.label, order.attributes)
+    except registry.FieldError as exc:
+        raise InvalidRequest([(exc.loc, exc.message, exc.value)]) from None
+    except redis.RedisError:
+        services.metrics.jobs_rejected.labels("redis_unavailable").inc()
+        raise
+
+
+async def _check_webhook(webhook: WebhookCreate | None, services: Services) -> None:
+    """Refuses ``webhook`` when the server has no ``WEBHOOK_SECRET`` (webhooks are off), ``webhook.url`` when its host
+    resolves to an address webhooks may not reach (SSRF)."""
+    if webhook is None:
+        return
+    settings = services.settings
+    if settings.webhook_secret is None:
+        raise InvalidRequest([(("webhook",), "webhooks are off on this server (it has no WEBHOOK_SECRET)",
+                               webhook.model_dump(mode="json"))])
+    try:
+        await targets.resolve_async(webhook.url, settings.webhook_allow_private, settings.webhook_allowed_ports)
+    except targets.TargetRefused as exc:
+        raise InvalidRequest([(("webhook", "url"), str(exc), webhook.url)]) from None
+
+
+async def _admit(services: Services, caller: Caller, job_spec: spec.JobSpec, idempotency_key: str | None,
+                 order: _Order) -> admission.Submission:
+    """Admit and enqueue ``job_spec`` (service/admission.py), with idempotency held to the order's fingerprint;
+    counts the outcome."""
+    metrics, key_label = services.metrics, services.key_labels(caller.key_id)
+    idempotency = None
+    if idempotency_key is not None:
+        idempotency = (keys.idempotency_key(caller.key_id or ANONYMOUS, idempotency_key),
+                       admission.fingerprint(order.fingerprint))
+    try:
+        submission = await admission.submit(services.async_redis, services.queue, job_spec, services.settings,
+                                            caller, idempotency, order.webhook)
+    except admission.Refused as exc:
+        reason = "queue_full" if exc.limit == "max_queued" else exc.limit
+        metrics.jobs_rejected.labels(reason).inc()
+        metrics.key_jobs_rejected.labels(key_label, reason).inc()
+        raise
+    except admission.IdempotencyMismatch:
+        metrics.jobs_rejected.labels("idempotency_conflict").inc()
+        raise
+    except admission.NotReplicated:
+        metrics.jobs_rejected.labels("not_replicated").inc()
+        raise
+    except redis.RedisError:
+        metrics.jobs_rejected.labels("redis_unavailable").inc()
+        raise
+    if not submission.replayed:
+        metrics.jobs_submitted.labels(job_spec.sampler.value).inc()
+        metrics.key_jobs_submitted.labels(key_label).inc()
+        metrics.key_images_submitted.labels(key_label).inc(job_spec.count)
+    return submission
