@@ -23,6 +23,7 @@ needs `Authorization: Bearer <key>`.
 TAGS = [
     {"name": "jobs", "description": "Queue, follow, cancel generation jobs; fetch their images."},
     {"name": "models", "description": "Model versions the live workers serve."},
+    {"name": "webhooks", "description": "The signing secret of the caller's webhook deliveries."},
     {"name": "health", "description": "Liveness and readiness probes."},
     {"name": "metrics", "description": "Prometheus metrics."},
 ]

@@ -239,7 +239,8 @@ def stack(conn: redis.Redis, api_venv: Installed, worker_venv: Installed,
     server, hook_url = receiver.serve()
     receiver.url = hook_url
     api_port, worker_port, hook_port = free_port(), free_port(), free_port()
-    webhooks = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOW_PRIVATE": "true", "REDIS_URL": REDIS_URL}
+    webhooks = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOW_PRIVATE": "true", "REDIS_URL": REDIS_URL,
+                "WEBHOOK_ALLOWED_PORTS": hook_url.split(":")[2].split("/")[0]}
     processes = [
         Process(api_venv, "service", cwd, ("--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"),
                 API_KEYS="", ADMIN_API_KEYS="", **webhooks),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.api.deps import UNAUTHORIZED, ApiError, ServicesDep, caller_of, require_api_key
+from service.api.deps import UNAUTHORIZED, UNAVAILABLE, ApiError, ServicesDep, caller_of, require_api_key
 from service.schemas import ErrorPublic, WebhookSecret
 from service.webhooks import signing
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"], dependencies=[Depends(require_api_key)],
-                   responses=UNAUTHORIZED)
+                   responses={**UNAUTHORIZED, **UNAVAILABLE})
 
 
 @router.get(
