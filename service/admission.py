@@ -1,5 +1,7 @@
-"""Admission of a job: enqueue it with RQ, check the queue cap and the key's quota in the same transaction (a Lua
-script) and file it under its key, wait for replicas, and replay a request repeated with the same Idempotency-Key."""
+"""Admission of a job: enqueue it with RQ, check the queue cap and the key's quota and rate (in work units,
+facegen/contract/cost.py) in the same transaction (a Lua script) and file it under its key, wait for replicas, and
+replay a request repeated with the same Idempotency-Key. An edit's decision is taken before its upload is decoded
+(:func:`decide`), by the same limits."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
-from facegen.contract import spec
+from facegen.contract import cost, spec
 from facegen.contract.fair_queue import DISPATCH_LUA
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.config import Settings
 from service.keys import REPLICATION_MARK_KEY, rate_key, tombstone_key
 from service.redis_clients import replica_wait_s
@@ -33,12 +36,12 @@ DISPATCHED_SCAN = 64
 
 class Refused(Exception):
     """Admission refused the job: ``limit`` names the limit reached (``max_queued`` for the whole queue, or the
-    key's ``queued_jobs``, ``queued_images``, ``submissions_per_minute``), ``allowed`` its value; ``retry_after_s``
-    is when a retry can succeed, if known (the submission rate)."""
+    key's ``queued_jobs``, ``queued_units``, ``units_per_minute``), ``allowed`` its value; ``units`` is what the job
+    costs (facegen/contract/cost.py); ``retry_after_s`` is when a retry can succeed, if known (the rate)."""
 
-    def __init__(self, limit: str, allowed: int, retry_after_s: int | None = None):
+    def __init__(self, limit: str, allowed: int, units: int, retry_after_s: int | None = None):
         super().__init__(f"{limit} limit ({allowed}) reached")
-        self.limit, self.allowed, self.retry_after_s = limit, allowed, retry_after_s
+        self.limit, self.allowed, self.units, self.retry_after_s = limit, allowed, units, retry_after_s
 
 
 class NotReplicated(redis.RedisError):
@@ -64,53 +67,75 @@ def fingerprint(payload: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-# Runs last inside the enqueue transaction, so no other client's command falls between RQ's push and this check
-# (the limits hold under any burst). It counts the queue's depth (the RQ queue and every key's list) against
-# MAX_QUEUED and, for an API key, the key's waiting jobs (in its list, or already dispatched to the RQ queue) and
-# their images against its quota, and its submission rate (GCRA: a bucket of `per minute` tokens refilled evenly,
-# the time from Redis). Refused: the job just pushed (the queue's tail) and its hash are removed again. Admitted:
-# an API key's job moves from the queue to the key's list (dispatched at once when the RQ queue is empty, which
-# wakes an idle worker; see facegen/contract/fair_queue.py), and the job gets its tombstone.
-# KEYS: queue, job hash, tombstone, ring, turn, rate. ARGV: job id, max queued, tombstone value, tombstone TTL (s),
-# prefix of the keys' lists, key id ('' for an open API), images, max queued jobs, max queued images, submissions
-# per minute, prefix of job hashes. Returns {'ok', depth} or {limit, allowed, retry after (s, 0 = unknown)}.
-ADMISSION_SCRIPT = DISPATCH_LUA + f"""
-local id, prefix, key_id, jobs_prefix = ARGV[1], ARGV[5], ARGV[6], ARGV[11]
-local function refuse(limit, allowed, retry)
-  redis.call('LREM', KEYS[1], -1, id)
-  redis.call('DEL', KEYS[2])
-  return {{limit, allowed, retry}}
-end
-local depth = redis.call('LLEN', KEYS[1]) - 1
-for _, other in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-  depth = depth + redis.call('LLEN', prefix .. other)
-end
-if depth >= tonumber(ARGV[2]) then return refuse('max_queued', tonumber(ARGV[2]), 0) end
-if key_id ~= '' then
-  local list, images = prefix .. key_id, tonumber(ARGV[7])
+# The limits of one submission, shared by the two scripts below. ``limits(queue, ring, rate, depth, args)`` counts
+# the queue's depth (``depth`` jobs in the RQ queue, plus every key's list) against MAX_QUEUED and, for an API key,
+# the key's waiting jobs (in its list, or already dispatched to the RQ queue) and their work units (the job hashes'
+# UNITS_FIELD) against its quota, and, when ``charge`` is '1', its rate in units (GCRA: a bucket of `units per
+# minute` tokens refilled evenly, the time from Redis), taking the job's units from the bucket when it admits.
+# ``args`` (strings, from ARGV): max queued, prefix of the keys' lists, key id ('' for an open API), the job's units,
+# max queued jobs, max queued units, units per minute, prefix of job hashes, charge. Returns the refusal {limit,
+# allowed, retry after (s, 0 = unknown)} or nil, and the depth counted.
+LIMITS_LUA = f"""
+local function limits(queue, ring, rate, depth, args)
+  local max_queued, prefix, key_id, units = tonumber(args[1]), args[2], args[3], tonumber(args[4])
+  for _, other in ipairs(redis.call('ZRANGE', ring, 0, -1)) do
+    depth = depth + redis.call('LLEN', prefix .. other)
+  end
+  if depth >= max_queued then return {{'max_queued', max_queued, 0}}, depth end
+  if key_id == '' then return nil, depth end
+  local max_jobs, max_units, per_minute, jobs_prefix = tonumber(args[5]), tonumber(args[6]), tonumber(args[7]), args[8]
+  local list, queued = prefix .. key_id, units
   local jobs = redis.call('LLEN', list)
   for _, other in ipairs(redis.call('LRANGE', list, 0, -1)) do
-    images = images + (tonumber(redis.call('HGET', jobs_prefix .. other, '{spec.IMAGES_FIELD}')) or 0)
+    queued = queued + (tonumber(redis.call('HGET', jobs_prefix .. other, '{spec.UNITS_FIELD}')) or 0)
   end
-  for _, other in ipairs(redis.call('LRANGE', KEYS[1], 0, {DISPATCHED_SCAN - 1})) do
-    local fields = redis.call('HMGET', jobs_prefix .. other, '{spec.OWNER_FIELD}', '{spec.IMAGES_FIELD}')
-    if fields[1] == key_id then jobs, images = jobs + 1, images + (tonumber(fields[2]) or 0) end
+  for _, other in ipairs(redis.call('LRANGE', queue, 0, {DISPATCHED_SCAN - 1})) do
+    local fields = redis.call('HMGET', jobs_prefix .. other, '{spec.OWNER_FIELD}', '{spec.UNITS_FIELD}')
+    if fields[1] == key_id then jobs, queued = jobs + 1, queued + (tonumber(fields[2]) or 0) end
   end
-  if jobs >= tonumber(ARGV[8]) then return refuse('queued_jobs', tonumber(ARGV[8]), 0) end
-  if images > tonumber(ARGV[9]) then return refuse('queued_images', tonumber(ARGV[9]), 0) end
-  local time = redis.call('TIME')
-  local now, interval = tonumber(time[1]) + tonumber(time[2]) / 1e6, 60 / tonumber(ARGV[10])
-  local due = math.max(tonumber(redis.call('GET', KEYS[6]) or 0), now) + interval
-  if due - now > 60 then return refuse('submissions_per_minute', tonumber(ARGV[10]), math.ceil(due - now - 60)) end
-  redis.call('SET', KEYS[6], string.format('%.6f', due), 'PX', math.ceil((due - now) * 1000))
+  if jobs >= max_jobs then return {{'queued_jobs', max_jobs, 0}}, depth end
+  if queued > max_units then return {{'queued_units', max_units, 0}}, depth end
+  if args[9] == '1' then
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+    local due = math.max(tonumber(redis.call('GET', rate) or 0), now) + units * 60 / per_minute
+    if due - now > 60 then return {{'units_per_minute', per_minute, math.ceil(due - now - 60)}}, depth end
+    redis.call('SET', rate, string.format('%.6f', due), 'PX', math.ceil((due - now) * 1000))
+  end
+  return nil, depth
+end
+"""
+# Runs last inside the enqueue transaction, so no other client's command falls between RQ's push and this check
+# (the limits hold under any burst). Refused: the job just pushed (the queue's tail) and its hash are removed again.
+# Admitted: an API key's job moves from the queue to the key's list (dispatched at once when the RQ queue is empty,
+# which wakes an idle worker; see facegen/contract/fair_queue.py) and its hash gets its owner and units; the job
+# gets its tombstone.
+# KEYS: queue, job hash, tombstone, ring, turn, rate. ARGV: job id, tombstone value, tombstone TTL (s), then the
+# args of ``limits``. Returns {'ok', depth} or the refusal.
+ADMISSION_SCRIPT = DISPATCH_LUA + LIMITS_LUA + f"""
+local id, args = ARGV[1], {{unpack(ARGV, 4)}}
+local refusal, depth = limits(KEYS[1], KEYS[4], KEYS[6], redis.call('LLEN', KEYS[1]) - 1, args)
+if refusal then
   redis.call('LREM', KEYS[1], -1, id)
-  redis.call('RPUSH', list, id)
-  redis.call('HSET', KEYS[2], '{spec.OWNER_FIELD}', key_id, '{spec.IMAGES_FIELD}', ARGV[7])
+  redis.call('DEL', KEYS[2])
+  return refusal
+end
+local prefix, key_id = args[2], args[3]
+if key_id ~= '' then
+  redis.call('LREM', KEYS[1], -1, id)
+  redis.call('RPUSH', prefix .. key_id, id)
+  redis.call('HSET', KEYS[2], '{spec.OWNER_FIELD}', key_id, '{spec.UNITS_FIELD}', args[4])
   redis.call('ZADD', KEYS[4], 'NX', (tonumber(redis.call('GET', KEYS[5])) or 0) - 0.5, key_id)
   if redis.call('LLEN', KEYS[1]) == 0 then dispatch(KEYS[1], KEYS[4], KEYS[5], prefix) end
 end
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
 return {{'ok', depth + 1}}
+"""
+# The same limits, decided before a job exists (an edit's, before its upload is decoded): charges the key's rate
+# when they admit. KEYS: queue, ring, rate. ARGV: the args of ``limits``. Returns {'ok'} or the refusal.
+DECISION_SCRIPT = LIMITS_LUA + """
+local refusal = limits(KEYS[1], KEYS[2], KEYS[3], redis.call('LLEN', KEYS[1]), ARGV)
+return refusal or {'ok'}
 """
 # Takes back a job that admission pushed but could not get replicated, unless a worker has taken it already.
 # KEYS: queue, job hash, tombstone, the key's list; ARGV: job id. Returns 1 when the job was withdrawn.
@@ -162,6 +187,7 @@ async def submit(
     caller: Caller,
     idempotency: tuple[str, str] | None = None,
     webhook: WebhookCreate | None = None,
+    rate_charged: bool = False,
 ) -> Submission:
     """Enqueue ``job_spec`` (by the worker function's dotted name) for ``caller`` and remember its id.
 
@@ -171,13 +197,15 @@ async def submit(
 
     ``idempotency`` is ``(redis key, request fingerprint)``: the first request with that key creates the job, later
     ones with the same fingerprint get the same job back, with another fingerprint ``IdempotencyMismatch``.
-    Raises ``Refused`` when the queue holds ``settings.max_queued`` jobs or the caller is at a limit of its quota,
-    ``NotReplicated`` when the primary's replicas did not acknowledge the job in time (see
-    ``Settings.redis_min_replicas_ack``).
+    Raises ``Refused`` when the queue holds ``settings.max_queued`` jobs or the caller is at a limit of its quota
+    (counted in the job's work units, ``cost.job_units``), ``NotReplicated`` when the primary's replicas did not
+    acknowledge the job in time (see ``Settings.redis_min_replicas_ack``).
 
     ``webhook``: the job's webhook, whose delivery (service/webhooks/delivery.py) is written in the same transaction.
+    ``rate_charged``: :func:`decide` took the job's units from the caller's rate already.
     """
     job_id = str(uuid.uuid4())
+    units = cost.job_units(job_spec)
     if idempotency is not None:
         key, print_ = idempotency
         record = json.dumps({"job_id": job_id, "fingerprint": print_, "seed": job_spec.seed})
@@ -204,14 +232,15 @@ async def submit(
             async with conn.pipeline(transaction=True) as pipe:
                 for args, options in recorder.command_stack:
                     pipe.execute_command(*args, **options)
-                pipe.eval(ADMISSION_SCRIPT, 6, *_admission_keys(queue, job_id, caller),
-                          *_admission_args(queue, job_id, job_spec, settings, caller))
+                tombstone = json.dumps({"animation": job_spec.has_animation(), "owner": caller.key_id})
+                pipe.eval(ADMISSION_SCRIPT, 6, *_admission_keys(queue, job_id, caller), job_id, tombstone,
+                          settings.tombstone_ttl, *_limit_args(queue, units, settings, caller, not rate_charged))
                 if settings.redis_min_replicas_ack:
                     pipe.execute_command("ROLE")  # the replicas the primary had when it ran the transaction
                 replies = (await pipe.execute())[len(recorder.command_stack):]
         verdict = replies[0]
         if verdict[0] != b"ok":
-            raise Refused(verdict[0].decode(), verdict[1], verdict[2] or None)
+            raise Refused(verdict[0].decode(), verdict[1], units, verdict[2] or None)
         if settings.redis_min_replicas_ack:
             try:
                 await _await_replicas(conn, replies[1], settings)
@@ -231,24 +260,46 @@ def _admission_keys(queue: Queue, job_id: str, caller: Caller) -> list[str]:
             spec.key_turn_key(queue.name), rate_key(caller.tenant)]
 
 
-def _admission_args(queue: Queue, job_id: str, job_spec: spec.JobSpec, settings: Settings,
-                    caller: Caller) -> list[Any]:
+def _limit_args(queue: Queue, units: int, settings: Settings, caller: Caller, charge: bool) -> list[Any]:
+    """The ``args`` of ``LIMITS_LUA``'s ``limits``."""
     quota = quota_for(settings, caller) or settings.default_quota()  # an open API: not read by the script
-    tombstone = json.dumps({"animation": job_spec.has_animation(), "owner": caller.key_id})
-    return [job_id, settings.max_queued, tombstone, settings.tombstone_ttl, spec.key_queue_key(queue.name, ""),
-            caller.tenant, job_spec.chains(), quota.queued_jobs, quota.queued_images, quota.submissions_per_minute,
-            Job.redis_job_namespace_prefix]
+    return [settings.max_queued, spec.key_queue_key(queue.name, ""), caller.tenant, units, quota.queued_jobs,
+            quota.queued_units, quota.units_per_minute, Job.redis_job_namespace_prefix, "1" if charge else "0"]
+
+
+async def decide(conn: redis.asyncio.Redis, queue: Queue, units: int, settings: Settings, caller: Caller) -> None:
+    """Take the admission decision for a job of ``units`` work units before the job exists (an edit's, before its
+    upload is decoded): raises ``Refused`` as :func:`submit` would now; when the limits admit it, the units are
+    taken from the caller's rate (pass ``rate_charged=True`` to :func:`submit`), so a burst of such requests decodes
+    no more than the rate allows, whatever becomes of them."""
+    verdict = await conn.eval(DECISION_SCRIPT, 3, queue.key, spec.key_ring_key(queue.name), rate_key(caller.tenant),
+                              *_limit_args(queue, units, settings, caller, True))
+    if verdict[0] != b"ok":
+        raise Refused(verdict[0].decode(), verdict[1], units, verdict[2] or None)
+
+
+async def replayed(conn: redis.asyncio.Redis, queue: Queue, idempotency: tuple[str, str]) -> Submission | None:
+    """The job an earlier request with this ``idempotency`` (as for :func:`submit`) created, or ``None`` when the
+    key is unused; raises ``IdempotencyMismatch`` when it was used with another request body."""
+    raw = await conn.get(idempotency[0])
+    return None if raw is None else await _replay_record(queue, raw, idempotency[1])
 
 
 async def _replay(conn: redis.asyncio.Redis, queue: Queue, key: str, print_: str) -> Submission:
     raw = await conn.get(key)
     if raw is None:  # expired in between: extremely rare; let the client retry
         raise IdempotencyMismatch("the Idempotency-Key expired while this request ran; retry")
+    return await _replay_record(queue, raw, print_)
+
+
+async def _replay_record(queue: Queue, raw: bytes, print_: str) -> Submission:
+    """The submission an idempotency record ``raw`` remembers, if the request's fingerprint ``print_`` matches."""
     record = json.loads(raw)
     if record["fingerprint"] != print_:
         raise IdempotencyMismatch("this Idempotency-Key was already used with a different request body")
     try:
-        job = await run_in_threadpool(Job.fetch, record["job_id"], connection=queue.connection)
+        job = await run_in_threadpool(Job.fetch, record["job_id"], connection=queue.connection,
+                                      serializer=JOB_SERIALIZER)
         status = job.get_status(refresh=False)
     except NoSuchJobError:
         # Being enqueued by a concurrent request with the same key, or expired (GET /jobs/{id} tells which).

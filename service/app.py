@@ -15,14 +15,14 @@ from service import redis_clients, registry
 from service.api.deps import Services
 from service.api.errors import add_error_handlers
 from service.api.main import ROUTERS
-from service.api.middleware import BodyLimitMiddleware
+from service.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from service.api.openapi import DESCRIPTION, TAGS, exact_openapi_bounds
-from service.api.routes import events
+from service.api.routes import events, health
 from service.api.routes import webhooks as webhook_routes
 from service.api.routes.edit import EDIT_PATH
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
-from service.tenancy import KeyLabels
+from service.tenancy import ApiKeys, KeyLabels
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -69,12 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     app.state.event_streams = event_streams
+    app.state.readiness = health.ReadinessCache(settings.readyz_cache_s)
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(webhook_routes.router)
     exact_openapi_bounds(app)
     add_error_handlers(app, settings, metrics)
 
+    # innermost: CORS answers preflights and adds its headers to the 401s
+    app.add_middleware(ApiKeyMiddleware, api_keys=ApiKeys(settings), routes=app.routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from facegen.contract.connection import RedisSettings
 
 _DAY_S = 24 * 3600
 UPLOAD_FORM_OVERHEAD_BYTES = 16 * 1024
+METRICS_LABEL_SECRET_MIN_CHARS = 16
 
 
 def _split_csv(value: Any) -> Any:
@@ -37,10 +39,10 @@ class Quota(BaseModel):
 
     # jobs waiting in the key's queue (not yet taken by a worker)
     queued_jobs: Annotated[int | None, Field(ge=1)] = None
-    # images of those jobs, summed
-    queued_images: Annotated[int | None, Field(ge=1)] = None
-    # accepted submissions per minute, allowed in a burst (a token bucket refilled evenly over the minute)
-    submissions_per_minute: Annotated[int | None, Field(ge=1)] = None
+    # work units (facegen/contract/cost.py) of those jobs, summed
+    queued_units: Annotated[int | None, Field(ge=1)] = None
+    # work units accepted per minute, allowed in a burst (a token bucket refilled evenly over the minute)
+    units_per_minute: Annotated[int | None, Field(ge=1)] = None
 
     def merged(self, override: Quota | None) -> Quota:
         """These limits with ``override``'s given fields in their place."""
@@ -64,26 +66,46 @@ class Settings(RedisSettings, ArtifactSettings):
     # POST /generate checks requests against the model registry as read at most this many seconds ago
     # (0 = read it for every request); a request naming a model or attribute not in that view re-reads it.
     model_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # GET /readyz answers from a check (Redis ping and registry read, artifact store request) at most this many
+    # seconds old, per process; 0 = check on every call.
+    readyz_cache_s: Annotated[float, Field(ge=0, le=30)] = 1.0
     # Value of the Retry-After header on 429 and 503 answers.
     retry_after_s: Annotated[int, Field(ge=1)] = 5
     # Comma-separated bearer tokens; none (and no ADMIN_API_KEYS) = open API. Each key sees only its own jobs.
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode, Field(repr=False)] = ()
     # Comma-separated bearer tokens that may also read and cancel every key's jobs.
     admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode, Field(repr=False)] = ()
+    # Let `python -m service` serve without API_KEYS/ADMIN_API_KEYS on an address other than loopback (127.0.0.0/8,
+    # ::1, localhost); without it, it refuses to start there (exit code 2).
+    allow_open_api: bool = False
+    # A request's work units (facegen/contract/cost.py; a default POST /generate costs 100) at most; over it, 422.
+    max_request_units: Annotated[int, Field(ge=1)] = 10_000
     # Per-key limits (API keys only; an open API has just MAX_QUEUED). Over one, POST /generate answers 429.
+    # Jobs waiting, their work units summed, and work units accepted per minute (token bucket, burst = the figure).
     quota_queued_jobs: Annotated[int, Field(ge=1)] = 100
-    quota_queued_images: Annotated[int, Field(ge=1)] = 2048
-    quota_submissions_per_minute: Annotated[int, Field(ge=1)] = 120
+    quota_queued_units: Annotated[int, Field(ge=1)] = 20_000
+    quota_units_per_minute: Annotated[int, Field(ge=1)] = 12_000
     # JSON object: key id (see service/tenancy.py) -> limits that differ from the defaults above, e.g.
-    # {"3f2a…": {"queued_jobs": 500, "submissions_per_minute": 600}}.
+    # {"3f2a…": {"queued_jobs": 500, "units_per_minute": 60000}}.
     quota_overrides: dict[str, Quota] = {}
-    # Metrics label work by key id while at most this many keys are configured, else by this many hashed buckets.
+    # Metrics label work by key while at most this many keys are configured, else by this many hashed buckets.
     metrics_key_labels: Annotated[int, Field(ge=1, le=1000)] = 50
+    # The HMAC key of those labels (service/tenancy.py KeyLabels), at least 16 characters, the same on every API
+    # replica; unset = derived from all of API_KEYS and ADMIN_API_KEYS (labels then change with the set of keys).
+    metrics_label_secret: Annotated[SecretStr | None, Field(repr=False)] = None
     max_body_bytes: Annotated[int, Field(ge=256)] = 16 * 1024
     # POST /edit: the uploaded image's file size and pixel count (width x height, read from its header) at most;
     # the multipart body may exceed MAX_UPLOAD_BYTES by UPLOAD_FORM_OVERHEAD_BYTES (the other fields, boundaries).
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     max_upload_pixels: Annotated[int, Field(ge=1)] = 25_000_000
+    # MiB one upload's decode may hold, estimated from its header (service/uploads.py decode_bytes); over it, 413.
+    # A baseline JPEG holds a few MiB (DCT-scaled), a PNG 4 bytes a pixel (95 MiB at 25 M pixels), a progressive
+    # JPEG 3 to 8, a WebP 16 (Pillow decodes both at full size): the default keeps one decode under 128 MiB.
+    upload_decode_max_mib: Annotated[int, Field(ge=1)] = 120
+    # Uploads one API process decodes at once (in its thread pool); one more waits for a slot up to
+    # UPLOAD_DECODE_WAIT_S seconds, then answers 503 with Retry-After.
+    upload_decode_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
+    upload_decode_wait_s: Annotated[float, Field(ge=0, le=60)] = 10.0
     # Comma-separated origins allowed by CORS; none = no CORS headers at all.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     # Failed jobs (and their error line) live this long.
@@ -129,9 +151,16 @@ class Settings(RedisSettings, ArtifactSettings):
     events_max_s: Annotated[float, Field(gt=0, le=86_400)] = 600.0
     # Event streams one API process serves at once (each holds a Redis connection); more answer 503.
     events_max_streams: Annotated[int, Field(ge=1, le=100_000)] = 500
+    # Event streams one API key holds open at once across all API replicas (Redis leases that lapse when their
+    # process dies); more answer 429. The open API counts each client address as a key.
+    events_max_streams_per_key: Annotated[int, Field(ge=1, le=100_000)] = 20
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # Connections one API process holds open at once (uvicorn's limit_concurrency, counted per worker process):
+    # a request on one more answers 503 at once (plain text, `Connection: close`). Keep it above
+    # EVENTS_MAX_STREAMS, whose streams each hold a connection.
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     log_level: str = "info"
 
     _split_lists = field_validator("api_keys", "admin_api_keys", "cors_origins", "webhook_retry_intervals",
@@ -156,6 +185,15 @@ class Settings(RedisSettings, ArtifactSettings):
                 raise ValueError(str(exc).replace("WEBHOOK_SECRET", "WEBHOOK_SECRET_PREVIOUS", 1)) from None
         return value
 
+    @field_validator("metrics_label_secret")
+    @classmethod
+    def _label_secret_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < METRICS_LABEL_SECRET_MIN_CHARS:
+            # checked here, not by min_length, whose error would print the value
+            raise ValueError(f"METRICS_LABEL_SECRET must be at least {METRICS_LABEL_SECRET_MIN_CHARS} characters "
+                             "(e.g. $(openssl rand -base64 32))")
+        return value
+
     @field_validator("quota_overrides")
     @classmethod
     def _overrides_name_key_ids(cls, value: dict[str, Quota]) -> dict[str, Quota]:
@@ -175,8 +213,8 @@ class Settings(RedisSettings, ArtifactSettings):
         return self.max_upload_bytes + UPLOAD_FORM_OVERHEAD_BYTES
 
     def default_quota(self) -> Quota:
-        return Quota(queued_jobs=self.quota_queued_jobs, queued_images=self.quota_queued_images,
-                     submissions_per_minute=self.quota_submissions_per_minute)
+        return Quota(queued_jobs=self.quota_queued_jobs, queued_units=self.quota_queued_units,
+                     units_per_minute=self.quota_units_per_minute)
 
 
 def signing_key(secret: SecretStr) -> bytes:
@@ -192,6 +230,19 @@ def signing_key(secret: SecretStr) -> bytes:
     if len(key) < 16:
         raise ValueError("WEBHOOK_SECRET's key must be at least 16 bytes (24 base64 characters)")
     return key
+
+
+# Settings that took a new name (and a new unit): an old name left in the environment would be silently ignored.
+RENAMED_SETTINGS = {
+    "QUOTA_QUEUED_IMAGES": "QUOTA_QUEUED_UNITS",
+    "QUOTA_SUBMISSIONS_PER_MINUTE": "QUOTA_UNITS_PER_MINUTE",
+}
+
+
+def renamed_settings_problem(environ: Mapping[str, str]) -> str | None:
+    """A one-line refusal naming the renamed settings ``environ`` still sets (non-empty), or ``None``."""
+    stale = [f"{old} (now {new}, in work units)" for old, new in RENAMED_SETTINGS.items() if environ.get(old)]
+    return f"settings renamed, set the new ones instead: {', '.join(stale)}" if stale else None
 
 
 @lru_cache

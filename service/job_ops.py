@@ -1,6 +1,8 @@
 """Reading and canceling generation jobs: status, progress, error line, artifacts.
 
 Knows nothing of HTTP: problems are raised as the exceptions below and the routes map them onto status codes.
+Jobs are read as JSON (facegen/contract/job_serializer.py); one whose stored data or meta is not JSON is never
+interpreted and reads as ``failed`` with the reason a worker fails it with (:func:`refusal_of`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from datetime import datetime
 
 import redis
 from pydantic import ValidationError
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from facegen.contract import spec
 from facegen.contract.artifacts import ArtifactStore, OpenedArtifact
+from facegen.contract.job_serializer import JOB_SERIALIZER, refusal, unreadable_part
 from service.config import Settings
 from service.keys import observed_key, tombstone_key
 from service.tenancy import Caller
@@ -62,12 +65,14 @@ def _is_uuid(value: str) -> bool:
 
 def fetch(conn: redis.Redis, job_id: str, caller: Caller) -> Job:
     """The generation job ``job_id`` as ``caller`` may see it; raises ``JobGone`` when it expired,
-    ``JobNotFound`` when it never existed or belongs to another key (the two are indistinguishable)."""
+    ``JobNotFound`` when it never existed or belongs to another key (the two are indistinguishable). A job whose
+    stored data or meta is not JSON counts as a generation job (one of ours may have been overwritten): it reads
+    as failed (:func:`status_of`)."""
     if not _is_uuid(job_id):
         raise JobNotFound(job_id)
     try:
-        job = Job.fetch(job_id, connection=conn)
-        if job.func_name == spec.JOB_FUNCTION:
+        job = Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
+        if refusal_of(job) is not None or job.func_name == spec.JOB_FUNCTION:
             if not caller.may_see(owner_of(conn, job)):
                 raise JobNotFound(job_id)
             return job
@@ -96,15 +101,22 @@ def _tombstone(conn: redis.Redis, job_id: str) -> dict | None:
 
 def job_spec_of(job: Job) -> spec.JobSpec | None:
     """The job's spec (an ``EditSpec`` for an edit); ``None`` when its arguments don't parse (e.g. queued by an
-    incompatible API version)."""
+    incompatible API version, or not stored as JSON)."""
     try:
         return spec.parse_job_spec(job.args[0])
-    except (ValidationError, IndexError, TypeError):
+    except (ValidationError, IndexError, TypeError, DeserializationError):
         return None
 
 
+def refusal_of(job: Job) -> str | None:
+    """The reason a job whose stored data or meta is not JSON is refused; ``None`` for a job stored as JSON."""
+    part = unreadable_part(job)
+    return refusal(part) if part else None
+
+
 def status_of(job: Job) -> JobStatus:
-    return job.get_status(refresh=False)
+    """RQ's status, except ``failed`` for a job a worker refuses to run (:func:`refusal_of`), whatever its stage."""
+    return JobStatus.FAILED if refusal_of(job) is not None else job.get_status(refresh=False)
 
 
 def progress_of(job: Job) -> dict[str, int] | None:
@@ -119,6 +131,9 @@ def error_of(job: Job) -> str | None:
     status = status_of(job)
     if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
         return None
+    refused = refusal_of(job)
+    if refused is not None:
+        return refused
     reason = job.meta.get(spec.META_ERROR)
     if isinstance(reason, str) and reason.strip():
         return reason.strip().splitlines()[0][:500]

@@ -5,6 +5,7 @@
 - ``facegen:idempotency:<sha256(api key, Idempotency-Key)>`` -> ``{"job_id", "fingerprint", "seed"}``;
 - ``facegen:rate:<key id>``: the key's submission rate (admission's token bucket);
 - ``facegen:observed:<job_id>``: set the first time any API replica sees the job ended (metrics count it once);
+- ``facegen:event-streams:<group>``: the leases of a key's open event streams (service/event_leases.py);
 - ``facegen:replication-mark``: a counter admission bumps after a job's writes, so that ``WAIT`` on any pooled
   connection covers them (WAIT counts the writes of its own connection).
 """
@@ -37,3 +38,9 @@ def idempotency_key(client: str, key: str) -> str:
     return f"{spec.KEY_PREFIX}:idempotency:{digest}"
 
 
+
+
+def leases_key(group: str) -> str:
+    """The sorted set of ``group``'s event-stream leases (a group: an API key's id, or ``addr:<ip>`` on an open
+    API)."""
+    return f"{spec.KEY_PREFIX}:event-streams:{group}"

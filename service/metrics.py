@@ -20,6 +20,7 @@ from rq.job import Job, JobStatus
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from facegen.contract.fair_queue import waiting_by_key
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service import job_ops, registry
 from service.tenancy import KeyLabels
 
@@ -47,12 +48,12 @@ class Metrics:
         )
         self.jobs_rejected = Counter(
             "facegen_api_jobs_rejected",
-            "POST /generate requests refused, by reason (queue_full, queued_jobs, queued_images, "
-            "submissions_per_minute, redis_unavailable, not_replicated, invalid, idempotency_conflict).",
+            "POST /generate requests refused, by reason (queue_full, queued_jobs, queued_units, "
+            "units_per_minute, redis_unavailable, not_replicated, invalid, idempotency_conflict).",
             ["reason"], registry=r,
         )
-        # By API key: each key's id (12 hex digits of its sha256, never the key) or a hashed bucket, see
-        # service/tenancy.py KeyLabels; "anonymous" while the API is open.
+        # By API key: 12 hex digits of a keyed hash (HMAC) of the key's id, never the key or its id, or a bucket of
+        # them, see service/tenancy.py KeyLabels; "anonymous" while the API is open.
         self.key_jobs_submitted = Counter(
             "facegen_api_key_jobs_submitted", "Jobs accepted by POST /generate, by API key id.", ["key"], registry=r,
         )
@@ -62,7 +63,7 @@ class Metrics:
         self.key_jobs_rejected = Counter(
             "facegen_api_key_jobs_rejected",
             "POST /generate requests refused for a full queue or a quota, by API key id and reason (queue_full, "
-            "queued_jobs, queued_images, submissions_per_minute).",
+            "queued_jobs, queued_units, units_per_minute).",
             ["key", "reason"], registry=r,
         )
         self.jobs_ended = Counter(
@@ -110,7 +111,7 @@ class QueueCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("facegen_redis_up", "1 when Redis answered this scrape.")
         try:
-            queue = Queue(self.queue_name, connection=self.conn)
+            queue = Queue(self.queue_name, connection=self.conn, serializer=JOB_SERIALIZER)
             depth = queue.count
             registries = {
                 JobStatus.STARTED.value: queue.started_job_registry,
@@ -123,7 +124,7 @@ class QueueCollector(Collector):
             counts = {name: reg.get_job_count(cleanup=False) for name, reg in registries.items()}
             models = registry.read_models(self.conn)
             by_key = waiting_by_key(self.conn, self.queue_name)
-            deliveries = Queue(self.webhook_queue, connection=self.conn).count
+            deliveries = Queue(self.webhook_queue, connection=self.conn, serializer=JOB_SERIALIZER).count
             memory = self.conn.info("memory")
         except redis.RedisError as exc:
             log.warning("metrics scrape: Redis unavailable (%s)", type(exc).__name__)

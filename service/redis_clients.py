@@ -14,6 +14,7 @@ import redis.asyncio
 from rq import Queue
 
 from facegen.contract import connection
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.config import Settings
 
 
@@ -52,7 +53,8 @@ class _CPackedCommands:
 
 
 def make_queue(conn: redis.Redis, settings: Settings) -> Queue:
-    return Queue(settings.queue_name, connection=conn)
+    """The API's RQ queue; its jobs are stored as JSON (facegen/contract/job_serializer.py)."""
+    return Queue(settings.queue_name, connection=conn, serializer=JOB_SERIALIZER)
 
 
 def replica_wait_s(settings: Settings) -> float:

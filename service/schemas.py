@@ -279,6 +279,11 @@ class JobPublic(BaseModel):
         dict[str, Any] | None,
         Field(description="Parameters the worker actually used (steps, guidance_scale, sampler, model version)."),
     ] = None
+    cost_units: Annotated[
+        int | None,
+        Field(ge=1, description="What the job costs in work units, as the quotas count it (a default POST "
+                                "/generate costs 100); null when its parameters cannot be read."),
+    ] = None
     error: Annotated[str | None, Field(description="One-line reason when the job failed.")] = None
     webhook: Annotated[WebhookState | None, Field(description="Present when the request asked for a webhook.")] = None
     links: JobLinks
@@ -333,7 +338,8 @@ class QuotaError(ErrorPublic):
     """429: a limit was reached; ``limit`` names it."""
 
     limit: Annotated[str, Field(description="max_queued (the whole queue), or the API key's queued_jobs, "
-                                            "queued_images or submissions_per_minute.")]
+                                            "queued_units or units_per_minute (work units: see GET /jobs/{id}'s "
+                                            "cost_units), or events_max_streams_per_key (open event streams).")]
     allowed: Annotated[int, Field(description="The limit's value.")]
 
 

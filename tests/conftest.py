@@ -114,6 +114,7 @@ SERVICE_PATHS = (
     "tests/reliability/",  # real processes on a real Redis, broken on purpose
     "tests/service/test_admission_replicas.py",  # a primary and a replica of its own
     "tests/worker/test_warm_up.py",  # `python -m worker` processes
+    "tests/deploy/test_redis_acl.py",  # redis-server started by k8s/base/redis/start.sh, the real processes
 )
 SLOW_TESTS = (
     "tests/training/test_evaluate.py",  # trains a judge, measures KID/FID (minutes)

@@ -1,7 +1,8 @@
 """``python -m worker``: load the model once, publish it in Redis, serve metrics, and work the queue.
 
-Refuses to start (exit code 2, one clear line) when Redis refuses its credentials or TLS set-up, when the
-checkpoint is missing, corrupt or tampered with, or when ``COMPILE`` cannot work here (or its warm-up fails).
+Refuses to start (exit code 2, one clear line) when Redis refuses its credentials or TLS set-up or may evict keys
+(``REDIS_ALLOW_EVICTION``), when the checkpoint is missing, corrupt or tampered with, or when ``COMPILE`` cannot
+work here (or its warm-up fails).
 With ``COMPILE`` on, every compile bucket is warmed up before the worker registers with RQ and takes jobs.
 """
 
@@ -19,7 +20,13 @@ import redis
 import torch
 
 from facegen.contract.artifacts import open_store
-from facegen.contract.connection import OUTAGE_PATIENCE_S, connect, credentials_problem, describe
+from facegen.contract.connection import (
+    OUTAGE_PATIENCE_S,
+    connect,
+    credentials_problem,
+    describe,
+    eviction_problem,
+)
 from facegen.contract.spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
 from facegen.model.checkpoints import CheckpointError, list_versions
 
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the queue will look stalled", settings.liveness_timeout, jobs.dequeue_wait_s(settings))
     connection = connect(settings, blocking_s=jobs.dequeue_wait_s(settings), on_error=metrics.count_redis_error,
                          patience_s=OUTAGE_PATIENCE_S)
-    problem = credentials_problem(connection, settings)
+    problem = credentials_problem(connection, settings) or eviction_problem(connection, settings)
     if problem is not None:  # a configuration error: retrying would only loop
         print(f"worker: {problem}", file=sys.stderr)
         return 2

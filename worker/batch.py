@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from facegen.contract.artifacts import ArtifactStore, put_retrying
 from facegen.contract.spec import (
     DEFAULT_EDIT_GUIDANCE,
+    JOB_FUNCTION,
     LATEST,
     META_ARTIFACTS,
     META_BATCH,
@@ -114,6 +115,12 @@ def perform_batch(adapter: RqAdapter, runtime: WorkerRuntime) -> None:
 
 
 def parse_spec(job: QueuedJob) -> JobSpec:
+    """The job's spec; raises ``PermanentJobError`` for a job stored as anything but JSON, one enqueued with another
+    function than ``JOB_FUNCTION`` (RQ would call that function with its arguments) or with an invalid spec."""
+    if job.refusal is not None:
+        raise PermanentJobError(job.refusal)
+    if job.func_name != JOB_FUNCTION:
+        raise PermanentJobError(f"malformed job: its function is not {JOB_FUNCTION}: refused")
     if job.argument is None:
         raise PermanentJobError("malformed job: expected one JobSpec object as its only argument")
     try:
@@ -198,6 +205,8 @@ def check_jobs(engine: Engine, jobs: list[QueuedJob]) -> Batch:
             engine.model.labels_for(spec.attributes)
             face = decode_face(spec.image, engine.model.manifest.data) if isinstance(spec, EditSpec) else None
         except (PermanentJobError, ValueError) as exc:
+            if job.refusal is not None:
+                log.warning("job %s: %s (written by a process that does not store jobs as JSON)", job.id, job.refusal)
             batch.shares[job.id] = Prepared(None, error=PermanentJobError(str(exc)))
             continue
         resolved = {"steps": key.steps, "guidance_scale": key.guidance_scale, "sampler": key.sampler.value,

@@ -6,6 +6,10 @@ Only RQ's public API is used: ``Job`` (fetch, ``prepare_for_execution``, ``perfo
 and registries, and the worker's own hooks (``execute_job``, ``heartbeat``, ``handle_execution_ended``,
 ``handle_job_success``, ``handle_exception``, ``handle_job_failure``). No other module of the worker imports rq.
 
+Jobs are stored as JSON, never pickle (facegen/contract/job_serializer.py): every queue, fetch and the worker
+itself pass ``JOB_SERIALIZER``. A job whose stored data or meta is not JSON (a pickle planted by someone with
+access to Redis) is never interpreted: its :class:`QueuedJob` carries the ``refusal`` a batch fails it with.
+
 A batch's jobs live in RQ as any job does. Claimed, each becomes ``started`` with an RQ execution, in the same
 transaction that takes it off its list, so a crash leaves each job either waiting or started: RQ's maintenance
 retries the started jobs of a worker that stopped heartbeating. Ended, RQ records each as it records a job it
@@ -32,6 +36,7 @@ from rq.worker import WorkerStatus
 
 from facegen.contract.connection import RECONNECT_WAIT_MAX_S, read_timeout_s
 from facegen.contract.fair_queue import FairQueue, waiting_jobs
+from facegen.contract.job_serializer import JOB_SERIALIZER, refusal, unreadable_part
 from facegen.contract.spec import META_ARTIFACTS, META_RESOLVED, parse_job_spec
 
 from .settings import WorkerSettings
@@ -62,12 +67,18 @@ def dequeue_wait_s(settings: WorkerSettings) -> int:
 
 
 class QueuedJob:
-    """An RQ job as a batch sees it: its argument, bounds and meta, and the list it waits in."""
+    """An RQ job as a batch sees it: its argument, bounds and meta, and the list it waits in; or, for a job whose
+    stored data or meta is not JSON, the ``refusal`` it is failed with (its meta then starts empty: the bytes
+    stored there are never read, and the failure's reason replaces them)."""
 
     def __init__(self, job: Job, source: str):
         self._job = job
         self.id: str = job.id
         self.source = source  # its list: the RQ queue, an API key's list, or RQ's intermediate list (the leader)
+        unreadable = unreadable_part(job)
+        self.refusal: str | None = refusal(unreadable) if unreadable else None
+        if unreadable == "meta":
+            job.meta = {}
         # the job's RQ timeout in seconds (RQ's queue default when unset), None when unbounded (-1)
         timeout = job.timeout or Queue.DEFAULT_TIMEOUT
         self.timeout_s = None if timeout < 0 else float(timeout)
@@ -75,11 +86,14 @@ class QueuedJob:
 
     @property
     def func_name(self) -> str | None:
-        return self._job.func_name
+        """The dotted name of the function it was enqueued with; None for a refused job."""
+        return None if self.refusal else self._job.func_name
 
     @property
     def argument(self) -> dict[str, Any] | None:
-        """The job's one argument (a job spec's fields); None when it was enqueued with anything else."""
+        """The job's one argument (a job spec's fields); None when it was enqueued with anything else, or refused."""
+        if self.refusal:
+            return None
         args, kwargs = self._job.args, self._job.kwargs
         return args[0] if len(args) == 1 and not kwargs and isinstance(args[0], dict) else None
 
@@ -115,7 +129,8 @@ class RqAdapter:
     def waiting(self, limit: int) -> list[QueuedJob]:
         """Up to ``limit`` jobs waiting behind the leader: the RQ queue's first, then the API keys' in turn."""
         waiting = waiting_jobs(self.connection, self.queue, limit)
-        jobs = Job.fetch_many([job_id for _, job_id in waiting], connection=self.connection)
+        jobs = Job.fetch_many([job_id for _, job_id in waiting], connection=self.connection,
+                              serializer=JOB_SERIALIZER)
         return [QueuedJob(job, source) for (source, _), job in zip(waiting, jobs, strict=True) if job is not None]
 
     def waiting_count(self, limit: int) -> int:
@@ -255,7 +270,8 @@ def work(connection: redis.Redis, settings: WorkerSettings, name: str, perform_b
          tick: Callable[[], None], burst: bool) -> None:
     """Work the settings' queues as RQ worker ``name``, ``perform_batch`` running the batch of each job dequeued,
     until stopped (SIGTERM: once the current batch ends) or, with ``burst``, until the queues are empty."""
-    queues = [FairQueue(queue_name, connection=connection) for queue_name in settings.queue_names()]
-    worker = FacegenWorker(queues, connection=connection, name=name, settings=settings, perform_batch=perform_batch,
-                           tick=tick)
+    queues = [FairQueue(queue_name, connection=connection, serializer=JOB_SERIALIZER)
+              for queue_name in settings.queue_names()]
+    worker = FacegenWorker(queues, connection=connection, name=name, serializer=JOB_SERIALIZER, settings=settings,
+                           perform_batch=perform_batch, tick=tick)
     worker.work(burst=burst, with_scheduler=False)

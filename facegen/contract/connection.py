@@ -15,12 +15,16 @@
 - **Sentinel.** With ``REDIS_SENTINELS=host:port,...`` and ``REDIS_SENTINEL_MASTER`` the clients ask the Sentinels
   for the primary on every new connection and follow a failover; ``REDIS_URL`` then gives only the scheme
   (``rediss`` = TLS, to the Sentinels too), the credentials and the database.
+- **No eviction.** A Redis that evicts keys when full loses accepted jobs without a trace; the processes refuse to
+  start on one (``INFO memory``: ``maxmemory`` set and a ``maxmemory-policy`` other than ``noeviction``) unless
+  ``REDIS_ALLOW_EVICTION`` is on.
 
 Imports neither torch nor FastAPI: the API process uses it as it uses :mod:`facegen.contract.spec`.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -53,6 +57,8 @@ RECONNECT_WAIT_MAX_S = 2.0  # the worker's dequeue loop retries at least this of
 # it then finishes the job it holds instead of failing and exiting. The API keeps to RETRIES and answers 503.
 OUTAGE_PATIENCE_S = 30.0
 
+log = logging.getLogger(__name__)
+
 OnError = Callable[[Exception], None]
 # ``REDIS_URL`` query parameters whose values are secrets (redis-py passes unknown ones on to the connection).
 _SECRET_PARAMS = {"password"}
@@ -77,6 +83,9 @@ class RedisSettings(BaseSettings):
     redis_sentinel_master: str | None = None
     # Seconds to wait for Redis (connect, and per command on top of any blocking wait) before giving up.
     redis_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Start even when Redis may evict keys (maxmemory with a maxmemory-policy other than noeviction), with a
+    # warning: for a managed Redis whose policy cannot be changed. Evicted keys are jobs, results and artifacts lost.
+    redis_allow_eviction: bool = False
 
     @field_validator("redis_sentinels", mode="before")
     @classmethod
@@ -315,6 +324,29 @@ def credentials_problem(client: redis.Redis, settings: RedisSettings) -> str | N
     except redis.RedisError:
         pass
     return None
+
+
+def eviction_problem(client: redis.Redis, settings: RedisSettings) -> str | None:
+    """A one-line reason when Redis may evict keys and ``REDIS_ALLOW_EVICTION`` is off, else ``None`` (with a
+    logged warning when it is on).
+
+    Redis evicts only with ``maxmemory`` set (bytes, 0 = no limit) and a ``maxmemory-policy`` other than
+    ``noeviction``: ``allkeys-*`` drops queued jobs and the queue itself, ``volatile-*`` the keys with a TTL (finished
+    jobs, artifacts, the workers' model entries, idempotency keys). Read from ``INFO memory``, which managed services
+    that forbid ``CONFIG`` answer; a Redis that is unreachable or refuses ``INFO`` gives ``None``."""
+    try:
+        memory = client.info("memory")
+    except redis.RedisError:
+        return None
+    policy = memory.get("maxmemory_policy", "noeviction")
+    if not memory.get("maxmemory") or policy == "noeviction":
+        return None
+    problem = (f"Redis at {describe(settings)} evicts keys when it reaches maxmemory (maxmemory-policy {policy}), "
+               "losing queued jobs and results without a trace")
+    if settings.redis_allow_eviction:
+        log.warning("%s; running anyway (REDIS_ALLOW_EVICTION)", problem)
+        return None
+    return f"{problem}: set its maxmemory-policy to noeviction, or REDIS_ALLOW_EVICTION=true to run anyway"
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:

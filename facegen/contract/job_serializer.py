@@ -6,7 +6,8 @@ reads it (the API, the workers with their store credentials, the webhook sender 
 name, arguments), meta and result are JSON text, and bytes that are not JSON raise :class:`UnreadableJobData`
 (a ``ValueError``) instead of being interpreted. RQ turns an unreadable ``data`` into its ``DeserializationError``
 and keeps an unreadable ``meta`` aside (``job.meta == {"unserialized": ...}``); :func:`unreadable_part` tells a
-reader which part of a fetched job could not be read.
+reader which part of a fetched job could not be read, and :func:`refusal` is the one-line reason such a job ends
+failed with, in the worker, in the webhook sender and as the API shows it.
 
 Imports no torch and no FastAPI: the API process uses it as it uses :mod:`facegen.contract.spec`.
 """
@@ -56,3 +57,9 @@ def unreadable_part(job: Job) -> str | None:
     except DeserializationError:
         return "data"
     return None
+
+
+def refusal(part: str) -> str:
+    """The reason a job whose ``part`` (``"data"`` or ``"meta"``, see :func:`unreadable_part`) is not JSON ends
+    failed with: one line, e.g. ``"job data is not JSON: refused"``."""
+    return f"job {part} is not JSON: refused"

@@ -230,7 +230,7 @@ MODEL_INDEX_KEY = f"{KEY_PREFIX}:models"
 # A job submitted with an API key waits in its key's own list until a worker serves the keys in turn; its RQ origin
 # stays the queue, so RQ's registries, retries and maintenance work as for any job.
 OWNER_FIELD = "facegen_owner"  # field of the RQ job hash: the key id that submitted the job (absent: open API)
-IMAGES_FIELD = "facegen_images"  # field of the RQ job hash: the job's image count (read by admission's quota)
+UNITS_FIELD = "facegen_units"  # field of the RQ job hash: the job's work units (facegen/contract/cost.py), for quotas
 
 
 def key_queue_key(queue_name: str, key_id: str) -> str:

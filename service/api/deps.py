@@ -7,19 +7,18 @@ client); the other routes use RQ's synchronous API and stay ``def``.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
 import redis.asyncio
-from fastapi import Depends, Header, HTTPException, Request, Response, Security, status
+from fastapi import Depends, Header, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 from rq.job import Job
 
 from facegen.contract.artifacts import ArtifactStore
-from service import job_ops, tenancy
+from service import job_ops
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LiveModels
@@ -86,35 +85,16 @@ IdempotencyKey = Annotated[
 
 
 async def require_api_key(
-    request: Request,
-    services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> None:
-    """Checks the bearer key when API keys are configured and puts the :class:`Caller` (its key id, never the
-    key) in ``request.state.caller`` (routes read it there rather than depending on this a second time, which
-    would make FastAPI solve its sub-dependencies twice)."""
-    settings = services.settings
-    keys, admin_keys = settings.api_key_values(), settings.admin_key_values()
-    if not keys and not admin_keys:
-        request.state.caller = Caller(key_id=None)
-        return
-    token = credentials.credentials.encode() if credentials is not None else b""
-    matched = admin = False
-    for key in keys:  # compare with every key, constant time each: no early exit that would leak which matched
-        matched |= hmac.compare_digest(token, key)
-    for key in admin_keys:
-        admin |= hmac.compare_digest(token, key)
-    if not token or not (matched or admin):
-        raise HTTPException(
-            status_code=status.HTTP_401_UNAUTHORIZED,
-            detail="missing or invalid API key",
-            headers={"WWW-Authenticate": 'Bearer realm="facegen"'},
-        )
-    request.state.caller = Caller(key_id=tenancy.key_id(token), admin=admin)
+    """The mark of a route that needs the bearer key when keys are configured; ``credentials`` declares the key
+    in the OpenAPI schema. ``ApiKeyMiddleware`` (service/api/middleware.py) checks the key of every route that
+    depends on this before any of the body is read, and leaves the :class:`Caller` (its key id, never the key)
+    in ``request.state.caller``."""
 
 
 def caller_of(request: Request) -> Caller:
-    """The caller ``require_api_key`` identified (every router that serves jobs depends on it)."""
+    """The caller ``ApiKeyMiddleware`` identified (every router that serves jobs depends on ``require_api_key``)."""
     return request.state.caller
 
 

@@ -112,13 +112,15 @@ def _add_submission_handlers(app: FastAPI, settings: Settings) -> None:
         if exc.limit == "max_queued":
             detail = f"queue full (MAX_QUEUED={exc.allowed} jobs waiting); retry later"
         else:
-            detail = f"quota reached: {exc.limit} (at most {exc.allowed} for this API key); retry later"
+            detail = (f"quota reached: {exc.limit} (at most {exc.allowed} for this API key; this request costs "
+                      f"{exc.units} work units); retry later")
         return JSONResponse({"detail": detail, "limit": exc.limit, "allowed": exc.allowed}, status_code=429,
                             headers={"Retry-After": str(exc.retry_after_s or settings.retry_after_s)})
 
     @app.exception_handler(UploadError)
     async def upload_refused(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": f"image: {exc}"}, status_code=exc.status)
+        headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse({"detail": f"image: {exc}"}, status_code=exc.status, headers=headers)
 
 
 def _unprocessable(errors: Any) -> JSONResponse:

@@ -11,7 +11,8 @@ deleted.
 
 The delivery job (:func:`service.webhooks.sender.deliver`, run by the delivery process; this module is what the
 API needs) posts the signed event and raises on any failure, so RQ's ``Retry`` (``WEBHOOK_RETRY_INTERVALS``)
-schedules the next attempt. Its RQ id is the ``webhook-id`` of every attempt. Attempts are recorded in
+schedules the next attempt. Its RQ id is the ``webhook-id`` of every attempt; its arguments (job id, URL, event
+names) are stored as JSON like every job's (facegen/contract/job_serializer.py). Attempts are recorded in
 ``facegen:webhook:<job id>`` (read by ``GET /jobs/{id}``).
 """
 
@@ -22,6 +23,7 @@ from rq import Queue, Retry
 from rq.job import Dependency, JobStatus
 
 from facegen.contract import spec
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.config import Settings
 from service.schemas import WebhookCreate, WebhookState
 
@@ -43,7 +45,7 @@ def defer(pipe: redis.client.Pipeline, connection: redis.Redis, job_id: str, web
           settings: Settings) -> None:
     """Add the writes of ``job_id``'s deferred delivery to ``pipe`` (the job's admission transaction): RQ keeps it
     in the webhook queue's deferred registry until the job ends, then enqueues it."""
-    queue = Queue(settings.webhook_queue, connection=connection)
+    queue = Queue(settings.webhook_queue, connection=connection, serializer=JOB_SERIALIZER)
     intervals = list(settings.webhook_retry_intervals)
     delivery = queue.create_job(
         DELIVER_FUNCTION,

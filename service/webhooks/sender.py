@@ -27,6 +27,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from facegen.contract import spec
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service import job_ops
 from service.config import Settings, get_settings
 from service.schemas import WebhookEvent
@@ -217,7 +218,7 @@ def deliver(job_id: str, url: str, events: list[str]) -> str | Retry:
         raise RuntimeError("service.webhooks.sender.deliver runs inside `python -m service.webhooks`")
     connection, settings = delivery.connection, get_settings()
     try:
-        job = Job.fetch(job_id, connection=connection)
+        job = Job.fetch(job_id, connection=connection, serializer=JOB_SERIALIZER)
     except NoSuchJobError:
         DELIVERIES.labels("skipped").inc()
         return "skipped: the job no longer exists"
@@ -251,12 +252,13 @@ def sweep(queue: Queue) -> dict[str, int]:
             job_id = delivery.removesuffix(DELIVERY_SUFFIX)
             if raw is None:
                 try:
-                    Job.fetch(delivery, connection=connection).delete()
+                    Job.fetch(delivery, connection=connection, serializer=JOB_SERIALIZER).delete()
                 except NoSuchJobError:
                     queue.deferred_job_registry.remove(delivery)
                 counts["deleted"] += 1
             elif JobStatus(raw.decode()) in job_ops.ENDED:
-                queue.enqueue_dependents(Job.fetch(job_id, connection=connection), exclude_job_id=job_id)
+                queue.enqueue_dependents(Job.fetch(job_id, connection=connection, serializer=JOB_SERIALIZER),
+                                         exclude_job_id=job_id)
                 counts["released"] += 1
     for action, count in counts.items():
         SWEPT.labels(action).inc(count)

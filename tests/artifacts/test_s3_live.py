@@ -13,6 +13,7 @@ import redis
 from PIL import Image
 from rq.job import Job
 
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from facegen.contract.spec import artifact_key
 from facegen.model.imaging import GRID_PADDING
 from service.client import FacegenClient
@@ -124,7 +125,8 @@ def test_an_unreachable_store_fails_the_job_and_503s_the_artifact(stack, s3_serv
     assert state["status"] == "failed", state
     assert state["error"].startswith("ArtifactStoreUnavailable: artifact store unreachable"), state["error"]
     assert "after 2 attempts" in state["error"]
-    job = Job.fetch(failing, connection=conn)  # nothing lost in Redis: the job, its spec and its error are there
+    # nothing lost in Redis: the job, its spec and its error are there
+    job = Job.fetch(failing, connection=conn, serializer=JOB_SERIALIZER)
     assert job.args[0]["seed"] == 4 and job.retries_left == 0
     assert httpx.get(f"{api.url}/jobs/{failing}/result", timeout=10).status_code == 409
 

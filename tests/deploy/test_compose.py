@@ -34,11 +34,20 @@ COMPOSE_VARIABLES = (
     "FACEGEN_TAG",
     "FACEGEN_CHECKPOINTS",
     "API_PORT",
+    "API_BIND",
+    "ALLOW_OPEN_API",
     "PROMETHEUS_PORT",
     "WEBHOOK_SECRET",
     "WEBHOOK_ALLOW_PRIVATE",
     "WEBHOOK_RETRY_INTERVALS",
+    "REDIS_USERNAME",
+    "REDIS_PASSWORD_PREVIOUS",
+    "REDIS_REPLICATION_PASSWORD",
+    "REDIS_ADMIN_PASSWORD",
+    "REDIS_MAXMEMORY",
 )
+# The one variable docker-compose.yml requires (the Redis user facegen's password, from .env in a deployment).
+REDIS_PASSWORD = "compose-test-password"
 
 
 def find_compose_binary() -> Path:
@@ -72,6 +81,7 @@ def compose_env(tmp_path_factory) -> tuple[dict[str, str], Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
     for name in COMPOSE_VARIABLES:
         env.pop(name, None)
+    env["REDIS_PASSWORD"] = REDIS_PASSWORD
     empty_env_file = tmp_path_factory.mktemp("compose") / "empty.env"
     empty_env_file.write_text("")
     return env, empty_env_file
@@ -183,7 +193,7 @@ def test_redis_append_only_on_a_named_volume(default_config):
     data = [v for v in redis.get("volumes", []) if v["target"] == "/data"]
     assert data and data[0]["type"] == "volume", redis.get("volumes")
     assert data[0]["source"] in default_config.get("volumes", {}), "redis data volume must be a named volume"
-    assert healthcheck_command(redis) == "redis-cli ping"
+    assert "redis-cli --user facegen ping" in healthcheck_command(redis)  # as the ACL user: the default is off
 
 
 def test_api_service(default_config):
@@ -198,6 +208,16 @@ def test_api_service(default_config):
     assert "API_KEYS" in api["environment"] and "MAX_QUEUED" in api["environment"]
     assert api.get("read_only") is True
     assert "/tmp" in api.get("tmpfs", [])
+
+
+def test_api_is_open_only_on_the_hosts_loopback(default_config):
+    """The image refuses to serve an open API on 0.0.0.0 (ALLOW_OPEN_API, service/tenancy.py): Compose allows it
+    because it publishes the port on the host's loopback alone."""
+    api = default_config["services"]["api"]
+    (port,) = api["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["target"] == 8000, port
+    assert api["environment"]["ALLOW_OPEN_API"] == "true"
+    assert api["environment"]["API_KEYS"] is None  # passed through from the shell when set
 
 
 def test_worker_reserves_one_nvidia_gpu(default_config):

@@ -171,7 +171,7 @@ def test_strict_validation_rejects_an_unknown_field(base):
 def test_custom_resources_are_only_the_expected_ones(base, keda):
     crds = lambda objects: {(o["kind"], o["metadata"]["name"]) for o in objects if is_crd_object(o)}  # noqa: E731
     assert crds(base) == {("PodMonitor", API), ("PodMonitor", WORKER), ("PodMonitor", WEBHOOKS)}
-    assert crds(keda) == crds(base) | {("ScaledObject", WORKER)}
+    assert crds(keda) == crds(base) | {("ScaledObject", WORKER), ("TriggerAuthentication", "facegen-redis")}
 
 
 def test_everything_lives_in_the_facegen_namespace(rendered):
@@ -216,6 +216,16 @@ def test_api_deployment(rendered):
     assert tmp, "the read-only API container needs a writable /tmp"
     volumes = {v["name"]: v for v in pod_spec(api)["volumes"]}
     assert "emptyDir" in volumes[tmp[0]["name"]]
+
+
+def test_api_needs_its_keys_from_a_secret(rendered):
+    """Never an open API in the cluster: the pods start only once the Secret holds API_KEYS (the API binds
+    0.0.0.0, where `python -m service` also refuses to serve without keys)."""
+    container = main_container(find(rendered, "Deployment", API))
+    assert "--host" in container["command"] and "0.0.0.0" in container["command"]
+    secret = secret_env(container, "API_KEYS")
+    assert secret["name"] == "facegen-api-keys" and not secret.get("optional", False)
+    assert "ALLOW_OPEN_API" not in {e["name"] for e in container.get("env", [])}
 
 
 def test_api_service_maps_80_to_8000(rendered):
@@ -424,7 +434,9 @@ def test_prometheus_annotations(rendered, name, port):
 
 def test_overlay_is_the_base_plus_a_scaled_object(base, keda):
     ids = lambda objects: {(o["kind"], o["metadata"]["name"]) for o in objects}  # noqa: E731
-    assert ids(keda) == ids(base) | {("ScaledObject", WORKER)}
+    # the scaler's credentials and the policy that lets KEDA's operator reach Redis come with it
+    assert ids(keda) == ids(base) | {("ScaledObject", WORKER), ("TriggerAuthentication", "facegen-redis"),
+                                     ("NetworkPolicy", "redis-from-keda")}
 
 
 def test_scaled_object_scales_the_worker_on_the_rq_queue(keda):

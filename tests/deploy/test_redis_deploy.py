@@ -95,10 +95,13 @@ def test_sentinel_overlay_runs_a_primary_a_replica_and_three_sentinels(sentinel)
     assert redis["spec"]["replicas"] == 2 and sentinels["spec"]["replicas"] == 3
     script = main_container(sentinels)["args"][0]
     assert f"sentinel monitor {MASTER} $primary 6379 2" in script  # quorum 2 of 3
-    assert "sentinel auth-user" in script and "sentinel auth-pass" in script
-    redis_script = main_container(redis)["args"][0]
-    assert "replicaof $primary 6379" in redis_script and "user default off" in redis_script
-    assert "masterauth $REDIS_PASSWORD" in redis_script
+    assert f"sentinel auth-user {MASTER} replication" in script  # the ACL user of replicas and Sentinels
+    assert f"sentinel auth-pass {MASTER} $REDIS_REPLICATION_PASSWORD" in script
+    command = main_container(redis)["command"]
+    assert command[:2] == ["sh", "-c"]  # the base's start.sh (the ACL) with the base's args after the script
+    assert '--replicaof "$primary" 6379' in command[2] and 'exec sh /etc/facegen/redis/start.sh "$@"' in command[2]
+    args = main_container(redis)["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     for workload in (redis, sentinels):  # the password reaches a file in memory, never the command line
         assert env_sources(main_container(workload))[1] == {CREDENTIALS}
         runtime = [v for v in pod_spec(workload)["volumes"] if v["name"] == "runtime"]

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from rq.job import Job
 
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, job_state, wait_ended, wait_for
 from tests.service.conftest import LiveServer
@@ -56,7 +57,8 @@ def test_killed_worker_job_is_retried_and_every_job_finishes(tiny_checkpoints, c
             second.stop()
         assert {job_id: state["status"] for job_id, state in states.items()} == dict.fromkeys(
             [crashed, *queued], "finished")
-        assert Job.fetch(crashed, connection=conn).retries_left == 1  # ran twice: once killed, once to the end
+        # ran twice: once killed, once to the end
+        assert Job.fetch(crashed, connection=conn, serializer=JOB_SERIALIZER).retries_left == 1
         result = httpx.get(f"{server.url}/jobs/{crashed}/result", timeout=10)
         assert result.status_code == 200 and result.content.startswith(b"\x89PNG")
         print(f"[worker crash] killed mid-job; all {1 + len(queued)} jobs finished {recovered_s:.1f} s after the kill "

@@ -1,7 +1,8 @@
 """A fake GPU worker: plays the worker's side of the wire contract (facegen/contract/spec.py) without torch.
 
 It is a real RQ ``SimpleWorker`` (so job statuses, timestamps and registries move exactly as RQ moves them),
-whose job class resolves ``spec.JOB_FUNCTION`` to ``FakeBehaviour.run`` instead of importing the real worker.
+reading and writing jobs as JSON like every facegen process (facegen/contract/job_serializer.py), whose job class
+resolves ``spec.JOB_FUNCTION`` to ``FakeBehaviour.run`` instead of importing the real worker.
 ``run`` does what the contract asks of the worker:
 
 - records the resolved parameters in ``job.meta[META_RESOLVED]`` and progress in ``job.meta[META_PROGRESS]``;
@@ -31,6 +32,7 @@ from rq.utils import utcformat
 
 from facegen.contract import spec
 from facegen.contract.fair_queue import FairQueue
+from facegen.contract.job_serializer import JOB_SERIALIZER
 
 FAKE_VERSION = "fake-v1"
 FAKE_GUIDANCE = 3.0
@@ -171,8 +173,8 @@ class FakeWorker(SimpleWorker):
                  behaviour: FakeBehaviour | None = None):
         self.behaviour = behaviour or FakeBehaviour()
         job_class = _job_class(self.behaviour)
-        super().__init__([FairQueue(queue_name, connection=conn, job_class=job_class)], connection=conn,
-                         job_class=job_class)
+        super().__init__([FairQueue(queue_name, connection=conn, job_class=job_class, serializer=JOB_SERIALIZER)],
+                         connection=conn, job_class=job_class, serializer=JOB_SERIALIZER)
 
     def _install_signal_handlers(self) -> None:
         pass
@@ -186,7 +188,8 @@ class FakeWorker(SimpleWorker):
             if job.ended_at:
                 pipe.hset(job.key, "ended_at", utcformat(job.ended_at))
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            CanceledJobRegistry(job.origin, self.connection, job_class=self.job_class).add(job, pipeline=pipe)
+            CanceledJobRegistry(job.origin, self.connection, job_class=self.job_class,
+                                serializer=JOB_SERIALIZER).add(job, pipeline=pipe)
             pipe.expire(job.key, job.failure_ttl or spec.DEFAULT_ARTIFACT_TTL_S)
             pipe.execute()
 

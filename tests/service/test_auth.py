@@ -3,11 +3,14 @@ requests without a valid `Authorization: Bearer` key; without keys, nothing asks
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 
 import pytest
 from fastapi.routing import iter_route_contexts
 
+from service import tenancy
 from service.app import create_app
 from service.config import Settings
 
@@ -89,3 +92,47 @@ def test_openapi_declares_bearer_auth(client):
     assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"].lower() == "bearer"
     assert schema["paths"]["/generate"]["post"]["security"] == [{"ApiKey": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
+@pytest.mark.parametrize(("method", "template"), [(m, p) for m, p in PROTECTED if m == "POST"])
+def test_the_key_is_checked_before_the_body_is_read(make_settings, method, template):
+    """The app itself, called as uvicorn calls it, with a body that fails the test if anything reads it; the
+    401 still carries the CORS headers a browser needs to read it."""
+    origin = "https://playground.example"
+    app = create_app(make_settings(api_keys="key-one", cors_origins=origin))
+    path = template.format(**PARAMS)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "state": {},
+             "headers": [(b"host", b"facegen"), (b"origin", origin.encode()), (b"content-length", b"10000"),
+                         (b"content-type", b"multipart/form-data; boundary=b")],
+             "client": ("127.0.0.1", 50000), "server": ("facegen", 80)}
+    sent = []
+
+    async def receive():
+        raise AssertionError("the body was read before the key was checked")
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 401
+    headers = dict(sent[0]["headers"])
+    assert headers[b"www-authenticate"] == b'Bearer realm="facegen"'
+    assert headers[b"access-control-allow-origin"] == origin.encode()
+    assert json.loads(sent[1]["body"]) == {"detail": "missing or invalid API key"}
+
+
+def test_a_non_ascii_key_is_compared_as_the_bytes_it_was_sent_as(make_client):
+    key = "clé-ünïcode"
+    client = make_client(api_keys=key)
+    assert client.get("/models", headers={"Authorization": f"Bearer {key}".encode()}).status_code != 401
+    assert client.get("/models", headers={"Authorization": "Bearer clé".encode()}).status_code == 401
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("localhost", True), ("127.0.0.1", True), ("127.8.9.10", True),
+                                                ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
+                                                ("10.1.2.3", False), ("api.example.com", False)])
+def test_only_loopback_addresses_may_serve_an_open_api(make_settings, host, loopback):
+    assert (tenancy.open_api_problem(host, make_settings()) is None) is loopback
+    assert tenancy.open_api_problem(host, make_settings(allow_open_api=True)) is None
+    assert tenancy.open_api_problem(host, make_settings(admin_api_keys="admin")) is None

@@ -6,13 +6,16 @@ import io
 import threading
 import uuid
 
+import httpx
 import pytest
 from PIL import Image
 from rq import Queue
 from rq.job import Job
 
 from facegen.contract import spec
+from facegen.contract.job_serializer import JOB_SERIALIZER, refusal
 from service import job_ops, keys
+from tests.planted import plant_pickle
 from tests.service.fakeworker import (
     FakeBehaviour,
     FakeWorker,
@@ -38,7 +41,7 @@ def test_submit_queues_a_job_spec_by_dotted_name(client, conn):
     assert accepted["links"] == {
         "self": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result", "animation": f"/jobs/{job_id}/animation",
     }
-    job = Job.fetch(job_id, connection=conn)
+    job = Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
     assert job.func_name == spec.JOB_FUNCTION
     assert job.origin == spec.DEFAULT_QUEUE
     assert job.description == "generate smiling x3"
@@ -56,7 +59,8 @@ def test_seed_is_drawn_when_absent_and_echoed(client, conn):
     assert len(seeds) == 3
     assert all(0 <= s < 2**53 for s in seeds)
     accepted = submit(client)
-    assert spec.JobSpec.model_validate(Job.fetch(accepted["job_id"], connection=conn).args[0]).seed == accepted["seed"]
+    stored = Job.fetch(accepted["job_id"], connection=conn, serializer=JOB_SERIALIZER).args[0]
+    assert spec.JobSpec.model_validate(stored).seed == accepted["seed"]
 
 
 def test_no_animation_link_unless_asked(client):
@@ -153,7 +157,8 @@ def test_unknown_job_is_404(client, job_id):
 
 
 def test_foreign_rq_job_is_not_exposed(client, conn):
-    other = Queue("other", connection=conn).enqueue("os.getcwd", job_id=str(uuid.uuid4()))
+    other = Queue("other", connection=conn, serializer=JOB_SERIALIZER).enqueue("os.getcwd",
+                                                                              job_id=str(uuid.uuid4()))
     assert client.get(f"/jobs/{other.id}").status_code == 404
 
 
@@ -221,9 +226,27 @@ def test_failed_job_shows_one_line_error_no_traceback(client, conn):
     assert "Traceback" not in client.get(f"/jobs/{job_id}").text
 
 
+@pytest.mark.parametrize("field", ["data", "meta"])
+def test_a_job_not_stored_as_json_reads_as_failed_and_is_never_unpickled(live_server, conn, tmp_path, field):
+    """Over HTTP (``python -m service``): a pickle planted in a queued job's hash is never unpickled by the API (its
+    marker file never appears); the job answers as failed with the reason the worker fails it with."""
+    with httpx.Client(base_url=live_server.url, timeout=10) as http:
+        accepted = http.post("/generate", json={"label": "smiling"})
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["job_id"]
+        plant_pickle(conn, job_id, field, tmp_path / "unpickled")
+        status, result, cancel = (http.get(f"/jobs/{job_id}"), http.get(f"/jobs/{job_id}/result"),
+                                  http.delete(f"/jobs/{job_id}"))
+    assert list(tmp_path.iterdir()) == []
+    assert status.status_code == 200, status.text
+    assert (status.json()["status"], status.json()["error"]) == ("failed", refusal(field))
+    assert result.status_code == 409 and result.json()["error"] == refusal(field)
+    assert cancel.status_code == 409 and cancel.json()["status"] == "failed"
+
+
 def test_failed_job_without_reason_gets_generic_line(client, conn):
     job_id = submit(client)["job_id"]
-    job = Job.fetch(job_id, connection=conn)
+    job = Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
     job.meta.pop(spec.META_ERROR, None)
     job.save_meta()
     job.set_status("failed")
@@ -266,13 +289,13 @@ def test_backpressure_429_with_retry_after(make_client, conn):
     replay = client.post("/generate", json={"label": "smiling"}, headers={"Idempotency-Key": "k"})
     assert replay.status_code == 202 and replay.json()["job_id"] == kept.json()["job_id"]
     assert client.post("/generate", json={"label": "smiling"}, headers={"Idempotency-Key": "new"}).status_code == 429
-    Queue(spec.DEFAULT_QUEUE, connection=conn).empty()
+    Queue(spec.DEFAULT_QUEUE, connection=conn, serializer=JOB_SERIALIZER).empty()
     assert client.post("/generate", json={"label": "smiling"}, headers={"Idempotency-Key": "new"}).status_code == 202
 
 
 def test_settings_reach_the_rq_job(make_client, conn):
     client = make_client(queue_name="facegen-test", artifact_ttl=120, failure_ttl=300, job_timeout=45)
-    job = Job.fetch(submit(client)["job_id"], connection=conn)
+    job = Job.fetch(submit(client)["job_id"], connection=conn, serializer=JOB_SERIALIZER)
     assert job.origin == "facegen-test"
     assert (job.result_ttl, job.failure_ttl, job.timeout) == (120, 300, 45)
 
@@ -280,11 +303,12 @@ def test_settings_reach_the_rq_job(make_client, conn):
 def test_labels_follow_the_published_model(client, conn):
     publish_model(conn, model_info(attributes=["Smiling", "Eyeglasses"]))
     job_id = submit(client, label="eyeglasses")["job_id"]
-    assert Job.fetch(job_id, connection=conn).args[0]["attributes"] == {"Eyeglasses": True}
+    assert Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER).args[0]["attributes"] == {
+        "Eyeglasses": True}
     response = client.post("/generate", json={"attributes": {"smiling": True, "EYEGLASSES": False}})
     assert response.status_code == 202
-    assert Job.fetch(response.json()["job_id"], connection=conn).args[0]["attributes"] == {
-        "Smiling": True, "Eyeglasses": False}
+    stored = Job.fetch(response.json()["job_id"], connection=conn, serializer=JOB_SERIALIZER).args[0]
+    assert stored["attributes"] == {"Smiling": True, "Eyeglasses": False}
     refused = client.post("/generate", json={"label": "wearing_hat"})
     assert refused.status_code == 422
     assert "eyeglasses" in refused.json()["detail"][0]["msg"]
@@ -320,7 +344,7 @@ def test_wait_until_helper_fails_loudly():
 
 def test_job_with_unreadable_spec_still_answers(client, conn):
     job_id = submit(client, animation=True)["job_id"]
-    job = Job.fetch(job_id, connection=conn)
+    job = Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
     assert job.func_name == spec.JOB_FUNCTION  # (decodes the stored call before we replace its arguments)
     job.args = ({"attributes": {"Smiling": True}, "seed": 1, "from_a_future_api": True},)
     job.save()

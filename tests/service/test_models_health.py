@@ -1,8 +1,18 @@
-"""/models, /healthz and /readyz read the model registry that live workers publish in Redis."""
+"""/models, /healthz and /readyz read the model registry that live workers publish in Redis; /readyz answers from
+a check at most READYZ_CACHE_S old."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
 from facegen.contract import spec
+from facegen.contract.artifacts import ArtifactStoreUnavailable
+from service.api.routes.health import ReadinessCache
+from service.schemas import Readiness
 from tests.service.fakeworker import model_info, publish_model
 
 
@@ -41,7 +51,8 @@ def test_healthz_is_always_ok(client):
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_readyz_needs_a_worker_serving_latest(client, conn):
+def test_readyz_needs_a_worker_serving_latest(make_client, conn):
+    client = make_client(readyz_cache_s=0)  # every call checks
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["redis"] is True
@@ -61,3 +72,64 @@ def test_readyz_without_redis(make_client):
     assert response.status_code == 503
     assert response.json()["redis"] is False
     assert client.get("/healthz").status_code == 200
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, obj: object, method: str) -> list[None]:
+    """Wraps ``obj.method`` (on that object alone) so that each call appends to the returned list."""
+    calls: list[None] = []
+    real = getattr(obj, method)
+
+    def counting(*args, **kwargs):
+        calls.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, method, counting)
+    return calls
+
+
+def test_readyz_checks_once_per_window_and_sees_changes_after_it(make_client, conn, monkeypatch):
+    client = make_client(readyz_cache_s=2)
+    publish_model(conn)
+    cache, services = client.app.state.readiness, client.app.state.services
+    now = [1000.0]
+    cache.clock = lambda: now[0]  # seconds, advanced by the test
+    redis_pings = counted(monkeypatch, services.redis, "ping")
+    store_pings = counted(monkeypatch, services.artifacts, "ping")
+    for _ in range(20):
+        assert client.get("/readyz").json()["artifact_store"] is True
+    assert len(store_pings) == 1 and len(redis_pings) == 2  # the check's and the store's (here Redis too)
+
+    def unreachable() -> None:
+        raise ArtifactStoreUnavailable("artifact store unreachable: could not reach it (ConnectTimeoutError)")
+
+    monkeypatch.setattr(services.artifacts, "ping", unreachable)  # the store goes away
+    conn.delete(spec.model_registry_key("fake-v1"))  # and so does the worker
+    now[0] += 1.9
+    assert client.get("/readyz").status_code == 200  # still the check of 1.9 s ago
+    now[0] += 0.1
+    gone = client.get("/readyz")
+    assert gone.status_code == 503 and "no live worker" in gone.json()["reason"]
+    publish_model(conn)
+    assert client.get("/readyz").status_code == 503  # an unready answer is kept for the window too
+    now[0] += 2
+    back = client.get("/readyz")
+    assert back.status_code == 200 and back.json()["artifact_store"] is False
+
+
+def test_concurrent_probes_share_one_check():
+    cache = ReadinessCache(1.0, clock=lambda: 0.0)
+    checks: list[None] = []
+    together = threading.Barrier(8)
+
+    def check() -> Readiness:
+        checks.append(None)
+        time.sleep(0.05)  # long enough for the other probes to arrive meanwhile
+        return Readiness(status="ready", redis=True)
+
+    def probe(_: int) -> Readiness:
+        together.wait()
+        return cache.get(check)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(probe, range(8)))
+    assert len(checks) == 1 and all(answer is answers[0] for answer in answers)

@@ -27,5 +27,6 @@ def test_building_the_app_imports_no_torch():
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert "torch" not in modules
     shared = ["facegen", "facegen.contract", "facegen.contract.artifacts", "facegen.contract.connection",
-              "facegen.contract.fair_queue", "facegen.contract.fields", "facegen.contract.spec"]
+              "facegen.contract.cost", "facegen.contract.fair_queue", "facegen.contract.fields",
+              "facegen.contract.job_serializer", "facegen.contract.spec"]
     assert [m for m in modules if m.split(".")[0] in ("facegen", "worker", "training")] == shared

@@ -20,7 +20,8 @@ def private_redis():
 
 
 def test_503_while_redis_is_down_then_recovery(private_redis):
-    app = create_app(Settings(redis_url=private_redis.url, redis_timeout_s=1.0, retry_after_s=3))
+    # readyz_cache_s=0: /readyz checks on every call, so it sees the outage and the recovery at once
+    app = create_app(Settings(redis_url=private_redis.url, redis_timeout_s=1.0, retry_after_s=3, readyz_cache_s=0))
     with TestClient(app) as client:
         accepted = client.post("/generate", json={"label": "smiling"})
         assert accepted.status_code == 202

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 
 import pytest
@@ -13,7 +14,8 @@ from fastapi.routing import iter_route_contexts
 from pydantic import ValidationError
 from rq.job import Job
 
-from facegen.contract import spec
+from facegen.contract import cost, spec
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.app import create_app
 from service.config import Settings
 from service.tenancy import KeyLabels
@@ -47,6 +49,11 @@ def keyed(make_client):
 
 def submit(client, who: str, **body):
     return client.post("/generate", json={"label": "smiling", **body}, headers=auth(who))
+
+
+def units(**body) -> int:
+    """The work units of POST /generate with ``body``."""
+    return cost.job_units(spec.JobSpec(attributes={"Smiling": True}, seed=0, **body))
 
 
 def test_job_routes_are_all_checked():
@@ -86,7 +93,8 @@ def test_other_key_cannot_cancel_a_queued_job_but_an_admin_can(keyed, conn):
 
 def test_an_expired_job_is_410_to_its_owner_and_404_to_others(keyed, conn):
     job_id = submit(keyed, "a").json()["job_id"]
-    Job.fetch(job_id, connection=conn).delete()  # as if its TTL ran out: the tombstone stays
+    # as if its TTL ran out: the tombstone stays
+    Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER).delete()
     assert keyed.get(f"/jobs/{job_id}", headers=auth("a")).status_code == 410
     assert keyed.get(f"/jobs/{job_id}", headers=auth("admin")).status_code == 410
     assert keyed.get(f"/jobs/{job_id}", headers=auth("b")).status_code == 404
@@ -113,23 +121,31 @@ def test_queued_jobs_quota_refuses_one_key_while_another_is_accepted(make_client
     assert submit(client, "a").status_code == 202
 
 
-def test_queued_images_quota_counts_the_images(make_client):
-    client = make_client(api_keys=KEYS["a"], quota_queued_images=10)
-    assert submit(client, "a", count=6).status_code == 202
-    assert submit(client, "a", count=4).status_code == 202
+def test_queued_units_quota_counts_work_not_jobs(make_client):
+    default, one_image = units(), units(count=1)
+    assert (default, one_image) == (100, 25)
+    client = make_client(api_keys=KEYS["a"], quota_queued_units=10 * default)
+    assert [submit(client, "a").status_code for _ in range(6)] == [202] * 6
+    costly = submit(client, "a", count=24, steps=20)  # 600 units: fewer images than 6 default jobs hold
+    assert costly.status_code == 429 and costly.json()["limit"] == "queued_units"
+    assert costly.json()["allowed"] == 1000 and "costs 600 work units" in costly.json()["detail"]
+    assert [submit(client, "a").status_code for _ in range(4)] == [202] * 4  # 10 default requests in all
     refused = submit(client, "a", count=1)
-    assert refused.status_code == 429 and refused.json()["limit"] == "queued_images"
+    assert refused.status_code == 429 and refused.json()["limit"] == "queued_units"
 
 
-def test_submission_rate_refuses_with_the_time_to_wait(make_client):
-    client = make_client(api_keys=KEYS["a"], quota_submissions_per_minute=4)
+def test_units_per_minute_refill_in_units(make_client):
+    client = make_client(api_keys=KEYS["a"], quota_units_per_minute=400)
     started = time.monotonic()
-    assert [submit(client, "a").status_code for _ in range(4)] == [202] * 4
-    refused = submit(client, "a")
+    assert [submit(client, "a").status_code for _ in range(4)] == [202] * 4  # 4 x 100 units: the burst
+    default, one_image = submit(client, "a"), submit(client, "a", count=1)
     elapsed = time.monotonic() - started
-    assert refused.status_code == 429 and refused.json()["limit"] == "submissions_per_minute"
-    # the next token comes 60/4 s after the first submission: 15 s less what has passed since, rounded up
-    assert math.ceil(15 - elapsed) <= int(refused.headers["Retry-After"]) <= 15
+    assert default.status_code == one_image.status_code == 429
+    assert default.json()["limit"] == one_image.json()["limit"] == "units_per_minute"
+    # a refused request waits until its own units have come back: 400 units a minute = 0.15 s per unit,
+    # less what has passed since the first submission, rounded up
+    for refused, wait_s in ((default, 100 * 0.15), (one_image, 25 * 0.15)):
+        assert math.ceil(wait_s - elapsed) <= int(refused.headers["Retry-After"]) <= math.ceil(wait_s)
 
 
 def test_per_key_overrides_replace_the_defaults(make_client):
@@ -158,19 +174,52 @@ def test_keys_take_turns_whatever_their_backlog(keyed, conn):
     assert worker.behaviour.runs[2:] == flood[1:]
 
 
-def test_key_labels_are_bounded():
+def test_key_labels_are_keyed_hashes_of_bounded_cardinality():
     few = KeyLabels(Settings(api_keys="k1,k2", metrics_key_labels=2))
-    assert few(key_id("k1")) == key_id("k1")[:12] and few(None) == "anonymous"
+    label = few(key_id("k1"))
+    assert re.fullmatch(r"[0-9a-f]{12}", label) and few(key_id("k2")) != label and few(None) == "anonymous"
+    assert label not in key_id("k1") and label not in hashlib.sha256(key_id("k1").encode()).hexdigest()
     many = KeyLabels(Settings(api_keys=",".join(f"k{i}" for i in range(100)), metrics_key_labels=4))
-    assert {many(key_id(f"k{i}")) for i in range(100)} <= {f"bucket-{i}" for i in range(4)}
+    assert {many(key_id(f"k{i}")) for i in range(100)} == {f"bucket-{i}" for i in range(4)}
+    assert KeyLabels(Settings())(key_id("k1")) == "anonymous"  # an open API: no secret to label with
 
 
-def test_metrics_count_work_by_key_id_never_by_key(make_client):
+def test_the_label_secret_decides_the_labels():
+    k1 = key_id("k1")
+    secret = KeyLabels(Settings(api_keys="k1,k2", metrics_label_secret="one-deployment-secret"))
+    assert secret(k1) == KeyLabels(Settings(api_keys="k1", metrics_label_secret="one-deployment-secret"))(k1)
+    assert secret(k1) != KeyLabels(Settings(api_keys="k1,k2", metrics_label_secret="another-deployment"))(k1)
+    # unset: derived from the set of keys (API and admin, in any order), so another deployment labels k1 apart
+    derived = KeyLabels(Settings(api_keys="k1,k2"))(k1)
+    assert derived == KeyLabels(Settings(api_keys="k2", admin_api_keys="k1"))(k1)
+    assert derived != KeyLabels(Settings(api_keys="k1,k3"))(k1) and derived != secret(k1)
+    with pytest.raises(ValidationError, match="METRICS_LABEL_SECRET must be at least 16 characters"):
+        Settings(metrics_label_secret="too-short")
+
+
+def submitted_label(client) -> str:
+    """The one key label of ``facegen_api_key_jobs_submitted_total`` on the app's /metrics."""
+    (label,) = re.findall(r'facegen_api_key_jobs_submitted_total\{key="([^"]+)"\}', client.get("/metrics").text)
+    return label
+
+
+def test_replicas_sharing_a_secret_label_a_key_alike(make_client):
+    keys = f"{KEYS['a']},{KEYS['b']}"
+    replicas = [make_client(api_keys=keys, metrics_label_secret="shared-by-the-replicas") for _ in range(2)]
+    elsewhere = make_client(api_keys=keys, metrics_label_secret="another-deployment-secret")
+    for client in (*replicas, elsewhere):
+        assert submit(client, "a").status_code == 202
+    first, second, other = (submitted_label(client) for client in (*replicas, elsewhere))
+    assert first == second and other != first
+
+
+def test_metrics_count_work_by_key_label_never_by_key_or_key_id(make_client):
     client = make_client(api_keys=f"{KEYS['a']},{KEYS['b']}", quota_queued_jobs=1)
     submit(client, "a", count=3)
     assert submit(client, "a").status_code == 429
     text = client.get("/metrics").text
-    label = key_id(KEYS["a"])[:12]
+    label = KeyLabels(Settings(api_keys=f"{KEYS['a']},{KEYS['b']}"))(key_id(KEYS["a"]))
+    assert key_id(KEYS["a"])[:12] not in text and key_id(KEYS["b"])[:12] not in text
     assert f'facegen_api_key_jobs_submitted_total{{key="{label}"}} 1.0' in text
     assert f'facegen_api_key_images_submitted_total{{key="{label}"}} 3.0' in text
     assert f'facegen_api_key_jobs_rejected_total{{key="{label}",reason="queued_jobs"}} 1.0' in text

@@ -14,17 +14,21 @@ from PIL import Image
 from rq.job import Job
 
 from facegen.contract import spec
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.config import UPLOAD_FORM_OVERHEAD_BYTES
 from tests.service.conftest import LiveServer
 
 MAX_UPLOAD_BYTES = 300_000
 MAX_UPLOAD_PIXELS = 2_000_000
+UPLOAD_DECODE_MAX_MIB = 16  # a WebP of 1 M pixels (16 bytes a pixel) and no more
 
 
 @pytest.fixture(scope="module")
 def server(redis_url: str) -> Iterator[LiveServer]:
     live = LiveServer(redis_url, env={"MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-                                      "MAX_UPLOAD_PIXELS": str(MAX_UPLOAD_PIXELS), "REDIS_MIN_REPLICAS_ACK": "0"})
+                                      "MAX_UPLOAD_PIXELS": str(MAX_UPLOAD_PIXELS),
+                                      "UPLOAD_DECODE_MAX_MIB": str(UPLOAD_DECODE_MAX_MIB),
+                                      "REDIS_MIN_REPLICAS_ACK": "0"})
     yield live
     live.stop()
 
@@ -63,6 +67,7 @@ HOSTILE = {
     "truncated": (encoded(Image.effect_noise((256, 256), 60).convert("RGB"), "PNG")[:3000], 422, "truncated"),
     "decompression bomb": (encoded(Image.new("1", (20_000, 20_000)), "PNG"), 413, "decompression bomb"),
     "over MAX_UPLOAD_PIXELS": (encoded(Image.new("RGB", (2000, 1001)), "PNG"), 413, "MAX_UPLOAD_PIXELS"),
+    "WebP over UPLOAD_DECODE_MAX_MIB": (encoded(Image.new("RGB", (1025, 1024)), "WEBP"), 413, "UPLOAD_DECODE_MAX_MIB"),
     "0x0": (zero_pixel_png(), 422, "0 pixels"),
     "animated GIF": (animated("GIF"), 415, "GIF"),
     "animated WebP": (animated("WEBP"), 422, "animated"),
@@ -94,7 +99,7 @@ def test_file_over_max_upload_bytes_is_413_and_a_larger_body_is_cut_by_the_body_
 
 
 def queued_png(conn, job_id: str) -> Image.Image:
-    job = Job.fetch(job_id, connection=conn)
+    job = Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
     edit = spec.parse_job_spec(job.args[0])
     assert isinstance(edit, spec.EditSpec) and job.description.startswith("edit ")
     image = Image.open(io.BytesIO(edit.image))

@@ -19,16 +19,19 @@ from fastapi.routing import iter_route_contexts
 from rq.job import Job
 
 from facegen.contract import spec
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.app import create_app
 from service.config import Settings
+from service.tenancy import LABEL_CHARS, KeyLabels
 from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, wait_for
 from tests.service.conftest import LiveServer
 
 REDIS_URL = redis_url_for_db(10)
 # Random keys, so that finding one in a log cannot be a coincidence.
-KEYS = {name: f"{name}-{secrets.token_urlsafe(24)}" for name in ("a", "b", "admin", "jobs", "images", "rate")}
-LIMITED = {"jobs": {"queued_jobs": 5}, "images": {"queued_images": 10}, "rate": {"submissions_per_minute": 7}}
+KEYS = {name: f"{name}-{secrets.token_urlsafe(24)}" for name in ("a", "b", "admin", "jobs", "units", "rate")}
+# Work units of the burst's requests (facegen/contract/cost.py): 1 image costs 25, 3 images 75.
+LIMITED = {"jobs": {"queued_jobs": 5}, "units": {"queued_units": 250}, "rate": {"units_per_minute": 7 * 25}}
 BURST = 40
 FLOOD_JOBS, FLOOD_IMAGES = 50, 16
 ENDED = ("finished", "failed", "canceled", "stopped")
@@ -55,7 +58,7 @@ def logs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def api(conn, logs):
     env = {
-        "API_KEYS": ",".join(KEYS[name] for name in ("a", "b", "jobs", "images", "rate")),
+        "API_KEYS": ",".join(KEYS[name] for name in ("a", "b", "jobs", "units", "rate")),
         "ADMIN_API_KEYS": KEYS["admin"],
         "QUOTA_OVERRIDES": json.dumps({key_id(name): quota for name, quota in LIMITED.items()}),
         "RETRY_AFTER_S": "3",
@@ -97,7 +100,7 @@ async def burst(url: str, name: str, count: int) -> list[httpx.Response]:
                                       for i in range(BURST)))
 
 
-@pytest.mark.parametrize(("name", "count", "accepted"), [("jobs", 1, 5), ("images", 3, 3), ("rate", 1, 7)])
+@pytest.mark.parametrize(("name", "count", "accepted"), [("jobs", 1, 5), ("units", 3, 3), ("rate", 1, 7)])
 def test_a_concurrent_burst_never_exceeds_the_keys_quota(api, conn, name, count, accepted):
     responses = asyncio.run(burst(api.url, name, count))
     limit = next(iter(LIMITED[name]))
@@ -108,7 +111,7 @@ def test_a_concurrent_burst_never_exceeds_the_keys_quota(api, conn, name, count,
     assert waiting(conn, name) == accepted  # refused jobs left nothing behind
     # Another key is still accepted while this one is at its limit.
     assert post(api.url, "b").status_code == 202
-    assert post(api.url, name, count=count).status_code == 429
+    assert post(api.url, name, count=count, steps=spec.DEFAULT_STEPS[spec.DEFAULT_SAMPLER]).status_code == 429
     print(f"[tenancy] {BURST} concurrent submissions by one key, limit {limit}: {accepted} x 202, "
           f"{BURST - accepted} x 429; another key: 202")
 
@@ -149,10 +152,12 @@ def test_a_flood_of_one_key_delays_another_keys_job_by_at_most_one_batch(api, co
         response = post(api.url, "a", count=FLOOD_IMAGES, seed=i)
         assert response.status_code == 202, response.text
         flood.append(response.json()["job_id"])
-    wait_for(lambda: Job.fetch(flood[0], connection=conn).get_status() != "queued", 120, "the flood to start")
+    first = Job.fetch(flood[0], connection=conn, serializer=JOB_SERIALIZER)
+    wait_for(lambda: first.get_status() != "queued", 120, "the flood to start")
     single = post(api.url, "b", count=1).json()["job_id"]
     assert wait_ended(api.url, single, "b")["status"] == "finished"
-    jobs = {job.id: job for job in Job.fetch_many([*flood, single], connection=conn)}
+    jobs = {job.id: job
+            for job in Job.fetch_many([*flood, single], connection=conn, serializer=JOB_SERIALIZER)}
     for job_id in flood:  # the rest of the flood is not needed
         httpx.delete(f"{api.url}/jobs/{job_id}", headers=auth("admin"), timeout=10)
     batch_start: dict[str, float] = {}
@@ -175,7 +180,10 @@ def test_a_flood_of_one_key_delays_another_keys_job_by_at_most_one_batch(api, co
 
 def test_no_key_in_any_log_line_or_metric(api, worker, logs):
     metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
-    assert f'key="{key_id("a")[:12]}"' in metrics  # work is labelled by key id
+    labels = KeyLabels(Settings(api_keys=",".join(KEYS[name] for name in ("a", "b", "jobs", "units", "rate")),
+                                admin_api_keys=KEYS["admin"]))  # the server's keys: the same secret
+    assert f'key="{labels(key_id("a"))}"' in metrics  # work is labelled by a keyed hash of the key id
+    assert all(key_id(name)[:LABEL_CHARS] not in metrics for name in KEYS)
     texts = {"metrics": metrics, "api log": (logs / "api.log").read_text(errors="replace"),
              "worker log": worker.log_path.read_text(errors="replace")}
     assert "POST /generate" in texts["api log"]  # the access log was captured

@@ -17,6 +17,7 @@ import pytest
 from rq.job import Job, JobStatus
 
 from facegen.contract import spec
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from service.schemas import WebhookEvent
 from service.webhooks import sender
 from tests.conftest import flushed_database, redis_url_for_db
@@ -163,7 +164,7 @@ def test_a_finished_jobs_payload_links_its_animation_when_it_has_one(conn, kind,
     """The payload the delivery process builds, from the job as RQ keeps it (no worker, no delivery process)."""
     job_spec = spec.JobSpec(attributes={"Smiling": True}, seed=1, count=1, **kind)
     job = Job.create(spec.JOB_FUNCTION, args=(job_spec.model_dump(mode="json"),), connection=conn,
-                     id=str(uuid.uuid4()))
+                     serializer=JOB_SERIALIZER, id=str(uuid.uuid4()))
     job.set_status(JobStatus.FINISHED)
     data = json.loads(sender.payload(job, WebhookEvent.completed))["data"]
     assert data["status"] == "finished"

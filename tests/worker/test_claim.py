@@ -9,6 +9,7 @@ from redis.client import Pipeline
 from rq.job import Job, JobStatus
 
 from facegen.contract.fair_queue import FairQueue
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from facegen.contract.spec import DEFAULT_QUEUE
 from tests.worker.test_worker_process import connection, enqueue  # noqa: F401 - the fixture
 from worker.jobs import FacegenWorker, RqAdapter
@@ -17,22 +18,23 @@ from worker.settings import WorkerSettings
 
 def dequeue(conn: redis.Redis) -> tuple[RqAdapter, FairQueue]:
     """What the worker's loop does before a batch: RQ dequeues the leader (into its intermediate list)."""
-    queue = FairQueue(DEFAULT_QUEUE, connection=conn)
-    worker = FacegenWorker([queue], connection=conn, name="claim-test", settings=WorkerSettings(),
-                           perform_batch=lambda adapter: None, tick=lambda: None)
-    leader, _ = FairQueue.dequeue_any([queue], None, connection=conn)
+    queue = FairQueue(DEFAULT_QUEUE, connection=conn, serializer=JOB_SERIALIZER)
+    worker = FacegenWorker([queue], connection=conn, name="claim-test", serializer=JOB_SERIALIZER,
+                           settings=WorkerSettings(), perform_batch=lambda adapter: None, tick=lambda: None)
+    leader, _ = FairQueue.dequeue_any([queue], None, connection=conn, serializer=JOB_SERIALIZER)
     return RqAdapter(worker, leader, queue), queue
 
 
 def assert_started(conn: redis.Redis, queue: FairQueue, job_ids: list[str]) -> None:
     for job_id in job_ids:
-        job = Job.fetch(job_id, connection=conn)
+        job = Job.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
         assert job.get_status() == JobStatus.STARTED and job.worker_name == "claim-test"
         assert job_id in queue.started_job_registry and len(job.get_executions()) == 1
 
 
 def test_claim_starts_the_leader_and_its_waiting_companions_and_takes_them_off_their_lists(connection) -> None:  # noqa: F811
-    jobs = [enqueue(FairQueue(DEFAULT_QUEUE, connection=connection), seed=seed) for seed in range(3)]
+    queue = FairQueue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
+    jobs = [enqueue(queue, seed=seed) for seed in range(3)]
     adapter, queue = dequeue(connection)
     assert connection.lrange(queue.intermediate_queue_key, 0, -1) == [jobs[0].id.encode()]
     claimed = adapter.claim(adapter.waiting(10))
@@ -43,16 +45,19 @@ def test_claim_starts_the_leader_and_its_waiting_companions_and_takes_them_off_t
 
 
 def test_a_companion_taken_meanwhile_is_left_out(connection) -> None:  # noqa: F811
-    jobs = [enqueue(FairQueue(DEFAULT_QUEUE, connection=connection), seed=seed) for seed in range(3)]
+    queue = FairQueue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
+    jobs = [enqueue(queue, seed=seed) for seed in range(3)]
     adapter, queue = dequeue(connection)
     waiting = adapter.waiting(10)
     queue.remove(waiting[0].id)  # another worker dequeued it
     assert [job.id for job in adapter.claim(waiting)] == [jobs[0].id, jobs[2].id]
-    assert Job.fetch(jobs[1].id, connection=connection).get_status() == JobStatus.QUEUED
+    assert Job.fetch(jobs[1].id, connection=connection,
+                     serializer=JOB_SERIALIZER).get_status() == JobStatus.QUEUED
 
 
 def test_a_list_changed_while_the_claim_reads_it_is_read_again(connection, monkeypatch) -> None:  # noqa: F811
-    jobs = [enqueue(FairQueue(DEFAULT_QUEUE, connection=connection), seed=seed) for seed in range(3)]
+    queue = FairQueue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
+    jobs = [enqueue(queue, seed=seed) for seed in range(3)]
     adapter, queue = dequeue(connection)
     reads = []
     execute = Pipeline.execute

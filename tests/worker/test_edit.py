@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from rq.job import Job
 
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from facegen.contract.spec import EDIT_MAX_SIDE
 from facegen.model.imaging import GRID_PADDING, face_crop, to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
@@ -104,7 +105,8 @@ def test_edit_jobs_end_to_end_on_the_tiny_model(tiny_checkpoints, server, connec
         edit_input, edited = pair(http.get(edit["links"]["result"]).content)
         gif = Image.open(io.BytesIO(http.get(edit["links"]["animation"]).content))
         assert "animation" not in other["links"] and http.get(f"{other['links']['self']}/animation").status_code == 404
-    batches = [Job.fetch(job["job_id"], connection=connection).meta["batch"] for job in (edit, other)]
+    batches = [Job.fetch(job["job_id"], connection=connection, serializer=JOB_SERIALIZER).meta["batch"]
+               for job in (edit, other)]
     assert batches == [{"jobs": 2, "images": 2}] * 2  # same strength and steps: one batch, without the generate job
 
     crop = torch.from_numpy(face_crop(decoded, LatentDiffusion.load(tiny_checkpoints).manifest.data))

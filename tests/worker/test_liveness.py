@@ -12,6 +12,7 @@ import urllib.request
 from rq import Queue
 from rq.job import JobStatus
 
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from facegen.contract.spec import DEFAULT_QUEUE
 from scripts.processes import stop_process
 from scripts.redisctl import free_port
@@ -55,7 +56,8 @@ def test_healthz_fails_while_the_main_loop_does_not_tick_and_metrics_still_answe
         stalled = wait_for(f"{base}/healthz", 503, process, deadline)
         assert stalled["status"] == "stalled" and stalled["since_last_tick_s"] >= 4
         assert get(f"{base}/metrics")[0] == 200  # what the probes used to ask: alive whatever the loop does
-        job = enqueue(Queue(DEFAULT_QUEUE, connection=connection))  # wakes the loop: it ticks again
+        # wakes the loop: it ticks again
+        job = enqueue(Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER))
         while job.get_status(refresh=True) != JobStatus.FINISHED:
             assert time.monotonic() < deadline, job.get_status()
             time.sleep(0.2)

@@ -11,6 +11,7 @@ import sys
 from rq import Queue
 from rq.job import JobStatus
 
+from facegen.contract.job_serializer import JOB_SERIALIZER
 from facegen.contract.spec import DEFAULT_QUEUE
 from tests.conftest import ROOT
 from tests.worker.test_worker_process import connection, enqueue, worker_env  # noqa: F401 - the fixture
@@ -18,7 +19,8 @@ from tests.worker.test_worker_process import connection, enqueue, worker_env  # 
 
 def test_buckets_are_warmed_up_before_the_worker_registers_and_takes_a_job(tiny_checkpoints,
                                                                            connection) -> None:  # noqa: F811
-    job = enqueue(Queue(DEFAULT_QUEUE, connection=connection))  # waiting before the worker starts
+    # waiting before the worker starts
+    job = enqueue(Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER))
     # MAX_BATCH=1: two buckets (1 and 2 UNet rows). TORCHDYNAMO_DISABLE runs the compiled UNet eagerly: this test is
     # about the order of start-up (inductor on CPU takes ~6 minutes cold here); tests/worker/test_engine.py compiles.
     result = subprocess.run([sys.executable, "-m", "worker", "--burst"], cwd=ROOT,

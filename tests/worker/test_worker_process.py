@@ -21,6 +21,7 @@ from PIL import Image
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 
+from facegen.contract.job_serializer import JOB_SERIALIZER, refusal
 from facegen.contract.spec import (
     DEFAULT_QUEUE,
     JOB_FUNCTION,
@@ -37,6 +38,7 @@ from facegen.model.imaging import GRID_PADDING
 from scripts.processes import stop_process
 from scripts.redisctl import free_port
 from tests.conftest import ROOT, redis_url_for_db
+from tests.planted import plant_pickle
 from worker.engine import Engine, ImageRequest
 
 REDIS_URL = redis_url_for_db(12)
@@ -78,7 +80,7 @@ def tiles(png: bytes, count: int) -> list[bytes]:
 
 
 def test_compatible_jobs_share_one_batch_and_keep_their_own_results(tiny_checkpoints, connection) -> None:
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     a = enqueue(queue, seed=5, count=3)
     b = enqueue(queue, seed=6, count=2, attributes={"Smiling": False})
     other = enqueue(queue, seed=5, count=1, steps=5)  # other steps: cannot join
@@ -117,7 +119,7 @@ def batch_invariant_here(checkpoints: Path) -> bool:
 
 
 def test_same_request_gives_the_same_png_whatever_batch_it_shares(tiny_checkpoints, connection) -> None:
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     first = enqueue(queue, seed=11, count=2, sampler="ddpm", steps=6)
     assert run_burst(tiny_checkpoints, MAX_BATCH="1").returncode == 0
     second = enqueue(queue, seed=11, count=2, sampler="ddpm", steps=6)
@@ -133,7 +135,7 @@ def test_same_request_gives_the_same_png_whatever_batch_it_shares(tiny_checkpoin
 
 
 def test_bad_jobs_fail_with_a_reason_and_the_worker_goes_on(tiny_checkpoints, connection) -> None:
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     malformed = queue.enqueue(JOB_FUNCTION, {"attributes": {"Smiling": True}, "count": 0, "seed": 1}, retry=Retry(max=2))
     unknown = enqueue(queue, attributes={"Wearing_Hat": True})
     wrong_model = enqueue(queue, model="no-such-version")
@@ -149,9 +151,32 @@ def test_bad_jobs_fail_with_a_reason_and_the_worker_goes_on(tiny_checkpoints, co
     assert fine.get_status() == JobStatus.FINISHED
 
 
+def test_jobs_not_stored_as_json_or_naming_another_function_are_refused_never_run(tiny_checkpoints, connection,
+                                                                                  tmp_path) -> None:
+    """A pickle planted in a job's data or meta is never unpickled (its marker file never appears), nor is a JSON job
+    naming another function called: each fails with its reason, and none joins the batch of a job they wait behind."""
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
+    pickled_data, fine, pickled_meta = enqueue(queue, seed=2), enqueue(queue), enqueue(queue, seed=3)
+    plant_pickle(connection, pickled_data.id, "data", tmp_path / "data-unpickled")
+    plant_pickle(connection, pickled_meta.id, "meta", tmp_path / "meta-unpickled")
+    spec = JobSpec(attributes={"Smiling": True}, seed=4, count=1, steps=4)
+    other_function = queue.enqueue("builtins.print", spec.model_dump(mode="json"), retry=Retry(max=2))
+    result = run_burst(tiny_checkpoints)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+    for job, reason in ((pickled_data, refusal("data")), (pickled_meta, refusal("meta")),
+                        (other_function, f"malformed job: its function is not {JOB_FUNCTION}: refused")):
+        job.refresh()
+        assert job.get_status() == JobStatus.FAILED
+        assert job.meta[META_ERROR] == reason and job.retries_left == 0
+    assert f"{pickled_data.id}: {refusal('data')}" in result.stderr
+    fine.refresh()
+    assert fine.get_status() == JobStatus.FINISHED and fine.meta[META_BATCH] == {"jobs": 1, "images": 1}
+
+
 def test_running_job_is_canceled_between_steps_and_metrics_are_served(tiny_checkpoints, connection) -> None:
     port = free_port()
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     long_job = enqueue(queue, sampler="ddpm", steps=1000, count=2)
     process = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT,
                                env=worker_env(tiny_checkpoints, METRICS_PORT=str(port)),
@@ -180,7 +205,7 @@ def test_running_job_is_canceled_between_steps_and_metrics_are_served(tiny_check
 
 
 def test_batch_window_lets_jobs_arriving_after_the_first_join_its_batch(tiny_checkpoints, connection) -> None:
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     first = enqueue(queue, seed=1)
     process = subprocess.Popen([sys.executable, "-m", "worker", "--burst"], cwd=ROOT,
                                env=worker_env(tiny_checkpoints, BATCH_WINDOW_MS="3000"),
@@ -214,7 +239,7 @@ def test_missing_or_tampered_checkpoint_stops_the_worker_at_start(tiny_checkpoin
 
 
 def test_started_at_is_when_sampling_began_not_when_the_job_was_stored(tiny_checkpoints, connection) -> None:
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     jobs = [enqueue(queue, sampler="ddpm", steps=60, seed=seed) for seed in (1, 2)]
     process = subprocess.Popen([sys.executable, "-m", "worker", "--burst"], cwd=ROOT,
                                env=worker_env(tiny_checkpoints), stdout=subprocess.DEVNULL,
@@ -236,7 +261,7 @@ def test_started_at_is_when_sampling_began_not_when_the_job_was_stored(tiny_chec
 
 
 def test_a_batch_past_its_job_timeout_fails_with_timeout_and_the_next_job_runs(tiny_checkpoints, connection) -> None:
-    queue = Queue(DEFAULT_QUEUE, connection=connection)
+    queue = Queue(DEFAULT_QUEUE, connection=connection, serializer=JOB_SERIALIZER)
     spec = JobSpec(attributes={"Smiling": True}, seed=1, count=2, sampler="ddpm", steps=1000)
     slow = queue.enqueue(JOB_FUNCTION, spec.model_dump(mode="json"), retry=Retry(max=2), job_timeout=2)
     fine = enqueue(queue, seed=2)

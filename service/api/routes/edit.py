@@ -11,7 +11,6 @@ from facegen.contract import fields, spec
 from service import submission
 from service.api.deps import (
     UNAUTHORIZED,
-    UNAVAILABLE,
     ApiError,
     IdempotencyKey,
     ServicesDep,
@@ -79,13 +78,17 @@ async def _read_upload(image: UploadFile, max_bytes: int) -> bytes:
     ),
     responses={
         202: {"description": "Queued.", "headers": {"Location": {"description": "The job's URL."}}},
-        413: {"model": ErrorPublic, "description": "The image is over MAX_UPLOAD_BYTES or MAX_UPLOAD_PIXELS, or a "
+        413: {"model": ErrorPublic, "description": "The image is over MAX_UPLOAD_BYTES or MAX_UPLOAD_PIXELS, its "
+                                                   "decode would hold more than UPLOAD_DECODE_MAX_MIB, or it is a "
                                                    "decompression bomb."},
         415: {"model": ErrorPublic, "description": "The file is not a PNG, JPEG or WebP image."},
         422: {"description": "A field is invalid (`detail[].loc` or `detail` names it): e.g. the image is empty, "
-                             "0 pixels, animated, truncated or corrupt."},
-        429: {"model": QuotaError, "description": "As POST /generate: queue full or the API key's quota reached."},
-        **UNAVAILABLE,
+                             "0 pixels, animated, truncated or corrupt; or steps and strength make the edit cost "
+                             "more work units than one request may."},
+        429: {"model": QuotaError, "description": "As POST /generate: queue full or the API key's quota reached, "
+                                                  "decided before the image is decoded."},
+        503: {"description": "Redis is unreachable, or UPLOAD_DECODE_CONCURRENCY uploads were being decoded and "
+                             "none ended within UPLOAD_DECODE_WAIT_S; retry after `Retry-After` seconds."},
     },
 )
 async def create_edit(

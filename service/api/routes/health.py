@@ -1,19 +1,51 @@
 """Health: /healthz (the process answers) and /readyz (Redis answers and a worker serves the default model; it
-reports the artifact store too)."""
+reports the artifact store too).
+
+Readiness is probed often (each kubelet every few seconds, load balancers, monitors), and each check costs a Redis
+round trip and a request to the artifact store, so a process answers /readyz from a check at most
+``READYZ_CACHE_S`` old (:class:`ReadinessCache`)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import redis
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from facegen.contract import fields
 from facegen.contract.artifacts import ArtifactStore, ArtifactStoreUnavailable
 from service import registry
-from service.api.deps import ServicesDep
+from service.api.deps import Services, ServicesDep
 from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
+
+
+class ReadinessCache:
+    """The process's last readiness check, reused for ``max_age_s`` seconds (``READYZ_CACHE_S``; 0: never).
+
+    Thread-safe (``/readyz`` runs in the thread pool): one check at a time, and a call that arrives while one runs
+    waits for it and answers with its result, so a burst of probes makes one check."""
+
+    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self.clock = clock  # seconds, monotonic
+        self._lock = threading.Lock()
+        self._last: Readiness | None = None
+        self._checked_at = 0.0  # clock() when _last was checked
+
+    def get(self, check: Callable[[], Readiness]) -> Readiness:
+        """The last check's result while it is younger than ``max_age_s``, else ``check()``'s."""
+        if self.max_age_s == 0:
+            return check()
+        with self._lock:
+            if self._last is None or self.clock() - self._checked_at >= self.max_age_s:
+                self._last = check()
+                self._checked_at = self.clock()
+            return self._last
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness",
@@ -28,20 +60,27 @@ def healthz() -> Health:
     summary="Readiness",
     description='200 when Redis answers and at least one live worker has published the default model ("latest"); '
     "503 with the reason otherwise. `artifact_store` says whether the artifact store answers (only the artifact "
-    "routes need it, so it leaves the status alone). Never needs an API key.",
+    "routes need it, so it leaves the status alone). The answer comes from a check at most READYZ_CACHE_S "
+    "seconds old. Never needs an API key.",
     responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
 )
-def readyz(services: ServicesDep) -> Readiness | JSONResponse:
+def readyz(request: Request, services: ServicesDep) -> Readiness | JSONResponse:
+    readiness = request.app.state.readiness.get(lambda: check_readiness(services))
+    if readiness.status != "ready":
+        return JSONResponse(readiness.model_dump(mode="json"), status_code=503,
+                            headers={"Retry-After": str(services.settings.retry_after_s)})
+    return readiness
+
+
+def check_readiness(services: Services) -> Readiness:
+    """Asks Redis (a ping and the model registry) and, once it answers, the artifact store."""
     try:
         services.redis.ping()
         latest = registry.find_model(registry.read_models(services.redis), fields.LATEST)
     except redis.RedisError:
-        return _unready(Readiness(status="unavailable", redis=False, reason="Redis is unreachable"),
-                        services.settings.retry_after_s)
+        return Readiness(status="unavailable", redis=False, reason="Redis is unreachable")
     if latest is None:
-        return _unready(Readiness(status="unavailable", redis=True,
-                                  reason="no live worker has published the default model"),
-                        services.settings.retry_after_s)
+        return Readiness(status="unavailable", redis=True, reason="no live worker has published the default model")
     return Readiness(status="ready", redis=True, latest_model=latest.version,
                      artifact_store=artifact_store_answers(services.artifacts))
 
@@ -52,7 +91,3 @@ def artifact_store_answers(store: ArtifactStore) -> bool:
     except (ArtifactStoreUnavailable, redis.RedisError):
         return False
     return True
-
-
-def _unready(body: Readiness, retry_after_s: int) -> JSONResponse:
-    return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": str(retry_after_s)})

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from rq.job import Job, JobStatus
 
-from facegen.contract import fields, spec
+from facegen.contract import cost, fields, spec
 from facegen.contract.artifacts import OpenedArtifact
 from service import images, job_ops, submission
 from service.api.deps import (
@@ -79,11 +79,12 @@ STATE_NOTE = (
         202: {"description": "Queued.", "headers": {"Location": {"description": "The job's URL."}}},
         413: {"model": ErrorPublic, "description": "Body larger than MAX_BODY_BYTES."},
         415: {"model": ErrorPublic, "description": "Body not sent as `application/json`."},
-        422: {"description": "A field is invalid (`detail[].loc` names it) or the Idempotency-Key was reused "
-                             "with another body."},
+        422: {"description": "A field is invalid (`detail[].loc` names it), the request costs more work units "
+                             "than one request may (MAX_REQUEST_UNITS; `detail[].loc` names count, steps and the "
+                             "GIF's frames), or the Idempotency-Key was reused with another body."},
         429: {"model": QuotaError, "description": "Queue full (`limit` `max_queued`), or the API key is at a limit "
-                                                  "of its quota (`queued_jobs`, `queued_images`, "
-                                                  "`submissions_per_minute`); retry after `Retry-After` seconds."},
+                                                  "of its quota (`queued_jobs`, `queued_units`, "
+                                                  "`units_per_minute`); retry after `Retry-After` seconds."},
         **UNAVAILABLE,
     },
 )
@@ -115,6 +116,7 @@ def _public(request: Request, conn: redis.Redis, job: Job) -> JobPublic:
         ended_at=job.ended_at,
         parameters=job_spec.parameters() if isinstance(job_spec, spec.EditSpec) else job_spec,
         resolved=json.loads(json.dumps(resolved, default=str)) if isinstance(resolved, dict) else None,
+        cost_units=cost.job_units(job_spec) if job_spec else None,
         error=job_ops.error_of(job),
         webhook=webhook_delivery.public_state(conn, job.id),
         links=JobLinks.of(root_path(request), job.id,
