@@ -1,4 +1,4 @@
-"""``python -m training {synth,vae,diffusion,retune,reader,evaluate,evaluate-edit,transitions,visualize} ...``"""
+"""``python -m training {synth,vae,diffusion,distill,retune,reader,evaluate,evaluate-edit,transitions,visualize} ...``"""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from facegen.model.config import (
     EDIT_SCOPE,
     EDIT_SCOPES,
     PRECISIONS,
+    ConsistencyConfig,
     DataConfig,
     DiffusionTrainConfig,
+    DistillConfig,
     ReaderTrainConfig,
     SamplingConfig,
     ScheduleConfig,
@@ -69,7 +71,8 @@ def inherited_sampling(args: argparse.Namespace) -> dict[str, Any]:
 JUDGE_CACHE_HELP = "keep the judge's trained weights here and reuse them when data, seed and steps are the same"
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
+def add_run_flags(parser: argparse.ArgumentParser, init_from: bool = True) -> None:
+    """Where a training run reads, writes and computes; ``init_from``: also ``--init-from VERSION``."""
     parser.add_argument("--data", type=Path, required=True, help="CelebA-layout folder")
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     parser.add_argument("--run-dir", type=Path, required=True, help="resumable state and log.jsonl")
@@ -78,8 +81,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--init-from", default=None, metavar="VERSION",
-                        help="warm-start from this exported version (its architecture and weights; 'latest' allowed)")
+    if init_from:
+        parser.add_argument("--init-from", default=None, metavar="VERSION",
+                            help="warm-start from this exported version (its architecture and weights; 'latest' "
+                                 "allowed)")
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
@@ -134,6 +139,21 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     reader.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     reader.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_config_flags(reader, ReaderTrainConfig)
+
+
+def add_distill_command(commands: argparse._SubParsersAction) -> None:
+    distill = commands.add_parser("distill", help="a few-step student of a diffusion version (latent consistency "
+                                                  "distillation, the guidance scale an input)")
+    add_run_flags(distill, init_from=False)
+    distill.add_argument("--teacher", required=True, metavar="VERSION",
+                         help="the diffusion version to distil ('latest' allowed); the student starts from its weights")
+    distill.add_argument("--minutes", type=float, default=None,
+                         help="time budget of the whole command: the loop then stops, saves its state and exports")
+    distill.add_argument("--resume", action="store_true", help="go on with the run in --run-dir (its state.pt)")
+    distill.add_argument("--latent-cache", type=Path, default=None, metavar="DIR",
+                         help="the encoded training latents, shared with `diffusion --latent-cache`")
+    add_config_flags(distill, ConsistencyConfig, "student_")
+    add_config_flags(distill, DistillConfig)
 
 
 def add_measure_commands(commands: argparse._SubParsersAction) -> None:
@@ -262,6 +282,22 @@ def run_diffusion(args: argparse.Namespace) -> None:
                     tuple(args.attributes) if args.attributes else None)
 
 
+def run_distill(args: argparse.Namespace) -> None:
+    from facegen.model.config import InvalidConfig
+
+    from .distill import DistillError, distill
+    from .trainer import RunOptions
+
+    opts = RunOptions(args.data, args.checkpoints, args.run_dir, args.device, args.precision, args.export_dtype,
+                      args.limit, threads=args.threads, latent_cache=args.latent_cache)
+    try:
+        consistency = config_from_args(ConsistencyConfig, args, "student_")
+        distill(args.teacher, config_from_args(DistillConfig, args), consistency, opts, minutes=args.minutes,
+                resume=args.resume)
+    except (DistillError, InvalidConfig) as exc:  # said in one line, without a traceback
+        sys.exit(f"distill: {exc}")
+
+
 def evaluation_settings(args: argparse.Namespace) -> list[Any]:
     """The rows to measure: ``--settings``, ``--sweep``, or the one ``--sampler/--steps/--guidance``."""
     from training.evaluation.evaluate import Setting, sweep_settings
@@ -367,7 +403,8 @@ def run_reader(args: argparse.Namespace) -> None:
                        config_from_args(ReaderTrainConfig, args), opts))
 
 
-COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "evaluate": run_evaluate,
+COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "distill": run_distill,
+            "evaluate": run_evaluate,
             "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune, "reader": run_reader,
             "transitions": run_transitions}
 
@@ -376,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_commands(commands)
+    add_distill_command(commands)
     add_measure_commands(commands)
     add_edit_commands(commands)
     argv = sys.argv[1:] if argv is None else argv

@@ -5,18 +5,23 @@ and the EMA) and calls the model's ``step(step) -> {"loss": ..., ...}`` for each
 ``run_dir/state.pt`` it restores, on every rank: torch's global RNG and each named generator per rank, CUDA's
 RNG per rank on GPUs, so a resumed run continues exactly where it stopped.
 
+A ``deadline`` (``time.monotonic()`` value) stops the loop after the first step that ends past it, with its state
+saved, as if ``steps`` ended there; a later run from the same ``run_dir`` goes on from that step.
+
 A step whose gradients hold NaN/Inf (in fp16, also a loss-scale overflow) changes no weight and is counted as
 skipped; only ``nonfinite_patience`` skipped steps in a row stop the run.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -68,12 +73,14 @@ class Trainer:
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # per-rank streams (noise, flips)
     ema: EMA | None = None
     nonfinite_patience: int = 20  # skipped (NaN/Inf) steps in a row before the run fails
+    deadline: float | None = None  # time.monotonic() after which the loop saves its state and stops
 
     def __post_init__(self) -> None:
         self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
                         for name in self.optimizers}
         self.skipped = 0  # steps skipped for NaN/Inf gradients, over the whole run
         self._skipped_now = False  # whether an optimizer skipped during the current step
+        self.completed = 0  # steps done so far, resumed ones included (set by ``run``)
 
     def optimizer_step(self, name: str, loss: torch.Tensor, parameters: Iterator[nn.Parameter], clip: float) -> None:
         """Scaled backward and step of optimizer ``name`` (:func:`training.runtime.optimizer_step`); a skip is
@@ -129,10 +136,20 @@ class Trainer:
             self.ema.updates = state["step"] - self.skipped  # skipped steps update no EMA
         return int(state["step"])
 
+    def _out_of_time(self) -> bool:
+        """Whether the deadline has passed, on any rank (collective under DDP: every rank stops at the same step)."""
+        if self.deadline is None:
+            return False
+        late = torch.tensor([float(time.monotonic() >= self.deadline)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
     def run(self, step_fn: StepFn, desc: str) -> dict[str, Any]:
-        """Resume, then run ``step_fn`` up to ``steps``; logs every ``log_every`` steps (main rank), saves every
-        ``save_every`` and at the end. Returns the last logged scalars (empty when nothing was left to run)."""
-        start = self.resume()
+        """Resume, then run ``step_fn`` up to ``steps`` or the deadline; logs every ``log_every`` steps (main
+        rank), saves every ``save_every`` and at the end. Returns the last logged scalars (empty when nothing was
+        left to run); ``completed`` then holds the steps done."""
+        start = self.completed = self.resume()
         log = Log(self.run_dir / "log.jsonl" if self.ddp.is_main else None)
         progress = tqdm(range(start, self.steps), initial=start, total=self.steps, disable=not self.ddp.is_main,
                         desc=desc)
@@ -152,6 +169,10 @@ class Trainer:
                 last = {"step": step + 1, **scalars, "skipped_steps": self.skipped}
                 log.write(**last)
                 progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-            if (step + 1) % self.save_every == 0 or step + 1 == self.steps:
+            self.completed = step + 1
+            out_of_time = self._out_of_time()
+            if (step + 1) % self.save_every == 0 or step + 1 == self.steps or out_of_time:
                 self.save(step + 1)
+            if out_of_time:
+                break
         return last

@@ -41,6 +41,10 @@ EDIT_REGIONS = {"Smiling": (0.5, 0.71, 0.2, 0.11)}
 T = TypeVar("T")
 
 
+class InvalidConfig(ValueError):
+    """A config whose values do not fit together (the message names the field)."""
+
+
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a config dataclass from a dict, converting lists back to tuples and refusing unknown keys."""
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -91,6 +95,9 @@ class UNetConfig:
     dropout: float = 0.0
     num_attributes: int = 1
     null_label: int = 2  # label index meaning "attribute not given" (classifier-free guidance)
+    # a distilled student's extra input, the guidance scale w [N]: embedded like t and added to the time embedding
+    # through a zero-initialised projection (``UNet(..., guidance=w)``); False: the plain model, unchanged
+    guidance_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,3 +187,47 @@ class DiffusionTrainConfig:
     seed: int = 0
     log_every: int = 50
     save_every: int = 500
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """A latent consistency student (Luo et al. 2023): what it was distilled on and how it samples; stored in its
+    manifest, read by ``facegen.model.diffusion.consistency``.
+
+    The student is distilled on the teacher's ``skeleton_steps`` DDIM timesteps ``t_n = (n + 1) T / N - 1`` and
+    outputs ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_pred`` with ``c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)``,
+    ``c_out = s t / sqrt((s t)^2 + sigma_data^2)``, ``s = timestep_scaling`` (LCM's boundary condition: ``f(x, 0) = x``,
+    ``f ~ x0_pred`` at every skeleton timestep)."""
+
+    skeleton_steps: int = 50
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    max_steps: int = 8  # sampling takes 1..max_steps steps (network rows per image)
+    default_steps: int = 4
+    guidance_range: tuple[float, ...] = (1.0, 8.0)  # the guidance scales w it was trained on (drawn uniformly)
+
+    def __post_init__(self) -> None:
+        if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
+            raise InvalidConfig(f"guidance_range must be two scales 0 <= low <= high, got {self.guidance_range}")
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise InvalidConfig(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``python -m training distill``: latent consistency distillation (Luo et al. 2023, Alg. 1) of a teacher's
+    guided DDIM step between neighbouring skeleton timesteps, the target computed by an EMA of the student; plain
+    squared error in x0 units, AdamW with a linear warm-up then a constant learning rate (a time budget may stop the
+    run at any step)."""
+
+    steps: int = 4000  # iterations planned (``--minutes`` may stop earlier; ``--resume`` goes on)
+    batch_size: int = 64
+    lr: float = 5e-5
+    warmup: int = 100
+    label_dropout: float = 0.1  # probability of the null label: requests that leave an attribute open
+    attribute_dropout: float = 0.0  # then each attribute alone (multi-attribute teachers), as DiffusionTrainConfig's
+    target_ema_decay: float = 0.95  # the target network's EMA (LCM's mu); the exported weights are this EMA
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 20
+    save_every: int = 200

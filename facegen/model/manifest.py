@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import (
+    ConsistencyConfig,
     DataConfig,
     DiffusionTrainConfig,
+    DistillConfig,
     ReaderConfig,
     SamplingConfig,
     ScheduleConfig,
@@ -45,15 +47,30 @@ class Parent:
 class TrainingRun:
     """Facts of the run that produced the weights."""
 
-    config: VAETrainConfig | DiffusionTrainConfig
+    config: VAETrainConfig | DiffusionTrainConfig | DistillConfig
     steps: int
     examples: int  # training images (VAE) or latents (diffusion, mirrors included)
     precision: str
     world_size: int
     device: str
-    weights: str = "trained"  # "trained" or "ema" (the diffusion export is the EMA)
+    weights: str = "trained"  # "trained" or "ema" (the diffusion and student exports are EMAs)
     landmarks: bool = False  # the VAE loss weighed eyes and mouth from the landmark file
     init_from: Parent | None = None
+
+
+# The distillation methods a student may come from (``Distillation.method``).
+DISTILLATION_METHODS = ("latent-consistency",)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A few-step student's origin and sampling: distilled from ``teacher`` (warm-started from its weights too,
+    ``training.init_from``) by ``method``; sampled by ``facegen.model.diffusion.consistency`` in ``1..
+    sampling.max_steps`` steps, one network row each, the guidance scale an input of the network."""
+
+    teacher: str
+    method: str
+    sampling: ConsistencyConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +123,7 @@ class DiffusionManifest(Manifest):
     latent_shape: tuple[int, int, int]  # [C, H, W] of the model's latents
     image_size: int
     reader: ReaderConfig | None = None  # the latent attribute reader in ``READER_FILE``, when the version has one
+    distillation: Distillation | None = None  # a distilled student's teacher, method and step counts
 
 
 def _jsonable(value: Any) -> Any:
@@ -133,22 +151,31 @@ def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "training": training, "format_version": FORMAT_VERSION}
 
 
-def _training(raw: dict[str, Any], kind: str) -> TrainingRun:
+def _training(raw: dict[str, Any], config_class: type) -> TrainingRun:
     values = dict(raw)
     parent = values.pop("init_from", None)
-    config = from_dict(VAETrainConfig if kind == "vae" else DiffusionTrainConfig, values.pop("config"))
+    config = from_dict(config_class, values.pop("config"))
     return dataclasses.replace(from_dict(TrainingRun, values | {"config": config}),
                                init_from=from_dict(Parent, parent) if parent else None)
+
+
+def _distillation(raw: dict[str, Any]) -> Distillation:
+    if raw["method"] not in DISTILLATION_METHODS:
+        raise ManifestError(f"distillation method {raw['method']!r} is not one of {DISTILLATION_METHODS}")
+    return Distillation(raw["teacher"], raw["method"], from_dict(ConsistencyConfig, raw["sampling"]))
 
 
 def parse_manifest(raw: dict[str, Any]) -> VAEManifest | DiffusionManifest:
     """The typed manifest of a ``manifest.json`` dict (any known format version)."""
     try:
         raw = _migrate(raw)
+        distillation = _distillation(raw["distillation"]) if raw.get("distillation") else None
+        config_class = (VAETrainConfig if raw["kind"] == "vae" else DistillConfig if distillation
+                        else DiffusionTrainConfig)
         common = {k: raw[k] for k in ("kind", "version", "created_at", "format_version", "weights_dtype", "files",
                                       "integrity", "dataset_fingerprint") if k in raw}
         common |= {"attributes": tuple(raw["attributes"]), "data": from_dict(DataConfig, raw["data"]),
-                   "training": _training(raw["training"], raw["kind"]), "metrics": raw.get("metrics", {}),
+                   "training": _training(raw["training"], config_class), "metrics": raw.get("metrics", {}),
                    "derived_from": raw.get("derived_from")}
         if raw["kind"] == "vae":
             return VAEManifest(**common, model=from_dict(VAEConfig, raw["model"]))
@@ -158,7 +185,8 @@ def parse_manifest(raw: dict[str, Any]) -> VAEManifest | DiffusionManifest:
                 sampling=from_dict(SamplingConfig, raw["sampling"]), vae_version=raw["vae_version"],
                 latent_scale=float(raw["latent_scale"]), latent_clip=float(raw["latent_clip"]),
                 latent_shape=tuple(raw["latent_shape"]), image_size=int(raw["image_size"]),
-                reader=from_dict(ReaderConfig, raw["reader"]) if raw.get("reader") else None)
+                reader=from_dict(ReaderConfig, raw["reader"]) if raw.get("reader") else None,
+                distillation=distillation)
         raise ManifestError(f"kind {raw['kind']!r} is not one of {KINDS}")
     except KeyError as exc:
         raise ManifestError(f"manifest misses the field {exc.args[0]!r}") from None

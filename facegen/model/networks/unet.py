@@ -4,6 +4,11 @@
 tensor shaped like ``x_t``; what it means (noise or velocity) is the diffusion code's business. ``labels`` holds,
 per attribute, 0 (absent), 1 (present) or ``config.null_label`` (not given: the unconditional branch of
 classifier-free guidance); as floats, values between 0 and 1 blend the two (:class:`AttributeEmbedding`).
+
+A distilled student (``config.guidance_embedding``) also takes ``guidance [N]``, the classifier-free guidance scale
+``w`` it folds in (one row per image instead of two): ``sinusoid(GUIDANCE_EMBEDDING_SCALE * w)`` through an MLP whose
+last layer starts at zero is added to the time embedding, so a student made from a teacher's weights starts as the
+teacher's conditional branch, whatever ``w``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from torch import nn
 
 from ..config import UNetConfig
 from .blocks import Downsample, ResBlock, SelfAttention, Upsample, group_norm
+
+# w is embedded as a timestep of GUIDANCE_EMBEDDING_SCALE * w: w in [0, ~15] then spans the range of training timesteps
+# the sinusoid's frequencies resolve (LCM's guidance embedding, Luo et al. 2023)
+GUIDANCE_EMBEDDING_SCALE = 1000.0
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -134,6 +143,11 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch, cfg.groups), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.guidance_mlp: nn.Sequential | None = None
+        if cfg.guidance_embedding:
+            self.guidance_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.guidance_mlp[-1].weight)
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
 
     @staticmethod
     def _run(parts: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -141,8 +155,16 @@ class UNet(nn.Module):
             h = part(h, emb) if isinstance(part, ResBlock) else part(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """``guidance [N]``: the guidance scale of each row, required by a student, refused by a plain model."""
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype)) + self.label_embedding(labels)
+        if (guidance is None) != (self.guidance_mlp is None):
+            raise ValueError("a student UNet (guidance_embedding) takes the guidance scale w [N] as `guidance`; a "
+                             "plain one takes none")
+        if self.guidance_mlp is not None:
+            w = timestep_embedding(GUIDANCE_EMBEDDING_SCALE * guidance, self.config.base_channels)
+            emb = emb + self.guidance_mlp(w.to(x.dtype))
         h = self.stem(x)
         skips = [h]
         for parts in self.down:

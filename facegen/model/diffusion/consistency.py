@@ -1,0 +1,83 @@
+"""Latent consistency models (Luo et al. 2023; Song et al. 2023): the student's parametrisation, its training
+skeleton and its multistep sampler.
+
+A student maps a noisy latent straight to the clean one: ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_pred(x_t, t)``,
+where ``x0_pred`` is read from the network's output as the schedule's prediction type says (``NoiseSchedule.split``)
+and ``c_skip(0) = 1, c_out(0) = 0`` make ``f(x, 0) = x`` (:func:`boundary_scalings`). It is distilled on the
+teacher's ``N = skeleton_steps`` DDIM timesteps ``t_n = (n + 1) T / N - 1`` (:func:`skeleton_timesteps`) and sampled
+on a subset of them (:class:`ConsistencySampler`).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+
+from ..config import ConsistencyConfig
+from .samplers import Sampler, StepOutput, trailing_timesteps
+from .schedule import NoiseSchedule, signal_and_noise
+
+
+def skeleton_timesteps(train_steps: int, skeleton_steps: int) -> list[int]:
+    """The ``skeleton_steps`` training timesteps ``(n + 1) T / N - 1``, ``n = 0..N-1``, ascending (19, 39, ..., 999
+    for T = 1000, N = 50): the teacher's DDIM steps a student learns to jump across."""
+    if not 1 <= skeleton_steps <= train_steps or train_steps % skeleton_steps:
+        raise ValueError(f"skeleton_steps must divide the {train_steps} training timesteps, got {skeleton_steps}")
+    stride = train_steps // skeleton_steps
+    return [(n + 1) * stride - 1 for n in range(skeleton_steps)]
+
+
+Timesteps = TypeVar("Timesteps", torch.Tensor, float)
+
+
+def boundary_scalings(t: Timesteps, config: ConsistencyConfig) -> tuple[Timesteps, Timesteps]:
+    """``(c_skip, c_out)`` at training timesteps ``t`` (a tensor ``[N, 1, 1, 1]`` or a number): ``c_skip =
+    sigma_data^2 / ((s t)^2 + sigma_data^2)``, ``c_out = s t / sqrt((s t)^2 + sigma_data^2)``, ``s =
+    timestep_scaling``; ``(1, 0)`` at ``t = 0``, ``(~0, ~1)`` from the first skeleton timestep on."""
+    scaled = config.timestep_scaling * t
+    variance = scaled**2 + config.sigma_data**2
+    return config.sigma_data**2 / variance, scaled / variance**0.5
+
+
+def consistency_output(schedule: NoiseSchedule, config: ConsistencyConfig, output: torch.Tensor, x_t: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+    """The student's ``f(x_t, t) [N, C, H, W]`` from its network ``output`` at ``(x_t [N, C, H, W], t [N])``, without
+    a clamp (training: gradients flow through every value)."""
+    abar = schedule.abar(t, x_t)
+    x0, _ = schedule.split(output, x_t, abar)
+    c_skip, c_out = boundary_scalings(t.to(x_t.device, x_t.dtype).view(-1, 1, 1, 1), config)
+    return c_skip * x_t + c_out * x0
+
+
+class ConsistencySampler(Sampler):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM's Alg. 3) in ``1..config.max_steps`` steps.
+
+    ``set_timesteps(n)`` picks ``n`` skeleton timesteps, trailing from ``T - 1`` (``trailing_timesteps`` over the
+    skeleton: 999 for n = 1; 999, 759, 499, 239 for n = 4 on T = 1000, N = 50). Step ``i`` maps ``x_{t_i}`` to the
+    sample ``x0 = f(x_{t_i}, t_i)`` (``x0_pred`` clamped to ``[-x0_clip, x0_clip]`` first), then, but for the last
+    step, noises it afresh to the next timestep: ``x_{t_{i+1}} = sqrt(abar') x0 + sqrt(1 - abar') z``, ``z`` the
+    row's next draw of its own noise stream (``run_chain``), so a row does not depend on its batch. Shapes: ``x,
+    output [N, C, H, W]``; one network row per step and image (the guidance scale is the network's input)."""
+
+    stochastic = True
+
+    def __init__(self, schedule: NoiseSchedule, config: ConsistencyConfig, x0_clip: float | None = None):
+        super().__init__(schedule, x0_clip)
+        self.config = config
+        self.skeleton = skeleton_timesteps(schedule.timesteps, config.skeleton_steps)
+
+    def set_timesteps(self, n: int) -> None:
+        if not 1 <= n <= self.config.max_steps:
+            raise ValueError(f"steps must be in 1..{self.config.max_steps} for this student, got {n}")
+        self.timesteps = [self.skeleton[k] for k in trailing_timesteps(len(self.skeleton), n)]
+        self._reset()
+
+    def step(self, output, i, x, noise=None):
+        t = self.timesteps[i]
+        c_skip, c_out = boundary_scalings(float(t), self.config)
+        x0 = c_skip * x + c_out * self.predict_x0(output, i, x)
+        if i + 1 == len(self.timesteps):
+            return StepOutput(x0, x0)
+        root_a, root_1a = signal_and_noise(self.abar_at(i + 1), x)
+        return StepOutput(root_a * x0 + root_1a * noise, x0)

@@ -1,0 +1,207 @@
+"""The few-step student: its guidance input starts silent, its sampler's math, and `python -m training distill`
+(a version naming its teacher, exact resume, a time budget, refusals)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint
+from facegen.model.config import ConsistencyConfig, DistillConfig, InvalidConfig, ScheduleConfig, UNetConfig
+from facegen.model.diffusion.consistency import ConsistencySampler, boundary_scalings, skeleton_timesteps
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import run_chain
+from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.manifest import parse_manifest
+from facegen.model.networks.unet import UNet
+from facegen.model.pipeline import LatentDiffusion
+from tests.conftest import TINY_UNET
+from training.__main__ import main
+from training.distill import DistillError, distill, student_from_teacher
+from training.runtime import load_state
+from training.trainer import RunOptions
+
+SERVED = "20261201-122024-58f502"
+DATA_STD = 0.5
+SHAPE = (4, 4, 4)
+
+
+def noisy_teacher(seed: int = 0) -> UNet:
+    """A tiny UNet whose output layer is not zero (a fresh UNet outputs zeros everywhere)."""
+    torch.manual_seed(seed)
+    teacher = UNet(UNetConfig(**TINY_UNET)).eval()
+    torch.nn.init.normal_(teacher.out[-1].weight, std=0.05)
+    return teacher
+
+
+def test_a_student_starts_as_its_teachers_conditional_branch_and_can_learn_the_guidance_scale() -> None:
+    teacher = noisy_teacher()
+    student = student_from_teacher(teacher).eval()
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, labels = torch.tensor([19, 500, 999]), torch.tensor([[1], [0], [2]])
+    expected = teacher(x, t, labels)
+    for w in (1.0, 5.0, 8.0):
+        assert torch.equal(student(x, t, labels, guidance=torch.full((3,), w)), expected)
+    assert not any(name.startswith("guidance_mlp.") for name in teacher.state_dict())  # the teacher as it was
+
+    student.train()
+    student(x, t, labels, guidance=torch.tensor([1.0, 4.0, 8.0])).square().mean().backward()
+    assert student.guidance_mlp[-1].weight.grad.abs().sum() > 0  # the zero projection gets a gradient at once
+
+    with pytest.raises(ValueError, match="guidance"):
+        student(x, t, labels)
+    with pytest.raises(ValueError, match="guidance"):
+        teacher(x, t, labels, guidance=torch.ones(3))
+
+
+def test_the_skeleton_and_the_boundary_condition() -> None:
+    assert skeleton_timesteps(1000, 50)[:3] == [19, 39, 59] and skeleton_timesteps(1000, 50)[-1] == 999
+    with pytest.raises(ValueError, match="skeleton_steps"):
+        skeleton_timesteps(1000, 30)
+    config = ConsistencyConfig()
+    assert boundary_scalings(0.0, config) == (1.0, 0.0)
+    c_skip, c_out = boundary_scalings(19.0, config)
+    assert c_skip < 1e-5 and c_out > 1 - 1e-5
+    for bad in ({"guidance_range": (8.0, 1.0)}, {"guidance_range": (1.0,)}, {"default_steps": 9}):
+        with pytest.raises(InvalidConfig):
+            ConsistencyConfig(**bad)
+
+
+def ode_map_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The v output of a perfect student for Gaussian data ``N(0, DATA_STD^2 I)``: its x0 is the probability-flow ODE's
+    end point from ``(x_t, t)``, ``DATA_STD x_t / sqrt(abar DATA_STD^2 + 1 - abar)``."""
+    a = schedule.abar(t, x_t)
+    x0 = DATA_STD * x_t / (a * DATA_STD**2 + 1 - a).sqrt()
+    return (a.sqrt() * x_t - x0) / (1 - a).sqrt()
+
+
+class TestConsistencySampler:
+    schedule = NoiseSchedule(ScheduleConfig())
+
+    def run(self, steps: int, pairs: list[tuple[int, int]], calls: list[int] | None = None) -> torch.Tensor:
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if calls is not None:
+                calls.append(int(t[0]))
+            return ode_map_output(self.schedule, x, t)
+
+        sampler = ConsistencySampler(self.schedule, ConsistencyConfig(), x0_clip=None)
+        return run_chain(model_fn, sampler, steps, ImageNoise(pairs), SHAPE)
+
+    def test_one_call_per_step_on_the_skeleton_from_pure_noise(self) -> None:
+        for steps, expected in ((1, [999]), (2, [999, 499]), (4, [999, 759, 499, 239])):
+            calls: list[int] = []
+            self.run(steps, [(0, 0)], calls)
+            assert calls == expected
+        for bad in (0, 9):
+            with pytest.raises(ValueError, match="steps must be in 1..8"):
+                self.run(bad, [(0, 0)])
+
+    @pytest.mark.parametrize("steps", [1, 2, 4, 8])
+    def test_a_perfect_student_gives_the_datas_spread_at_every_step_count(self, steps: int) -> None:
+        samples = self.run(steps, [(5, i) for i in range(200)])
+        assert torch.isfinite(samples).all()
+        assert abs(float(samples.std()) - DATA_STD) < 0.05 * DATA_STD
+
+    def test_same_seed_same_sample_at_any_batch(self) -> None:
+        batch = self.run(4, [(7, i) for i in range(6)])
+        alone = self.run(4, [(7, 3)])
+        assert torch.equal(self.run(4, [(7, i) for i in range(6)]), batch)
+        assert torch.allclose(batch[3], alone[0], atol=1e-6)
+        assert not torch.allclose(self.run(4, [(8, 3)])[0], alone[0])
+
+
+def test_the_served_teachers_student_samples_finite_latents_deterministically() -> None:
+    teacher = LatentDiffusion.load(BUNDLED_CHECKPOINTS, SERVED)
+    student = student_from_teacher(teacher.unet.float()).eval()
+    labels, w = torch.tensor([[1.0], [0.0], [2.0]]), torch.full((3,), 5.0)
+
+    def sample() -> torch.Tensor:
+        sampler = ConsistencySampler(teacher.schedule, ConsistencyConfig(), teacher.manifest.latent_clip)
+        with torch.no_grad():
+            return run_chain(lambda x, t: student(x, t, labels, guidance=w), sampler, 2,
+                             ImageNoise([(11, i) for i in range(3)]), teacher.latent_shape)
+
+    first = sample()
+    assert first.shape == (3, 4, 16, 16) and torch.isfinite(first).all()
+    assert first.abs().max() <= teacher.manifest.latent_clip + 1e-4
+    assert torch.equal(sample(), first)
+
+
+def _distill(root: Path, data: Path, run: Path, teacher: str, steps: int, **kwargs) -> Path:
+    cfg = DistillConfig(steps=steps, batch_size=8, warmup=1, log_every=1, save_every=2, lr=1e-3)
+    opts = RunOptions(data, root, run, precision="fp32", threads=1, latent_cache=root.parent / "latents")
+    return distill(teacher, cfg, ConsistencyConfig(), opts, **kwargs)
+
+
+@pytest.mark.slow  # three distillation runs
+def test_distill_writes_a_student_that_names_its_teacher_and_resumes_exactly(tiny_checkpoints: Path, synth_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints, root)
+    teacher = load_checkpoint(root, "diffusion", "latest")
+    run = tmp_path / "run"
+    assert main(["distill", "--data", str(synth_dir), "--checkpoints", str(root), "--run-dir", str(run),
+                 "--teacher", teacher.version, "--steps", "2", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3",
+                 "--log-every", "1", "--save-every", "2", "--precision", "fp32", "--threads", "1",
+                 "--latent-cache", str(tmp_path / "latents")]) == 0
+    first = load_checkpoint(root, "diffusion", "latest")
+    manifest = first.manifest
+    assert manifest.distillation is not None and manifest.distillation.teacher == teacher.version
+    assert manifest.distillation.method == "latent-consistency"
+    assert manifest.distillation.sampling == ConsistencyConfig() and manifest.distillation.sampling.max_steps == 8
+    assert manifest.model == dataclasses.replace(teacher.manifest.model, guidance_embedding=True)
+    assert manifest.training.init_from.version == teacher.version and manifest.training.steps == 2
+    assert manifest.vae_version == teacher.manifest.vae_version
+    assert manifest.latent_scale == teacher.manifest.latent_scale
+    assert isinstance(manifest.training.config, DistillConfig)
+    assert parse_manifest(manifest.to_dict()) == manifest  # the JSON form reads back the same
+
+    # without --resume a folder with a run is refused; with it, the run goes on to 4 exactly as a 4-step run
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["distill", "--data", str(synth_dir), "--checkpoints", str(root), "--run-dir", str(run),
+              "--teacher", teacher.version, "--steps", "4"])
+    resumed = _distill(root, synth_dir, run, teacher.version, 4, resume=True)
+    straight = _distill(root, synth_dir, tmp_path / "straight", teacher.version, 4)
+    a, b = (load_checkpoint(root, "diffusion", p.name) for p in (resumed, straight))
+    assert a.manifest.training.steps == b.manifest.training.steps == 4
+    assert all(torch.equal(a.state_dict[name], b.state_dict[name]) for name in a.state_dict)
+    assert any(not torch.equal(a.state_dict[name], first.state_dict[name]) for name in a.state_dict)
+
+    # the student samples: one row per step, finite latents of the version's shape, the same for the same seed
+    student = LatentDiffusion.load(root, resumed.name)
+    labels, w = torch.tensor([[1.0], [0.0]]), torch.full((2,), 5.0)
+
+    def sample() -> torch.Tensor:
+        sampler = ConsistencySampler(student.schedule, student.manifest.distillation.sampling,
+                                     student.manifest.latent_clip)
+        with torch.no_grad():
+            return run_chain(lambda x, t: student.unet(x, t, labels, guidance=w), sampler, 4,
+                             ImageNoise([(3, 0), (3, 1)]), student.latent_shape)
+
+    latents = sample()
+    assert latents.shape == (2, *student.latent_shape) and torch.isfinite(latents).all()
+    assert torch.equal(sample(), latents)
+
+
+def test_a_time_budget_stops_saves_and_exports_and_a_student_is_no_teacher(tiny_checkpoints: Path, synth_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints, root)
+    run, teacher = tmp_path / "run", load_checkpoint(root, "diffusion", "latest").version
+    folder = _distill(root, synth_dir, run, teacher, 50, minutes=0.0)  # out of time after the first iteration
+    assert load_checkpoint(root, "diffusion", folder.name).manifest.training.steps == 1
+    assert load_state(run / "state.pt")["step"] == 1
+    assert math.isfinite(load_checkpoint(root, "diffusion", folder.name).manifest.metrics["train_loss_ema"])
+
+    with pytest.raises(DistillError, match="itself a distilled student"):  # `latest` is now the student
+        _distill(root, synth_dir, tmp_path / "again", "latest", 2)
+    with pytest.raises(DistillError, match="no state.pt"):
+        _distill(root, synth_dir, tmp_path / "empty", teacher, 2, resume=True)
+    with pytest.raises(DistillError, match="distils"):  # another student config than the run's
+        distill(teacher, DistillConfig(steps=2), ConsistencyConfig(max_steps=4),
+                RunOptions(synth_dir, root, run, precision="fp32", threads=1), resume=True)

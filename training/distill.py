@@ -1,0 +1,210 @@
+"""Distil a served diffusion version into a few-step student: latent consistency distillation (Luo et al. 2023,
+Alg. 1) with the guidance scale folded in as an input.
+
+Each iteration draws training latents ``z_0`` (the teacher's VAE and latent scale), a skeleton index ``n``
+(``t_n = (n + 1) T / N - 1``, ``facegen.model.diffusion.consistency``), a guidance scale ``w`` uniform in the
+student's ``guidance_range`` and noise, and forms ``x_{t_n}``. The frozen teacher takes one guided DDIM step to
+``t_{n-1} = max(t_n - T / N, 0)`` (both of its rows, as the served sampler computes them: ``v = v_null + w (v_cond -
+v_null)``, ``x0`` clamped to the latent clip); the loss is ``|| f_theta(x_{t_n}, t_n, w) - f_ema(x_{t_{n-1}},
+t_{n-1}, w) ||^2`` with ``f`` the consistency parametrisation and ``f_ema`` the target network, an EMA of the student
+(``target_ema_decay``), exported at the end. The student is the teacher's UNet plus a zero-initialised guidance
+embedding (:func:`student_from_teacher`): it starts as the teacher's conditional branch.
+
+The run resumes from ``run_dir/state.pt`` (``--resume``, the shared :class:`~training.trainer.Trainer`); ``minutes``
+bounds the whole command (latent encoding included): the loop then stops, saves its state and exports the student
+as it stands, recording the iterations done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from facegen.model.checkpoints import READER_FILE, load_part, save_checkpoint, warm_start
+from facegen.model.config import ConsistencyConfig, DistillConfig, asdict
+from facegen.model.device import DTYPES, autocast
+from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
+from facegen.model.diffusion.guidance import null_labels
+from facegen.model.diffusion.schedule import NoiseSchedule, eps_from_x0
+from facegen.model.manifest import DiffusionManifest, Distillation, TrainingRun
+from facegen.model.networks.unet import UNet
+from training.data.celeba import fingerprint
+from training.runtime import EMA, BatchStream, start_run, unwrap
+from training.train_diffusion import load_vae, sample_posterior, training_latents
+
+from .trainer import RunOptions, Trainer
+
+METHOD = "latent-consistency"
+RUN_RECORD = "distill.json"  # the teacher and student config of a run folder, checked on --resume
+
+
+class DistillError(ValueError):
+    """A teacher, student config or run folder that a distillation cannot go on with (the message says which)."""
+
+
+def student_from_teacher(teacher: UNet) -> UNet:
+    """A float32 copy of ``teacher`` (a plain UNet) that also takes the guidance scale: the teacher's weights, the
+    guidance embedding's last layer zero, so that it computes the teacher's conditional output for any ``w``."""
+    student = UNet(dataclasses.replace(teacher.config, guidance_embedding=True))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("guidance_mlp.") for name in missing):
+        raise ValueError(f"the teacher's weights do not fit its student: missing {missing}, unexpected {unexpected}")
+    return student.float()
+
+
+def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
+                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float) -> torch.Tensor:
+    """The teacher's classifier-free-guided DDIM (eta 0) step from ``x_t [N, C, H, W]`` at ``t [N]`` to ``t_prev
+    [N]`` (float32): ``v = v_null + w (v_cond - v_null)`` with ``w = guidance [N]`` per row, ``x0`` clamped to
+    ``[-x0_clip, x0_clip]``, ``eps`` consistent with it (as ``DDIMSampler.step`` with ``guided``); two teacher rows
+    per row. ``labels [N, A]``: a row whose labels are all null gets the unconditional step whatever ``w``."""
+    both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                   torch.cat([labels, null_labels(labels, teacher.config.null_label)])).float()
+    cond, uncond = both.chunk(2)
+    v = uncond + guidance.view(-1, 1, 1, 1) * (cond - uncond)
+    abar, abar_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
+    x0 = schedule.split(v, x_t, abar)[0].clamp(-x0_clip, x0_clip)
+    return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
+
+
+def learning_rate(step: int, cfg: DistillConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then constant (a time budget may end the run at any step)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+class DistillStep:
+    """One consistency-distillation iteration on a batch of freshly sampled latents."""
+
+    def __init__(self, student: UNet, teacher: UNet, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+                 manifest: DiffusionManifest, consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer,
+                 dtype: torch.dtype):
+        """``latents = (means, logvars)``, each ``[M, C, h, w]`` raw VAE units; ``labels int64 [M, A]`` in {0, 1}."""
+        self.student, self.teacher, self.means, self.logvars, self.labels = student, teacher, *latents, labels
+        self.manifest, self.consistency, self.cfg, self.trainer, self.dtype = manifest, consistency, cfg, trainer, dtype
+        self.schedule = NoiseSchedule(manifest.schedule)
+        self.skeleton = torch.tensor(skeleton_timesteps(self.schedule.timesteps, consistency.skeleton_steps))
+        self.stride = self.schedule.timesteps // consistency.skeleton_steps
+        self.loss_avg: float | None = None
+
+    def draw(self) -> tuple[torch.Tensor, ...]:
+        """``(z_0, labels, t, w, noise)`` of the next batch, on the trainer's device."""
+        trainer, cfg, generator = self.trainer, self.cfg, self.trainer.generators["noise"]
+        index = next(trainer.stream)
+        n = len(index)
+        z0 = self.manifest.latent_scale * sample_posterior(self.means[index], self.logvars[index], generator)
+        y = self.labels[index].clone()
+        null = self.teacher.config.null_label
+        if cfg.attribute_dropout > 0:
+            y[torch.rand(y.shape, generator=generator) < cfg.attribute_dropout] = null
+        y[torch.rand(n, generator=generator) < cfg.label_dropout] = null
+        t = self.skeleton[torch.randint(0, len(self.skeleton), (n,), generator=generator)]
+        low, high = self.consistency.guidance_range
+        w = low + (high - low) * torch.rand(n, generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        return tuple(v.to(trainer.device) for v in (z0, y, t, w, noise))
+
+    def __call__(self, step: int) -> dict[str, float]:
+        trainer, schedule, consistency = self.trainer, self.schedule, self.consistency
+        z0, y, t, w, noise = self.draw()
+        t_prev = (t - self.stride).clamp(min=0)
+        x_t = schedule.q_sample(z0, t, noise)
+        target_net = trainer.ema.model
+        with torch.no_grad(), autocast(trainer.device, self.dtype):
+            x_prev = guided_ddim_step(self.teacher, schedule, x_t, t, t_prev, y, w, self.manifest.latent_clip)
+            target = consistency_output(schedule, consistency, target_net(x_prev, t_prev, y, guidance=w).float(),
+                                        x_prev, t_prev)
+        for group in trainer.optimizers["model"].param_groups:
+            group["lr"] = learning_rate(step, self.cfg)
+        with autocast(trainer.device, self.dtype):
+            output = trainer.modules["model"](x_t, t, y, guidance=w).float()
+            loss = (consistency_output(schedule, consistency, output, x_t, t) - target).pow(2).mean()
+        trainer.optimizer_step("model", loss, self.student.parameters(), self.cfg.grad_clip)
+        value = loss.item()
+        self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
+        return {"loss": value, "loss_avg": self.loss_avg, "lr": learning_rate(step, self.cfg)}
+
+
+def check_run_folder(run_dir: Path, record: dict, resume: bool, write: bool) -> None:
+    """Refuse to go on with a run folder's state unless ``resume`` (and then only for the same teacher and student
+    config), or to resume a folder that holds none; a new run's ``record`` goes to ``RUN_RECORD`` (with ``write``:
+    the main rank)."""
+    path, has_state = run_dir / RUN_RECORD, (run_dir / "state.pt").is_file()
+    record = json.loads(json.dumps(record))  # as the file holds it (tuples as lists)
+    if has_state and not resume:
+        raise DistillError(f"{run_dir} holds a distillation run (state.pt): pass --resume to go on with it, or "
+                         "choose another --run-dir")
+    if resume and not has_state:
+        raise DistillError(f"--resume: {run_dir} holds no state.pt to resume")
+    if resume:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+        if earlier != record:
+            raise DistillError(f"--resume: {run_dir} distils {earlier}, not {record}")
+        return
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, sort_keys=True) + "\n")
+
+
+def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyConfig, opts: RunOptions,
+            minutes: float | None = None, resume: bool = False) -> Path | None:
+    """Distil ``teacher_version`` (a plain diffusion version; ``latest`` allowed) on ``opts.data``'s training latents;
+    returns the student's version folder (main rank). ``minutes``: stop the loop once this long has passed since the
+    call began, save the state, export. ``resume``: go on from ``opts.run_dir/state.pt``."""
+    started = time.monotonic()
+    teacher_ck, lineage = warm_start(opts.checkpoints, "diffusion", teacher_version)
+    teacher_manifest = teacher_ck.manifest
+    if teacher_manifest.distillation is not None:
+        raise DistillError(f"{teacher_ck.version} is itself a distilled student: distil a plain diffusion version")
+    try:
+        skeleton_timesteps(teacher_manifest.schedule.timesteps, consistency.skeleton_steps)
+    except ValueError as exc:
+        raise DistillError(str(exc)) from None
+    device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
+    check_run_folder(opts.run_dir, {"teacher": teacher_ck.version, "student": asdict(consistency)}, resume,
+                     write=ddp.is_main)
+
+    vae, vae_manifest = load_vae(opts.checkpoints, teacher_manifest.vae_version, device)
+    data_cfg = dataclasses.replace(teacher_manifest.data, attributes=teacher_manifest.attributes)
+    data_fingerprint = fingerprint(opts.data)
+    means, logvars, labels = training_latents(vae, vae_manifest.version, data_fingerprint, data_cfg, opts, device,
+                                              ddp.is_main)
+    del vae
+
+    teacher = UNet(teacher_manifest.model)
+    teacher.load_state_dict(teacher_ck.state_dict)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = student_from_teacher(teacher).to(device)
+    model = DistributedDataParallel(student) if ddp.world > 1 else student
+    trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, {"model": model},
+                      {"model": torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)},
+                      dtype == torch.float16, BatchStream(len(means), cfg.batch_size, cfg.seed, ddp),
+                      {"noise": torch.Generator().manual_seed(cfg.seed * 1000 + 17 + ddp.rank)},
+                      EMA(student, cfg.target_ema_decay),
+                      deadline=None if minutes is None else started + 60 * minutes)
+    step = DistillStep(student, teacher, (means, logvars), labels, teacher_manifest, consistency, cfg, trainer, dtype)
+    trainer.run(step, "distill")
+
+    result = None
+    if ddp.is_main:
+        tm = teacher_manifest
+        manifest = DiffusionManifest(
+            model=student.config, schedule=tm.schedule, sampling=tm.sampling, vae_version=tm.vae_version,
+            latent_scale=tm.latent_scale, latent_clip=tm.latent_clip, latent_shape=tm.latent_shape,
+            image_size=tm.image_size, attributes=tm.attributes, data=data_cfg, dataset_fingerprint=data_fingerprint,
+            training=TrainingRun(cfg, trainer.completed, len(means), str(dtype).removeprefix("torch."), ddp.world,
+                                 device.type, weights="ema", init_from=lineage),
+            metrics={"train_loss_ema": round(step.loss_avg, 6) if step.loss_avg is not None else None},
+            reader=tm.reader,  # the same latent space: the teacher's attribute reader reads the student's latents
+            distillation=Distillation(teacher_ck.version, METHOD, consistency))
+        parts = {READER_FILE: load_part(teacher_ck, READER_FILE)} if tm.reader is not None else {}
+        result = save_checkpoint(opts.checkpoints, unwrap(trainer.ema.model).state_dict(), manifest,
+                                 dtype=DTYPES[opts.export_dtype], parts=parts)
+        print(f"student checkpoint: {result} ({trainer.completed} of {cfg.steps} iterations, teacher "
+              f"{teacher_ck.version})")
+    ddp.close()
+    return result
