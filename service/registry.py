@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 import redis.asyncio
@@ -13,6 +15,7 @@ from facegen.contract import fields, spec
 
 # Without any worker in the registry, requests may still name these (they wait in the queue for one).
 FALLBACK_ATTRIBUTES = ["Smiling"]
+Checked = TypeVar("Checked")
 
 
 class FieldError(Exception):
@@ -55,12 +58,21 @@ class LiveModels:
 
     async def resolve(self, version: str, label: str | None, attributes: dict[str, bool] | None) -> dict[str, bool]:
         """:func:`resolve_attributes` against the live models. Raises ``FieldError``."""
+        return await self._checked(lambda models: resolve_attributes(models, version, label, attributes))
+
+    async def check_student(self, version: str, steps: int | None, guidance_scale: float | None) -> None:
+        """:func:`check_student` against the live models. Raises ``FieldError``."""
+        await self._checked(lambda models: check_student(models, version, steps, guidance_scale))
+
+    async def _checked(self, check: Callable[[list[spec.ModelInfo]], Checked]) -> Checked:
+        """``check(models)`` on the cached view, or on a fresh read when the view is old or ``check`` raises
+        ``FieldError`` on it."""
         if time.monotonic() - self._read_at > self.max_age_s:
-            return resolve_attributes(await self._read(), version, label, attributes)
+            return check(await self._read())
         try:
-            return resolve_attributes(self._models, version, label, attributes)
+            return check(self._models)
         except FieldError:
-            return resolve_attributes(await self._read(), version, label, attributes)
+            return check(await self._read())
 
 
 def _registry_keys(versions: set[bytes]) -> list[str]:
@@ -120,3 +132,20 @@ def resolve_attributes(
     return resolved
 
 
+def check_student(models: list[spec.ModelInfo], version: str, steps: int | None, guidance_scale: float | None) -> None:
+    """Checks a request for the student sampler against the model that will serve it: it has a distilled student
+    (``FieldError`` naming ``sampler``) that takes ``steps`` (``steps``) and ``guidance_scale`` (``guidance_scale``;
+    ``None``: the model's default). Nothing to check while no worker has published a model: the job waits for one,
+    which fails it with the reason."""
+    model = find_model(models, version)
+    if model is None:
+        return
+    student = model.student
+    if student is None:
+        raise FieldError("sampler", f"model {model.version} has no distilled student: the student sampler is not "
+                                    "served (GET /models lists each model's student)", spec.Sampler.student.value)
+    if steps is not None and (problem := student.steps_problem(steps)) is not None:
+        raise FieldError("steps", problem, steps)
+    guidance = guidance_scale if guidance_scale is not None else model.default_guidance_scale
+    if (problem := student.guidance_problem(guidance)) is not None:
+        raise FieldError("guidance_scale", problem, guidance_scale)

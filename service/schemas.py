@@ -101,12 +101,13 @@ class JobCreate(BaseModel):
         Field(
             description="Denoising steps; default: the sampler's ("
             + ", ".join(f"{k.value} {v}" for k, v in spec.DEFAULT_STEPS.items())
-            + ").",
+            + f"; student: its own, see GET /models). The student takes 1 to {fields.MAX_STUDENT_STEPS} "
+            "(or its model's student.max_steps).",
         ),
     ] = None
-    sampler: Annotated[spec.Sampler, Field(strict=False, description="Reverse-diffusion sampler.")] = (
-        spec.DEFAULT_SAMPLER
-    )
+    sampler: Annotated[spec.Sampler, Field(strict=False, description=(
+        'Reverse-diffusion sampler; "student": the served model\'s distilled student (one network evaluation per '
+        "step), where GET /models lists one."))] = spec.DEFAULT_SAMPLER
     guidance_scale: Annotated[
         fields.GuidanceScale | None,
         Field(
@@ -160,8 +161,9 @@ class JobCreate(BaseModel):
         if problem is not None:
             return [problem]
         frames = self.transition_frames or fields.DEFAULT_TRANSITION_FRAMES
-        problem = spec.transition_problem(self.animation, self.transition, self.count, frames)
-        return [problem] if problem is not None else []
+        problems = (spec.transition_problem(self.animation, self.transition, self.count, frames),
+                    spec.steps_problem(self.sampler, self.steps))
+        return [problem for problem in problems if problem is not None]
 
     def fingerprint(self) -> str:
         """A text that identifies the request's content (what an Idempotency-Key is held to)."""
@@ -184,11 +186,15 @@ class EditCreate:
     model: str
     webhook: WebhookCreate | None
     webhook_json: str | None  # the webhook as sent, part of the fingerprint
+    sampler: spec.Sampler | None = None  # edits take DDIM only; the field exists to refuse any other by name
 
     def field_errors(self) -> list[tuple[str, str]]:
         """Cross-field problems as ``(field, message)``; empty when the request is consistent."""
-        problem = condition_problem(self.label, self.attributes)
-        return [problem] if problem is not None else []
+        problems = [condition_problem(self.label, self.attributes)]
+        if self.sampler not in (None, spec.Sampler.ddim):
+            problems.append(("sampler", f"edits invert and regenerate with the {spec.Sampler.ddim.value} sampler, "
+                                        f"not {self.sampler.value} (the student is not measured to edit)"))
+        return [problem for problem in problems if problem is not None]
 
     def fingerprint(self) -> str:
         """A text that identifies the request's content (what an Idempotency-Key is held to)."""
@@ -298,11 +304,13 @@ class ModelPublic(BaseModel):
     labels: Annotated[list[str], Field(description='Values accepted for "label".')]
     resolution: Annotated[int, Field(description="Image side in pixels.")]
     default_guidance_scale: float
-    default_steps: Annotated[dict[str, int], Field(description="Default steps per sampler.")]
+    default_steps: Annotated[dict[str, int], Field(description="Default steps per sampler it serves.")]
     is_latest: Annotated[bool, Field(description='Serves model "latest".')]
     device: str
     dtype: str
     workers: list[str] = []
+    student: Annotated[spec.StudentInfo | None, Field(
+        description='The distilled student served beside it ("sampler": "student"); null when it has none.')] = None
 
     @classmethod
     def from_info(cls, info: spec.ModelInfo) -> ModelPublic:

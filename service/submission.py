@@ -164,9 +164,14 @@ async def _admit_edit(services: Services, caller: Caller, parameters: spec.JobSp
 
 
 async def _resolve(services: Services, order: _Order) -> dict[str, bool]:
-    """The order's condition checked against the live models, as ``{attribute name: wanted}``."""
+    """The order's condition checked against the live models, as ``{attribute name: wanted}``; with the student
+    sampler, that the model serves a student that takes the order's steps and guidance."""
     try:
-        return await services.live_models.resolve(order.model, order.label, order.attributes)
+        attributes = await services.live_models.resolve(order.model, order.label, order.attributes)
+        if order.spec_fields.get("sampler") == spec.Sampler.student:
+            await services.live_models.check_student(order.model, order.spec_fields["steps"],
+                                                     order.spec_fields["guidance_scale"])
+        return attributes
     except registry.FieldError as exc:
         raise InvalidRequest([(exc.loc, exc.message, exc.value)]) from None
     except redis.RedisError:

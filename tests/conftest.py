@@ -1,9 +1,11 @@
 """Shared fixtures: a reachable Redis (``make test`` provides ``REDIS_URL``), a tiny synthetic CelebA-layout
-folder and tiny checkpoints trained from it by the real training code (a few steps: random-ish weights)."""
+folder and tiny checkpoints trained from it by the real training code (a few steps: random-ish weights), and the
+same checkpoints with a tiny distilled student of their diffusion version."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +72,30 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) 
     opts = RunOptions(synth_dir, root, runs / "diffusion", precision="fp32", threads=1)
     train_diffusion("latest", UNetConfig(**TINY_UNET), ScheduleConfig(), SamplingConfig(),
                     DiffusionTrainConfig(steps=3, batch_size=16, warmup=1, log_every=1), opts)
+    return root
+
+
+def distill_tiny(root: Path, data: Path, run: Path, teacher: str, steps: int, **kwargs) -> Path:
+    """``steps`` iterations of ``python -m training distill`` on ``teacher`` under ``root`` (batch 8, fp32, one
+    thread, the latents cached beside ``root``), run folder ``run``; returns the student's version folder.
+    ``kwargs``: ``training.distill.distill``'s ``minutes`` and ``resume``."""
+    from facegen.model.config import ConsistencyConfig, DistillConfig
+    from training.distill import distill
+    from training.trainer import RunOptions
+
+    cfg = DistillConfig(steps=steps, batch_size=8, warmup=1, log_every=1, save_every=2, lr=1e-3)
+    opts = RunOptions(data, root, run, precision="fp32", threads=1, latent_cache=root.parent / "latents")
+    return distill(teacher, cfg, ConsistencyConfig(), opts, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: Path,
+                             synth_dir: Path) -> Path:
+    """A copy of ``tiny_checkpoints`` with a student of its diffusion version (2 distillation iterations; the
+    default ``ConsistencyConfig``: 1-8 steps, 4 by default), which is the newest diffusion version there."""
+    root = tmp_path_factory.mktemp("student") / "checkpoints"
+    shutil.copytree(tiny_checkpoints, root)
+    distill_tiny(root, synth_dir, root.parent / "run", "latest", 2)
     return root
 
 

@@ -1,7 +1,8 @@
 """The reference docs against the code they describe.
 
 - docs/CONFIGURATION.md documents every setting of every process: for each settings class (the API's
-  ``service.config.Settings``, the worker's ``worker.settings.WorkerSettings``, and the classes they inherit
+  ``service.config.Settings``, the worker's ``worker.settings.WorkerSettings``, the model store CLI's
+  ``facegen.contract.model_store.ModelStoreSettings``, and the classes they inherit
   fields from, reached through their MRO), the environment variables in its section are exactly the class's
   fields, named as pydantic-settings reads them (``env_prefix``, aliases, case), each with the field's default
   rendered by :func:`render_default`.
@@ -31,13 +32,14 @@ from pydantic_settings import BaseSettings
 
 import service.config
 import worker.settings
+from facegen.contract.model_store import ModelStoreSettings
 
 REPO = Path(__file__).resolve().parents[1]
 API = REPO / "docs" / "API.md"
 CONFIGURATION = REPO / "docs" / "CONFIGURATION.md"
 README = REPO / "README.md"
 README_MAX_LINES = 160
-SETTINGS_CLASSES = (service.config.Settings, worker.settings.WorkerSettings)
+SETTINGS_CLASSES = (service.config.Settings, worker.settings.WorkerSettings, ModelStoreSettings)
 UNSET = "unset"
 
 

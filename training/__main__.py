@@ -1,9 +1,13 @@
-"""``python -m training {synth,vae,diffusion,distill,retune,reader,evaluate,evaluate-edit,transitions,visualize} ...``"""
+"""``python -m training {synth,vae,diffusion,distill,retune,reader,evaluate,evaluate-edit,transitions,visualize,
+publish,models} ...``"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
+import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -403,10 +407,90 @@ def run_reader(args: argparse.Namespace) -> None:
                        config_from_args(ReaderTrainConfig, args), opts))
 
 
+def add_store_commands(commands: argparse._SubParsersAction) -> None:
+    """The model store's commands (facegen/contract/model_store.py; MODEL_STORE, S3_*, AWS_* from the environment)."""
+    from facegen.contract.model_store import SERVED_KIND
+    from facegen.model.manifest import KINDS
+
+    publish = commands.add_parser("publish", help="upload a version (and the VAE it needs) to the model store")
+    publish.add_argument("version", help="the version under --checkpoints ('latest' allowed)")
+    publish.add_argument("--kind", default=SERVED_KIND, choices=KINDS)
+    publish.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    publish.add_argument("--alias", default=None, metavar="NAME",
+                         help="then point this alias (e.g. stable, canary) at the version")
+    publish.add_argument("--actor", default=None, help="who publishes, as the store records it (default: $USER@host)")
+    models = commands.add_parser("models", help="the model store's versions with their model-card numbers, and aliases")
+    models.add_argument("--history", default=None, metavar="NAME", help="instead, every move of this alias")
+
+
+def open_model_store_or_exit(command: str) -> Any:
+    from pydantic import ValidationError
+
+    from facegen.contract.model_store import ModelStoreSettings, open_model_store
+
+    try:
+        store = open_model_store(ModelStoreSettings())
+    except ValidationError as exc:
+        sys.exit(f"{command}: {exc}")
+    if store is None:
+        sys.exit(f"{command}: MODEL_STORE is not set (s3://bucket/prefix; the server and credentials as for the "
+                 "artifact store: S3_ENDPOINT_URL, AWS_*)")
+    return store
+
+
+def run_publish(args: argparse.Namespace) -> None:
+    from facegen.contract.model_store import SERVED_KIND, ModelStoreError
+    from facegen.model.checkpoints import CheckpointError, resolve_version
+
+    if args.alias and args.kind != SERVED_KIND:
+        sys.exit(f"publish: an alias names a {SERVED_KIND} version, not a {args.kind} one")
+    store = open_model_store_or_exit("publish")
+    actor = args.actor or f"{os.environ.get('USER') or getpass.getuser()}@{socket.gethostname()}"
+    try:
+        directory = resolve_version(args.checkpoints, args.kind, args.version)
+        result = store.publish(directory, actor)
+        for ref in result.recorded:
+            print(f"published {ref.kind} {ref.version} to {store.location}")
+        for ref in result.unchanged:
+            print(f"{ref.kind} {ref.version} was already published")
+        print(f"{len(result.uploaded)} files uploaded ({result.uploaded_bytes} bytes), {len(result.present)} already "
+              "in the store")
+        if args.alias:
+            move = store.set_alias(args.alias, directory.name, actor)
+            print(f"alias {args.alias} already points at {directory.name}" if move is None else
+                  f"alias {args.alias}: {move.previous or '(new)'} -> {move.version}")
+    except (CheckpointError, ModelStoreError) as exc:
+        sys.exit(f"publish: {exc}")
+
+
+def run_models(args: argparse.Namespace) -> None:
+    from facegen.contract.model_store import ModelStoreError, format_card
+
+    store = open_model_store_or_exit("models")
+    try:
+        if args.history:
+            moves = store.alias_history(args.history)
+            if not moves:
+                sys.exit(f"models: no alias {args.history!r} in {store.location}")
+            for move in moves:
+                print(f"{move.at}  {move.by}  {move.previous or '(new)'} -> {move.version}")
+            return
+        aliases = store.aliases()
+        print(store.location)
+        for record in store.versions():
+            names = " ".join(f"[{name}]" for name, move in aliases.items() if move.version == record.version)
+            print(f"{record.kind:<9} {record.version} {names} published by {record.published_by} at "
+                  f"{record.published_at}\n          {format_card(record.card)}")
+        for name, move in aliases.items():
+            print(f"alias {name} -> {move.version} (moved by {move.by} at {move.at})")
+    except ModelStoreError as exc:
+        sys.exit(f"models: {exc}")
+
+
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "distill": run_distill,
             "evaluate": run_evaluate,
             "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune, "reader": run_reader,
-            "transitions": run_transitions}
+            "transitions": run_transitions, "publish": run_publish, "models": run_models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     add_distill_command(commands)
     add_measure_commands(commands)
     add_edit_commands(commands)
+    add_store_commands(commands)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = argv

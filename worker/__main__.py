@@ -27,8 +27,8 @@ from facegen.contract.connection import (
     describe,
     eviction_problem,
 )
-from facegen.contract.spec import DEFAULT_STEPS, ModelInfo, publish_model_entry
-from facegen.model.checkpoints import CheckpointError, list_versions
+from facegen.contract.spec import DEFAULT_STEPS, ModelInfo, Sampler, publish_model_entry
+from facegen.model.checkpoints import LATEST, CheckpointError, served_versions
 
 from . import batch, jobs
 from .engine import CompileUnsupported, Engine
@@ -40,13 +40,18 @@ REGISTRY_TTL_S = 30  # a model entry disappears this long after its last worker 
 
 
 def model_info(engine: Engine, settings: WorkerSettings, worker_name: str) -> ModelInfo:
-    versions = list_versions(settings.checkpoint_dir, "diffusion")
+    """The registry entry of the engine's model: ``is_latest`` when it is the newest plain version of the
+    checkpoints (students aside); the student sampler's default steps and the ``student`` entry when it has one."""
+    student = engine.student_info()
+    default_steps = {sampler.value: steps for sampler, steps in DEFAULT_STEPS.items() if sampler != Sampler.student}
+    if student is not None:
+        default_steps[Sampler.student.value] = student.default_steps
     return ModelInfo(
         version=engine.version, vae_version=engine.model.manifest.vae_version, attributes=engine.model.attributes,
         resolution=engine.model.image_size, default_guidance_scale=engine.model.sampling.guidance_scale,
-        default_steps={sampler.value: steps for sampler, steps in DEFAULT_STEPS.items()},
-        is_latest=bool(versions) and versions[-1].version == engine.version,
-        device=engine.device.type, dtype=str(engine.dtype).removeprefix("torch."), workers=[worker_name])
+        default_steps=default_steps, is_latest=served_versions(settings.checkpoint_dir, LATEST)[0] == engine.version,
+        device=engine.device.type, dtype=str(engine.dtype).removeprefix("torch."), workers=[worker_name],
+        student=student)
 
 
 def publish_model(connection: redis.Redis, info: ModelInfo, stop: threading.Event) -> None:
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     threading.Thread(target=publish_model, args=(connection, info, stop), daemon=True).start()
     log.info("serving model %s (%s) from Redis at %s", info.version,
-             json.dumps({"device": info.device, "dtype": info.dtype, "max_batch": settings.max_batch}),
+             json.dumps({"device": info.device, "dtype": info.dtype, "max_batch": settings.max_batch,
+                         "student": info.student.version if info.student else None}),
              describe(settings))
     try:
         jobs.work(connection, settings, name, lambda queue: batch.perform_batch(queue, runtime), runtime.tick,

@@ -35,6 +35,7 @@ from facegen.contract.spec import (
     EditSpec,
     JobEvent,
     JobSpec,
+    Sampler,
     append_event,
     parse_job_spec,
 )
@@ -132,14 +133,24 @@ def parse_spec(job: QueuedJob) -> JobSpec:
 
 
 def batch_key(spec: JobSpec, engine: Engine) -> BatchKey:
-    """The resolved parameters that decide which jobs may share a batch; raises for another model version."""
+    """The resolved parameters that decide which jobs may share a batch; raises for another model version, and for
+    the student sampler without a student or with steps or a guidance scale the student does not take."""
     if spec.model not in (LATEST, engine.version):
         raise PermanentJobError(f"model {spec.model!r} is not served by this worker (it serves {engine.version})")
     edit = {"kind": spec.kind, "strength": spec.strength} if isinstance(spec, EditSpec) else {}
     default_guidance = DEFAULT_EDIT_GUIDANCE if edit else engine.model.sampling.guidance_scale
     guidance = spec.guidance_scale if spec.guidance_scale is not None else default_guidance
-    return BatchKey(model=engine.version, sampler=spec.sampler, steps=spec.resolved_steps(), guidance_scale=guidance,
-                    **edit)
+    steps = spec.resolved_steps()
+    if spec.sampler == Sampler.student:
+        student = engine.student_info()
+        if student is None:
+            raise PermanentJobError(f"model {engine.version} has no distilled student on this worker: the student "
+                                    "sampler is not served (GET /models: student)")
+        steps = spec.steps if spec.steps is not None else student.default_steps
+        problem = student.steps_problem(steps) or student.guidance_problem(guidance)
+        if problem is not None:
+            raise PermanentJobError(problem)
+    return BatchKey(model=engine.version, sampler=spec.sampler, steps=steps, guidance_scale=guidance, **edit)
 
 
 def claim(adapter: RqAdapter, runtime: WorkerRuntime) -> list[QueuedJob]:
@@ -209,8 +220,9 @@ def check_jobs(engine: Engine, jobs: list[QueuedJob]) -> Batch:
                 log.warning("job %s: %s (written by a process that does not store jobs as JSON)", job.id, job.refusal)
             batch.shares[job.id] = Prepared(None, error=PermanentJobError(str(exc)))
             continue
-        resolved = {"steps": key.steps, "guidance_scale": key.guidance_scale, "sampler": key.sampler.value,
-                    "model": engine.version} | ({"strength": key.strength} if face is not None else {})
+        resolved = ({"steps": key.steps, "guidance_scale": key.guidance_scale, "sampler": key.sampler.value,
+                     "model": engine.version} | ({"strength": key.strength} if face is not None else {})
+                    | ({"student": engine.student.version} if key.sampler == Sampler.student else {}))
         batch.shares[job.id] = Prepared(spec, resolved=resolved, face=face)
         batch.running.append(job)
     return batch

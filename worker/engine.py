@@ -4,7 +4,9 @@ One :class:`Engine` per worker process: networks loaded once, on one device, in 
 bf16 on CPU by default). :meth:`Engine.run` takes the requests of several compatible jobs, lays their images
 out as rows (row of image ``i`` of a request with seed ``s`` draws its noise from stream ``(s, i)``), runs the
 chain in chunks of at most ``max_batch`` images, and returns each request's images and, when asked, its
-trajectory frames.
+trajectory frames. Beside the served model it loads that version's distilled student, when the checkpoints hold one
+(``facegen.model.checkpoints.served_versions``): the student sampler runs it, every other sampler the served model;
+both decode with the one VAE.
 
 Non-finite guard: a row whose latents (checked before decoding) or decoded pixels (checked before any clamp) hold
 NaN/Inf is redone alone in each wider dtype in turn (bf16 where the device runs it, then fp32), counted per stage in
@@ -32,11 +34,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from facegen.contract.spec import PREVIEW_SIDE
+from facegen.contract.spec import PREVIEW_SIDE, StudentInfo
+from facegen.model.checkpoints import served_versions
 from facegen.model.device import pick_device, pick_dtype
 from facegen.model.diffusion.inversion import inversion_depth
 from facegen.model.diffusion.noise import ImageNoise
-from facegen.model.diffusion.samplers import trajectory_indices
+from facegen.model.diffusion.samplers import STUDENT_SAMPLER, trajectory_indices
 from facegen.model.imaging import to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 
@@ -55,6 +58,10 @@ class NonFiniteOutput(RuntimeError):
 
 class CompileUnsupported(RuntimeError):
     """``torch.compile`` cannot work on this machine (no Triton, no C/C++ compiler)."""
+
+
+class NoStudent(ValueError):
+    """The student sampler was asked of an engine whose model has no distilled student."""
 
 
 @dataclass(frozen=True)
@@ -148,21 +155,24 @@ def compile_for_inference(module: nn.Module, mode: str, device: torch.device, sh
 
 class Bucketed(nn.Module):
     """The UNet with its rows padded to the next bucket size and sliced back: ``(x [n, C, h, w], t [n],
-    labels [n, A]) -> [n, C, h, w]``. Padding rows repeat row 0; each row is computed on its own (per-sample
-    normalisation and attention), so real rows do not depend on them."""
+    labels [n, A], guidance [n] (a student's only)) -> [n, C, h, w]``. Padding rows repeat row 0; each row is
+    computed on its own (per-sample normalisation and attention), so real rows do not depend on them."""
 
     def __init__(self, unet: nn.Module, buckets: list[int]):
         super().__init__()
         self.unet = unet
         self.buckets = buckets
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         size = next((b for b in self.buckets if b >= n), n)
-        if size == n:
-            return self.unet(x, t, labels)
-        padded = [torch.cat([v, v[:1].expand(size - n, *v.shape[1:])]) for v in (x, t, labels)]
-        return self.unet(*padded)[:n]
+
+        def pad(v: torch.Tensor) -> torch.Tensor:
+            return v if size == n else torch.cat([v, v[:1].expand(size - n, *v.shape[1:])])
+
+        student = {} if guidance is None else {"guidance": pad(guidance)}
+        return self.unet(pad(x), pad(t), pad(labels), **student)[:n]
 
 
 def non_finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -180,23 +190,59 @@ class Engine:
         self.max_batch = max_batch
         if compile_mode != "off":
             check_compile_supported(self.device)  # before loading anything: refused at once
-        self.model = LatentDiffusion.load(checkpoints, version, self.device, self.dtype)
+        served, student = served_versions(checkpoints, version)
+        self.model = LatentDiffusion.load(checkpoints, served, self.device, self.dtype)
+        # the served version's distilled student (the student sampler's model), sharing the served model's VAE
+        self.student: LatentDiffusion | None = None
+        if student is not None:
+            self.student = LatentDiffusion.load(checkpoints, student, self.device, self.dtype, share_vae=self.model)
         self.buckets: list[int] = []  # UNet row counts every call is padded to (compiled engines only)
-        self.denoiser: nn.Module = self.model.unet  # what the chain evaluates in the engine's dtype
+        # what the chains evaluate in the engine's dtype: the served model's UNet, and the student's
+        self.denoiser: nn.Module = self.model.unet
+        self.student_denoiser: nn.Module | None = None if self.student is None else self.student.unet
         if compile_mode != "off":
             self.buckets = bucket_sizes(max_batch)
-            compiled = compile_for_inference(self.model.unet, compile_mode, self.device, len(self.buckets))
-            self.denoiser = Bucketed(compiled, self.buckets)
+            shapes = len(self.buckets) * len(self.denoisers())  # one UNet code object, compiled for each network
+
+            def bucketed(unet: nn.Module) -> Bucketed:
+                return Bucketed(compile_for_inference(unet, compile_mode, self.device, shapes), self.buckets)
+
+            self.denoiser = bucketed(self.denoiser)
+            if self.student_denoiser is not None:
+                self.student_denoiser = bucketed(self.student_denoiser)
 
     @property
     def version(self) -> str:
         return self.model.version
 
+    def denoisers(self) -> list[tuple[nn.Module, bool]]:
+        """``(denoiser, is the student's)`` of each loaded network: the served model's, then its student's."""
+        return [(self.denoiser, False)] + ([] if self.student_denoiser is None else [(self.student_denoiser, True)])
+
+    def student_info(self) -> StudentInfo | None:
+        """The student as the model registry describes it, ``None`` without one."""
+        if self.student is None:
+            return None
+        sampling = self.student.manifest.distillation.sampling
+        low, high = sampling.guidance_range
+        return StudentInfo(version=self.student.version, max_steps=sampling.max_steps,
+                           default_steps=sampling.default_steps, guidance_range=(low, high))
+
+    def served(self, sampler: str) -> tuple[LatentDiffusion, nn.Module]:
+        """The model that runs ``sampler`` and what its chains evaluate: the student for the student sampler, the
+        served model for the others. Raises :class:`NoStudent` for the student sampler without a student."""
+        if sampler != STUDENT_SAMPLER:
+            return self.model, self.denoiser
+        if self.student is None or self.student_denoiser is None:
+            raise NoStudent(f"model {self.version} has no distilled student in the worker's checkpoints: the "
+                            f"{STUDENT_SAMPLER!r} sampler is not served")
+        return self.student, self.student_denoiser
+
     @torch.no_grad()
     def warm_up(self, on_bucket: Callable[[int, float], None] | None = None) -> dict[int, float]:
-        """Run the denoiser twice at every bucket size (the first compiles; with CUDA graphs the second records
-        the graph); nothing without buckets. Returns ``{rows: seconds}`` and calls ``on_bucket(rows, seconds)``
-        after each bucket (e.g. to heartbeat)."""
+        """Run each denoiser (the served model's, the student's) twice at every bucket size (the first compiles;
+        with CUDA graphs the second records the graph); nothing without buckets. Returns ``{rows: seconds}`` and
+        calls ``on_bucket(rows, seconds)`` after each bucket (e.g. to heartbeat)."""
         seconds: dict[int, float] = {}
         config = self.model.unet.config
         for rows in self.buckets:
@@ -204,8 +250,10 @@ class Engine:
             x = torch.zeros(rows, *self.model.latent_shape, device=self.device, dtype=self.dtype)
             t = torch.full((rows,), self.model.schedule.timesteps - 1, device=self.device)
             labels = torch.full((rows, config.num_attributes), float(config.null_label), device=self.device)
-            for _ in range(2):
-                self.denoiser(x, t, labels)
+            for denoiser, student in self.denoisers():
+                extra = {"guidance": torch.ones(rows, device=self.device)} if student else {}
+                for _ in range(2):
+                    denoiser(x, t, labels, **extra)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds[rows] = time.perf_counter() - start
@@ -257,10 +305,13 @@ class Engine:
         """Generate every request's images (and trajectory frames where asked); ``previews`` gets a preview of
         the first image of each request it asks for, when it asks.
 
-        Raises ``ValueError`` for an attribute the model does not know, :class:`OutOfMemory` when a single
-        image does not fit, :class:`NonFiniteOutput` when even float32 gives NaN/Inf, and whatever ``progress``
+        ``sampler``: a name of ``SAMPLERS``; the student sampler runs the student (:meth:`served`).
+
+        Raises ``ValueError`` for an attribute the model does not know (:class:`NoStudent` for the student sampler
+        without a student), :class:`OutOfMemory` when a single image does not fit, :class:`NonFiniteOutput` when even float32 gives NaN/Inf, and whatever ``progress``
         raises (e.g. to cancel).
         """
+        self.served(sampler)  # refuses the student sampler without a student before any work
         # One row per image: (index of its request, index of the image within the request).
         rows = [(r, i) for r, request in enumerate(requests) for i in range(request.count)]
         request_labels = torch.stack([self.model.labels_for(request.attributes) for request in requests])
@@ -362,12 +413,12 @@ class Engine:
                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """:meth:`_sample` in the engine's dtype; latent rows with NaN/Inf (an overflow in the UNet) are sampled
         again alone in a wider dtype (no progress reported for the redo), their frames replaced too."""
-        latents, x0_at_step = self._sample(chain, on_step, self.denoiser)
+        model, denoiser = self.served(chain.sampler)
+        latents, x0_at_step = self._sample(chain, on_step, denoiser)
         frame_position = chain.frame_positions()
 
         def redo(rows: list[int], dtype: torch.dtype) -> torch.Tensor:
-            redone, redone_frames = self._sample(chain.part(rows), lambda i, x0: None,
-                                                 self.model.in_dtype("unet", dtype))
+            redone, redone_frames = self._sample(chain.part(rows), lambda i, x0: None, model.in_dtype("unet", dtype))
             positions = [frame_position[k] for k in rows if chain.wants_frames[k]]
             for i, x0 in redone_frames.items():
                 x0_at_step[i][positions] = x0.to(x0_at_step[i].dtype)
@@ -377,7 +428,8 @@ class Engine:
 
     def _sample(self, chain: Chain, on_step: Callable[[int, torch.Tensor], None], unet: nn.Module
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One chain over ``chain.labels [n, A]`` evaluated with ``unet``: final latents ``[n, C, h, w]`` and the
+        """One chain over ``chain.labels [n, A]`` evaluated with ``unet`` (the network of the model that runs
+        ``chain.sampler``, or a copy of it): final latents ``[n, C, h, w]`` and the
         x0 predictions at the ``frame_steps`` step indices for the rows in ``wants_frames`` (kept on the device: no
         copy inside the loop). On device OOM it empties the cache and runs the two halves separately (fresh noise
         streams give the same images)."""
@@ -392,8 +444,9 @@ class Engine:
 
         n = len(chain.noise_streams)
         try:
-            latents = self.model.sample_latents(chain.labels, ImageNoise(chain.noise_streams, self.device),
-                                                chain.sampler, chain.steps, chain.guidance, callback, unet)
+            model, _ = self.served(chain.sampler)
+            latents = model.sample_latents(chain.labels, ImageNoise(chain.noise_streams, self.device), chain.sampler,
+                                           chain.steps, chain.guidance, callback, unet)
             return latents, x0_at_step
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":

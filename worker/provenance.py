@@ -4,7 +4,9 @@ Each PNG (a job's grid and each image alone) holds a ``tEXt`` chunk ``spec.PROVE
 with one JSON object: the model version and the sha256 of its weights, the VAE version and its sha256, the
 sampler, steps and guidance scale actually used, the seed, ``index`` (the image's index in the seed's sequence;
 for a grid the list of its images' indices), the attributes, the job id, the precision and device, and the
-software version. ``python -m service.client reproduce FILE.png`` resubmits exactly these.
+software version. An image of the student sampler also names the student that drew it (``student``, its version,
+and ``student_sha256``); ``model`` stays the served version a request names, so a resubmission reaches the same
+worker. ``python -m service.client reproduce FILE.png`` resubmits exactly these.
 """
 
 from __future__ import annotations
@@ -43,13 +45,16 @@ class ModelIdentity:
     vae_sha256: str
     dtype: str
     device: str
+    student: str | None = None  # the distilled student served beside the model, when it has one
+    student_sha256: str | None = None
 
     @classmethod
     def of(cls, engine: Engine) -> ModelIdentity:
-        model = engine.model
+        model, student = engine.model, engine.student
         return cls(model.version, model.manifest.files[WEIGHTS_FILE], model.vae_manifest.version,
                    model.vae_manifest.files[WEIGHTS_FILE], str(engine.dtype).removeprefix("torch."),
-                   engine.device.type)
+                   engine.device.type, None if student is None else student.version,
+                   None if student is None else student.manifest.files[WEIGHTS_FILE])
 
 
 def parameters(job_id: str, spec: JobSpec, resolved: dict[str, Any], model: ModelIdentity,
@@ -72,6 +77,7 @@ def parameters(job_id: str, spec: JobSpec, resolved: dict[str, Any], model: Mode
         "software": f"{PACKAGE} {software_version()}",
         **({"kind": "edit", "strength": spec.strength, "input_sha256": hashlib.sha256(spec.image).hexdigest()}
            if isinstance(spec, EditSpec) else {}),
+        **({"student": resolved["student"], "student_sha256": model.student_sha256} if "student" in resolved else {}),
     }
 
 

@@ -40,7 +40,22 @@ PROBE_TIMEOUT_S = 1.0  # the store's reachability check (/readyz) waits at most 
 STREAM_CHUNK_BYTES = 64 * 1024  # what the API passes on at a time while it streams an object
 
 
-class ArtifactSettings(BaseSettings):
+class S3ClientSettings(BaseSettings):
+    """Where the S3-compatible server is (``S3_ENDPOINT_URL``, ``S3_REGION``): one definition for every store on S3
+    (the artifact store, the model store of :mod:`facegen.contract.model_store`)."""
+
+    # The endpoint of an S3-compatible server (none: AWS) and the region (none: boto3's default). Credentials come
+    # from boto3's default chain (AWS_ACCESS_KEY_ID, …).
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    @field_validator("s3_endpoint_url", "s3_region", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value or None  # e.g. S3_ENDPOINT_URL= in a ConfigMap: AWS itself
+
+
+class ArtifactSettings(S3ClientSettings):
     """The ``ARTIFACT_*`` and ``S3_*`` settings, shared by the API's and the worker's settings classes."""
 
     # redis: artifacts are Redis keys (one machine, the default); s3: objects in S3_BUCKET.
@@ -58,17 +73,14 @@ class ArtifactSettings(BaseSettings):
     # well below the worker's HEARTBEAT_TTL: the job's heartbeat is not renewed meanwhile).
     artifact_put_attempts: Annotated[int, Field(ge=1, le=10)] = 4
     artifact_put_backoff_s: Annotated[float, Field(ge=0, le=60)] = 1.0
-    # S3: the endpoint of an S3-compatible server (none: AWS), the bucket, the key prefix of every object and the
-    # region (none: boto3's default). Credentials come from boto3's default chain (AWS_ACCESS_KEY_ID, …).
-    s3_endpoint_url: str | None = None
+    # S3: the bucket and the key prefix of every artifact object (the server: S3ClientSettings).
     s3_bucket: str | None = None
     s3_prefix: str = "facegen/artifacts/"
-    s3_region: str | None = None
 
-    @field_validator("s3_endpoint_url", "s3_bucket", "s3_region", mode="before")
+    @field_validator("s3_bucket", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return value or None  # e.g. S3_ENDPOINT_URL= in a ConfigMap: AWS itself
+    def _empty_bucket_is_unset(cls, value: Any) -> Any:
+        return value or None
 
     @model_validator(mode="after")
     def _s3_needs_a_bucket(self) -> ArtifactSettings:
@@ -246,7 +258,7 @@ class S3ArtifactStore:
                                         f" ({type(exc).__name__})")
 
 
-def s3_client(settings: ArtifactSettings, timeout: float) -> Any:
+def s3_client(settings: S3ClientSettings, timeout: float) -> Any:
     """A boto3 S3 client that waits ``timeout`` seconds (connect, each read) and does not retry (callers decide)."""
     import boto3  # here, not at the top: a Redis-backed process never loads boto3
     from botocore.config import Config

@@ -8,7 +8,9 @@ Work is first counted in **UNet rows** (one image through the denoiser at one ti
   transition: each frame is a full chain), ``steps`` the resolved steps (every step of DDPM, DDIM and
   DPM-Solver++(2M) is one network evaluation), ``rows`` = 2 with classifier-free guidance (the conditional and the
   reference rows share one batch), 1 when ``guidance_scale`` is 0 or 1 (one pass); a request that leaves guidance to
-  the model counts 2 (the served models guide);
+  the model counts 2 (the served models guide); the distilled student (sampler ``student``) runs 1 row per step
+  whatever the guidance (the scale is an input of its network), in the steps it resolves to (a request that leaves
+  them out counts ``DEFAULT_STEPS[student]``, whatever its manifest's default);
 - an edit inverts through ``depth = round(strength x steps)`` DDIM steps, each ``INVERSION_ROWS_PER_STEP`` unguided
   rows (the step and its fixed-point refinement), then regenerates the same ``depth`` steps with guidance rows, and
   VAE-encodes its upload once;
@@ -40,6 +42,7 @@ from facegen.contract.spec import (
     DEFAULT_STEPS,
     EditParameters,
     JobSpec,
+    Sampler,
 )
 
 # UNet rows per denoising step with classifier-free guidance on: the conditional and the reference pass.
@@ -54,10 +57,11 @@ ENCODE_ROWS = 1
 DEFAULT_REQUEST_UNITS = 100
 
 
-def rows_per_step(guidance_scale: float | None) -> int:
-    """UNet rows of one denoising step per image: 1 when guidance is off (0: the reference pass alone; 1: the
-    conditional pass alone), else ``GUIDED_ROWS``; ``None`` (the model's default) counts as guided."""
-    return 1 if guidance_scale in (0.0, 1.0) else GUIDED_ROWS
+def rows_per_step(sampler: Sampler, guidance_scale: float | None) -> int:
+    """UNet rows of one denoising step per image: 1 for the student (its network takes the guidance scale) and
+    when guidance is off (0: the reference pass alone; 1: the conditional pass alone), else ``GUIDED_ROWS``;
+    ``None`` (the model's default) counts as guided."""
+    return 1 if sampler == Sampler.student or guidance_scale in (0.0, 1.0) else GUIDED_ROWS
 
 
 def edit_depth(strength: float, steps: int) -> int:
@@ -81,9 +85,9 @@ def job_rows(job: JobSpec) -> int:
         depth = edit_depth(job.strength, steps)
         guidance = job.guidance_scale if job.guidance_scale is not None else DEFAULT_EDIT_GUIDANCE
         path_frames = max(min(job.animation_frames, depth + 1) - 1, 0) if job.animation else 0
-        return (depth * (INVERSION_ROWS_PER_STEP + rows_per_step(guidance)) + ENCODE_ROWS
+        return (depth * (INVERSION_ROWS_PER_STEP + rows_per_step(job.sampler, guidance)) + ENCODE_ROWS
                 + DECODE_ROWS * (1 + path_frames))
-    return generate_rows(job.count, steps, rows_per_step(job.guidance_scale), job.chains(),
+    return generate_rows(job.count, steps, rows_per_step(job.sampler, job.guidance_scale), job.chains(),
                          job.animation_frames if job.animation else 0)
 
 

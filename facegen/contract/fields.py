@@ -16,6 +16,9 @@ from pydantic import AfterValidator, Field
 MAX_COUNT = 64
 DEFAULT_COUNT = 4
 MAX_STEPS = 1000
+# A distilled student samples in 1..MAX_STUDENT_STEPS steps (one network row each); a student's manifest may allow
+# fewer (GET /models: `student.max_steps`).
+MAX_STUDENT_STEPS = 8
 MAX_GUIDANCE = 20.0
 MAX_SEED = 2**63 - 1
 # Seeds the API draws itself stay below 2**53 so that JavaScript clients (the playground) read them exactly.

@@ -167,6 +167,27 @@ def resolve_version(root: str | Path, kind: str, version: str) -> Path:
     return directory
 
 
+def served_versions(root: str | Path, version: str) -> tuple[str, str | None]:
+    """What a worker serves for diffusion ``version``: ``(model, student)``. ``latest`` is the newest plain version
+    (a student exported later is no newer model); ``student`` is the newest version whose manifest's
+    ``distillation.teacher`` is ``model``, ``None`` when there is none. Raises :class:`CheckpointError` when there
+    is no plain version, or when ``version`` names a student (a worker serves a student beside its teacher)."""
+    versions = list_versions(root, "diffusion")
+    if version == LATEST:
+        plain = [m for m in versions if m.distillation is None]
+        if not plain:
+            only = " (only distilled students)" if versions else ""
+            raise CheckpointError(f"no diffusion checkpoints under {Path(root) / 'diffusion'}{only}")
+        version = plain[-1].version
+    else:
+        named = read_manifest(resolve_version(root, "diffusion", version))
+        if named.distillation is not None:
+            raise CheckpointError(f"{version} is a distilled student: serve its teacher {named.distillation.teacher}, "
+                                  "beside which the newest student of it is served")
+    students = [m.version for m in versions if m.distillation is not None and m.distillation.teacher == version]
+    return version, students[-1] if students else None
+
+
 def load_checkpoint(root: str | Path, kind: str, version: str = LATEST, device: str = "cpu") -> Checkpoint:
     """Verify and load a version: manifest integrity, kind, every file's sha256, then the safetensors data."""
     directory = resolve_version(root, kind, version)

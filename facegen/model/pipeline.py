@@ -1,7 +1,9 @@
 """A loaded latent diffusion model: UNet + VAE decoder + schedule, rebuilt from checkpoint manifests alone.
 
 This is the one sampling path: the worker's engine and the evaluation tool both call
-:meth:`LatentDiffusion.sample_latents` and :meth:`LatentDiffusion.decode`.
+:meth:`LatentDiffusion.sample_latents` and :meth:`LatentDiffusion.decode`. A distilled student (its manifest's
+``distillation``) loads as a version of its own and samples with the student sampler only, one network row per step
+with the guidance scale as its network's input; a plain version samples with every sampler but that one.
 """
 
 from __future__ import annotations
@@ -31,10 +33,19 @@ from .config import (
     EDIT_SCOPES,
     SamplingConfig,
 )
-from .diffusion.guidance import guided, null_labels
+from .diffusion.guidance import distilled_guidance, guided, null_labels
 from .diffusion.inversion import InversionCallback, ddim_invert
 from .diffusion.noise import ImageNoise
-from .diffusion.samplers import DDIMSampler, StepCallback, StepConstraint, make_sampler, run_chain
+from .diffusion.samplers import (
+    STUDENT_SAMPLER,
+    DDIMSampler,
+    ModelFn,
+    Sampler,
+    StepCallback,
+    StepConstraint,
+    make_sampler,
+    run_chain,
+)
 from .diffusion.schedule import NoiseSchedule
 from .manifest import DiffusionManifest, VAEManifest
 from .regions import edit_mask
@@ -55,15 +66,20 @@ class LatentDiffusion:
 
     @classmethod
     def load(cls, checkpoints: str | Path, version: str = "latest", device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> LatentDiffusion:
-        """Verify and load a diffusion checkpoint and the VAE version its manifest names."""
+             dtype: torch.dtype = torch.float32, share_vae: LatentDiffusion | None = None) -> LatentDiffusion:
+        """Verify and load a diffusion checkpoint and the VAE version its manifest names; ``share_vae``: a loaded
+        model (on the same device, in the same dtype) whose VAE is that version, used instead of loading it again
+        (a student decodes with its teacher's VAE)."""
         device = torch.device(device)
         diffusion = load_checkpoint(checkpoints, "diffusion", version)
-        vae_checkpoint = load_checkpoint(checkpoints, "vae", diffusion.manifest.vae_version)
         unet = UNet(diffusion.manifest.model)
         unet.load_state_dict(diffusion.state_dict)
-        vae = VAE(vae_checkpoint.manifest.model)
-        vae.load_state_dict(vae_checkpoint.state_dict)
+        if share_vae is not None and share_vae.vae_manifest.version == diffusion.manifest.vae_version:
+            vae, vae_manifest = share_vae.vae, share_vae.vae_manifest
+        else:
+            vae_checkpoint = load_checkpoint(checkpoints, "vae", diffusion.manifest.vae_version)
+            vae, vae_manifest = VAE(vae_checkpoint.manifest.model), vae_checkpoint.manifest
+            vae.load_state_dict(vae_checkpoint.state_dict)
         reader = None
         if diffusion.manifest.reader is not None:
             reader = LatentReader(diffusion.manifest.reader)
@@ -72,7 +88,7 @@ class LatentDiffusion:
         return cls(unet.to(device, dtype).eval().requires_grad_(False),
                    vae.to(device, dtype).eval().requires_grad_(False),
                    NoiseSchedule(diffusion.manifest.schedule), diffusion.manifest.sampling,
-                   diffusion.manifest, vae_checkpoint.manifest, device, dtype, reader)
+                   diffusion.manifest, vae_manifest, device, dtype, reader)
 
     @property
     def version(self) -> str:
@@ -89,6 +105,24 @@ class LatentDiffusion:
     @property
     def image_size(self) -> int:
         return self.manifest.image_size
+
+    @property
+    def is_student(self) -> bool:
+        """A distilled student: it samples with ``STUDENT_SAMPLER`` only."""
+        return self.manifest.distillation is not None
+
+    def sampler(self, name: str) -> Sampler:
+        """The sampler ``name`` set up for this version; raises ``ValueError`` for the student sampler on a plain
+        version and for any other on a student (each runs the other's network wrongly)."""
+        distillation = self.manifest.distillation
+        if distillation is not None and name != STUDENT_SAMPLER:
+            raise ValueError(f"version {self.version} is a distilled student: it samples with the {STUDENT_SAMPLER!r}"
+                             f" sampler only, not {name!r}")
+        if distillation is None and name == STUDENT_SAMPLER:
+            raise ValueError(f"the {STUDENT_SAMPLER!r} sampler runs a distilled student's network; version "
+                             f"{self.version} is a plain model")
+        return make_sampler(name, self.schedule, self.manifest.latent_clip, self.sampling.ddim_eta,
+                            distillation.sampling if distillation is not None else None)
 
     def labels_for(self, attributes: Mapping[str, float]) -> torch.Tensor:
         """``float32 [A]``: each given attribute's value (1/0 for True/False; a value in between blends the two,
@@ -119,8 +153,11 @@ class LatentDiffusion:
                        reference: torch.Tensor | None = None,
                        constraint: StepConstraint | None = None) -> torch.Tensor:
         """Scaled latents ``[N, C, h, w]`` (float32) for ``labels [N, A]``; row ``k`` draws its noise from stream ``k``.
+        ``sampler``: a name of ``SAMPLERS`` this version samples with (:meth:`sampler`); a student evaluates its
+        network once per step and image with ``guidance_scale`` as its input (``distilled_guidance``).
         ``start = (i, x)``: continue from the latents ``x`` at step ``i`` (see ``run_chain``) instead of from noise.
-        ``reference [N, A]``: the labels guidance pushes away from (default: the null labels, see ``guided``).
+        ``reference [N, A]``: the labels guidance pushes away from (default: the null labels, see ``guided``; a
+        student's is always the null labels).
         ``constraint``: replaces the latents after each step (``run_chain``; single-step samplers only).
 
         ``unet``: the network to evaluate (default: the loaded UNet; e.g. a compiled one, or a copy in another
@@ -129,9 +166,9 @@ class LatentDiffusion:
         the device (no host sync per step)."""
         unet = self.unet if unet is None else unet
         dtype = next(unet.parameters()).dtype
-        chosen = make_sampler(sampler, self.schedule, self.manifest.latent_clip, self.sampling.ddim_eta)
-        guided_unet = guided(unet, labels.to(self.device), guidance_scale, self.unet.config.null_label,
-                             None if reference is None else reference.to(self.device))
+        chosen = self.sampler(sampler)
+        guided_unet = self._guided(unet, labels.to(self.device), guidance_scale,
+                                   None if reference is None else reference.to(self.device))
         finite = torch.ones(labels.shape[0], dtype=torch.bool, device=self.device)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -141,6 +178,17 @@ class LatentDiffusion:
 
         latents = run_chain(model_fn, chosen, steps, noise, self.latent_shape, callback, start, constraint)
         return torch.where(finite.view(-1, 1, 1, 1), latents, torch.nan)
+
+    def _guided(self, unet: torch.nn.Module, labels: torch.Tensor, guidance_scale: float,
+                reference: torch.Tensor | None) -> ModelFn:
+        """The model function of ``unet`` (this version's network) under ``labels [N, A]`` at ``guidance_scale``."""
+        null = self.unet.config.null_label
+        distillation = self.manifest.distillation
+        if distillation is None:
+            return guided(unet, labels, guidance_scale, null, reference)
+        if reference is not None:
+            raise ValueError(f"version {self.version} is a distilled student: it guides against the null labels only")
+        return distilled_guidance(unet, labels, guidance_scale, null, distillation.sampling.guidance_range)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from facegen.model.diffusion.schedule import NoiseSchedule
 from facegen.model.manifest import parse_manifest
 from facegen.model.networks.unet import UNet
 from facegen.model.pipeline import LatentDiffusion
-from tests.conftest import TINY_UNET
+from tests.conftest import TINY_UNET, distill_tiny
 from training.__main__ import main
 from training.distill import DistillError, distill, student_from_teacher
 from training.runtime import load_state
@@ -132,12 +132,6 @@ def test_the_served_teachers_student_samples_finite_latents_deterministically() 
     assert torch.equal(sample(), first)
 
 
-def _distill(root: Path, data: Path, run: Path, teacher: str, steps: int, **kwargs) -> Path:
-    cfg = DistillConfig(steps=steps, batch_size=8, warmup=1, log_every=1, save_every=2, lr=1e-3)
-    opts = RunOptions(data, root, run, precision="fp32", threads=1, latent_cache=root.parent / "latents")
-    return distill(teacher, cfg, ConsistencyConfig(), opts, **kwargs)
-
-
 @pytest.mark.slow  # three distillation runs
 def test_distill_writes_a_student_that_names_its_teacher_and_resumes_exactly(tiny_checkpoints: Path, synth_dir: Path,
                                                                              tmp_path: Path) -> None:
@@ -165,8 +159,8 @@ def test_distill_writes_a_student_that_names_its_teacher_and_resumes_exactly(tin
     with pytest.raises(SystemExit, match="--resume"):
         main(["distill", "--data", str(synth_dir), "--checkpoints", str(root), "--run-dir", str(run),
               "--teacher", teacher.version, "--steps", "4"])
-    resumed = _distill(root, synth_dir, run, teacher.version, 4, resume=True)
-    straight = _distill(root, synth_dir, tmp_path / "straight", teacher.version, 4)
+    resumed = distill_tiny(root, synth_dir, run, teacher.version, 4, resume=True)
+    straight = distill_tiny(root, synth_dir, tmp_path / "straight", teacher.version, 4)
     a, b = (load_checkpoint(root, "diffusion", p.name) for p in (resumed, straight))
     assert a.manifest.training.steps == b.manifest.training.steps == 4
     assert all(torch.equal(a.state_dict[name], b.state_dict[name]) for name in a.state_dict)
@@ -193,15 +187,15 @@ def test_a_time_budget_stops_saves_and_exports_and_a_student_is_no_teacher(tiny_
     root = tmp_path / "ck"
     shutil.copytree(tiny_checkpoints, root)
     run, teacher = tmp_path / "run", load_checkpoint(root, "diffusion", "latest").version
-    folder = _distill(root, synth_dir, run, teacher, 50, minutes=0.0)  # out of time after the first iteration
+    folder = distill_tiny(root, synth_dir, run, teacher, 50, minutes=0.0)  # out of time after the first iteration
     assert load_checkpoint(root, "diffusion", folder.name).manifest.training.steps == 1
     assert load_state(run / "state.pt")["step"] == 1
     assert math.isfinite(load_checkpoint(root, "diffusion", folder.name).manifest.metrics["train_loss_ema"])
 
     with pytest.raises(DistillError, match="itself a distilled student"):  # `latest` is now the student
-        _distill(root, synth_dir, tmp_path / "again", "latest", 2)
+        distill_tiny(root, synth_dir, tmp_path / "again", "latest", 2)
     with pytest.raises(DistillError, match="no state.pt"):
-        _distill(root, synth_dir, tmp_path / "empty", teacher, 2, resume=True)
+        distill_tiny(root, synth_dir, tmp_path / "empty", teacher, 2, resume=True)
     with pytest.raises(DistillError, match="distils"):  # another student config than the run's
         distill(teacher, DistillConfig(steps=2), ConsistencyConfig(max_steps=4),
                 RunOptions(synth_dir, root, run, precision="fp32", threads=1), resume=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from facegen.contract import cost
-from facegen.contract.spec import DEFAULT_EDIT_GUIDANCE, EditParameters, JobSpec
+from facegen.contract.spec import DEFAULT_EDIT_GUIDANCE, EditParameters, JobSpec, Sampler
 from facegen.model.diffusion.inversion import DEFAULT_REFINEMENTS, inversion_depth
 from worker.batch import image_requests
 from worker.edit import edit_request
@@ -24,12 +24,20 @@ def engine(tiny_checkpoints: Path) -> Engine:
     return Engine(tiny_checkpoints, "latest", device="cpu", precision="fp32", max_batch=8)
 
 
+@pytest.fixture(scope="module")
+def student_engine(tiny_student_checkpoints: Path) -> Engine:
+    """The same model, served with its distilled student."""
+    return Engine(tiny_student_checkpoints, "latest", device="cpu", precision="fp32", max_batch=8)
+
+
 def counted_work(engine: Engine, run) -> Counter:
-    """Rows through the UNet, the VAE decoder and the VAE encoder while ``run()`` runs."""
+    """Rows through the UNets (the served model's, its student's), the VAE decoder and the VAE encoder while
+    ``run()`` runs."""
     work: Counter = Counter()
     vae = engine.model.vae
+    unets = [("unet", model.unet) for model in (engine.model, engine.student) if model is not None]
     hooks = [module.register_forward_hook(lambda _m, inputs, _o, name=name: work.update({name: len(inputs[0])}))
-             for name, module in (("unet", engine.model.unet), ("decode", vae.decoder), ("encode", vae.encoder))]
+             for name, module in (*unets, ("decode", vae.decoder), ("encode", vae.encoder))]
     try:
         run()
     finally:
@@ -60,6 +68,24 @@ def test_a_generations_rows_are_what_the_engine_evaluates(engine: Engine, fields
 
     work = counted_work(engine, lambda: engine.run(image_requests("job", job), job.sampler.value,
                                                    job.resolved_steps(), resolved_guidance(engine, job)))
+    assert rows_of(work) == cost.job_rows(job), work
+
+
+@pytest.mark.parametrize("fields", [
+    {"count": 3, "steps": 4},
+    {"count": 2, "steps": None},  # the student's default steps
+    {"count": 2, "steps": 1, "guidance_scale": 0.0},
+    {"count": 9, "steps": 2, "animation": True, "animation_frames": 16},  # two chunks; every step a frame
+    {"count": 2, "steps": 2, "transition": True, "transition_frames": 3},
+], ids=["steps", "default-steps", "unconditional", "trajectory", "transition"])
+def test_a_student_jobs_rows_are_one_per_step_and_image(student_engine: Engine, fields: dict) -> None:
+    job = JobSpec(attributes=SMILING, seed=3, sampler=Sampler.student, **fields)
+    steps = job.resolved_steps()
+    assert job.steps is not None or student_engine.student_info().default_steps == steps  # as the worker resolves
+
+    work = counted_work(student_engine, lambda: student_engine.run(image_requests("job", job), "student", steps,
+                                                                   resolved_guidance(student_engine, job)))
+    assert work["unet"] == job.chains() * steps  # no guidance rows: the scale is the student's input
     assert rows_of(work) == cost.job_rows(job), work
 
 

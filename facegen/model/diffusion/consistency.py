@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch
 
 from ..config import ConsistencyConfig
-from .samplers import Sampler, StepOutput, trailing_timesteps
+from .sampler_base import Sampler, StepOutput, trailing_timesteps
 from .schedule import NoiseSchedule, signal_and_noise
 
 

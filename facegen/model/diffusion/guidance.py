@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022) around a conditional denoiser."""
+"""Classifier-free guidance (Ho & Salimans 2022) around a conditional denoiser, and its distilled form: a student
+whose network takes the guidance scale as an input (``facegen.model.networks.unet``, guidance embedding)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,17 @@ def guided(unet: nn.Module, labels: torch.Tensor, scale: float, null_label: int,
         return ref + scale * (cond - ref)
 
     return model_fn
+
+
+def distilled_guidance(student: nn.Module, labels: torch.Tensor, scale: float, null_label: int,
+                       guidance_range: tuple[float, ...]) -> ModelFn:
+    """``(x, t) -> student(x, t, labels, guidance=scale)``: one row per image, the scale an input of the network.
+
+    ``labels [N, A]``. ``scale = 0`` (the reference pass alone, as in :func:`guided`) is the student's output under
+    the null labels at ``guidance_range[0]``, the low end of the scales it was distilled on: its teacher's guided
+    step under null labels is the unconditional one whatever the scale. Other scales outside ``guidance_range``
+    extrapolate what it learnt."""
+    if scale == 0.0:
+        labels, scale = null_labels(labels, null_label), guidance_range[0]
+    w = torch.full((labels.shape[0],), float(scale), device=labels.device)
+    return lambda x, t: student(x, t, labels, guidance=w)

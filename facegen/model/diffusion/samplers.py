@@ -10,26 +10,15 @@ to ``x_{t_{i+1}}`` (``x_0`` after the last step) given the network's ``output`` 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
+from ..config import ConsistencyConfig
+from .consistency import ConsistencySampler
 from .noise import ImageNoise
+from .sampler_base import Sampler, StepOutput
 from .schedule import NoiseSchedule, eps_from_x0
-
-
-class StepOutput(NamedTuple):
-    prev_sample: torch.Tensor  # x at the next (smaller) timestep, [N, C, H, W]
-    pred_x0: torch.Tensor  # the clamped x_0 prediction used for the step, [N, C, H, W]
-
-
-def trailing_timesteps(train_steps: int, n: int) -> list[int]:
-    """``n`` distinct timesteps from ``T-1`` down: ``round(T - k T / n) - 1`` for ``k = 0..n-1``."""
-    if not 1 <= n <= train_steps:
-        raise ValueError(f"steps must be in 1..{train_steps}, got {n}")
-    return [int(round(train_steps - k * train_steps / n)) - 1 for k in range(n)]
 
 
 def trajectory_indices(steps: int, frames: int) -> list[int]:
@@ -41,36 +30,6 @@ def trajectory_indices(steps: int, frames: int) -> list[int]:
     if wanted == 1:
         return [steps - 1]
     return sorted({round(k * (steps - 1) / (wanted - 1)) for k in range(wanted)})
-
-
-class Sampler(ABC):
-    """Base class: holds the schedule, the chosen timesteps and the x0 clamp."""
-
-    stochastic = False  # whether ``step`` needs fresh noise
-
-    def __init__(self, schedule: NoiseSchedule, x0_clip: float | None = None):
-        self.schedule = schedule
-        self.x0_clip = x0_clip
-        self.timesteps: list[int] = []
-
-    def set_timesteps(self, n: int) -> None:
-        self.timesteps = trailing_timesteps(self.schedule.timesteps, n)
-        self._reset()
-
-    def _reset(self) -> None:  # noqa: B027 - optional hook: only multistep samplers keep state
-        """Clear multistep state between chains."""
-
-    def abar_at(self, i: int) -> float:
-        """``abar`` at ``t_i``; ``i == n`` (after the last step) is the clean sample, ``abar = 1``."""
-        return 1.0 if i >= len(self.timesteps) else float(self.schedule.alphas_cumprod[self.timesteps[i]])
-
-    def predict_x0(self, output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
-        x0, _ = self.schedule.split(output, x, self.abar_at(i))
-        return x0.clamp(-self.x0_clip, self.x0_clip) if self.x0_clip else x0
-
-    @abstractmethod
-    def step(self, output: torch.Tensor, i: int, x: torch.Tensor, noise: torch.Tensor | None = None) -> StepOutput:
-        ...
 
 
 class DDIMSampler(Sampler):
@@ -136,12 +95,24 @@ class DPMSolverPP2MSampler(Sampler):
         return StepOutput(prev, x0)
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp": DPMSolverPP2MSampler}
+# The sampler of a distilled student (its manifest's ``distillation``): it runs the student's network, one row per
+# step with the guidance scale as the network's input, and no other sampler runs a student's network.
+STUDENT_SAMPLER = "student"
+SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp": DPMSolverPP2MSampler,
+                                      STUDENT_SAMPLER: ConsistencySampler}
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, x0_clip: float | None, ddim_eta: float = 0.0) -> Sampler:
+def make_sampler(name: str, schedule: NoiseSchedule, x0_clip: float | None, ddim_eta: float = 0.0,
+                 consistency: ConsistencyConfig | None = None) -> Sampler:
+    """The sampler ``name``; ``consistency``: a student's sampling config (its manifest's
+    ``distillation.sampling``), which the student sampler needs and the others refuse."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
+    if (name == STUDENT_SAMPLER) != (consistency is not None):
+        raise ValueError(f"the {STUDENT_SAMPLER} sampler, and only it, takes a student's consistency config "
+                         f"(sampler {name!r}, config {consistency})")
+    if name == STUDENT_SAMPLER:
+        return ConsistencySampler(schedule, consistency, x0_clip)
     if name == "ddim":
         return DDIMSampler(schedule, x0_clip, eta=ddim_eta)
     return SAMPLERS[name](schedule, x0_clip)

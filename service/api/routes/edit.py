@@ -112,6 +112,8 @@ async def create_edit(
     )] = None,
     animation: Annotated[bool, Form(description="Also render the change as a GIF.")] = False,
     model: Annotated[fields.ModelVersion, Form()] = fields.LATEST,
+    sampler: Annotated[spec.Sampler | None, Form(description="Edits invert and regenerate with ddim (the default); "
+                                                             "any other sampler is refused.")] = None,
     webhook: Annotated[str | None, Form(max_length=4096, description='As POST /generate\'s `webhook`, as JSON: '
                                                                    '{"url": "https://…", "events": ["completed"]}.')] = None,
     idempotency_key: IdempotencyKey = None,
@@ -128,6 +130,7 @@ async def create_edit(
         model=model,
         webhook=_parse_webhook(webhook),
         webhook_json=webhook,
+        sampler=sampler,
     )
     submitted = await submission.submit_edit(services, caller_of(request), edit, idempotency_key, root_path(request))
     return accepted(response, submitted)

@@ -1,0 +1,57 @@
+"""``python -m training publish`` and ``python -m training models`` as subprocesses, against a real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, read_manifest
+from tests.model_store.conftest import BUNDLED_DIFFUSION
+
+BUNDLED_VAE = read_manifest(BUNDLED_CHECKPOINTS / "diffusion" / BUNDLED_DIFFUSION).vae_version
+
+
+def training(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "training", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_publish_with_an_alias_then_list_the_store(store_env: dict[str, str]) -> None:
+    env = {**os.environ, **store_env}
+    first = training("publish", "latest", "--checkpoints", str(BUNDLED_CHECKPOINTS), "--alias", "stable",
+                     "--actor", "alice@test", env=env)
+    assert first.returncode == 0, first.stderr
+    assert f"published vae {BUNDLED_VAE} to {store_env['MODEL_STORE']}/" in first.stdout
+    assert f"published diffusion {BUNDLED_DIFFUSION}" in first.stdout
+    assert f"alias stable: (new) -> {BUNDLED_DIFFUSION}" in first.stdout
+
+    again = training("publish", BUNDLED_DIFFUSION, "--checkpoints", str(BUNDLED_CHECKPOINTS), "--alias", "stable",
+                     env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"diffusion {BUNDLED_DIFFUSION} was already published" in again.stdout
+    assert "0 files uploaded (0 bytes)" in again.stdout and "alias stable already points at" in again.stdout
+
+    listing = training("models", env=env)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith(f"diffusion {BUNDLED_DIFFUSION} [stable] "
+                                                                      "published by alice@test at "))
+    assert "dpmpp-20-g5: not_smiling 100.0%, smiling 99.0%, KID×1000 67.5, FID 85.9" in lines[row + 1]
+    assert any(line.startswith(f"vae       {BUNDLED_VAE}  published by alice@test") for line in lines)
+    assert f"alias stable -> {BUNDLED_DIFFUSION} (moved by alice@test at " in listing.stdout
+
+    history = training("models", "--history", "stable", env=env)
+    assert history.returncode == 0, history.stderr
+    assert history.stdout.splitlines()[0].endswith(f"  alice@test  (new) -> {BUNDLED_DIFFUSION}")
+
+
+def test_the_commands_say_what_is_wrong_in_one_line(store_env: dict[str, str]) -> None:
+    env = {**os.environ, **store_env}
+    unknown = training("models", "--history", "never-set", env=env)
+    assert unknown.returncode == 1 and unknown.stderr.strip() == (
+        f"models: no alias 'never-set' in {store_env['MODEL_STORE']}/")
+    vae_alias = training("publish", BUNDLED_VAE, "--kind", "vae", "--alias", "stable", env=env)
+    assert vae_alias.returncode == 1 and "an alias names a diffusion version" in vae_alias.stderr
+    no_store = training("models", env={k: v for k, v in env.items() if k != "MODEL_STORE"})
+    assert no_store.returncode == 1 and "models: MODEL_STORE is not set" in no_store.stderr
