@@ -66,6 +66,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from . import fields
 from .artifacts import S3ClientSettings, s3_client
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ SERVED_KIND = "diffusion"  # what workers serve and aliases name; the VAE it nee
 MANIFEST_FILE = "manifest.json"  # the sealed manifest of facegen.model.checkpoints
 EVALUATION_FILE = "evaluation.json"  # numbers measured after sealing, beside the version
 DOWNLOAD_CHUNK_BYTES = 1 << 20
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a kind or a version: one safe key segment
+# A kind or a version: a model version as requests name it (facegen/contract/fields.py), not starting with a dot
+# (so never "." or "..": it is also a folder of the local cache).
+NAME_PATTERN = re.compile(rf"(?!\.){fields.MODEL_VERSION_PATTERN.strip('^$')}")
 ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")  # starts with a letter; versions start with their date
 ABSENT = ("404", "NoSuchKey")  # S3 error codes: no object under the key (HEAD answers a bare 404)
 TAKEN = ("PreconditionFailed",)  # a write with If-None-Match: * found an object under the key
@@ -258,7 +261,7 @@ def format_card(card: Mapping[str, Any]) -> str:
 
 
 def check_name(name: str, what: str, pattern: re.Pattern[str] = NAME_PATTERN) -> str:
-    if not isinstance(name, str) or not pattern.fullmatch(name):
+    if not isinstance(name, str) or len(name) > fields.MAX_VERSION_LENGTH or not pattern.fullmatch(name):
         raise ModelStoreError(f"invalid {what} name {name!r} (expected {pattern.pattern})")
     return name
 
