@@ -30,6 +30,7 @@ from facegen.contract import spec
 from facegen.contract.job_serializer import JOB_SERIALIZER
 from service import job_ops
 from service.config import Settings, get_settings
+from service.event_leases import LEASE_SCRIPT
 from service.schemas import WebhookEvent
 from service.tenancy import ANONYMOUS
 from service.webhooks import signing, targets
@@ -48,19 +49,8 @@ THROTTLED_RETRY_S = 2
 THROTTLED_RETRIES = 100_000
 # A slot outlives its attempt's deadline by this much before it expires (its holder died).
 SLOT_MARGIN_S = 30
-# KEYS[1]: the tenant's slots (sorted set: holder -> expiry, Redis TIME seconds); ARGV: holder, limit, ttl (s).
-# Takes (or renews) the holder's slot if it has one or fewer than `limit` are taken; 1 if so, else 0.
-SLOT_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
-return 1
-"""
+# The tenant's slots are leases (service/event_leases.py's script): holder -> expiry, Redis TIME seconds.
+SLOT_SCRIPT = LEASE_SCRIPT
 
 log = logging.getLogger("service.webhooks")
 
