@@ -3,8 +3,8 @@
 ``S3Server().start()`` runs ``weed server -s3`` (master, volume server, filer and S3 gateway in one process) on
 free ports of 127.0.0.1 in a temporary directory, through the deployments' start script
 (k8s/overlays/s3/seaweedfs-start.sh) with its two S3 identities, each a random access and secret key: the
-worker's (``env()``: read, write, create buckets) and the API's (``api_env()``: read only). It waits until the
-gateway answers and creates the bucket. ``stop()`` ends it; ``kill()`` makes it vanish at once.
+worker's (``env()``: read, write, create buckets) and the API's (``api_env()``: read and list, no writes). It
+waits until the gateway answers and creates the bucket. ``stop()`` ends it; ``kill()`` makes it vanish at once.
 
 ``python -m scripts.s3ctl run -- CMD ...`` runs CMD with ``ARTIFACT_STORE=s3`` and the ``S3_*``/``AWS_*``
 variables pointing at such a server, stopped when CMD ends.
@@ -74,7 +74,7 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def api_env(self, prefix: str = "facegen/") -> dict[str, str]:
-        """``env(prefix)`` with the API's identity (read only), as the deployments give the API."""
+        """``env(prefix)`` with the API's identity (read and list, no writes), as the deployments give the API."""
         return {**self.env(prefix), "AWS_ACCESS_KEY_ID": self.api_access_key,
                 "AWS_SECRET_ACCESS_KEY": self.api_secret_key}
 
@@ -83,7 +83,7 @@ class S3Server:
         return self._client(self.access_key, self.secret_key)
 
     def api_client(self):
-        """A boto3 S3 client with the API's (read-only) identity."""
+        """A boto3 S3 client with the API's (read-only: read and list) identity."""
         return self._client(self.api_access_key, self.api_secret_key)
 
     def _client(self, access_key: str, secret_key: str):

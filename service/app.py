@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 
 from facegen.contract.artifacts import open_store
+from facegen.contract.model_store import ModelStoreUnavailable
 from service import redis_clients, registry
 from service.api.deps import Services
 from service.api.errors import add_error_handlers
@@ -22,7 +25,10 @@ from service.api.routes import webhooks as webhook_routes
 from service.api.routes.edit import EDIT_PATH
 from service.config import Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware, QueueCollector
+from service.store_catalog import StoreCatalog
 from service.tenancy import ApiKeys, KeyLabels
+
+log = logging.getLogger("service")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     event_streams = events.Streams.connect(settings, on_error=metrics.count_redis_error)
     metrics.registry.register(QueueCollector(conn, settings.queue_name, settings.webhook_queue, key_labels))
     queue = redis_clients.make_queue(conn, settings)
+    model_store = StoreCatalog.open(settings, settings.model_store_cache_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         conn.close()
         await async_conn.aclose()
         await event_streams.client.aclose()
+        if model_store is not None:
+            model_store.close()
 
     app = FastAPI(
         title="facegen",
@@ -63,9 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async_redis=async_conn,
         queue=queue,
         metrics=metrics,
-        live_models=registry.LiveModels(async_conn, settings.model_cache_s),
+        live_models=registry.LiveModels(async_conn, settings.model_cache_s, model_store),
         key_labels=key_labels,
         artifacts=open_store(settings, conn),
+        model_store=model_store,
     )
 
     app.state.event_streams = event_streams
@@ -75,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhook_routes.router)
     exact_openapi_bounds(app)
     add_error_handlers(app, settings, metrics)
+    add_model_store_handler(app, settings)
 
     # innermost: CORS answers preflights and adds its headers to the 401s
     app.add_middleware(ApiKeyMiddleware, api_keys=ApiKeys(settings), routes=app.routes)
@@ -90,6 +101,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        path_limits={EDIT_PATH: settings.edit_body_limit()})
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer, CORS's included
     return app
+
+
+def add_model_store_handler(app: FastAPI, settings: Settings) -> None:
+    """503 with ``Retry-After`` when a request needs the model store (a model name no live worker serves) and the
+    store does not answer."""
+
+    @app.exception_handler(ModelStoreUnavailable)
+    async def model_store_unavailable(request: Request, exc: ModelStoreUnavailable) -> JSONResponse:
+        log.warning("model store error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": "no live worker serves the model this request names, and the model store, which may hold "
+                       "it, is unreachable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
 
 
 def create_served_app() -> FastAPI:

@@ -19,6 +19,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from facegen.contract import spec
 from facegen.contract.artifacts import ArtifactSettings
 from facegen.contract.connection import RedisSettings
+from facegen.contract.model_store import ModelStoreSettings
 
 _DAY_S = 24 * 3600
 UPLOAD_FORM_OVERHEAD_BYTES = 16 * 1024
@@ -49,9 +50,12 @@ class Quota(BaseModel):
         return self.model_copy(update=override.model_dump(exclude_none=True)) if override else self
 
 
-class Settings(RedisSettings, ArtifactSettings):
+class Settings(RedisSettings, ArtifactSettings, ModelStoreSettings):
     """The API's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings`, the artifact
-    store's (``ARTIFACT_*``, ``S3_*``) from :class:`ArtifactSettings` (the worker shares both). ``REDIS_TIMEOUT_S`` bounds how long a request waits for Redis before answering 503."""
+    store's (``ARTIFACT_*``, ``S3_*``) from :class:`ArtifactSettings` (the worker shares both), the model store's
+    (``MODEL_STORE``, read with the same S3 credentials as the artifact store: the API's read-only identity) from
+    :class:`ModelStoreSettings`. ``REDIS_TIMEOUT_S`` bounds how long a request waits for Redis before answering
+    503."""
 
     model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True)
 
@@ -66,6 +70,9 @@ class Settings(RedisSettings, ArtifactSettings):
     # POST /generate checks requests against the model registry as read at most this many seconds ago
     # (0 = read it for every request); a request naming a model or attribute not in that view re-reads it.
     model_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # GET /models, and POST /generate for a model name no live worker serves, reuse a listing of the model store
+    # (its versions and aliases) read at most this many seconds ago, per process; 0 = list it for every request.
+    model_store_cache_s: Annotated[float, Field(ge=0, le=300)] = 10.0
     # GET /readyz answers from a check (Redis ping and registry read, artifact store request) at most this many
     # seconds old, per process; 0 = check on every call.
     readyz_cache_s: Annotated[float, Field(ge=0, le=30)] = 1.0

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from rq.job import JobStatus
 
 from facegen.contract import fields, spec
+from facegen.contract.model_store import AliasMove, VersionRecord
+from service.store_catalog import student_teacher
 from service.webhooks.targets import check_url
 
 GENERATE_EXAMPLES = [
@@ -151,7 +153,9 @@ class JobCreate(BaseModel):
     ] = 0
     model: Annotated[
         fields.ModelVersion,
-        Field(description='Model version (see GET /models); "latest" is the newest one the workers serve.'),
+        Field(description='Model version (see GET /models): one a live worker serves, or one the model store holds, '
+                          'or an alias of the store (the job is pinned to the version it points at now); "latest" '
+                          "is the version the workers serve by default."),
     ] = fields.LATEST
     webhook: WebhookField = None
 
@@ -317,9 +321,62 @@ class ModelPublic(BaseModel):
         return cls(**info.model_dump(), labels=info.labels())
 
 
+class StoreVersionPublic(BaseModel):
+    """A version published to the model store (a diffusion model; the VAE it needs travels with it)."""
+
+    version: str
+    vae_version: Annotated[str | None, Field(description="The VAE it decodes with.")]
+    attributes: Annotated[list[str], Field(description="Attribute names the model is conditioned on.")]
+    card: Annotated[dict[str, Any], Field(description=(
+        "Its model-card numbers, from its evaluation record: split, vae_psnr_db, vae_attribute_agreement and, per "
+        "sampler setting, accuracy_<label>, kid, fid, seconds_per_image (those measured)."))]
+    published_by: str
+    published_at: datetime
+    student_of: Annotated[str | None, Field(description=(
+        'The version it was distilled from: a student, served beside that version ("sampler": "student"), '
+        "never as a model of its own; null for a model."))] = None
+
+    @classmethod
+    def from_record(cls, record: VersionRecord) -> StoreVersionPublic:
+        return cls(version=record.version, vae_version=record.manifest.get("vae_version"),
+                   attributes=list(record.manifest.get("attributes") or ()), card=record.card,
+                   published_by=record.published_by, published_at=record.published_at,
+                   student_of=student_teacher(record))
+
+
+class StoreAliasPublic(BaseModel):
+    """Where an alias of the model store points, and its last move."""
+
+    version: str
+    previous: Annotated[str | None, Field(description="Where it pointed before that move; null for its first.")]
+    moved_by: str
+    moved_at: datetime
+
+    @classmethod
+    def from_move(cls, move: AliasMove) -> StoreAliasPublic:
+        return cls(version=move.version, previous=move.previous, moved_by=move.by, moved_at=move.at)
+
+
+class StorePublic(BaseModel):
+    """The model store as the API last listed it (at most MODEL_STORE_CACHE_S ago)."""
+
+    location: Annotated[str, Field(description="s3://bucket/prefix/ of the store (MODEL_STORE).")]
+    reachable: Annotated[bool, Field(description="The store answered the listing.")]
+    error: Annotated[str | None, Field(description="Why it is not reachable; null when it is.")] = None
+    versions: Annotated[list[StoreVersionPublic] | None, Field(description=(
+        "Published versions, oldest first; null when the store is unreachable."))] = None
+    aliases: Annotated[dict[str, StoreAliasPublic] | None, Field(description=(
+        "Alias name -> where it points; null when the store is unreachable."))] = None
+
+
 class ModelList(BaseModel):
     models: list[ModelPublic]
     latest: Annotated[str | None, Field(description='Version that "latest" means now; null when no worker is live.')]
+    workers: Annotated[list[spec.WorkerServing], Field(description=(
+        "Each live worker: its MODEL_VERSION setting (a version, an alias of the model store, or latest), the "
+        'version it serves for "latest" now, and the versions it holds loaded, least recently used first.'))] = []
+    store: Annotated[StorePublic | None, Field(description="The model store (MODEL_STORE); null when the API has "
+                                                           "none.")] = None
 
 
 class Health(BaseModel):
@@ -330,6 +387,9 @@ class Readiness(BaseModel):
     status: Annotated[str, Field(description='"ready" or "unavailable".', examples=["ready"])]
     redis: Annotated[bool, Field(description="Redis answered.")]
     latest_model: Annotated[str | None, Field(description='Version a live worker serves as "latest".')] = None
+    workers: Annotated[list[spec.WorkerServing] | None, Field(description=(
+        'Each live worker and the version it serves for "latest" (as in GET /models); null while Redis is '
+        "unreachable."))] = None
     artifact_store: Annotated[bool | None, Field(
         description="The artifact store answered (not asked while Redis is down). Only the artifact routes need "
                     "it, so it does not change `status`.")] = None

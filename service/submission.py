@@ -1,15 +1,18 @@
 """Submitting a job, the use case behind POST /generate and POST /edit: validate the request (its fields together,
-an edit's image, its condition against the live models, its webhook), build the job spec, then admit and enqueue it
-in one Redis transaction (queue cap, the caller's quota and rate in work units, replicas, idempotency:
-service/admission.py) and answer with the public job. A job whose cost (facegen/contract/cost.py) is over what one
-request may cost is refused first; an edit's admission is decided before its upload is decoded, so an edit refused
-by the queue cap, a quota or the rate never costs a decode. The routes only parse HTTP input and turn what this raises into answers (service/api/errors.py):
+an edit's image, its model and condition against the live models or the model store, its webhook), build the job
+spec, then admit and enqueue it in one Redis transaction (queue cap, the caller's quota and rate in work units,
+replicas, idempotency: service/admission.py) and answer with the public job. A job whose cost
+(facegen/contract/cost.py) is over what one request may cost is refused first; an edit's admission is decided
+before its upload is decoded, so an edit refused by the queue cap, a quota or the rate never costs a decode. The
+routes only parse HTTP input and turn what this raises into answers (service/api/errors.py):
 
 - :class:`InvalidRequest`: a field refused (422 naming it), or the fields that make the request cost too much;
 - ``service.uploads.UploadError``: an edit's image refused (413/415/422 naming ``image``), or no decode slot
   free in time (503);
 - ``admission.Refused`` (429), ``admission.IdempotencyMismatch`` (422 naming the Idempotency-Key header),
-  ``redis.RedisError`` (503), each counted in the rejection metrics here.
+  ``redis.RedisError`` (503), each counted in the rejection metrics here;
+- ``ModelStoreUnavailable`` (503): the request names a model no live worker serves, and the model store, which
+  may hold it, did not answer.
 """
 
 from __future__ import annotations
@@ -105,10 +108,11 @@ def _check_fields(request: JobCreate | EditCreate) -> None:
 
 async def _submit(services: Services, caller: Caller, order: _Order, idempotency_key: str | None,
                   root_path: str) -> Submitted:
-    attributes = await _resolve(services, order)
+    resolved = await _resolve(services, order)
     await _check_webhook(order.webhook, services)
     seed = order.seed if order.seed is not None else fields.draw_seed()
-    job_spec = _spec(order.kind, attributes=attributes, seed=seed, model=order.model, **order.spec_fields)
+    job_spec = _spec(order.kind, attributes=resolved.attributes, seed=seed, model=resolved.model,
+                     **order.spec_fields)
     units = cost.job_units(job_spec)
     _check_cost(job_spec, units, services.settings, caller)
     idempotency = None
@@ -163,15 +167,16 @@ async def _admit_edit(services: Services, caller: Caller, parameters: spec.JobSp
     return await _admit(services, caller, job_spec, idempotency, order.webhook, rate_charged=True)
 
 
-async def _resolve(services: Services, order: _Order) -> dict[str, bool]:
-    """The order's condition checked against the live models, as ``{attribute name: wanted}``; with the student
+async def _resolve(services: Services, order: _Order) -> registry.Resolved:
+    """The order's model and condition checked against the live models, or the model store for a name no live
+    worker serves (an alias of the store resolved to its version, which the job is pinned to); with the student
     sampler, that the model serves a student that takes the order's steps and guidance."""
     try:
-        attributes = await services.live_models.resolve(order.model, order.label, order.attributes)
+        resolved = await services.live_models.resolve(order.model, order.label, order.attributes)
         if order.spec_fields.get("sampler") == spec.Sampler.student:
-            await services.live_models.check_student(order.model, order.spec_fields["steps"],
+            await services.live_models.check_student(resolved.model, order.spec_fields["steps"],
                                                      order.spec_fields["guidance_scale"])
-        return attributes
+        return resolved
     except registry.FieldError as exc:
         raise InvalidRequest([(exc.loc, exc.message, exc.value)]) from None
     except redis.RedisError:

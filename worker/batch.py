@@ -3,9 +3,14 @@
 
 :func:`perform_batch` runs the batch of the job RQ dequeued. It takes the RQ adapter (worker/jobs.py) as an
 argument and reaches RQ only through it: jobs are :class:`~worker.jobs.QueuedJob` here. A batch holds the leader
-and the waiting jobs compatible with it (same model, sampler, steps and guidance; the API keys' jobs taken in turn)
-up to ``MAX_BATCH`` images, denoised in one engine run; every job keeps its own status, progress, result and
-failure, and its progress, events and previews as the engine goes (worker/progress.py).
+and the waiting jobs compatible with it (same model version, sampler, steps and guidance; the API keys' jobs taken
+in turn) up to ``MAX_BATCH`` images, denoised in one engine run; every job keeps its own status, progress, result
+and failure, and its progress, events and previews as the engine goes (worker/progress.py).
+
+The leader's model version picks the engine of the whole batch (worker/models.py), before any job is claimed: the
+served version switches only between batches, so the jobs of a batch run, and name in their provenance, the one
+version they were claimed for. A leader whose version is not loaded yet is claimed alone and runs once its version
+is pulled and loaded (its heartbeat kept meanwhile).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -21,6 +26,7 @@ import torch
 from pydantic import ValidationError
 
 from facegen.contract.artifacts import ArtifactStore, put_retrying
+from facegen.contract.model_store import ModelStoreUnavailable
 from facegen.contract.spec import (
     DEFAULT_EDIT_GUIDANCE,
     JOB_FUNCTION,
@@ -46,6 +52,7 @@ from .engine import Engine, ImageRequest, NonFiniteOutput, OutOfMemory, RequestO
 from .errors import JobCanceled, JobTimeout, PermanentJobError
 from .jobs import JobStatus, QueuedJob, RqAdapter
 from .metrics import Liveness, WorkerMetrics
+from .models import ModelPool
 from .progress import ProgressReporter, cancel_flags
 from .provenance import ModelIdentity
 from .settings import WorkerSettings
@@ -70,17 +77,24 @@ class Prepared:
 
 @dataclass
 class WorkerRuntime:
-    """What the worker process keeps loaded between jobs."""
+    """What the worker process keeps loaded between jobs; a batch runs with a copy whose ``engine`` is its own."""
 
-    engine: Engine
+    engine: Engine  # the engine of the batch (the served one outside batches)
     settings: WorkerSettings
     metrics: WorkerMetrics
     liveness: Liveness | None = None  # ticked by the main loop (worker/metrics.py)
     artifacts: ArtifactStore | None = None  # where results go; `python -m worker` opens it from the settings
+    models: ModelPool | None = None  # every version loaded; None: ``engine`` alone, the one "latest" runs on
 
     def tick(self) -> None:
         if self.liveness is not None:
             self.liveness.tick()
+
+    def version_of(self, model: str) -> str:
+        """The version a job naming ``model`` (a version or ``"latest"``) runs on."""
+        if self.models is not None:
+            return self.models.version_for(model)
+        return self.engine.version if model == LATEST else model
 
 
 @dataclass
@@ -95,8 +109,9 @@ class Batch:
 
 def perform_batch(adapter: RqAdapter, runtime: WorkerRuntime) -> None:
     """One batch, led by ``adapter.leader``: claim, prepare, denoise, then store and handle each job."""
-    jobs = claim(adapter, runtime)
-    batch = prepare(jobs, runtime, adapter.connection)
+    jobs, runtime, batch = claim_on_its_model(adapter, runtime)
+    if batch is None:
+        batch = prepare(jobs, runtime, adapter.connection)
     if batch.running:
         denoise(batch, runtime, adapter.connection, adapter.heartbeat)
     beaten = time.monotonic()
@@ -132,10 +147,50 @@ def parse_spec(job: QueuedJob) -> JobSpec:
         raise PermanentJobError(f"invalid job spec: {'.'.join(map(str, loc))}: {first['msg']}") from None
 
 
-def batch_key(spec: JobSpec, engine: Engine) -> BatchKey:
-    """The resolved parameters that decide which jobs may share a batch; raises for another model version, and for
-    the student sampler without a student or with steps or a guidance scale the student does not take."""
-    if spec.model not in (LATEST, engine.version):
+def leader_model(adapter: RqAdapter) -> str:
+    """The model the leader names; ``"latest"`` for a leader whose spec is invalid (its batch fails it)."""
+    try:
+        return parse_spec(adapter.leader).model
+    except PermanentJobError:
+        return LATEST
+
+
+def claim_on_its_model(adapter: RqAdapter, runtime: WorkerRuntime
+                       ) -> tuple[list[QueuedJob], WorkerRuntime, Batch | None]:
+    """Between batches (an alias followed, worker/models.py), the engine of the leader's model version: the batch's
+    jobs claimed and the runtime of the batch, with its engine. A version not loaded yet is pulled and loaded with
+    the leader claimed alone; when it cannot be had, the third item is the batch that fails the leader."""
+    models = runtime.models
+    if models is None:
+        return claim(adapter, runtime), runtime, None
+    models.follow_alias()
+    model = leader_model(adapter)
+    engine = models.ready(model)
+    if engine is not None:
+        scoped = replace(runtime, engine=engine)
+        return claim(adapter, scoped), scoped, None
+    jobs = adapter.claim([])
+
+    def keep_alive() -> None:
+        runtime.tick()
+        try:
+            adapter.heartbeat()
+        except redis.RedisError as exc:  # the next one may pass; RQ retries the job if none does in time
+            log.warning("heartbeat while loading model %s failed: %s", models.version_for(model), exc)
+
+    try:
+        engine = models.engine(model, keep_alive)
+    except (PermanentJobError, ModelStoreUnavailable) as exc:  # the latter is transient: RQ retries the job
+        return jobs, runtime, Batch(shares={job.id: Prepared(None, error=exc) for job in jobs})
+    return jobs, replace(runtime, engine=engine), None
+
+
+def batch_key(spec: JobSpec, runtime: WorkerRuntime) -> BatchKey:
+    """The resolved parameters that decide which jobs may share a batch, on the batch's engine; raises for another
+    model version, and for the student sampler without a student or with steps or a guidance scale the student
+    does not take."""
+    engine = runtime.engine
+    if runtime.version_of(spec.model) != engine.version:
         raise PermanentJobError(f"model {spec.model!r} is not served by this worker (it serves {engine.version})")
     edit = {"kind": spec.kind, "strength": spec.strength} if isinstance(spec, EditSpec) else {}
     default_guidance = DEFAULT_EDIT_GUIDANCE if edit else engine.model.sampling.guidance_scale
@@ -160,19 +215,19 @@ def claim(adapter: RqAdapter, runtime: WorkerRuntime) -> list[QueuedJob]:
     max_batch = runtime.engine.max_batch
     if window > 0 and adapter.waiting_count(max_batch) < max_batch:
         time.sleep(window)
-    return adapter.claim(companions(adapter, runtime.engine))
+    return adapter.claim(companions(adapter, runtime))
 
 
-def companions(adapter: RqAdapter, engine: Engine) -> list[QueuedJob]:
-    """Waiting jobs compatible with the leader within ``MAX_BATCH`` images in total: those in the RQ queue, then
-    the API keys' waiting jobs taken in turn (each key's first, then each key's second, …)."""
+def companions(adapter: RqAdapter, runtime: WorkerRuntime) -> list[QueuedJob]:
+    """Waiting jobs compatible with the leader on the batch's engine within ``MAX_BATCH`` images in total: those
+    in the RQ queue, then the API keys' waiting jobs taken in turn (each key's first, then each key's second, …)."""
     leader = adapter.leader
     try:
         spec = parse_spec(leader)
-        key = batch_key(spec, engine)
+        key = batch_key(spec, runtime)
     except PermanentJobError:
         return []
-    budget = engine.max_batch - spec.chains()
+    budget = runtime.engine.max_batch - spec.chains()
     found: list[QueuedJob] = []
     for job in adapter.waiting(LOOKAHEAD):
         if budget <= 0:
@@ -182,7 +237,7 @@ def companions(adapter: RqAdapter, engine: Engine) -> list[QueuedJob]:
             continue
         try:
             other = parse_spec(job)
-            if batch_key(other, engine) != key or other.chains() > budget:
+            if batch_key(other, runtime) != key or other.chains() > budget:
                 continue
         except PermanentJobError:
             continue
@@ -196,20 +251,21 @@ def companions(adapter: RqAdapter, engine: Engine) -> list[QueuedJob]:
 
 def prepare(jobs: list[QueuedJob], runtime: WorkerRuntime, connection: redis.Redis) -> Batch:
     """Check the jobs, set the canceled aside, mark the rest started: the batch ready to denoise."""
-    batch = check_jobs(runtime.engine, jobs)
+    batch = check_jobs(runtime, jobs)
     drop_canceled(batch, connection)
     if batch.running:
         mark_started(batch, runtime, connection)
     return batch
 
 
-def check_jobs(engine: Engine, jobs: list[QueuedJob]) -> Batch:
-    """Parse each job's spec against the served model; a job that can never run gets a permanent error."""
+def check_jobs(runtime: WorkerRuntime, jobs: list[QueuedJob]) -> Batch:
+    """Parse each job's spec against the batch's engine; a job that can never run gets a permanent error."""
+    engine = runtime.engine
     batch = Batch()
     for job in jobs:
         try:
             spec = parse_spec(job)
-            key = batch_key(spec, engine)
+            key = batch_key(spec, runtime)
             if batch.key is not None and key != batch.key:
                 raise PermanentJobError("internal: incompatible job in batch")  # companions() prevents this
             batch.key = key

@@ -141,11 +141,12 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 def compile_for_inference(module: nn.Module, mode: str, device: torch.device, shapes: int = 1) -> nn.Module:
     """``torch.compile`` for fixed-shape inference of ``shapes`` input shapes (each compiles once; dynamo's
-    recompile limit is raised to fit, past which it would silently run eager); on CPU with inductor's freezing,
-    which folds the weights in as constants and pre-packs them for oneDNN (the speed-up is in BENCHMARKS.md)."""
+    recompile limit is raised by as many, as every network compiled in the process shares the UNet's code object,
+    past which it would silently run eager); on CPU with inductor's freezing, which folds the weights in as
+    constants and pre-packs them for oneDNN (the speed-up is in BENCHMARKS.md)."""
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes)
+    dynamo_config.recompile_limit += shapes
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
 
@@ -202,10 +203,9 @@ class Engine:
         self.student_denoiser: nn.Module | None = None if self.student is None else self.student.unet
         if compile_mode != "off":
             self.buckets = bucket_sizes(max_batch)
-            shapes = len(self.buckets) * len(self.denoisers())  # one UNet code object, compiled for each network
 
             def bucketed(unet: nn.Module) -> Bucketed:
-                return Bucketed(compile_for_inference(unet, compile_mode, self.device, shapes), self.buckets)
+                return Bucketed(compile_for_inference(unet, compile_mode, self.device, len(self.buckets)), self.buckets)
 
             self.denoiser = bucketed(self.denoiser)
             if self.student_denoiser is not None:

@@ -38,7 +38,14 @@ class WorkerMetrics:
             ["stage"], registry=r)
         self.compile_seconds = Gauge("facegen_worker_compile_seconds",
                                      "Start-up warm-up seconds per compile bucket (UNet rows)", ["rows"], registry=r)
-        self.model = Info("facegen_worker_model", "Model served by this worker", registry=r)
+        self.model = Info("facegen_worker_model", "Model version this worker runs its \"latest\" requests on",
+                          registry=r)
+        self.model_pulls = Counter("facegen_worker_model_pulls",
+                                   "Versions pulled from the model store (with the student beside each), by outcome",
+                                   ["outcome"], registry=r)
+        self.loaded_model_bytes = Gauge("facegen_worker_loaded_model_bytes",
+                                        "Parameter and buffer bytes of each model version held loaded", ["version"],
+                                        registry=r)
         self.gpu_memory = Gauge("facegen_worker_gpu_memory_bytes", "CUDA memory allocated (peak since start)",
                                 ["kind"], registry=r)
         self.redis_errors = Counter("facegen_worker_redis_errors",

@@ -10,19 +10,30 @@ from pydantic_settings import SettingsConfigDict
 
 from facegen.contract.artifacts import ArtifactSettings
 from facegen.contract.connection import RedisSettings
+from facegen.contract.model_store import ModelStoreSettings
 from facegen.contract.spec import DEFAULT_QUEUE, LATEST
 from facegen.model.checkpoints import BUNDLED_CHECKPOINTS
 from facegen.model.config import PRECISIONS
 
 
-class WorkerSettings(RedisSettings, ArtifactSettings):
+class WorkerSettings(RedisSettings, ArtifactSettings, ModelStoreSettings):
     """The worker's settings; the ``REDIS_*`` connection settings come from :class:`RedisSettings`, the artifact
-    store's (``ARTIFACT_*``, ``S3_*``) from :class:`ArtifactSettings` (the API shares both)."""
+    store's (``ARTIFACT_*``, ``S3_*``) from :class:`ArtifactSettings` (the API shares both), the model store's
+    (``MODEL_STORE``, ``MODEL_STORE_TIMEOUT_S``) from :class:`ModelStoreSettings`."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
+    # where model versions are loaded from; with MODEL_STORE, where they are pulled into (a writable cache)
     checkpoint_dir: Path = BUNDLED_CHECKPOINTS
+    # the diffusion version "latest" requests run on: a version, "latest" (the newest plain version of
+    # CHECKPOINT_DIR, or of MODEL_STORE), or an alias of MODEL_STORE, followed as it moves
     model_version: str = LATEST
+    # least seconds between two looks (one GET) at where an alias MODEL_VERSION points, each before a batch starts;
+    # a move is served from the next batch of "latest" jobs on
+    model_alias_poll_s: float = Field(10, gt=0, le=3600)
+    # MiB of parameters and buffers the versions loaded beside the served one may hold (for jobs naming them);
+    # past it the least recently used are unloaded
+    loaded_models_max_mib: int = Field(4096, ge=0)
     device: str = Field("auto", pattern="^(auto|cuda|cpu)$")
     precision: str = Field("auto", pattern=f"^({'|'.join(PRECISIONS)})$")
     # torch.compile mode for the UNet: off, default, reduce-overhead (CUDA graphs) or max-autotune

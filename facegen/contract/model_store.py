@@ -589,7 +589,8 @@ class ModelStore:
         """The error for callers, which may reach API clients (a job's ``error``): the error's code or type, not
         its text, which names the endpoint; that goes to the log."""
         log.warning("model store: %s of s3://%s/%s failed: %s", action, self.bucket, key, exc)
-        reason = _code(exc) if hasattr(exc, "response") else type(exc).__name__
+        # botocore's ReadTimeoutError has a ``response`` attribute too, set to None
+        reason = _code(exc) if getattr(exc, "response", None) else type(exc).__name__
         return ModelStoreUnavailable(f"model store: could not {action} s3://{self.bucket}/{key} ({reason})")
 
 

@@ -290,7 +290,8 @@ class StudentInfo(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """What a worker publishes about the model it serves (read by ``GET /models`` and ``/readyz``)."""
+    """What a worker publishes about each model version it has loaded (read by ``GET /models`` and ``/readyz``);
+    ``is_latest``: the worker runs requests for ``"latest"`` on it (its ``MODEL_VERSION``, an alias followed)."""
 
     version: str
     vae_version: str
@@ -306,6 +307,32 @@ class ModelInfo(BaseModel):
 
     def labels(self) -> list[str]:
         return [label for name in self.attributes for label in (attribute_label(name), "not_" + attribute_label(name))]
+
+
+class WorkerServing(BaseModel):
+    """What one live worker serves now (read by ``/readyz`` and ``GET /models``)."""
+
+    worker: str
+    model_version: str  # its MODEL_VERSION setting: a version, an alias of the model store, or "latest"
+    serves: str  # the version its requests for "latest" run on now
+    loaded: list[str]  # the versions it holds loaded, least recently used first
+
+
+def worker_registry_key(worker: str) -> str:
+    """JSON :class:`WorkerServing` a live worker refreshes (with a TTL)."""
+    return f"{KEY_PREFIX}:worker:{worker}"
+
+
+# Set of every worker name that ever published a WorkerServing entry (entries expire; names stay).
+WORKER_INDEX_KEY = f"{KEY_PREFIX}:workers"
+
+
+def publish_worker_entry(connection: Any, entry: WorkerServing, ttl_s: int) -> None:
+    """Write (or refresh) ``entry`` for ``ttl_s`` seconds; ``connection`` is a redis client."""
+    with connection.pipeline() as pipe:
+        pipe.set(worker_registry_key(entry.worker), entry.model_dump_json(), ex=ttl_s)
+        pipe.sadd(WORKER_INDEX_KEY, entry.worker)
+        pipe.execute()
 
 
 # ----- job events (GET /jobs/{id}/events relays them) ---------------------------------------------------------

@@ -23,6 +23,7 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LiveModels
 from service.schemas import ErrorPublic, JobAccepted
+from service.store_catalog import StoreCatalog
 from service.submission import Submitted
 from service.tenancy import Caller, KeyLabels
 
@@ -39,6 +40,7 @@ class Services:
     live_models: LiveModels
     key_labels: KeyLabels  # key id -> metric label (bounded cardinality)
     artifacts: ArtifactStore  # finished jobs' files (facegen/contract/artifacts.py: Redis or S3, per ARTIFACT_STORE)
+    model_store: StoreCatalog | None  # the published versions and aliases (MODEL_STORE); None: no store
 
 
 async def get_services(request: Request) -> Services:

@@ -184,7 +184,7 @@ def test_api_install_set_is_the_lock_and_the_package(api_venv: Installed, tmp_pa
 
 def test_worker_install_set_is_torch_the_lock_and_the_package(worker_venv: Installed, tmp_path: Path) -> None:
     assert worker_venv.image.torch and "service" not in worker_venv.image.sources
-    assert_installed_set(worker_venv, ["worker.__main__"], ["facegen", "worker", "torch", "safetensors"],
+    assert_installed_set(worker_venv, ["worker.__main__", "worker.publish"], ["facegen", "worker", "torch", "safetensors"],
                          ["service", "training", "tqdm", "fastapi"], tmp_path)
     version = run([worker_venv.python, "-c", "import torch; print(torch.__version__)"], tmp_path, "import torch")
     assert version.strip().split("+")[0] == worker_venv.image.torch.removeprefix("torch==")

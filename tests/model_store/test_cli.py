@@ -6,10 +6,8 @@ import os
 import subprocess
 import sys
 
-from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, read_manifest
-from tests.model_store.conftest import BUNDLED_DIFFUSION
-
-BUNDLED_VAE = read_manifest(BUNDLED_CHECKPOINTS / "diffusion" / BUNDLED_DIFFUSION).vae_version
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS
+from tests.model_store.conftest import BUNDLED_DIFFUSION, BUNDLED_VAE
 
 
 def training(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,8 @@ resolves ``spec.JOB_FUNCTION`` to ``FakeBehaviour.run`` instead of importing the
   transition) under ``spec.artifact_key`` with the job's result TTL;
 - on failure leaves a one-line reason in ``job.meta[META_ERROR]``.
 
-It also publishes a ``spec.ModelInfo`` registry entry, as a live worker does.
+It also publishes a ``spec.ModelInfo`` registry entry, as a live worker does (:func:`publish_model`; a worker's own
+``spec.WorkerServing`` entry: :func:`publish_worker`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def publish_model(conn: redis.Redis, info: spec.ModelInfo | None = None, ttl: in
     info = info or model_info()
     spec.publish_model_entry(conn, info, ttl)
     return info
+
+
+def publish_worker(conn: redis.Redis, worker: str, serves: str, model_version: str = "latest",
+                   loaded: list[str] | None = None, ttl: int = 60) -> spec.WorkerServing:
+    """The ``WorkerServing`` entry a live worker refreshes: it serves ``serves`` for "latest" (its
+    ``MODEL_VERSION`` ``model_version``) and holds ``loaded`` (default: ``serves`` alone)."""
+    entry = spec.WorkerServing(worker=worker, model_version=model_version, serves=serves, loaded=loaded or [serves])
+    spec.publish_worker_entry(conn, entry, ttl)
+    return entry
 
 
 def render_png(job_spec: spec.JobSpec, side: int = 8) -> bytes:

@@ -1,5 +1,6 @@
-"""/models, /healthz and /readyz read the model registry that live workers publish in Redis; /readyz answers from
-a check at most READYZ_CACHE_S old."""
+"""/models, /healthz and /readyz read the model registry that live workers publish in Redis (one entry per loaded
+version, one per worker); /readyz answers from a check at most READYZ_CACHE_S old. The model store's side of GET
+/models: test_models_store.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from facegen.contract import spec
 from facegen.contract.artifacts import ArtifactStoreUnavailable
 from service.api.routes.health import ReadinessCache
 from service.schemas import Readiness
-from tests.service.fakeworker import model_info, publish_model
+from tests.service.fakeworker import model_info, publish_model, publish_worker
 
 
 def test_models_empty_without_workers(client):
-    assert client.get("/models").json() == {"models": [], "latest": None}
+    assert client.get("/models").json() == {"models": [], "latest": None, "workers": [], "store": None}
     assert client.get("/models/latest").status_code == 404
 
 
@@ -63,14 +64,39 @@ def test_readyz_needs_a_worker_serving_latest(make_client, conn):
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "redis": True, "latest_model": "v2", "reason": None,
-                            "artifact_store": True}
+                            "artifact_store": True, "workers": []}
+
+
+def test_a_version_a_live_worker_serves_is_latest_whatever_its_shared_entry_says(make_client, conn):
+    """Two workers on either side of a roll-out share v1's entry; the one that wrote it last serves v2, so the
+    entry says v1 is not latest, while the other worker still serves v1 for "latest"."""
+    client = make_client(readyz_cache_s=0)
+    publish_model(conn, model_info("v1", is_latest=False))
+    publish_model(conn, model_info("v2"))
+    assert client.get("/models/v1").json()["is_latest"] is False
+    old = publish_worker(conn, "worker-old", serves="v1", model_version="stable")
+    new = publish_worker(conn, "worker-new", serves="v2", model_version="stable", loaded=["v1", "v2"])
+    conn.set(spec.worker_registry_key("broken"), b"{not json", ex=60)  # a bad entry is skipped
+    conn.sadd(spec.WORKER_INDEX_KEY, "broken", "expired")  # "expired": a name whose entry is gone
+    body = client.get("/models").json()
+    assert [(m["version"], m["is_latest"]) for m in body["models"]] == [("v1", True), ("v2", True)]
+    assert body["latest"] == "v2"  # the newest of those served for "latest"
+    assert body["models"][0]["workers"] == ["fake-worker", "worker-new", "worker-old"]
+    assert body["models"][1]["workers"] == ["fake-worker", "worker-new"]
+    assert body["workers"] == [new.model_dump(), old.model_dump()]
+    assert client.get("/readyz").json()["workers"] == body["workers"]
+    conn.delete(spec.model_registry_key("v2"))  # the new worker stops; the old one serves on
+    conn.delete(spec.worker_registry_key("worker-new"))
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["latest_model"] == "v1"
+    assert ready.json()["workers"] == [old.model_dump()]
 
 
 def test_readyz_without_redis(make_client):
     client = make_client(redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5)
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["redis"] is False
+    assert response.json()["redis"] is False and response.json()["workers"] is None
     assert client.get("/healthz").status_code == 200
 
 

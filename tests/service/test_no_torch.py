@@ -1,5 +1,6 @@
 """The API process never imports torch, nor any module of ours but the wire contract it shares with the worker
-(facegen.contract: job spec and its field types, Redis connection policy, artifact store, fair queue)."""
+(facegen.contract: job spec and its field types, Redis connection policy, artifact store, model store, fair
+queue)."""
 
 from __future__ import annotations
 
@@ -28,5 +29,5 @@ def test_building_the_app_imports_no_torch():
     assert "torch" not in modules
     shared = ["facegen", "facegen.contract", "facegen.contract.artifacts", "facegen.contract.connection",
               "facegen.contract.cost", "facegen.contract.fair_queue", "facegen.contract.fields",
-              "facegen.contract.job_serializer", "facegen.contract.spec"]
+              "facegen.contract.job_serializer", "facegen.contract.model_store", "facegen.contract.spec"]
     assert [m for m in modules if m.split(".")[0] in ("facegen", "worker", "training")] == shared

@@ -114,6 +114,7 @@ class LocalServer:
         self.lock = threading.Lock()
         self.in_flight = self.peak = self.requests = 0
         self.finished: list[float] = []  # monotonic times at which answers ended
+        self.hung_up = threading.Event()  # a client closed its connection while an answer was being written
         local = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,7 +129,7 @@ class LocalServer:
                 try:
                     local.respond(self, local)
                 except OSError:  # the client went away (e.g. at its deadline)
-                    pass
+                    local.hung_up.set()
                 finally:
                     with local.lock:
                         local.in_flight -= 1

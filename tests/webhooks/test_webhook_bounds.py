@@ -32,7 +32,6 @@ REDIS_URL = redis_url_for_db(5)
 BODY = {"label": "smiling", "count": 1, "steps": 2}
 LOOPBACK = targets.resolve("http://127.0.0.1/", allow_private=True)[0]
 DEADLINE_S = 1.0
-SLACK_S = 1.0  # the event loop's start, the connection's close, a loaded test machine
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +41,15 @@ def conn():
 
 def post_in_thread(url: str, timeout_s: float, wait_s: float) -> dict[str, Any]:
     """``sender.post`` in a daemon thread, waited for ``wait_s`` at most (so that an attempt that never ends fails
-    the test instead of hanging it): ``{"answer" or "error", "elapsed", "ended"}``."""
+    the test instead of hanging it): ``{"answer" or "error", "ended"}``."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
-        started = time.monotonic()
         try:
             outcome["answer"] = sender.post(url, LOOPBACK, b'{"type":"job.completed"}', {"webhook-id": "x"},
                                             timeout_s)
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["error"] = exc
-        outcome["elapsed"] = time.monotonic() - started
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -62,15 +59,16 @@ def post_in_thread(url: str, timeout_s: float, wait_s: float) -> dict[str, Any]:
 
 
 def test_an_attempt_ends_by_its_deadline_however_slowly_the_receiver_drips_its_headers():
-    """A header line every 0.1 s: each read is quick, so read timeouts alone would never fire."""
+    """A header line every 0.1 s: each read is quick, so read timeouts alone would never fire. The receiver never
+    stops: the attempt ended because the sender hung up on it."""
     server = LocalServer(drip_headers)
     try:
         outcome = post_in_thread(server.url, DEADLINE_S, wait_s=DEADLINE_S + 10)
+        wait_for(server.hung_up.is_set, 10, "the receiver to see the sender hang up")
     finally:
         server.stop()
     assert outcome["ended"], "the attempt was still running 10 s after its deadline"
     assert isinstance(outcome.get("error"), TimeoutError), outcome
-    assert DEADLINE_S - 0.05 <= outcome["elapsed"] <= DEADLINE_S + SLACK_S, outcome
 
 
 @pytest.mark.parametrize("status", [200, 500])
@@ -78,23 +76,24 @@ def test_an_answer_whose_body_drips_counts_by_its_status_at_the_deadline(status)
     server = LocalServer(drip_body(status))
     try:
         outcome = post_in_thread(server.url, DEADLINE_S, wait_s=DEADLINE_S + 10)
+        wait_for(server.hung_up.is_set, 10, "the receiver to see the sender hang up")
     finally:
         server.stop()
     assert outcome["ended"], "the attempt was still running 10 s after its deadline"
     assert outcome["answer"].status_code == status, outcome
-    assert 0 < len(outcome["answer"].body) < 100 and outcome["elapsed"] <= DEADLINE_S + SLACK_S, outcome
+    assert 0 < len(outcome["answer"].body) < 100, outcome
 
 
 def test_at_most_64_kib_of_an_answer_is_read():
     server = LocalServer(big_body(64 * 1024 * 1024))
     try:
         outcome = post_in_thread(server.url, timeout_s=30, wait_s=40)
+        wait_for(server.hung_up.is_set, 10, "the receiver to see the sender hang up before the 64 MiB were read")
     finally:
         server.stop()
     assert outcome["ended"] and "answer" in outcome, outcome
     assert outcome["answer"].status_code == 200
     assert len(outcome["answer"].body) == sender.MAX_RESPONSE_BYTES == 64 * 1024
-    assert outcome["elapsed"] < 5, outcome  # it stopped reading: 64 MiB would take longer on this machine
 
 
 def test_a_keys_slots_are_limited_shared_renewable_and_expire(conn):

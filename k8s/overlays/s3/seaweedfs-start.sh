@@ -7,7 +7,9 @@
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY   facegen-worker: reads, writes and deletes objects, creates the
 #                                              bucket and sets its lifecycle rule (the worker, the bucket job)
 #   S3_API_ACCESS_KEY_ID, S3_API_SECRET_ACCESS_KEY
-#                                              facegen-api: reads objects and the bucket, nothing else (the API)
+#                                              facegen-api: reads objects and the bucket and lists keys (the
+#                                              artifact routes, the model store's versions and aliases), writes
+#                                              and deletes nothing (the API)
 #
 # Keys are letters, digits and + / = _ . - (openssl rand -hex 20 or -base64 30 make one): they go into JSON unquoted.
 set -eu
@@ -38,7 +40,7 @@ cat >"$config" <<EOF
    "actions": ["Admin", "Read", "List", "Write", "Tagging"]},
   {"name": "facegen-api",
    "credentials": [{"accessKey": "$S3_API_ACCESS_KEY_ID", "secretKey": "$S3_API_SECRET_ACCESS_KEY"}],
-   "actions": ["Read"]}
+   "actions": ["Read", "List"]}
 ]}
 EOF
 # The identities are the file's alone: the secrets leave the server's environment.

@@ -1,5 +1,5 @@
 """Health: /healthz (the process answers) and /readyz (Redis answers and a worker serves the default model; it
-reports the artifact store too).
+reports each live worker's served version and the artifact store too).
 
 Readiness is probed often (each kubelet every few seconds, load balancers, monitors), and each check costs a Redis
 round trip and a request to the artifact store, so a process answers /readyz from a check at most
@@ -59,7 +59,8 @@ def healthz() -> Health:
     response_model=Readiness,
     summary="Readiness",
     description='200 when Redis answers and at least one live worker has published the default model ("latest"); '
-    "503 with the reason otherwise. `artifact_store` says whether the artifact store answers (only the artifact "
+    '503 with the reason otherwise. `workers` lists each live worker and the version it serves for "latest". '
+    "`artifact_store` says whether the artifact store answers (only the artifact "
     "routes need it, so it leaves the status alone). The answer comes from a check at most READYZ_CACHE_S "
     "seconds old. Never needs an API key.",
     responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}},
@@ -76,12 +77,14 @@ def check_readiness(services: Services) -> Readiness:
     """Asks Redis (a ping and the model registry) and, once it answers, the artifact store."""
     try:
         services.redis.ping()
-        latest = registry.find_model(registry.read_models(services.redis), fields.LATEST)
+        live = registry.read_registry(services.redis)
     except redis.RedisError:
         return Readiness(status="unavailable", redis=False, reason="Redis is unreachable")
+    latest = registry.find_model(live.models, fields.LATEST)
     if latest is None:
-        return Readiness(status="unavailable", redis=True, reason="no live worker has published the default model")
-    return Readiness(status="ready", redis=True, latest_model=latest.version,
+        return Readiness(status="unavailable", redis=True, workers=live.workers,
+                         reason="no live worker has published the default model")
+    return Readiness(status="ready", redis=True, latest_model=latest.version, workers=live.workers,
                      artifact_store=artifact_store_answers(services.artifacts))
 
 
