@@ -8,12 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
 from facegen.contract.artifacts import open_store
-from facegen.contract.model_store import ModelStoreUnavailable
 from service import redis_clients, registry
 from service.api.deps import Services
 from service.api.errors import add_error_handlers
@@ -85,7 +83,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhook_routes.router)
     exact_openapi_bounds(app)
     add_error_handlers(app, settings, metrics)
-    add_model_store_handler(app, settings)
 
     # innermost: CORS answers preflights and adds its headers to the 401s
     app.add_middleware(ApiKeyMiddleware, api_keys=ApiKeys(settings), routes=app.routes)
@@ -101,21 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        path_limits={EDIT_PATH: settings.edit_body_limit()})
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer, CORS's included
     return app
-
-
-def add_model_store_handler(app: FastAPI, settings: Settings) -> None:
-    """503 with ``Retry-After`` when a request needs the model store (a model name no live worker serves) and the
-    store does not answer."""
-
-    @app.exception_handler(ModelStoreUnavailable)
-    async def model_store_unavailable(request: Request, exc: ModelStoreUnavailable) -> JSONResponse:
-        log.warning("model store error on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"detail": "no live worker serves the model this request names, and the model store, which may hold "
-                       "it, is unreachable; retry later"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
 
 
 def create_served_app() -> FastAPI:

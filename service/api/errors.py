@@ -17,6 +17,7 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facegen.contract.artifacts import ArtifactStoreUnavailable
+from facegen.contract.model_store import ModelStoreUnavailable
 from service import admission
 from service.api.deps import ApiError
 from service.config import Settings
@@ -56,23 +57,7 @@ def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> No
 
     _add_submission_handlers(app, settings)
 
-    @app.exception_handler(redis.RedisError)
-    async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
-        log.warning("Redis error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-        return JSONResponse(
-            {"detail": "the job queue (Redis) is unavailable; retry later"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
-
-    @app.exception_handler(ArtifactStoreUnavailable)
-    async def artifact_store_unavailable(request: Request, exc: ArtifactStoreUnavailable) -> JSONResponse:
-        log.warning("artifact store error on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"detail": "the artifact store is unreachable; retry later"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
+    _add_outage_handlers(app, settings)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -97,6 +82,31 @@ def add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> No
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _add_outage_handlers(app: FastAPI, settings: Settings) -> None:
+    """503 with ``Retry-After`` when what a request needs does not answer: Redis, the artifact store, the model
+    store."""
+
+    def unavailable(detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("Redis error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return unavailable("the job queue (Redis) is unavailable; retry later")
+
+    @app.exception_handler(ArtifactStoreUnavailable)
+    async def artifact_store_unavailable(request: Request, exc: ArtifactStoreUnavailable) -> JSONResponse:
+        log.warning("artifact store error on %s %s: %s", request.method, request.url.path, exc)
+        return unavailable("the artifact store is unreachable; retry later")
+
+    @app.exception_handler(ModelStoreUnavailable)
+    async def model_store_unavailable(request: Request, exc: ModelStoreUnavailable) -> JSONResponse:
+        """A request needs the model store (a model name no live worker serves) and the store does not answer."""
+        log.warning("model store error on %s %s: %s", request.method, request.url.path, exc)
+        return unavailable("no live worker serves the model this request names, and the model store, which may "
+                           "hold it, is unreachable; retry later")
 
 
 def _add_submission_handlers(app: FastAPI, settings: Settings) -> None:
