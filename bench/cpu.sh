@@ -9,6 +9,12 @@ export PYTHONUNBUFFERED=1
 $PY -m bench.samplers --precisions bf16,fp32 --batches 1,4,16,64 --ddpm-batches 1
 $PY -m bench.roofline --precisions bf16,fp32 --batches 1,16,64 --compile off,default
 $PY -m bench.baseline --batches 1,32
+# the few-step student against DDPM-1000 and the served default, when checkpoints/ holds a student of the served model
+if $PY -c 'import sys; from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, LATEST, served_versions; sys.exit(served_versions(BUNDLED_CHECKPOINTS, LATEST)[1] is None)'; then
+  $PY -m bench.student --batch 32
+else
+  echo "bench.student skipped: no distilled student of the served model under checkpoints/ (python -m training distill)"
+fi
 $PY -m bench.api_e2e --clients 32
 $PY -m bench.api_cpu --requests 12000 --concurrency 16
 $PY -m bench.api_load --clients 64 --seconds 10 --workers 1,2

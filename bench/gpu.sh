@@ -6,6 +6,9 @@
 # figures). Stages, most important first:
 #   checks    batch invariance at batch 1/8/32 in fp16, fp16-vs-fp32 PSNR on the same seeds, a provoked precision
 #             fallback and the unprovoked count, peak memory by batch, no host sync in the sampling loop
+#   student   the distilled student at 1/2/4 steps against the served default and DDPM 1000: fp16, CUDA graphs
+#             (reduce-overhead), batch 256, images/s, the ratio to DDPM 1000 and batch-1 latency (needs a student
+#             under checkpoints/; without one the stage says so and exits 1)
 #   compile   torch.compile (reduce-overhead = CUDA graphs): seconds per bucket, graphs compiled by jobs afterwards,
 #             compiled vs eager images/s
 #   samplers  eager throughput fp16/bf16/fp32, DPM-Solver++ 20, batch 1..256
@@ -17,6 +20,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "bench/gpu.sh needs torch with a CUDA GPU ($PY sees none); the CPU benchmarks are bench/cpu.sh" >&2
+  exit 2
+fi
 BUDGET_S=${BUDGET_S:-450}
 RESULTS=bench/results/gpu
 export BENCH_RESULTS=$PWD/$RESULTS PYTHONUNBUFFERED=1
@@ -45,6 +52,8 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...
 
 stage info 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))\"" || true
 stage checks 75 $PY -m bench.gpu_checks --device cuda --checks invariance,precision,fallback,memory,sync || true
+stage student 180 $PY -m bench.student --device cuda --precision fp16 --batch 256 --compile reduce-overhead \
+  --student-steps 1,2,4 --latency || true
 stage compile 200 $PY -m bench.gpu_checks --device cuda --checks compile --compile-mode reduce-overhead --name gpu_compile || true
 stage samplers 60 $PY -m bench.samplers --device cuda --precisions fp16,bf16,fp32 --compile off --samplers dpmpp:20 \
   --batches 1,16,64,256 --ddpm-batches "" --name samplers_cuda || true

@@ -6,9 +6,11 @@
 const $ = (id) => document.getElementById(id);
 const FALLBACK_LABELS = ["smiling", "not_smiling"];
 const POLL_MS = 400;
+const STEPS_MAX = "1000"; // the steps field's bound for the samplers but the student (the API's)
 
 let current = null; // {id, links, animation}
-let defaults = null; // the served model's {default_steps, default_guidance_scale}
+let models = []; // GET /models: each served version with its defaults and its distilled student (or null)
+let latestVersion = null; // the version "latest" names now
 let pollTimer = null;
 let stream = null; // AbortController of the open event stream
 const objectUrls = [];
@@ -76,22 +78,41 @@ async function loadModels(wantedLabel, wantedModel) {
     const response = await fetch(api("models"), { headers: headers() });
     if (response.ok) {
       const body = await response.json();
+      models = body.models;
+      latestVersion = body.latest;
       const latest = body.models.find((m) => m.version === body.latest) || body.models[0];
       if (latest && latest.labels.length) labels = latest.labels;
-      if (latest) defaults = latest;
       versions = ["latest"].concat(body.models.map((m) => m.version));
     }
   } catch (e) { /* keep the fallback */ }
   fillSelect($("label"), labels, wantedLabel || $("label").value || labels[0]);
   fillSelect($("model"), versions, wantedModel || $("model").value || "latest");
-  showDefaults();
+  showSampling();
 }
 
-function showDefaults() {
-  if (!defaults) return;
-  const steps = defaults.default_steps[$("sampler").value];
+// The model the form's "Model" names ("latest": the version it names now), or null when GET /models did not say.
+function chosenModel() {
+  const wanted = $("model").value;
+  const version = !wanted || wanted === "latest" ? latestVersion : wanted;
+  return models.find((m) => m.version === version) || null;
+}
+
+// The sampler list and the steps field follow the chosen model: "student" is offered only when it serves a
+// distilled student, whose steps run from 1 to its max_steps; the defaults shown are the model's (or student's).
+function showSampling() {
+  const model = chosenModel();
+  const student = model ? model.student : null;
+  const option = $("sampler").querySelector('option[value="student"]');
+  option.hidden = option.disabled = !student;
+  if (!student && $("sampler").value === "student") $("sampler").value = "dpmpp";
+  const studentChosen = $("sampler").value === "student";
+  $("steps").max = studentChosen ? String(student.max_steps) : STEPS_MAX;
+  $("steps-hint").textContent = studentChosen ? "(1 to " + student.max_steps + "; empty = the student's default)"
+                                              : "(empty = sampler default)";
+  if (!model) return;
+  const steps = studentChosen ? student.default_steps : model.default_steps[$("sampler").value];
   $("steps").placeholder = steps ? "default (" + steps + ")" : "default";
-  $("guidance").placeholder = "default (" + defaults.default_guidance_scale + ")";
+  $("guidance").placeholder = "default (" + model.default_guidance_scale + ")";
 }
 
 // ----- query string <-> form ------------------------------------------------------------------------------
@@ -411,7 +432,8 @@ async function init() {
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   $("copy").addEventListener("click", copyShare);
-  $("sampler").addEventListener("change", showDefaults);
+  $("sampler").addEventListener("change", showSampling);
+  $("model").addEventListener("change", showSampling);
   // a job's GIF is either the denoising trajectory or the attribute transition
   $("animation").addEventListener("change", () => { if ($("animation").checked) $("transition").checked = false; });
   $("transition").addEventListener("change", () => { if ($("transition").checked) $("animation").checked = false; });

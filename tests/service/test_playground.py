@@ -15,9 +15,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from facegen.contract import spec
 from scripts.processes import stop_process
 from tests.service.conftest import LiveServer
-from tests.service.fakeworker import wait_until
+from tests.service.fakeworker import model_info, publish_model, wait_until
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -172,3 +173,64 @@ def test_playground_transition_and_single_image_links(live_server, background_wo
     for link in links:
         single = httpx.get(link)
         assert single.status_code == 200 and Image.open(io.BytesIO(single.content)).size == (8, 8)
+
+
+SAMPLING_JS = """(() => {
+  if (!document.body || !document.getElementById('steps')) return null;  // still loading
+  const student = document.querySelector('#sampler option[value="student"]');
+  const steps = document.getElementById('steps');
+  return {
+    state: document.body.dataset.state,
+    models: Array.from(document.getElementById('model').options).map(o => o.value),
+    offered: !student.hidden && !student.disabled,
+    sampler: document.getElementById('sampler').value,
+    stepsMax: steps.max, stepsPlaceholder: steps.placeholder,
+    share: document.getElementById('share').value,
+    status: document.getElementById('status').textContent,
+    error: document.getElementById('error').textContent,
+  };
+})()"""
+
+
+def choose(browser: DevTools, field: str, value: str) -> None:
+    """Pick ``value`` in the select ``field`` the way a user does (its change event)."""
+    browser.evaluate(f"""(() => {{ const s = document.getElementById('{field}'); s.value = '{value}';
+                                   s.dispatchEvent(new Event('change')); }})()""")
+
+
+def test_playground_offers_the_student_only_for_a_model_that_serves_one(live_server, background_worker, browser,
+                                                                       conn):
+    """GET /models lists the fake worker's model (no student, "latest") and one with a student: the student sampler
+    is offered for that one only, its steps bounded by the student's max_steps, and a student request runs."""
+    student = spec.StudentInfo(version="fake-student-v1", max_steps=6, default_steps=3, guidance_range=(1.0, 8.0))
+    publish_model(conn, model_info("fake-v2", is_latest=False).model_copy(update={"student": student}), ttl=300)
+    browser.send("Page.enable")
+    browser.send("Page.navigate", url=f"{live_server.url}/?label=smiling&count=2&seed=7&sampler=student")
+    page = wait_until(lambda: (p := browser.evaluate(SAMPLING_JS)) and p["state"] == "ready" and p,
+                      timeout=60, interval=0.2, what="the playground to load the models")
+    assert page["models"] == ["latest", "fake-v1", "fake-v2"]
+    # "latest" has no student: not offered, and the link's sampler falls back to the default
+    assert not page["offered"] and page["sampler"] == "dpmpp" and page["stepsMax"] == "1000"
+
+    choose(browser, "model", "fake-v2")
+    page = browser.evaluate(SAMPLING_JS)
+    assert page["offered"] and page["sampler"] == "dpmpp"
+    choose(browser, "sampler", "student")
+    page = browser.evaluate(SAMPLING_JS)
+    assert (page["stepsMax"], page["stepsPlaceholder"]) == ("6", "default (3)")  # the student's, not the model's
+    choose(browser, "model", "latest")  # back to a model without one: the student goes away again
+    page = browser.evaluate(SAMPLING_JS)
+    assert not page["offered"] and page["sampler"] == "dpmpp" and page["stepsMax"] == "1000"
+
+    choose(browser, "model", "fake-v2")
+    choose(browser, "sampler", "student")
+    browser.evaluate("""(() => { document.getElementById('steps').value = '2';
+                                  document.getElementById('submit').click(); })()""")
+    page = wait_until(lambda: (p := browser.evaluate(SAMPLING_JS)) and p["state"] in ("done", "error") and p,
+                      timeout=90, interval=0.2, what="the student request to finish")
+    assert page["state"] == "done", page
+    shared = parse_qs(urlsplit(page["share"]).query)
+    assert (shared["sampler"], shared["steps"], shared["model"]) == (["student"], ["2"], ["fake-v2"])
+    (job_id,) = background_worker.worker.behaviour.runs
+    parameters = httpx.get(f"{live_server.url}/jobs/{job_id}").json()["parameters"]
+    assert (parameters["sampler"], parameters["steps"], parameters["model"]) == ("student", 2, "fake-v2")
