@@ -1,5 +1,5 @@
 """``python -m training {synth,vae,diffusion,distill,retune,reader,evaluate,evaluate-edit,transitions,visualize,
-publish,models} ...``"""
+publish,alias,models} ...``"""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ from facegen.model.config import (
 )
 from facegen.model.device import DTYPES
 from facegen.model.diffusion.samplers import SAMPLERS
+from training.evaluation.edit_realism import INSTRUMENTS
+from training.evaluation.evaluate_edit import InstrumentOptions
 from training.evaluation.protocol import EDIT_SWEEP_STRENGTHS, JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
 
 DEFAULT_CHECKPOINTS = Path("checkpoints")
@@ -176,7 +178,9 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--guidance", type=float, default=None, help="default: each model's own")
     evaluate.add_argument("--sweep", action="store_true", help="all samplers, step counts and guidance scales")
     evaluate.add_argument("--settings", default=None,
-                          help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE],... e.g. dpmpp:20,ddim:50:2")
+                          help="instead of --sampler/--steps/--guidance: SAMPLER:STEPS[:GUIDANCE][@N],... e.g. "
+                               "student:1,student:4,dpmpp:20,ddpm:1000@100 (student: the model's newest distilled "
+                               "student; @N: that row's images per label instead of --n)")
     evaluate.add_argument("--no-fid", action="store_true", help="attribute accuracy only")
     evaluate.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the attribute judge")
     evaluate.add_argument("--judges", type=int, default=JUDGE_PANEL_SIZE,
@@ -193,6 +197,25 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                           help="keep the Inception features of repeated image sets (test split, floors) here")
     evaluate.add_argument("--judge-cache", type=Path, default=None, metavar="DIR", help=JUDGE_CACHE_HELP)
+
+
+def add_instrument_flags(edits: argparse.ArgumentParser) -> None:
+    """evaluate-edit's instruments (training/evaluation/edit_realism.py) and what they need."""
+    edits.add_argument("--instruments", nargs="+", default=[], choices=INSTRUMENTS,
+                       help="also measure the edits' realism (KID/FID), their mouths' colour fidelity and the identity "
+                            "they keep, beside real, round-trip and generated faces (training/evaluation/edit_realism.py;"
+                            " colour and identity need a folder written by `synth`)")
+    edits.add_argument("--synth-seed", type=int, default=InstrumentOptions.synth_seed,
+                       help="the seed `synth` wrote --data with (colour, identity)")
+    edits.add_argument("--identity-steps", type=int, default=InstrumentOptions.identity_steps,
+                       help="training steps of the identity regressor (colour, identity)")
+    edits.add_argument("--realism-reference", type=int, default=None, metavar="N",
+                       help="real faces per label in the KID/FID reference (default: every test face no edit starts "
+                            "from)")
+    edits.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+                       help="keep the Inception features of repeated image sets here (realism)")
+    edits.add_argument("--identity-cache", type=Path, default=None, metavar="DIR",
+                       help="keep the identity regressor's weights here, by data, seed and steps (colour, identity)")
 
 
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
@@ -242,6 +265,7 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
                        help="choosing a setting: the last n test faces per direction, disjoint from a report's first n")
     edits.add_argument("--report", type=Path, default=None, help="append the Markdown table to this file")
     edits.add_argument("--judge-cache", type=Path, default=None, metavar="DIR", help=JUDGE_CACHE_HELP)
+    add_instrument_flags(edits)
 
     visualize = commands.add_parser("visualize", help="reconstructions, samples, latent projections, denoising paths")
     visualize.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
@@ -304,26 +328,34 @@ def run_distill(args: argparse.Namespace) -> None:
 
 def evaluation_settings(args: argparse.Namespace) -> list[Any]:
     """The rows to measure: ``--settings``, ``--sweep``, or the one ``--sampler/--steps/--guidance``."""
-    from training.evaluation.evaluate import Setting, sweep_settings
+    from training.evaluation.evaluate import Setting, parse_settings, sweep_settings
 
     guidance = args.guidance  # None: each model's own default
     if args.settings:
-        return [Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else guidance)
-                for parts in (item.split(":") for item in args.settings.split(","))]
+        try:
+            return parse_settings(args.settings, guidance)
+        except ValueError as exc:
+            sys.exit(f"evaluate: --settings: {exc}")
     if args.sweep:
         return sweep_settings(guidance)
     return [Setting(args.sampler, args.steps, guidance)]
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from training.evaluation.evaluate import evaluate_versions, markdown_report
+    from facegen.model.checkpoints import CheckpointError
+    from training.evaluation.evaluate import SeedError, SettingError, evaluate_versions, markdown_report
 
     seed = args.seed if args.seed is not None else TUNING_SEED if args.tuning else REPORT_SEED
     command = "python -m training " + " ".join(args.argv)
-    report = "\n".join(markdown_report(results, command) for results in evaluate_versions(
-        args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed, args.classifier_steps,
-        fid=not args.no_fid, precision=args.precision, tuning=args.tuning, vae_versions=tuple(args.vae),
-        feature_cache=args.feature_cache, judge_cache=args.judge_cache, judges=args.judges))
+    try:
+        evaluated = evaluate_versions(
+            args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed,
+            args.classifier_steps, fid=not args.no_fid, precision=args.precision, tuning=args.tuning,
+            vae_versions=tuple(args.vae), feature_cache=args.feature_cache, judge_cache=args.judge_cache,
+            judges=args.judges)
+    except (SeedError, SettingError, CheckpointError) as exc:  # said in one line, without a traceback
+        sys.exit(f"evaluate: {exc}")
+    report = "\n".join(markdown_report(results, command) for results in evaluated)
     print(report)
     if args.report:
         with args.report.open("a") as handle:
@@ -334,11 +366,13 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
     from training.evaluation.evaluate_edit import evaluate_edits, markdown_report
 
     strengths = tuple(float(value) for value in args.strengths.split(","))
+    instruments = InstrumentOptions(tuple(args.instruments), args.synth_seed, args.identity_steps,
+                                    args.realism_reference, args.feature_cache, args.identity_cache)
     results = evaluate_edits(args.checkpoints, args.diffusion, args.data, args.n, strengths, args.steps,
                              tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
                              train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
                              tuning=args.tuning, judge_cache=args.judge_cache,
-                             hold_guidances=tuple(args.hold_guidance), judges=args.judges)
+                             hold_guidances=tuple(args.hold_guidance), judges=args.judges, instruments=instruments)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:
@@ -419,6 +453,11 @@ def add_store_commands(commands: argparse._SubParsersAction) -> None:
     publish.add_argument("--alias", default=None, metavar="NAME",
                          help="then point this alias (e.g. stable, canary) at the version")
     publish.add_argument("--actor", default=None, help="who publishes, as the store records it (default: $USER@host)")
+    alias = commands.add_parser("alias", help="point an alias at a version the model store holds (a roll-out, or a "
+                                              "roll-back: no local copy needed)")
+    alias.add_argument("name", help="the alias, e.g. stable, canary")
+    alias.add_argument("version", help="a published diffusion version")
+    alias.add_argument("--actor", default=None, help="who moves it, as the store records it (default: $USER@host)")
     models = commands.add_parser("models", help="the model store's versions with their model-card numbers, and aliases")
     models.add_argument("--history", default=None, metavar="NAME", help="instead, every move of this alias")
 
@@ -438,6 +477,16 @@ def open_model_store_or_exit(command: str) -> Any:
     return store
 
 
+def actor_name(args: argparse.Namespace) -> str:
+    return args.actor or f"{os.environ.get('USER') or getpass.getuser()}@{socket.gethostname()}"
+
+
+def describe_move(name: str, version: str, move: Any) -> str:
+    """One line for ``ModelStore.set_alias``'s answer (``None``: it already pointed there)."""
+    return f"alias {name} already points at {version}" if move is None else (
+        f"alias {name}: {move.previous or '(new)'} -> {move.version}")
+
+
 def run_publish(args: argparse.Namespace) -> None:
     from facegen.contract.model_store import SERVED_KIND, ModelStoreError
     from facegen.model.checkpoints import CheckpointError, resolve_version
@@ -445,7 +494,7 @@ def run_publish(args: argparse.Namespace) -> None:
     if args.alias and args.kind != SERVED_KIND:
         sys.exit(f"publish: an alias names a {SERVED_KIND} version, not a {args.kind} one")
     store = open_model_store_or_exit("publish")
-    actor = args.actor or f"{os.environ.get('USER') or getpass.getuser()}@{socket.gethostname()}"
+    actor = actor_name(args)
     try:
         directory = resolve_version(args.checkpoints, args.kind, args.version)
         result = store.publish(directory, actor)
@@ -456,11 +505,19 @@ def run_publish(args: argparse.Namespace) -> None:
         print(f"{len(result.uploaded)} files uploaded ({result.uploaded_bytes} bytes), {len(result.present)} already "
               "in the store")
         if args.alias:
-            move = store.set_alias(args.alias, directory.name, actor)
-            print(f"alias {args.alias} already points at {directory.name}" if move is None else
-                  f"alias {args.alias}: {move.previous or '(new)'} -> {move.version}")
+            print(describe_move(args.alias, directory.name, store.set_alias(args.alias, directory.name, actor)))
     except (CheckpointError, ModelStoreError) as exc:
         sys.exit(f"publish: {exc}")
+
+
+def run_alias(args: argparse.Namespace) -> None:
+    from facegen.contract.model_store import ModelStoreError
+
+    store = open_model_store_or_exit("alias")
+    try:
+        print(describe_move(args.name, args.version, store.set_alias(args.name, args.version, actor_name(args))))
+    except ModelStoreError as exc:
+        sys.exit(f"alias: {exc}")
 
 
 def run_models(args: argparse.Namespace) -> None:
@@ -490,7 +547,8 @@ def run_models(args: argparse.Namespace) -> None:
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "distill": run_distill,
             "evaluate": run_evaluate,
             "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune, "reader": run_reader,
-            "transitions": run_transitions, "publish": run_publish, "models": run_models}
+            "transitions": run_transitions, "publish": run_publish, "alias": run_alias,
+            "models": run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,22 @@ def test_publish_with_an_alias_then_list_the_store(store_env: dict[str, str]) ->
     assert history.stdout.splitlines()[0].endswith(f"  alice@test  (new) -> {BUNDLED_DIFFUSION}")
 
 
+def test_alias_moves_an_alias_to_a_published_version_without_a_local_copy(store_env: dict[str, str]) -> None:
+    """A roll-back from any machine: `alias` needs the store, not the version's folder (none under --checkpoints)."""
+    env = {**os.environ, **store_env}
+    assert training("publish", "latest", "--checkpoints", str(BUNDLED_CHECKPOINTS), env=env).returncode == 0
+    moved = training("alias", "canary", BUNDLED_DIFFUSION, "--actor", "bob@test", env=env)
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.strip() == f"alias canary: (new) -> {BUNDLED_DIFFUSION}"
+    again = training("alias", "canary", BUNDLED_DIFFUSION, env=env)
+    assert again.stdout.strip() == f"alias canary already points at {BUNDLED_DIFFUSION}"
+    unknown = training("alias", "canary", "20990101-000000-000000", env=env)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("alias: ") and len(unknown.stderr.splitlines()) == 1
+    history = training("models", "--history", "canary", env=env)
+    assert history.stdout.splitlines()[0].endswith(f"  bob@test  (new) -> {BUNDLED_DIFFUSION}")
+    assert len(history.stdout.splitlines()) == 1  # the no-op and the refused move wrote nothing
+
+
 def test_the_commands_say_what_is_wrong_in_one_line(store_env: dict[str, str]) -> None:
     env = {**os.environ, **store_env}
     unknown = training("models", "--history", "never-set", env=env)

@@ -17,6 +17,9 @@ classifier trained apart from it, scores them all the same.
 Strength 0 (in the default sweep) is the VAE round trip with no diffusion step: its kept rates are the ceiling the
 judge and the VAE leave to any edit.
 
+``instruments`` adds, per row and beside real, round-trip and generated faces, the realism of the edits (KID/FID),
+the colour fidelity of their mouths and the identity they keep (:mod:`training.evaluation.edit_realism`).
+
 Rates come with 95% Wilson intervals. One judge panel reads all four attributes: ``evaluate``'s panel (classifiers
 of consecutive seeds, a verdict = their mean probability), trained on the four columns; its accuracy per attribute
 on the sharp test split is reported, and every rate carries each member's own.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,9 @@ from facegen.model.pipeline import LatentDiffusion
 from training.evaluation.protocol import JUDGE_PANEL_SIZE
 from training.train_vae import psnr
 
+from .edit_realism import EditInstruments, baselines, build_instruments, markdown_sections, regressor_check
+from .identity import STEPS as IDENTITY_STEPS
+from .identity import split_parameters, targets_of
 from .judge import JudgePanel, describe_panel, format_rate, panel_rate, train_panel
 
 KEPT_ATTRIBUTES = ("Eyeglasses", "Male", "Young")
@@ -78,18 +85,49 @@ def score_edits(judge: JudgePanel, sources: torch.Tensor, edits: torch.Tensor, t
     return row
 
 
-def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int, tuning: bool = False
-                   ) -> dict[bool, torch.Tensor]:
-    """``n`` test faces with and without the edited attribute (column 0): ``{has it: uint8 [n, 3, S, S]}``; the
-    first ``n`` of each for a report, the last ``n`` with ``tuning`` (disjoint while ``2 n`` fit: choosing a setting
-    never sees the faces that report it)."""
-    faces = {}
+def held_out_indices(labels: torch.Tensor, n: int, tuning: bool = False) -> dict[bool, torch.Tensor]:
+    """Rows of ``n`` test faces with and without the edited attribute (column 0 of ``labels int64 [N, A]``):
+    ``{has it: int64 [n]}``; the first ``n`` of each for a report, the last ``n`` with ``tuning`` (disjoint while
+    ``2 n`` fit: choosing a setting never sees the faces that report it)."""
+    rows = {}
     for value in (True, False):
-        pool = images[labels[:, 0] == int(value)]
+        pool = (labels[:, 0] == int(value)).nonzero().flatten()
         if len(pool) < (2 * n if tuning else n):
             raise ValueError(f"the test split has only {len(pool)} faces with attribute value {value}; lower --n")
-        faces[value] = pool[-n:] if tuning else pool[:n]
-    return faces
+        rows[value] = pool[-n:] if tuning else pool[:n]
+    return rows
+
+
+def held_out_faces(images: torch.Tensor, labels: torch.Tensor, n: int, tuning: bool = False
+                   ) -> dict[bool, torch.Tensor]:
+    """The faces ``uint8 [n, 3, S, S]`` of :func:`held_out_indices`."""
+    return {value: images[rows] for value, rows in held_out_indices(labels, n, tuning).items()}
+
+
+def realism_references(labels: torch.Tensor, sources: dict[bool, torch.Tensor], limit: int | None
+                       ) -> dict[bool, torch.Tensor]:
+    """Per value of the edited attribute, rows of the test faces no edit starts from (the first ``limit``; all with
+    None): the real faces edits toward that value are compared with."""
+    references = {}
+    for value, rows in sources.items():
+        pool = (labels[:, 0] == int(value)).nonzero().flatten()
+        references[value] = pool[~torch.isin(pool, rows)][:limit]
+    return references
+
+
+@dataclass(frozen=True)
+class InstrumentOptions:
+    """Which instruments of :mod:`training.evaluation.edit_realism` to run and how: ``synth_seed`` (the seed the
+    synthetic folder was written with), the identity regressor's training steps, the size of the realism reference
+    per label (None: every test face no edit starts from) and the folders keeping Inception features and the
+    regressor's weights."""
+
+    chosen: tuple[str, ...] = ()
+    synth_seed: int = 0
+    identity_steps: int = IDENTITY_STEPS
+    realism_reference: int | None = None
+    feature_cache: Path | None = None
+    identity_cache: Path | None = None
 
 
 def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strengths: tuple[float, ...], steps: int,
@@ -97,12 +135,13 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
                    precision: str = "auto", train_limit: int | None = None,
                    references: tuple[str, ...] = (EDIT_REFERENCE,), scopes: tuple[str, ...] = (EDIT_SCOPE,),
                    tuning: bool = False, judge_cache: Path | None = None,
-                   hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,), judges: int = JUDGE_PANEL_SIZE
-                   ) -> dict[str, Any]:
+                   hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,), judges: int = JUDGE_PANEL_SIZE,
+                   instruments: InstrumentOptions | None = None) -> dict[str, Any]:
     """The sweep: for each scope, reference, guidance scale (None: the model's own), hold guidance (acts with a
     reader only: a version without one is measured once, as 0), strength and direction, ``n``
     held-out faces edited and scored (:func:`score_edits`) by one judge panel of ``judges`` classifiers from
-    ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.evaluation.judge.train_panel`)."""
+    ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.evaluation.judge.train_panel`);
+    with ``instruments``, each row also by them (:mod:`training.evaluation.edit_realism`), beside their baselines."""
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]
@@ -118,24 +157,55 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
         "judge_accuracy": {name: judge.read(test_images, k).rate_of(test_labels[:, k])
                            for k, name in enumerate(judge_cfg.attributes)},
         "rows": []}
-    faces = held_out_faces(test_images, test_labels, n, tuning)
+    sources = held_out_indices(test_labels, n, tuning)
+    faces = {value: test_images[rows] for value, rows in sources.items()}
+    tools, truth = None, {}
+    if instruments is not None and instruments.chosen:
+        tools, truth = prepare_instruments(instruments, model, data, test_images, test_labels, sources, seed, results)
     guidances = [model.sampling.guidance_scale if g is None else g for g in guidance_scales]
     holds = hold_guidances if model.reader is not None else (0.0,)
     for scope, reference, guidance, hold, strength in itertools.product(scopes, references, guidances, holds,
                                                                         strengths):
-        for source_value, sources in faces.items():
+        for source_value, source_faces in faces.items():
             started = time.perf_counter()
-            edits = edit_images(model, sources, {attribute: not source_value}, strength, steps, guidance,
+            edits = edit_images(model, source_faces, {attribute: not source_value}, strength, steps, guidance,
                                 reference, scope, hold_guidance=hold)
             row = {"scope": scope, "reference": reference, "guidance_scale": guidance, "hold_guidance": hold,
                    "strength": strength,
                    "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
                                 f"{'not_' if source_value else ''}{attribute.lower()}",
                    "seconds_per_edit": (time.perf_counter() - started) / n,
-                   **score_edits(judge, sources, edits, not source_value)}
+                   **score_edits(judge, source_faces, edits, not source_value)}
+            if tools is not None:
+                row["instruments"] = tools.score(edits, not source_value, source_faces, truth[source_value])
             results["rows"].append(row)
-            print({k: (round(v["rate"], 3) if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
+            print({k: (round(v["rate"], 3) if "rate" in v else "…") if isinstance(v, dict) else v
+                   for k, v in row.items()}, flush=True)
     return results
+
+
+def prepare_instruments(options: InstrumentOptions, model: LatentDiffusion, data: Path, test_images: torch.Tensor,
+                        test_labels: torch.Tensor, sources: dict[bool, torch.Tensor], seed: int,
+                        results: dict[str, Any]) -> tuple[EditInstruments, dict[bool, Any]]:
+    """Build the chosen instruments, record their baselines (and the identity regressor's accuracy) under
+    ``results["instruments"]``; returns them and each direction's sources' true parameters (None without
+    identity)."""
+    references = realism_references(test_labels, sources, options.realism_reference)
+    tools = build_instruments(options.chosen, model, data, {v: test_images[rows] for v, rows in references.items()},
+                              seed, options.synth_seed, options.identity_steps, options.feature_cache,
+                              options.identity_cache)
+    test_truth = None
+    truth: dict[bool, Any] = {value: None for value in sources}
+    if tools.tolerance is not None:
+        test_truth = targets_of(split_parameters(data, "test", options.synth_seed), model.manifest.data)
+        truth = {value: test_truth[rows] for value, rows in sources.items()}
+    faces = {value: test_images[rows] for value, rows in sources.items()}
+    results["instruments"] = {
+        "chosen": list(options.chosen), "synth_seed": options.synth_seed, "identity_steps": options.identity_steps,
+        "baselines": baselines(tools, model, faces, truth, seed),
+        "regressor": None if test_truth is None else regressor_check(tools, model, test_images, test_truth,
+                                                                     torch.cat(list(sources.values())))}
+    return tools, truth
 
 
 def _percent(entry: dict[str, Any]) -> str:
@@ -160,4 +230,6 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
                      f"{row['strength']:g} | "
                      f"{row['direction']} | {_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
                      f"{_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
+    if "instruments" in results:
+        lines += markdown_sections(results)
     return "\n".join(lines) + "\n"
