@@ -55,7 +55,7 @@ from training.data.synthetic import (
     landmarks_of,
     rotate_points,
 )
-from training.evaluation.judge import Augmentation, degrade
+from training.evaluation.judge import FEATURE_CHANNELS, Augmentation, degrade, strided_features
 from training.runtime import cached_tensors
 from training.stats import rate
 
@@ -220,14 +220,9 @@ class IdentityRegressor(nn.Module):
 
     def __init__(self, image_size: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for width in (32, 64, 128, 128):
-            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
-            channels = width
-        self.features = nn.Sequential(*layers)
+        self.features = strided_features()
         outputs = VALUES + sum(p.width for p in CATEGORICAL)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * (image_size // 16) ** 2, 256), nn.SiLU(),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(FEATURE_CHANNELS * (image_size // 16) ** 2, 256), nn.SiLU(),
                                   nn.Linear(256, outputs))
         self.register_buffer("mean", torch.zeros(VALUES) if mean is None else mean)
         self.register_buffer("std", torch.ones(VALUES) if std is None else std)

@@ -107,19 +107,29 @@ def degrade(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> t
     return x.clamp(-1, 1)
 
 
+FEATURE_CHANNELS = 128  # channels of strided_features' output
+
+
+def strided_features() -> nn.Sequential:
+    """``[N, 3, S, S]`` -> ``[N, FEATURE_CHANNELS, S/16, S/16]``: four stride-2 3x3 convolutions (32, 64, 128, 128
+    channels), each with GroupNorm and SiLU."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in (32, 64, 128, FEATURE_CHANNELS):
+        layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
+        channels = width
+    return nn.Sequential(*layers)
+
+
 class AttributeClassifier(nn.Module):
     """``[N, 3, S, S]`` in [-1, 1] -> logits ``[N, A]``: four stride-2 convolutions, then a linear layer over the
     whole ``S/16 x S/16`` feature map (where a feature is, the mouth, matters)."""
 
     def __init__(self, attributes: int, image_size: int):
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for width in (32, 64, 128, 128):
-            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
-            channels = width
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(channels * (image_size // 16) ** 2, attributes))
+        self.features = strided_features()
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2),
+                                  nn.Linear(FEATURE_CHANNELS * (image_size // 16) ** 2, attributes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
