@@ -21,6 +21,7 @@ def checkpoints(tiny_checkpoints: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_checkpoints, tmp_path / "ck"))
 
 
+@pytest.mark.timeout(1800)  # Inception features on a loaded 2-core CPU
 def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoints: Path, synth_dir: Path) -> None:
     sealed = {path: path.read_bytes() for path in checkpoints.rglob(MANIFEST_FILE)}
     results = evaluate(checkpoints, "latest", synth_dir, n=6, settings=[Setting("dpmpp", 3, 2.0)], seed=REPORT_SEED,
@@ -106,6 +107,7 @@ def test_choosing_a_vae_judges_the_validation_split_and_leaves_the_report_alone(
     assert "on the val split" in markdown_report(chosen, "python -m training evaluate --tuning …")
 
 
+@pytest.mark.timeout(1800)  # three runs' Inception features on a loaded 2-core CPU
 def test_a_feature_cache_gives_the_same_numbers_and_reads_the_repeated_sets(checkpoints: Path, synth_dir: Path,
                                                                            tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
