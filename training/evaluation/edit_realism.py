@@ -216,7 +216,8 @@ def _identity_lines(results: dict[str, Any], bases: dict[bool, Any], check: dict
     for row in results["rows"]:
         source = not row["direction"].startswith("not_")
         for name, kept in (("round trips", bases[source]["vae"]["identity_kept"]),
-                           (f"edits {row['strength']:g}", row["instruments"]["identity_kept"])):
+                           (f"edits, strength {row['strength']:g}, hold {row['hold_guidance']:g}",
+                            row["instruments"]["identity_kept"])):
             cells = [f"{100 * kept[p]['rate']:.1f}" for p in parameters]
             lines.append(f"| {row['direction']} | {name} | {_percent(kept['all'])} | {' | '.join(cells)} |")
     lines += ["", "The identity regressor against the true parameters (share within the tolerance, or the right class):",
