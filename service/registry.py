@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from facegen.contract import fields, spec
 from facegen.contract.model_store import VersionRecord
-from service.store_catalog import StoreCatalog, student_teacher
+from service.store_catalog import StoreCatalog
 
 # Without any worker in the registry, requests may still name these (they wait in the queue for one).
 FALLBACK_ATTRIBUTES = ["Smiling"]
@@ -175,7 +175,7 @@ def with_workers(models: list[spec.ModelInfo], workers: list[spec.WorkerServing]
 def stored_attributes(record: VersionRecord) -> list[str]:
     """The attribute names of a published version (its manifest's); ``FieldError`` naming ``model`` for a
     distilled student, which is served beside its teacher, never as a model."""
-    teacher = student_teacher(record)
+    teacher = record.teacher
     if teacher is not None:
         raise FieldError("model", f"{record.version} is a distilled student of {teacher}: name {teacher} with "
                                   '"sampler": "student"', record.version)

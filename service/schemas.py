@@ -14,7 +14,6 @@ from rq.job import JobStatus
 
 from facegen.contract import fields, spec
 from facegen.contract.model_store import AliasMove, VersionRecord
-from service.store_catalog import student_teacher
 from service.webhooks.targets import check_url
 
 GENERATE_EXAMPLES = [
@@ -341,7 +340,7 @@ class StoreVersionPublic(BaseModel):
         return cls(version=record.version, vae_version=record.manifest.get("vae_version"),
                    attributes=list(record.manifest.get("attributes") or ()), card=record.card,
                    published_by=record.published_by, published_at=record.published_at,
-                   student_of=student_teacher(record))
+                   student_of=record.teacher)
 
 
 class StoreAliasPublic(BaseModel):

@@ -125,12 +125,6 @@ class StoreCatalog:
         return ModelStoreUnavailable(f"model store: {self.location} did not answer within {self.wait_s:g} s")
 
 
-def student_teacher(record: VersionRecord) -> str | None:
-    """The version a published student was distilled from (its manifest's ``distillation.teacher``), else None."""
-    distillation = record.manifest.get("distillation")
-    return distillation.get("teacher") if isinstance(distillation, dict) else None
-
-
 def _outcome(result: StoreListing | ModelStoreError) -> StoreListing:
     if isinstance(result, ModelStoreError):
         raise ModelStoreUnavailable(str(result))

@@ -59,14 +59,13 @@ KeepAlive = Callable[[], None]  # ticks the liveness (and heartbeats the jobs cl
 
 def newest_plain(records: list[VersionRecord]) -> str | None:
     """The newest published diffusion version that is not a distilled student (``records``: oldest first)."""
-    plain = [r.version for r in records if r.kind == SERVED_KIND and not r.manifest.get("distillation")]
+    plain = [r.version for r in records if r.kind == SERVED_KIND and r.teacher is None]
     return plain[-1] if plain else None
 
 
 def newest_student(records: list[VersionRecord], teacher: str) -> str | None:
     """The newest published student whose manifest's ``distillation.teacher`` is ``teacher``."""
-    students = [r.version for r in records
-                if r.kind == SERVED_KIND and (r.manifest.get("distillation") or {}).get("teacher") == teacher]
+    students = [r.version for r in records if r.kind == SERVED_KIND and r.teacher == teacher]
     return students[-1] if students else None
 
 

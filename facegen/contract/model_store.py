@@ -157,6 +157,13 @@ class VersionRecord:
     published_by: str
     published_at: str  # ISO 8601, UTC
 
+    @property
+    def teacher(self) -> str | None:
+        """The version a distilled student was distilled from (its manifest's ``distillation.teacher``); ``None``
+        for a plain version."""
+        distillation = self.manifest.get("distillation")
+        return distillation.get("teacher") if isinstance(distillation, dict) else None
+
     def content(self) -> dict[str, Any]:
         """The record without who published it when: what two publishes of one version must agree on."""
         return {k: v for k, v in self.to_json().items() if k not in ("published_by", "published_at")}
