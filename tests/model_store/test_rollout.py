@@ -1,5 +1,6 @@
 """Rolling out a version by moving an alias, against a real SeaweedFS and real Redis: two ``python -m worker``
-processes serving ``MODEL_VERSION=stable`` take 200 jobs while the alias moves from one published version to another.
+processes serving ``MODEL_VERSION=stable`` take 200 jobs while the alias moves from one published version to another,
+and a few more once the switch window has passed.
 No job fails; every image's provenance names the version its batch ran (the one in its job's meta, the same for the
 whole batch); each worker switches once, between batches, within a poll of the move; and a job pinned to the old
 version still runs on it afterwards."""
@@ -38,6 +39,7 @@ from tests.worker.test_model_pool import nudged, provenance
 REDIS_URL = redis_url_for_db(2)
 JOBS = 200
 MOVE_AFTER = 40  # jobs finished before the alias moves
+LATE_JOBS = 16  # enqueued once the switch window has passed, so a fast machine that drained the queue still shows it
 POLL_S = 0.5  # MODEL_ALIAS_POLL_S of the workers
 # A batch claimed this long after the move ran the new version: one poll, plus the time between a batch's look at
 # the alias and its claim (reading its companions), with room for a busy machine.
@@ -74,6 +76,26 @@ def serving(conn: redis.Redis) -> list[WorkerServing]:
     return [WorkerServing.model_validate_json(raw) for raw in conn.mget([worker_registry_key(n) for n in names]) if raw]
 
 
+def runs_checked_against_the_move(jobs: list[Job], conn: redis.Redis, moved_at: datetime, old: str, new: str
+                                  ) -> tuple[dict[str, set[str]], dict[str, list[tuple[datetime, str]]]]:
+    """The versions each batch ran, and each worker's ``(claimed at, version)`` runs, of finished ``jobs``; checks
+    that each PNG's provenance names its job's version, that jobs ended before the move ran ``old`` and that batches
+    claimed after the switch window ran ``new``."""
+    batches: dict[str, set[str]] = defaultdict(set)
+    by_worker: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    for job in jobs:
+        ran = job.meta[META_RESOLVED]["model"]
+        assert provenance(conn.get(artifact_key(job.id, "grid")))["model"] == ran, job.id
+        batches[job.meta[META_BATCH_RUN]["id"]].add(ran)
+        claimed = datetime.fromisoformat(job.meta[META_BATCH_RUN]["started_at"])
+        by_worker[job.worker_name].append((claimed, ran))
+        if job.ended_at.replace(tzinfo=UTC) < moved_at:
+            assert ran == old, job.id
+        if claimed > moved_at + SWITCHED_WITHIN:
+            assert ran == new, (job.id, claimed, moved_at)
+    return batches, by_worker
+
+
 @pytest.mark.timeout(600)
 def test_moving_an_alias_under_load_switches_every_worker_between_batches_without_a_failed_job(
         tiny_checkpoints: Path, store_env: dict[str, str], conn: redis.Redis, tmp_path: Path) -> None:
@@ -96,8 +118,10 @@ def test_moving_an_alias_under_load_switches_every_worker_between_batches_withou
         wait_for(lambda: ended(jobs, conn) >= MOVE_AFTER, 300, f"{MOVE_AFTER} jobs to end")
         moved_at = datetime.now(UTC)
         store.set_alias("stable", new, "tester@test")
-        wait_for(lambda: ended(jobs, conn) == JOBS, 300, "every job to end", poll=0.5)
-        pinned = enqueue(queue, JOBS, model=old)
+        wait_for(lambda: datetime.now(UTC) > moved_at + SWITCHED_WITHIN, 60, "the switch window to pass", poll=0.1)
+        jobs += [enqueue(queue, seed) for seed in range(JOBS, JOBS + LATE_JOBS)]
+        wait_for(lambda: ended(jobs, conn) == len(jobs), 300, "every job to end", poll=0.5)
+        pinned = enqueue(queue, len(jobs), model=old)
         wait_for(lambda: ended([pinned], conn), 120, "the job pinned to the old version to end")
         wait_for(lambda: {(s.serves, tuple(sorted(s.loaded))) for s in serving(conn)} == {
             (new, tuple(sorted((old, new))))}, 30, "both workers to report serving the new version")
@@ -111,22 +135,11 @@ def test_moving_an_alias_under_load_switches_every_worker_between_batches_withou
     failed = [(job.id, job.get_status(), job.meta) for job in (*jobs, pinned) if job.get_status() != JobStatus.FINISHED]
     assert not failed, (failed[:3], [log[-2000:] for log in logs])
 
-    batches: dict[str, set[str]] = defaultdict(set)
-    by_worker: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
-    for job in jobs:
-        ran = job.meta[META_RESOLVED]["model"]
-        assert provenance(conn.get(artifact_key(job.id, "grid")))["model"] == ran, job.id
-        batches[job.meta[META_BATCH_RUN]["id"]].add(ran)
-        claimed = datetime.fromisoformat(job.meta[META_BATCH_RUN]["started_at"])
-        by_worker[job.worker_name].append((claimed, ran))
-        if job.ended_at.replace(tzinfo=UTC) < moved_at:
-            assert ran == old, job.id
-        if claimed > moved_at + SWITCHED_WITHIN:
-            assert ran == new, (job.id, claimed, moved_at)
+    batches, by_worker = runs_checked_against_the_move(jobs, conn, moved_at, old, new)
     assert all(len(versions) == 1 for versions in batches.values())  # a batch runs one version
     counts = {version: sum(job.meta[META_RESOLVED]["model"] == version for job in jobs) for version in (old, new)}
     assert counts[old] >= MOVE_AFTER and counts[new] > 0, counts
-    assert any(claimed > moved_at + SWITCHED_WITHIN for runs in by_worker.values() for claimed, _ in runs)
+    assert sum(claimed > moved_at + SWITCHED_WITHIN for runs in by_worker.values() for claimed, _ in runs) >= LATE_JOBS
     assert len(by_worker) == 2
     for runs in by_worker.values():  # each worker switched once: every batch after its first on the new version too
         order = [ran for _, ran in sorted(runs)]
@@ -136,5 +149,5 @@ def test_moving_an_alias_under_load_switches_every_worker_between_batches_withou
 
     assert pinned.meta[META_RESOLVED]["model"] == old
     assert provenance(conn.get(artifact_key(pinned.id, "grid")))["model"] == old
-    print(f"[rollout] {JOBS} jobs on 2 workers, alias moved after {MOVE_AFTER}: {counts[old]} ran {old}, "
+    print(f"[rollout] {len(jobs)} jobs on 2 workers, alias moved after {MOVE_AFTER}: {counts[old]} ran {old}, "
           f"{counts[new]} ran {new}, {len(batches)} batches, 0 failed")
