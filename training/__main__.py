@@ -25,6 +25,7 @@ from facegen.model.config import (
     DataConfig,
     DiffusionTrainConfig,
     DistillConfig,
+    InvalidConfig,
     ReaderTrainConfig,
     SamplingConfig,
     ScheduleConfig,
@@ -34,6 +35,7 @@ from facegen.model.config import (
 )
 from facegen.model.device import DTYPES
 from facegen.model.diffusion.samplers import SAMPLERS
+from facegen.model.manifest import DiffusionManifest, Distillation
 from training.evaluation.edit_realism import INSTRUMENTS
 from training.evaluation.evaluate_edit import InstrumentOptions
 from training.evaluation.protocol import EDIT_SWEEP_STRENGTHS, JUDGE_PANEL_SIZE, REPORT_SEED, TUNING_SEED
@@ -131,6 +133,9 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
                         help="condition on these of the model's attributes alone, the others folded in as left open "
                              "(the same outputs as the source with them open)")
     add_config_flags(retune, SamplingConfig)
+    retune.add_argument("--student-default-steps", type=int, default=None, metavar="N",
+                        help="a distilled student (named by --diffusion): the step count it samples with when a "
+                             "request gives none (1..its max_steps; choose it with `evaluate --tuning`)")
 
     reader = commands.add_parser("reader", help="a new diffusion version: same weights plus a latent attribute reader "
                                                 "(edits hold the attributes they leave open by its gradient)")
@@ -401,6 +406,18 @@ def run_transitions(args: argparse.Namespace) -> None:
             handle.write(report + "\n")
 
 
+def student_with_default_steps(source: DiffusionManifest, steps: int) -> Distillation:
+    """``source``'s distillation record (a ``DiffusionManifest`` of a student) with ``default_steps = steps``; exits
+    with one line for a plain version or a count outside the student's ``1..max_steps``."""
+    if source.distillation is None:
+        sys.exit(f"--student-default-steps: {source.version} is not a distilled student; name one with --diffusion")
+    try:
+        sampling = dataclasses.replace(source.distillation.sampling, default_steps=steps)
+    except InvalidConfig as exc:
+        sys.exit(f"--student-default-steps: {exc}")
+    return dataclasses.replace(source.distillation, sampling=sampling)
+
+
 def run_retune(args: argparse.Namespace) -> None:
     from facegen.model.checkpoints import derive_checkpoint, load_checkpoint, resolve_version, shared_parts
 
@@ -408,6 +425,8 @@ def run_retune(args: argparse.Namespace) -> None:
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
             if getattr(args, name, None) is None}
     changes: dict[str, Any] = {"sampling": config_from_args(SamplingConfig, args, **kept)}
+    if args.student_default_steps is not None:
+        changes["distillation"] = student_with_default_steps(source, args.student_default_steps)
     if args.vae:
         vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; shared_parts loads the weights
         if not shared_parts(args.checkpoints, source.vae_version, vae):

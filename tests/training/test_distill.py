@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint
+from facegen.contract.spec import LATEST
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, load_checkpoint, served_versions
 from facegen.model.config import ConsistencyConfig, DistillConfig, InvalidConfig, ScheduleConfig, UNetConfig
 from facegen.model.diffusion.consistency import ConsistencySampler, boundary_scalings, skeleton_timesteps
 from facegen.model.diffusion.noise import ImageNoise
@@ -199,3 +200,23 @@ def test_a_time_budget_stops_saves_and_exports_and_a_student_is_no_teacher(tiny_
     with pytest.raises(DistillError, match="distils"):  # another student config than the run's
         distill(teacher, DistillConfig(steps=2), ConsistencyConfig(max_steps=4),
                 RunOptions(synth_dir, root, run, precision="fp32", threads=1), resume=True)
+
+
+def test_retune_sets_a_students_default_steps_and_refuses_what_it_cannot(tiny_student_checkpoints: Path,
+                                                                        tmp_path: Path) -> None:
+    """The step count chosen on the validation split becomes a new student version's default: same weights, same
+    teacher, and the newest student of that teacher (the one workers serve beside it)."""
+    root = Path(shutil.copytree(tiny_student_checkpoints, tmp_path / "ck"))
+    teacher, student = served_versions(root, LATEST)
+    assert main(["retune", "--checkpoints", str(root), "--diffusion", student, "--student-default-steps", "2"]) == 0
+    derived = served_versions(root, LATEST)[1]
+    manifest, source = (load_checkpoint(root, "diffusion", v).manifest for v in (derived, student))
+    assert derived != student and manifest.derived_from == student and manifest.files == source.files
+    assert manifest.distillation == dataclasses.replace(
+        source.distillation, sampling=dataclasses.replace(source.distillation.sampling, default_steps=2))
+    assert served_versions(root, LATEST)[0] == teacher
+
+    with pytest.raises(SystemExit, match="not a distilled student"):
+        main(["retune", "--checkpoints", str(root), "--diffusion", teacher, "--student-default-steps", "2"])
+    with pytest.raises(SystemExit, match="default_steps must be in 1..max_steps"):
+        main(["retune", "--checkpoints", str(root), "--diffusion", student, "--student-default-steps", "9"])
