@@ -29,7 +29,7 @@ from facegen.model.checkpoints import READER_FILE, load_part, save_checkpoint, w
 from facegen.model.config import ConsistencyConfig, DistillConfig, asdict
 from facegen.model.device import DTYPES, autocast
 from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
-from facegen.model.diffusion.guidance import null_labels, rescaled
+from facegen.model.diffusion.guidance import null_labels
 from facegen.model.diffusion.schedule import NoiseSchedule, eps_from_x0
 from facegen.model.manifest import DiffusionManifest, Distillation, TrainingRun
 from facegen.model.networks.unet import UNet
@@ -58,17 +58,15 @@ def student_from_teacher(teacher: UNet) -> UNet:
 
 
 def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
-                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float,
-                     rescale: float = 0.0) -> torch.Tensor:
+                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float) -> torch.Tensor:
     """The teacher's classifier-free-guided DDIM (eta 0) step from ``x_t [N, C, H, W]`` at ``t [N]`` to ``t_prev
-    [N]`` (float32): ``v = v_null + w (v_cond - v_null)`` with ``w = guidance [N]`` per row, rescaled by the
-    teacher's ``rescale`` (``guidance.rescaled``), ``x0`` clamped to ``[-x0_clip, x0_clip]``, ``eps`` consistent
-    with it (as ``DDIMSampler.step`` with ``guided``); two teacher rows per row. ``labels [N, A]``: a row whose
-    labels are all null gets the unconditional step whatever ``w``."""
+    [N]`` (float32): ``v = v_null + w (v_cond - v_null)`` with ``w = guidance [N]`` per row, ``x0`` clamped to
+    ``[-x0_clip, x0_clip]``, ``eps`` consistent with it (as ``DDIMSampler.step`` with ``guided``); two teacher rows
+    per row. ``labels [N, A]``: a row whose labels are all null gets the unconditional step whatever ``w``."""
     both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
                    torch.cat([labels, null_labels(labels, teacher.config.null_label)])).float()
     cond, uncond = both.chunk(2)
-    v = rescaled(uncond + guidance.view(-1, 1, 1, 1) * (cond - uncond), cond, rescale)
+    v = uncond + guidance.view(-1, 1, 1, 1) * (cond - uncond)
     abar, abar_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
     x0 = schedule.split(v, x_t, abar)[0].clamp(-x0_clip, x0_clip)
     return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
@@ -117,8 +115,7 @@ class DistillStep:
         x_t = schedule.q_sample(z0, t, noise)
         target_net = trainer.ema.model
         with torch.no_grad(), autocast(trainer.device, self.dtype):
-            x_prev = guided_ddim_step(self.teacher, schedule, x_t, t, t_prev, y, w, self.manifest.latent_clip,
-                                      self.manifest.sampling.guidance_rescale)
+            x_prev = guided_ddim_step(self.teacher, schedule, x_t, t, t_prev, y, w, self.manifest.latent_clip)
             target = consistency_output(schedule, consistency, target_net(x_prev, t_prev, y, guidance=w).float(),
                                         x_prev, t_prev)
         for group in trainer.optimizers["model"].param_groups:

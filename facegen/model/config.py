@@ -140,14 +140,7 @@ class SamplingConfig:
     """Sampling defaults stored with a diffusion checkpoint."""
 
     guidance_scale: float = 3.0
-    # guidance rescale (Lin et al. 2024, sec. 3.4) in [0, 1]: the guided output's per-image std pulled toward the
-    # conditional output's by this share, against the over-saturated colours a large scale gives; 0: off
-    guidance_rescale: float = 0.0
     ddim_eta: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise InvalidConfig(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
 
 
 @dataclass(frozen=True)

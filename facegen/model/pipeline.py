@@ -185,7 +185,7 @@ class LatentDiffusion:
         null = self.unet.config.null_label
         distillation = self.manifest.distillation
         if distillation is None:
-            return guided(unet, labels, guidance_scale, null, reference, self.sampling.guidance_rescale)
+            return guided(unet, labels, guidance_scale, null, reference)
         if reference is not None:
             raise ValueError(f"version {self.version} is a distilled student: it guides against the null labels only")
         return distilled_guidance(unet, labels, guidance_scale, null, distillation.sampling.guidance_range)

@@ -158,30 +158,6 @@ def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Pa
     assert load_checkpoint(root, "diffusion", source.version).manifest == source.manifest  # untouched
 
 
-def test_a_version_retuned_with_guidance_rescale_samples_with_it(tiny_checkpoints: Path, tmp_path: Path) -> None:
-    """``retune --guidance-rescale`` is a serving default: the derived version's guided samples differ from its
-    source's at the same seeds, while at guidance 1 (one conditional pass, nothing to rescale) they are the same."""
-    from facegen.model.diffusion.noise import ImageNoise
-    from facegen.model.pipeline import LatentDiffusion
-    from training.__main__ import main
-
-    root = tmp_path / "checkpoints"
-    shutil.copytree(tiny_checkpoints, root)
-    source = load_checkpoint(root, "diffusion").version
-    assert main(["retune", "--checkpoints", str(root), "--guidance-rescale", "0.7"]) == 0
-    derived = load_checkpoint(root, "diffusion")
-    assert derived.manifest.sampling.guidance_rescale == 0.7
-    models = [LatentDiffusion.load(root, version, torch.device("cpu"), torch.float32)
-              for version in (source, derived.version)]
-    labels = torch.tensor([[1], [0]])
-
-    def latents(model: LatentDiffusion, guidance: float) -> torch.Tensor:
-        return model.sample_latents(labels, ImageNoise([(7, 0), (7, 1)]), "dpmpp", 3, guidance)
-
-    assert torch.equal(latents(models[0], 1.0), latents(models[1], 1.0))
-    assert not torch.allclose(latents(models[0], 4.0), latents(models[1], 4.0))
-
-
 def test_format_1_manifests_migrate_to_typed_ones() -> None:
     """Manifests of the first format, as two published versions carry them."""
     vae = read_manifest(FORMAT_1 / "vae")

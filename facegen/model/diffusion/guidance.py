@@ -14,27 +14,14 @@ def null_labels(labels: torch.Tensor, null_label: int) -> torch.Tensor:
     return torch.full_like(labels, null_label)
 
 
-def rescaled(guided_output: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
-    """Guidance rescale (Lin et al. 2024, sec. 3.4): ``guided_output [N, C, H, W]`` times ``1 - rescale + rescale *
-    std(cond) / std(guided_output)``, each std per image over ``C, H, W``; ``rescale`` in [0, 1] (0: unchanged, 1:
-    the conditional output's spread). A large guidance scale inflates the output's spread, which shows as
-    over-saturated colours; this pulls it back without changing its direction."""
-    if rescale == 0.0:
-        return guided_output
-    dims = tuple(range(1, guided_output.ndim))
-    ratio = cond.float().std(dim=dims, keepdim=True) / guided_output.float().std(dim=dims, keepdim=True).clamp_min(1e-8)
-    return guided_output * (1.0 - rescale + rescale * ratio).to(guided_output.dtype)
-
-
 def guided(unet: nn.Module, labels: torch.Tensor, scale: float, null_label: int,
-           reference: torch.Tensor | None = None, rescale: float = 0.0) -> ModelFn:
-    """``(x, t) -> ref + scale * (cond - ref)``, then :func:`rescaled` by ``rescale``; the conditional and reference
-    passes share one batch.
+           reference: torch.Tensor | None = None) -> ModelFn:
+    """``(x, t) -> ref + scale * (cond - ref)``; the conditional and reference passes share one batch.
 
     ``labels [N, A]`` in {0, 1}. ``reference [N, A]``: the condition guided away from (default: the null labels,
     i.e. the unconditional model; an edit passes the source's labels so that guidance pushes along the difference
     between source and target alone). ``scale = 1`` is the plain conditional model (one pass), ``scale = 0`` the
-    reference one (neither is rescaled: each is one network's own output).
+    reference one.
     """
     if scale == 1.0:
         return lambda x, t: unet(x, t, labels)
@@ -45,7 +32,7 @@ def guided(unet: nn.Module, labels: torch.Tensor, scale: float, null_label: int,
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond, ref = unet(torch.cat([x, x]), torch.cat([t, t]), both_labels).chunk(2)
-        return rescaled(ref + scale * (cond - ref), cond, rescale)
+        return ref + scale * (cond - ref)
 
     return model_fn
 
