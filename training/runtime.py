@@ -49,7 +49,10 @@ class Distributed:
         return cls(dist.get_rank(), world, local_rank)
 
     def close(self) -> None:
+        """Leave the process group together: a barrier first, so that no rank tears down its side of the group and
+        exits while another still exports (gloo aborts a process whose group dies under it)."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
