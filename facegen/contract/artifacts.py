@@ -234,10 +234,18 @@ class S3ArtifactStore:
                           Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s)
 
     def expire(self, job_id: str, names: Iterable[str]) -> None:
+        """Delete the objects in one request; an object the store refuses to delete (``delete_objects`` answers
+        200 and lists it under ``Errors``) raises as the request's own failure does."""
         objects = [{"Key": self.key(job_id, name)} for name in names]
-        if objects:
-            self._call("delete", objects[0]["Key"], self.client.delete_objects, Bucket=self.bucket,
-                       Delete={"Objects": objects, "Quiet": True})
+        if not objects:
+            return
+        response = self._call("delete", objects[0]["Key"], self.client.delete_objects, Bucket=self.bucket,
+                              Delete={"Objects": objects, "Quiet": True})
+        refused = response.get("Errors", [])
+        if refused:
+            log.warning("S3 delete refused for %s", ", ".join(f"{e.get('Key')} ({e.get('Code')})" for e in refused))
+            raise ArtifactStoreUnavailable(f"artifact store refused to delete {len(refused)} of {len(objects)} "
+                                           f"objects of job {job_id} ({refused[0].get('Code')})")
 
     def ping(self) -> None:
         self._call("reach", self.bucket, self.probe.head_bucket, Bucket=self.bucket)

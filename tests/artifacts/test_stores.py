@@ -10,6 +10,7 @@ import os
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+import boto3
 import httpx
 import pytest
 from PIL import Image
@@ -66,6 +67,19 @@ def test_put_get_expire_any_name(store) -> None:
     assert store.get(JOB_ID, "grid") is None
     assert store.get(JOB_ID, "image-3") == files["image-3"].data
     store.ping()
+
+
+def test_an_s3_delete_the_store_refuses_raises(s3_server, s3_settings, monkeypatch) -> None:
+    """delete_objects answers 200 with the refused keys under Errors: expire raises instead of passing it by (the
+    API's identity may read, never delete)."""
+    job_id = "0c7d1f2e-3b4a-4c5d-8e9f-a0b1c2d3e4f5"  # its object stays: no other test sees it
+    S3ArtifactStore(s3_settings).put(job_id, {"grid": Artifact(png((1, 2, 3)), "image/png")}, TTL_S)
+    for name, value in s3_server.api_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the keys it first read
+    with pytest.raises(ArtifactStoreUnavailable, match="refused to delete 1 of 1 objects .*AccessDenied"):
+        S3ArtifactStore(ArtifactSettings()).expire(job_id, ["grid"])
+    assert S3ArtifactStore(s3_settings).get(job_id, "grid") is not None
 
 
 def test_open_streams_what_put_stored(store) -> None:
