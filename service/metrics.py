@@ -49,7 +49,8 @@ class Metrics:
         self.jobs_rejected = Counter(
             "facegen_api_jobs_rejected",
             "POST /generate requests refused, by reason (queue_full, queued_jobs, queued_units, "
-            "units_per_minute, redis_unavailable, not_replicated, invalid, idempotency_conflict).",
+            "units_per_minute, redis_unavailable, model_store_unavailable, decode_busy, not_replicated, invalid, "
+            "idempotency_conflict).",
             ["reason"], registry=r,
         )
         # By API key: 12 hex digits of a keyed hash (HMAC) of the key's id, never the key or its id, or a bucket of

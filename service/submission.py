@@ -8,11 +8,11 @@ routes only parse HTTP input and turn what this raises into answers (service/api
 
 - :class:`InvalidRequest`: a field refused (422 naming it), or the fields that make the request cost too much;
 - ``service.uploads.UploadError``: an edit's image refused (413/415/422 naming ``image``), or no decode slot
-  free in time (503);
+  free in time (503), counted in the rejection metrics here;
 - ``admission.Refused`` (429), ``admission.IdempotencyMismatch`` (422 naming the Idempotency-Key header),
   ``redis.RedisError`` (503), each counted in the rejection metrics here;
 - ``ModelStoreUnavailable`` (503): the request names a model no live worker serves, and the model store, which
-  may hold it, did not answer.
+  may hold it, did not answer (counted here too).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import redis
 from pydantic import ValidationError
 
 from facegen.contract import cost, fields, spec
+from facegen.contract.model_store import ModelStoreUnavailable
 from service import admission, keys, registry, uploads
 from service.config import Settings
 from service.schemas import EditCreate, JobAccepted, JobCreate, JobLinks, WebhookCreate
@@ -162,7 +163,11 @@ async def _admit_edit(services: Services, caller: Caller, parameters: spec.JobSp
             if earlier is not None:
                 return earlier
         await admission.decide(services.async_redis, services.queue, units, services.settings, caller)
-    png = await uploads.decode_upload(order.upload, services.settings)
+    try:
+        png = await uploads.decode_upload(order.upload, services.settings)
+    except uploads.UploadError as exc:  # the file refused (invalid), or no decode slot in time (decode_busy)
+        services.metrics.jobs_rejected.labels("decode_busy" if exc.status == 503 else "invalid").inc()
+        raise
     job_spec = _spec(spec.EditSpec, **parameters.model_dump(), image=base64.b64encode(png).decode())
     return await _admit(services, caller, job_spec, idempotency, order.webhook, rate_charged=True)
 
@@ -181,6 +186,9 @@ async def _resolve(services: Services, order: _Order) -> registry.Resolved:
         raise InvalidRequest([(exc.loc, exc.message, exc.value)]) from None
     except redis.RedisError:
         services.metrics.jobs_rejected.labels("redis_unavailable").inc()
+        raise
+    except ModelStoreUnavailable:
+        services.metrics.jobs_rejected.labels("model_store_unavailable").inc()
         raise
 
 

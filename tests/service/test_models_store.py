@@ -217,6 +217,8 @@ def test_a_silent_store_costs_a_request_at_most_its_timeout(make_client, conn: r
         answer = client.post("/generate", json={"label": "smiling", "model": "stable"})
         assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
         assert client.post("/generate", json={"label": "smiling"}).status_code == 202
+        metrics = client.get("/metrics").text
+        assert 'facegen_api_jobs_rejected_total{reason="model_store_unavailable"} 1.0' in metrics
     finally:
         silent.close()
         boto3.DEFAULT_SESSION = None

@@ -251,6 +251,7 @@ def test_an_upload_over_the_decode_concurrency_is_503_with_retry_after(make_clie
     refused = client.post("/edit", data={"label": "smiling"}, files={"image": ("face.png", face_png())})
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
     assert refused.json()["detail"].startswith("image: ") and "UPLOAD_DECODE_CONCURRENCY" in refused.json()["detail"]
+    assert 'facegen_api_jobs_rejected_total{reason="decode_busy"} 1.0' in client.get("/metrics").text
     release.set()
     first.join()
     assert first_answer[0].status_code == 202
