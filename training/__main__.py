@@ -202,6 +202,20 @@ def add_measure_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                           help="keep the Inception features of repeated image sets (test split, floors) here")
     evaluate.add_argument("--judge-cache", type=Path, default=None, metavar="DIR", help=JUDGE_CACHE_HELP)
+    evaluate.add_argument("--colour", action="store_true",
+                          help="also the share of generated mouths outside real mouths' colours, per label (the edit "
+                               "instruments' colour instrument; --data must be a folder written by `synth`)")
+    add_regressor_flags(evaluate, "--colour")
+
+
+def add_regressor_flags(parser: argparse.ArgumentParser, used_by: str) -> None:
+    """The identity regressor's flags (it finds the mouth for the colour instrument and reads identity)."""
+    parser.add_argument("--synth-seed", type=int, default=InstrumentOptions.synth_seed,
+                        help=f"the seed `synth` wrote --data with ({used_by})")
+    parser.add_argument("--identity-steps", type=int, default=InstrumentOptions.identity_steps,
+                        help=f"training steps of the identity regressor ({used_by})")
+    parser.add_argument("--identity-cache", type=Path, default=None, metavar="DIR",
+                        help=f"keep the identity regressor's weights here, by data, seed and steps ({used_by})")
 
 
 def add_instrument_flags(edits: argparse.ArgumentParser) -> None:
@@ -210,17 +224,12 @@ def add_instrument_flags(edits: argparse.ArgumentParser) -> None:
                        help="also measure the edits' realism (KID/FID), their mouths' colour fidelity and the identity "
                             "they keep, beside real, round-trip and generated faces (training/evaluation/edit_realism.py;"
                             " colour and identity need a folder written by `synth`)")
-    edits.add_argument("--synth-seed", type=int, default=InstrumentOptions.synth_seed,
-                       help="the seed `synth` wrote --data with (colour, identity)")
-    edits.add_argument("--identity-steps", type=int, default=InstrumentOptions.identity_steps,
-                       help="training steps of the identity regressor (colour, identity)")
+    add_regressor_flags(edits, "colour, identity")
     edits.add_argument("--realism-reference", type=int, default=None, metavar="N",
                        help="real faces per label in the KID/FID reference (default: every test face no edit starts "
                             "from)")
     edits.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                        help="keep the Inception features of repeated image sets here (realism)")
-    edits.add_argument("--identity-cache", type=Path, default=None, metavar="DIR",
-                       help="keep the identity regressor's weights here, by data, seed and steps (colour, identity)")
 
 
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
@@ -357,7 +366,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
             args.checkpoints, args.diffusion, args.data, args.n, evaluation_settings(args), seed,
             args.classifier_steps, fid=not args.no_fid, precision=args.precision, tuning=args.tuning,
             vae_versions=tuple(args.vae), feature_cache=args.feature_cache, judge_cache=args.judge_cache,
-            judges=args.judges)
+            judges=args.judges, colour=InstrumentOptions(("colour",), args.synth_seed, args.identity_steps,
+                                                         identity_cache=args.identity_cache) if args.colour else None)
     except (SeedError, SettingError, CheckpointError) as exc:  # said in one line, without a traceback
         sys.exit(f"evaluate: {exc}")
     report = "\n".join(markdown_report(results, command) for results in evaluated)

@@ -57,6 +57,28 @@ def test_evaluation_reports_rates_with_intervals_kid_fid_and_the_judge(checkpoin
     assert f"a panel of {JUDGE_PANEL_SIZE} classifiers" in report and "members " in report
 
 
+def test_colour_adds_each_labels_mouths_outside_real_colours(checkpoints: Path, synth_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """``evaluate --colour``: every row carries the colour instrument's rate per label (n, Wilson interval), in the
+    record and as two more columns of the report."""
+    from training.__main__ import main
+
+    report = tmp_path / "report.md"
+    assert main(["evaluate", "--checkpoints", str(checkpoints), "--data", str(synth_dir), "--n", "4", "--settings",
+                 "dpmpp:3:2,ddim:3:1", "--no-fid", "--judges", "1", "--classifier-steps", "2", "--precision", "fp32",
+                 "--colour", "--synth-seed", "3", "--identity-steps", "2", "--identity-cache", str(tmp_path / "id"),
+                 "--report", str(report)]) == 0
+    rows = read_evaluation(load_checkpoint(checkpoints, "diffusion", "latest").path)["evaluation"]["settings"]
+    for row in rows:
+        for label in ("smiling", "not_smiling"):
+            colour = row[f"colour_outside_{label}"]
+            assert colour["n"] == 4 and 0 <= colour["low"] <= colour["rate"] <= colour["high"] <= 1
+    text = report.read_text()
+    assert "| mouths outside real colour, smiling [95% CI] | mouths outside real colour, not_smiling [95% CI] |" in text
+    table = [line for line in text.splitlines() if line.startswith("| dpmpp | 3 |") or line.startswith("|---")]
+    assert len({line.count("|") for line in table}) == 1  # the header's rule and the rows have as many cells
+
+
 def test_a_report_refuses_the_seeds_that_trained_or_tuned_the_model(checkpoints: Path, synth_dir: Path) -> None:
     args = dict(n=2, settings=[Setting("ddim", 2, 2.0)], classifier_steps=1, fid=False, precision="fp32")
     with pytest.raises(SeedError, match=f"seed {TUNING_SEED} trained or tuned"):

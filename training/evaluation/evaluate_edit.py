@@ -43,6 +43,7 @@ from facegen.model.diffusion.noise import ImageNoise
 from facegen.model.imaging import to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 from training.evaluation.protocol import JUDGE_PANEL_SIZE
+from training.stats import percent_with_interval
 from training.train_vae import psnr
 
 from .edit_realism import EditInstruments, baselines, build_instruments, markdown_sections, regressor_check
@@ -208,10 +209,6 @@ def prepare_instruments(options: InstrumentOptions, model: LatentDiffusion, data
     return tools, truth
 
 
-def _percent(entry: dict[str, Any]) -> str:
-    return f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"
-
-
 def markdown_report(results: dict[str, Any], command: str) -> str:
     """The sweep as a Markdown table, with the judge's accuracy per attribute and the sample size."""
     judge = "; ".join(f"{name} {format_rate(entry)}" for name, entry in results["judge_accuracy"].items())
@@ -225,11 +222,11 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              "PSNR to input (dB) | Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
-        kept = [_percent(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
+        kept = [percent_with_interval(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
         lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['hold_guidance']:g} | "
                      f"{row['strength']:g} | "
-                     f"{row['direction']} | {_percent(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
-                     f"{_percent(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
+                     f"{row['direction']} | {percent_with_interval(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
+                     f"{percent_with_interval(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
     if "instruments" in results:
         lines += markdown_sections(results)
     return "\n".join(lines) + "\n"
