@@ -27,7 +27,7 @@ from training.distill import DistillError, distill, student_from_teacher
 from training.runtime import load_state
 from training.trainer import RunOptions
 
-SERVED = "20261201-122024-58f502"
+SERVED = served_versions(BUNDLED_CHECKPOINTS, "latest")[0]  # the plain version a worker serves
 DATA_STD = 0.5
 SHAPE = (4, 4, 4)
 
