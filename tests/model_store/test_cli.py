@@ -35,7 +35,7 @@ def test_publish_with_an_alias_then_list_the_store(store_env: dict[str, str]) ->
     lines = listing.stdout.splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith(f"diffusion {BUNDLED_DIFFUSION} [stable] "
                                                                       "published by alice@test at "))
-    assert "dpmpp-20-g5: not_smiling 100.0%, smiling 99.0%, KID×1000 67.5, FID 85.9" in lines[row + 1]
+    assert "dpmpp-20-g3: not_smiling 100.0%, smiling 97.2%, KID×1000 66.5, FID 83.3" in lines[row + 1]
     assert any(line.startswith(f"vae       {BUNDLED_VAE}  published by alice@test") for line in lines)
     assert f"alias stable -> {BUNDLED_DIFFUSION} (moved by alice@test at " in listing.stdout
 

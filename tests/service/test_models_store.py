@@ -32,8 +32,8 @@ from tests.service.conftest import LiveServer
 from tests.service.fakeworker import model_info, publish_model, publish_worker
 
 BUNDLED = resolve_version(BUNDLED_CHECKPOINTS, "diffusion", "latest").name
-NEWER = "20261202-000000-abcdef"  # two attributes
-STUDENT = "20261203-000000-fedcba"  # a student of BUNDLED
+NEWER = "20261207-000000-abcdef"  # two attributes
+STUDENT = "20261208-000000-fedcba"  # a student of BUNDLED
 UNKNOWN = "20990101-000000-000000"
 STORE_PREFIX = "models"
 
@@ -84,9 +84,9 @@ def published(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
                                               s3_region=REGION))
     boto3.DEFAULT_SESSION = None
     store.publish(BUNDLED_CHECKPOINTS / "diffusion" / BUNDLED, "alice@test")
-    store.publish(derived_version(root, NEWER, "2026-12-02T00:00:00+00:00", attributes=["Smiling", "Eyeglasses"]),
+    store.publish(derived_version(root, NEWER, "2026-12-07T00:00:00+00:00", attributes=["Smiling", "Eyeglasses"]),
                   "alice@test")
-    store.publish(derived_version(root, STUDENT, "2026-12-03T00:00:00+00:00",
+    store.publish(derived_version(root, STUDENT, "2026-12-08T00:00:00+00:00",
                                   distillation={"teacher": BUNDLED, "method": "lcm"}), "alice@test")
     store.set_alias("stable", BUNDLED, "alice@test")
     return Published(store, {**s3_server.api_env(), "MODEL_STORE": location})
