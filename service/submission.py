@@ -109,7 +109,8 @@ def _check_fields(request: JobCreate | EditCreate) -> None:
 
 async def _submit(services: Services, caller: Caller, order: _Order, idempotency_key: str | None,
                   root_path: str) -> Submitted:
-    resolved = await _resolve(services, order)
+    with _counted_refusals(services, caller):
+        resolved = await _resolve(services, order)
     await _check_webhook(order.webhook, services)
     seed = order.seed if order.seed is not None else fields.draw_seed()
     job_spec = _spec(order.kind, attributes=resolved.attributes, seed=seed, model=resolved.model,
@@ -163,11 +164,7 @@ async def _admit_edit(services: Services, caller: Caller, parameters: spec.JobSp
             if earlier is not None:
                 return earlier
         await admission.decide(services.async_redis, services.queue, units, services.settings, caller)
-    try:
         png = await uploads.decode_upload(order.upload, services.settings)
-    except uploads.UploadError as exc:  # the file refused (invalid), or no decode slot in time (decode_busy)
-        services.metrics.jobs_rejected.labels("decode_busy" if exc.status == 503 else "invalid").inc()
-        raise
     job_spec = _spec(spec.EditSpec, **parameters.model_dump(), image=base64.b64encode(png).decode())
     return await _admit(services, caller, job_spec, idempotency, order.webhook, rate_charged=True)
 
@@ -184,12 +181,6 @@ async def _resolve(services: Services, order: _Order) -> registry.Resolved:
         return resolved
     except registry.FieldError as exc:
         raise InvalidRequest([(exc.loc, exc.message, exc.value)]) from None
-    except redis.RedisError:
-        services.metrics.jobs_rejected.labels("redis_unavailable").inc()
-        raise
-    except ModelStoreUnavailable:
-        services.metrics.jobs_rejected.labels("model_store_unavailable").inc()
-        raise
 
 
 async def _check_webhook(webhook: WebhookCreate | None, services: Services) -> None:
@@ -209,7 +200,8 @@ async def _check_webhook(webhook: WebhookCreate | None, services: Services) -> N
 
 @contextmanager
 def _counted_refusals(services: Services, caller: Caller) -> Iterator[None]:
-    """Counts what admission raises in the rejection metrics, by reason."""
+    """Counts what resolving the model, admission and an edit's decode raise in the rejection metrics, by
+    reason."""
     metrics = services.metrics
     try:
         yield
@@ -226,6 +218,12 @@ def _counted_refusals(services: Services, caller: Caller) -> Iterator[None]:
         raise
     except redis.RedisError:
         metrics.jobs_rejected.labels("redis_unavailable").inc()
+        raise
+    except ModelStoreUnavailable:
+        metrics.jobs_rejected.labels("model_store_unavailable").inc()
+        raise
+    except uploads.UploadError as exc:  # the file refused, or no decode slot free in time
+        metrics.jobs_rejected.labels("decode_busy" if exc.status == 503 else "invalid").inc()
         raise
 
 
