@@ -58,7 +58,8 @@ def student_from_teacher(teacher: UNet) -> UNet:
 
 
 def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
-                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float) -> torch.Tensor:
+                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float
+                     ) -> torch.Tensor:
     """The teacher's classifier-free-guided DDIM (eta 0) step from ``x_t [N, C, H, W]`` at ``t [N]`` to ``t_prev
     [N]`` (float32): ``v = v_null + w (v_cond - v_null)`` with ``w = guidance [N]`` per row, ``x0`` clamped to
     ``[-x0_clip, x0_clip]``, ``eps`` consistent with it (as ``DDIMSampler.step`` with ``guided``); two teacher rows

@@ -30,6 +30,6 @@ def rate(hits: torch.Tensor) -> dict[str, Any]:
     return {"rate": k / n if n else float("nan"), "low": low, "high": high, "n": n}
 
 
-def percent_with_interval(entry: dict[str, Any]) -> str:
+def percent_ci(entry: dict[str, Any]) -> str:
     """A :func:`rate` as ``"12.5% [9.1, 16.9]"`` (percent, its 95% interval)."""
     return f"{100 * entry['rate']:.1f}% [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"

@@ -28,7 +28,7 @@ import torch
 from facegen.model.config import DataConfig
 from facegen.model.pipeline import LatentDiffusion
 from training.data.celeba import load_split
-from training.stats import percent_with_interval, rate
+from training.stats import percent_ci, rate
 
 from .evaluate import Setting, generate, reconstruct
 from .identity import (
@@ -175,7 +175,7 @@ def _quality_cells(scores: dict[str, Any]) -> list[str]:
     cells = [f"{1000 * realism['kid']:.1f} ± {1000 * realism['kid_std']:.1f}", f"{realism['fid']:.1f}"] \
         if realism else ["–", "–"]
     colour = scores.get("colour_outside")
-    return cells + [percent_with_interval(colour) if colour else "–"]
+    return cells + [percent_ci(colour) if colour else "–"]
 
 
 def markdown_sections(results: dict[str, Any]) -> list[str]:
@@ -206,7 +206,7 @@ def _identity_lines(results: dict[str, Any], bases: dict[bool, Any], check: dict
     parameters = [p.name for p in IDENTITY]
     lines = ["", "Identity kept (regressor readings of edit and input within the tolerance, % per parameter; identity: "
              "every parameter but the iris; round trips: the sources' VAE round trips, the ceiling; a different face "
-             f"passes for the same on {percent_with_interval(check['other_faces'])}):", "",
+             f"passes for the same on {percent_ci(check['other_faces'])}):", "",
              "| direction | set | identity kept | " + " | ".join(parameters) + " |",
              "|---|---|---|" + "---|" * len(parameters)]
     for row in results["rows"]:
@@ -215,14 +215,14 @@ def _identity_lines(results: dict[str, Any], bases: dict[bool, Any], check: dict
                            (f"edits, strength {row['strength']:g}, hold {row['hold_guidance']:g}",
                             row["instruments"]["identity_kept"])):
             cells = [f"{100 * kept[p]['rate']:.1f}" for p in parameters]
-            lines.append(f"| {row['direction']} | {name} | {percent_with_interval(kept['all'])} | {' | '.join(cells)} |")
+            lines.append(f"| {row['direction']} | {name} | {percent_ci(kept['all'])} | {' | '.join(cells)} |")
     lines += ["", "The identity regressor against the true parameters (share within the tolerance, or the right class):",
               "", "| parameter | tolerance | held-out faces | median error | their round trips |", "|---|---|---|---|---|"]
     for p in IDENTITY:
         held, trips = check["held_out"][p.name], check["round_trips"][p.name]
         tolerance = f"{check['tolerance'][p.name]:.4g}" if p.name in check["tolerance"] else "same class"
         error = f"{held['median_error']:.4g}" if "median_error" in held else "–"
-        lines.append(f"| {p.name} | {tolerance} | {percent_with_interval(held)} | {error} | {percent_with_interval(trips)} |")
+        lines.append(f"| {p.name} | {tolerance} | {percent_ci(held)} | {error} | {percent_ci(trips)} |")
     geometry = ", ".join(f"{name} {check['held_out'][name]['median_error']:.2f} px"
                          for name in ("mouth_x", "mouth_y", "mouth_width"))
     return lines + ["", f"Mouth geometry, median error on held-out faces: {geometry}."]

@@ -60,7 +60,7 @@ from training.evaluation.protocol import (
     TUNING_SEED,
     TUNING_SPLIT,
 )
-from training.stats import percent_with_interval
+from training.stats import percent_ci
 from training.train_vae import psnr, reconstruct_images
 
 from .judge import (
@@ -415,7 +415,8 @@ def table_row(row: dict[str, Any], label: str, version: str) -> str:
     quality = (f"{1000 * row['kid']:.2f} ± {1000 * row['kid_std']:.2f} | {row['fid']:.2f} "
                f"({2 * row['n_per_label']} / {row['reference_images']})") if "fid" in row else "– | –"
     sampler = row["sampler"] + (f" `{row['version']}`" if row.get("version", version) != version else "")
-    colours = [percent_with_interval(row[f"colour_outside_{k}"]) for k in (label, f"not_{label}") if f"colour_outside_{k}" in row]
+    colours = [percent_ci(row[f"colour_outside_{k}"]) for k in (label, f"not_{label}")
+               if f"colour_outside_{k}" in row]
     return (f"| {sampler} | {row['steps']} | {row['guidance_scale']:g} | {row['n_per_label']} | "
             f"{' | '.join(accuracies + colours)} | {quality} | {row['seconds_per_image']:.3f} |")
 
@@ -453,8 +454,8 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
     colour = any(f"colour_outside_{label}" in row for row in results["settings"])
     colour_columns = (f" mouths outside real colour, {label} [95% CI] | mouths outside real colour, not_{label} "
                       "[95% CI] |") if colour else ""
-    lines += ["", f"| sampler | steps | guidance | n / label | accuracy {label} [95% CI] | accuracy not_{label} "
-              f"[95% CI] |{colour_columns} KID ×1000 | FID (n gen / n ref) | s / image |",
-              "|---" * (9 + 2 * colour) + "|"]
+    header = (f"| sampler | steps | guidance | n / label | accuracy {label} [95% CI] | accuracy not_{label} "
+              f"[95% CI] |{colour_columns} KID ×1000 | FID (n gen / n ref) | s / image |")
+    lines += ["", header, "|---" * (header.count("|") - 1) + "|"]
     lines += [table_row(row, label, results["version"]) for row in results["settings"]]
     return "\n".join(lines) + "\n"

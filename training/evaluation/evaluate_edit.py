@@ -43,7 +43,7 @@ from facegen.model.diffusion.noise import ImageNoise
 from facegen.model.imaging import to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 from training.evaluation.protocol import JUDGE_PANEL_SIZE
-from training.stats import percent_with_interval
+from training.stats import percent_ci
 from training.train_vae import psnr
 
 from .edit_realism import EditInstruments, baselines, build_instruments, markdown_sections, regressor_check
@@ -222,11 +222,12 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
              "PSNR to input (dB) | Eyeglasses kept | Male kept | Young kept | all three kept | s / edit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
-        kept = [percent_with_interval(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
+        kept = [percent_ci(row[f"kept_{name}"]) for name in KEPT_ATTRIBUTES]
         lines.append(f"| {row['scope']} | {row['reference']} | {row['guidance_scale']:g} | {row['hold_guidance']:g} | "
                      f"{row['strength']:g} | "
-                     f"{row['direction']} | {percent_with_interval(row['success'])} | {row['psnr_db']:.2f} | {' | '.join(kept)} | "
-                     f"{percent_with_interval(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
+                     f"{row['direction']} | {percent_ci(row['success'])} | {row['psnr_db']:.2f} | "
+                     f"{' | '.join(kept)} | "
+                     f"{percent_ci(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
     if "instruments" in results:
         lines += markdown_sections(results)
     return "\n".join(lines) + "\n"
