@@ -78,7 +78,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) 
 def distill_tiny(root: Path, data: Path, run: Path, teacher: str, steps: int, **kwargs) -> Path:
     """``steps`` iterations of ``python -m training distill`` on ``teacher`` under ``root`` (batch 8, fp32, one
     thread, the latents cached beside ``root``), run folder ``run``; returns the student's version folder.
-    ``kwargs``: ``training.distill.distill``'s ``minutes`` and ``resume``."""
+    ``kwargs``: ``training.distill.distill``'s ``minutes``, ``resume`` and ``init_from``."""
     from facegen.model.config import ConsistencyConfig, DistillConfig
     from training.distill import distill
     from training.trainer import RunOptions

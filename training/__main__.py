@@ -161,6 +161,10 @@ def add_distill_command(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--minutes", type=float, default=None,
                          help="time budget of the whole command: the loop then stops, saves its state and exports")
     distill.add_argument("--resume", action="store_true", help="go on with the run in --run-dir (its state.pt)")
+    distill.add_argument("--init-from", default=None, metavar="STUDENT",
+                         help="start from this exported student of the teacher (a version under --checkpoints or "
+                              "a version folder's path; same --student-* flags) instead of the teacher's weights: a "
+                              "new run that goes on where that one stopped")
     distill.add_argument("--latent-cache", type=Path, default=None, metavar="DIR",
                          help="the encoded training latents, shared with `diffusion --latent-cache`")
     add_config_flags(distill, ConsistencyConfig, "student_")
@@ -335,7 +339,7 @@ def run_distill(args: argparse.Namespace) -> None:
     try:
         consistency = config_from_args(ConsistencyConfig, args, "student_")
         distill(args.teacher, config_from_args(DistillConfig, args), consistency, opts, minutes=args.minutes,
-                resume=args.resume)
+                resume=args.resume, init_from=args.init_from)
     except (DistillError, InvalidConfig) as exc:  # said in one line, without a traceback
         sys.exit(f"distill: {exc}")
 

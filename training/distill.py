@@ -8,7 +8,9 @@ student's ``guidance_range`` and noise, and forms ``x_{t_n}``. The frozen teache
 v_null)``, ``x0`` clamped to the latent clip); the loss is ``|| f_theta(x_{t_n}, t_n, w) - f_ema(x_{t_{n-1}},
 t_{n-1}, w) ||^2`` with ``f`` the consistency parametrisation and ``f_ema`` the target network, an EMA of the student
 (``target_ema_decay``), exported at the end. The student is the teacher's UNet plus a zero-initialised guidance
-embedding (:func:`student_from_teacher`): it starts as the teacher's conditional branch.
+embedding (:func:`student_from_teacher`): it starts as the teacher's conditional branch, or, with ``init_from``, as
+an earlier student of the same teacher and sampling (a run that goes on where an exported one stopped, when its
+run folder is gone: the weights carry over, the optimiser's moments and the iteration count start afresh).
 
 The run resumes from ``run_dir/state.pt`` (``--resume``, the shared :class:`~training.trainer.Trainer`); ``minutes``
 bounds the whole command (latent encoding included): the loop then stops, saves its state and exports the student
@@ -29,9 +31,9 @@ from facegen.model.checkpoints import READER_FILE, load_part, save_checkpoint, w
 from facegen.model.config import ConsistencyConfig, DistillConfig, asdict
 from facegen.model.device import DTYPES, autocast
 from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
-from facegen.model.diffusion.guidance import null_labels
+from facegen.model.diffusion.guidance import guided
 from facegen.model.diffusion.schedule import NoiseSchedule, eps_from_x0
-from facegen.model.manifest import DiffusionManifest, Distillation, TrainingRun
+from facegen.model.manifest import DiffusionManifest, Distillation, Parent, TrainingRun
 from facegen.model.networks.unet import UNet
 from training.data.celeba import fingerprint
 from training.runtime import EMA, BatchStream, start_run, unwrap
@@ -57,6 +59,27 @@ def student_from_teacher(teacher: UNet) -> UNet:
     return student.float()
 
 
+def student_from_earlier(root: Path, version: str, teacher: str, consistency: ConsistencyConfig
+                         ) -> tuple[UNet, Parent]:
+    """The float32 student ``version`` (a version under ``root``, or the path of a version folder
+    ``.../diffusion/VERSION`` anywhere) and its lineage, checked to be a distillation of ``teacher`` with the
+    sampling ``consistency`` (its ``default_steps`` may differ: ``retune`` sets it after training)."""
+    folder = Path(version)
+    if folder.is_dir() and folder.parent.name == "diffusion":
+        root, version = folder.parent.parent, folder.name
+    earlier, lineage = warm_start(root, "diffusion", version)
+    record = earlier.manifest.distillation
+    if record is None or record.teacher != teacher:
+        raise DistillError(f"--init-from {earlier.version} is no student of {teacher}: start from the teacher (no "
+                           "--init-from) or name one of its students")
+    if dataclasses.replace(record.sampling, default_steps=consistency.default_steps) != consistency:
+        raise DistillError(f"--init-from {earlier.version} was distilled with {asdict(record.sampling)}, not "
+                           f"{asdict(consistency)}")
+    student = UNet(earlier.manifest.model)
+    student.load_state_dict(earlier.state_dict)
+    return student.float(), lineage
+
+
 def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
                      t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float
                      ) -> torch.Tensor:
@@ -64,10 +87,7 @@ def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, 
     [N]`` (float32): ``v = v_null + w (v_cond - v_null)`` with ``w = guidance [N]`` per row, ``x0`` clamped to
     ``[-x0_clip, x0_clip]``, ``eps`` consistent with it (as ``DDIMSampler.step`` with ``guided``); two teacher rows
     per row. ``labels [N, A]``: a row whose labels are all null gets the unconditional step whatever ``w``."""
-    both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                   torch.cat([labels, null_labels(labels, teacher.config.null_label)])).float()
-    cond, uncond = both.chunk(2)
-    v = uncond + guidance.view(-1, 1, 1, 1) * (cond - uncond)
+    v = guided(teacher, labels, guidance, teacher.config.null_label)(x_t, t).float()
     abar, abar_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
     x0 = schedule.split(v, x_t, abar)[0].clamp(-x0_clip, x0_clip)
     return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
@@ -152,10 +172,11 @@ def check_run_folder(run_dir: Path, record: dict, resume: bool, write: bool) -> 
 
 
 def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyConfig, opts: RunOptions,
-            minutes: float | None = None, resume: bool = False) -> Path | None:
+            minutes: float | None = None, resume: bool = False, init_from: str | None = None) -> Path | None:
     """Distil ``teacher_version`` (a plain diffusion version; ``latest`` allowed) on ``opts.data``'s training latents;
     returns the student's version folder (main rank). ``minutes``: stop the loop once this long has passed since the
-    call began, save the state, export. ``resume``: go on from ``opts.run_dir/state.pt``."""
+    call began, save the state, export. ``resume``: go on from ``opts.run_dir/state.pt``. ``init_from``: start
+    from this exported student of the teacher instead of the teacher's weights."""
     started = time.monotonic()
     teacher_ck, lineage = warm_start(opts.checkpoints, "diffusion", teacher_version)
     teacher_manifest = teacher_ck.manifest
@@ -166,6 +187,9 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     except ValueError as exc:
         raise DistillError(str(exc)) from None
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
+    earlier = None
+    if init_from is not None:  # checked before the latents are encoded
+        earlier, lineage = student_from_earlier(opts.checkpoints, init_from, teacher_ck.version, consistency)
     check_run_folder(opts.run_dir, {"teacher": teacher_ck.version, "student": asdict(consistency)}, resume,
                      write=ddp.is_main)
 
@@ -179,7 +203,7 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     teacher = UNet(teacher_manifest.model)
     teacher.load_state_dict(teacher_ck.state_dict)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    student = student_from_teacher(teacher).to(device)
+    student = (student_from_teacher(teacher) if earlier is None else earlier).to(device)
     model = DistributedDataParallel(student) if ddp.world > 1 else student
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, {"model": model},
                       {"model": torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)},

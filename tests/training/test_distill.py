@@ -23,7 +23,7 @@ from facegen.model.networks.unet import UNet
 from facegen.model.pipeline import LatentDiffusion
 from tests.conftest import TINY_UNET, distill_tiny
 from training.__main__ import main
-from training.distill import DistillError, distill, student_from_teacher
+from training.distill import DistillError, distill, student_from_earlier, student_from_teacher
 from training.runtime import load_state
 from training.trainer import RunOptions
 
@@ -167,6 +167,15 @@ def test_distill_writes_a_student_that_names_its_teacher_and_resumes_exactly(tin
     assert all(torch.equal(a.state_dict[name], b.state_dict[name]) for name in a.state_dict)
     assert any(not torch.equal(a.state_dict[name], first.state_dict[name]) for name in a.state_dict)
 
+    # a new run goes on from an exported student (its run folder gone): its weights, the lineage through it
+    student, _ = student_from_earlier(tmp_path / "elsewhere", str(resumed), teacher.version,  # by its folder's path
+                                      ConsistencyConfig(default_steps=2))
+    assert all(torch.equal(student.state_dict()[name], a.state_dict[name].float()) for name in a.state_dict)
+    following = distill_tiny(root, synth_dir, tmp_path / "following", teacher.version, 2, init_from=resumed.name)
+    manifest = load_checkpoint(root, "diffusion", following.name).manifest
+    assert manifest.training.init_from.lineage[-2:] == (teacher.version, resumed.name)
+    assert manifest.distillation.teacher == teacher.version and manifest.training.steps == 2
+
     # the student samples: one row per step, finite latents of the version's shape, the same for the same seed
     student = LatentDiffusion.load(root, resumed.name)
     labels, w = torch.tensor([[1.0], [0.0]]), torch.full((2,), 5.0)
@@ -197,6 +206,11 @@ def test_a_time_budget_stops_saves_and_exports_and_a_student_is_no_teacher(tiny_
         distill_tiny(root, synth_dir, tmp_path / "again", "latest", 2)
     with pytest.raises(DistillError, match="no state.pt"):
         distill_tiny(root, synth_dir, tmp_path / "empty", teacher, 2, resume=True)
+    with pytest.raises(DistillError, match="no student of"):  # a new run starts from a student, not a teacher
+        distill_tiny(root, synth_dir, tmp_path / "again", teacher, 2, init_from=teacher)
+    with pytest.raises(DistillError, match="distilled with"):  # nor from a student of another sampling
+        distill(teacher, DistillConfig(steps=2), ConsistencyConfig(max_steps=4),
+                RunOptions(synth_dir, root, tmp_path / "again", precision="fp32", threads=1), init_from=folder.name)
     with pytest.raises(DistillError, match="distils"):  # another student config than the run's
         distill(teacher, DistillConfig(steps=2), ConsistencyConfig(max_steps=4),
                 RunOptions(synth_dir, root, run, precision="fp32", threads=1), resume=True)

@@ -166,3 +166,7 @@ def test_guidance_moves_from_the_reference_toward_the_condition(scale: float) ->
         out = guided(echo, labels, scale, null_label=2, reference=reference)(x, t)
         expected = ref + scale * (labels.flatten() - ref)
         assert torch.allclose(out[:, 0, 0, 0], expected)
+
+    per_row = torch.tensor([scale, 2.0])  # a scale for each row (the student's teacher step draws one per row)
+    out = guided(echo, labels, per_row, null_label=2)(x, t)
+    assert torch.allclose(out[:, 0, 0, 0], 2.0 + per_row * (labels.flatten() - 2.0))

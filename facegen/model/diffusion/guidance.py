@@ -14,25 +14,26 @@ def null_labels(labels: torch.Tensor, null_label: int) -> torch.Tensor:
     return torch.full_like(labels, null_label)
 
 
-def guided(unet: nn.Module, labels: torch.Tensor, scale: float, null_label: int,
+def guided(unet: nn.Module, labels: torch.Tensor, scale: float | torch.Tensor, null_label: int,
            reference: torch.Tensor | None = None) -> ModelFn:
     """``(x, t) -> ref + scale * (cond - ref)``; the conditional and reference passes share one batch.
 
     ``labels [N, A]`` in {0, 1}. ``reference [N, A]``: the condition guided away from (default: the null labels,
     i.e. the unconditional model; an edit passes the source's labels so that guidance pushes along the difference
-    between source and target alone). ``scale = 1`` is the plain conditional model (one pass), ``scale = 0`` the
-    reference one.
+    between source and target alone). ``scale``: one for the batch, or ``[N]``, one per row (always two passes);
+    a float ``scale = 1`` is the plain conditional model (one pass), ``scale = 0`` the reference one.
     """
-    if scale == 1.0:
+    per_row = isinstance(scale, torch.Tensor)
+    if not per_row and scale == 1.0:
         return lambda x, t: unet(x, t, labels)
     reference = null_labels(labels, null_label) if reference is None else reference
-    if scale == 0.0:
+    if not per_row and scale == 0.0:
         return lambda x, t: unet(x, t, reference)
     both_labels = torch.cat([labels, reference])
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond, ref = unet(torch.cat([x, x]), torch.cat([t, t]), both_labels).chunk(2)
-        return ref + scale * (cond - ref)
+        return ref + (scale.view(-1, *(1,) * (x.dim() - 1)) if per_row else scale) * (cond - ref)
 
     return model_fn
 
