@@ -2,7 +2,7 @@
 # Distil the served model's few-step student on a lent CUDA GPU in one call, from a bare checkout:
 #   1. the synthetic faces (`python -m training synth`, every core; data/ does not travel),
 #   2. `python -m training distill` for MINUTES (the latent encoding included) on the GPU, going on from the student
-#      in $CHECKPOINTS/in-training/ when there is one of the served teacher (--init-from), else from the teacher,
+#      folder INIT_FROM when it is set (--init-from: a student of the served teacher), else from the teacher,
 #   3. the exported student's folder copied to $OUT/diffusion/VERSION (when OUT is set), with the run's log.
 # Nothing but torch, safetensors, pillow and tqdm is needed, so the device's own python3 runs it:
 #   MINUTES=8 scripts/gpu_distill.sh          (DEVICE=cpu COUNT=64 MINUTES=0.5 BATCH=8: the same path on a CPU)
@@ -16,7 +16,6 @@ BATCH=${BATCH:-256}
 DATA=${DATA:-data/synth}
 WORK=${WORK:-runs/gpu-distill}
 CHECKPOINTS=${CHECKPOINTS:-checkpoints}
-IN_TRAINING=$CHECKPOINTS/in-training/diffusion
 
 teacher=$(ls "$CHECKPOINTS/diffusion")
 if [ "$(echo "$teacher" | wc -l)" != 1 ]; then
@@ -24,12 +23,7 @@ if [ "$(echo "$teacher" | wc -l)" != 1 ]; then
   exit 2
 fi
 init=()
-for student in "$IN_TRAINING"/*/; do
-  [ -f "$student/manifest.json" ] || continue
-  of=$($PY -c "import json, sys; print((json.load(open(sys.argv[1])).get('distillation') or {}).get('teacher'))" \
-    "$student/manifest.json")
-  if [ "$of" = "$teacher" ]; then init=(--init-from "${student%/}"); fi
-done
+if [ -n "${INIT_FROM:-}" ]; then init=(--init-from "$INIT_FROM"); fi
 
 if [ ! -f "$DATA/list_attr_celeba.txt" ]; then
   $PY -m training synth --out "$DATA" --count "$COUNT" --seed 0 --workers "$(nproc)"
@@ -41,7 +35,7 @@ $PY -m training distill --data "$DATA" --checkpoints "$roots" --teacher "$teache
   --device "$DEVICE" --batch-size "$BATCH" --minutes "$MINUTES" --export-dtype fp16 --latent-cache "$WORK/latents" \
   --log-every 100 "${init[@]}" 2>&1 | tee "$WORK/distill.log"
 student=$(ls -t "$roots/diffusion" | grep -v "^$teacher$" | head -1)
-echo "student: $roots/diffusion/$student (from ${init[1]:-the teacher $teacher})"
+echo "student: $roots/diffusion/$student (from ${INIT_FROM:-the teacher $teacher})"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/diffusion" && cp -r "$roots/diffusion/$student" "$OUT/diffusion/"
   cp "$WORK/distill.log" "$WORK/run/log.jsonl" "$OUT/" 2>/dev/null || true

@@ -240,19 +240,18 @@ def test_retune_sets_a_students_default_steps_and_refuses_what_it_cannot(tiny_st
 
 
 @pytest.mark.slow  # a distillation run through the script
-def test_the_gpu_distill_script_goes_on_from_the_student_in_training(tiny_checkpoints: Path,
+def test_the_gpu_distill_script_goes_on_from_a_given_student(tiny_checkpoints: Path,
                                                                     tiny_student_checkpoints: Path, synth_dir: Path,
                                                                     tmp_path: Path) -> None:
-    """``scripts/gpu_distill.sh`` (the device's one prepared call) on the CPU: from a checkpoints folder whose
-    ``in-training/`` holds a student of its one served version, it exports a student that goes on from that one
-    and leaves it in ``$OUT/diffusion/VERSION``."""
+    """``scripts/gpu_distill.sh`` (the device's one prepared call) on the CPU: given ``INIT_FROM``, a student of the
+    checkpoints folder's one served version, it exports a student that goes on from that one and leaves it in
+    ``$OUT/diffusion/VERSION``."""
     root = tmp_path / "checkpoints"
     shutil.copytree(tiny_checkpoints, root)
     teacher = load_checkpoint(root, "diffusion", "latest").version
     earlier = load_checkpoint(tiny_student_checkpoints, "diffusion", "latest")
     assert earlier.manifest.distillation.teacher == teacher
-    shutil.copytree(earlier.path, root / "in-training" / "diffusion" / earlier.version)
-    env = {**os.environ, "PYTHON": sys.executable, "CHECKPOINTS": str(root), "DEVICE": "cpu", "MINUTES": "0",
+    env = {**os.environ, "PYTHON": sys.executable, "CHECKPOINTS": str(root), "INIT_FROM": str(earlier.path), "DEVICE": "cpu", "MINUTES": "0",
            "BATCH": "8", "DATA": str(synth_dir), "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(Path(__file__).parents[2] / "scripts" / "gpu_distill.sh")], env=env,
