@@ -65,8 +65,9 @@ DISTILLATION_METHODS = ("latent-consistency",)
 @dataclass(frozen=True)
 class Distillation:
     """A few-step student's origin and sampling: distilled from ``teacher`` (warm-started from its weights or from
-    an earlier student of it, ``training.init_from``) by ``method``; sampled by ``facegen.model.diffusion.consistency`` in ``1..
-    sampling.max_steps`` steps, one network row each, the guidance scale an input of the network."""
+    an earlier student of it, ``training.init_from``) by ``method``; sampled by
+    ``facegen.model.diffusion.consistency`` in ``1..sampling.max_steps`` steps, one network row each, the guidance
+    scale an input of the network."""
 
     teacher: str
     method: str
