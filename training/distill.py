@@ -5,9 +5,9 @@ Each iteration draws training latents ``z_0`` (the teacher's VAE and latent scal
 (``t_n = (n + 1) T / N - 1``, ``facegen.model.diffusion.consistency``), a guidance scale ``w`` uniform in the
 student's ``guidance_range`` and noise, and forms ``x_{t_n}``. The frozen teacher takes one guided DDIM step to
 ``t_{n-1} = max(t_n - T / N, 0)`` (both of its rows, as the served sampler computes them: ``v = v_null + w (v_cond -
-v_null)``, ``x0`` clamped to the latent clip); the loss is ``|| f_theta(x_{t_n}, t_n, w) - f_ema(x_{t_{n-1}},
-t_{n-1}, w) ||^2`` with ``f`` the consistency parametrisation and ``f_ema`` the target network, an EMA of the student
-(``target_ema_decay``), exported at the end. The student is the teacher's UNet plus a zero-initialised guidance
+v_null)``, ``x0`` clamped to the latent clip); the loss is the pseudo-Huber distance (:func:`pseudo_huber`) between
+``f_theta(x_{t_n}, t_n, w)`` and ``f_ema(x_{t_{n-1}}, t_{n-1}, w)``, with ``f`` the consistency parametrisation and
+``f_ema`` the target network, an EMA of the student (``target_ema_decay``), exported at the end. The student is the teacher's UNet plus a zero-initialised guidance
 embedding (:func:`student_from_teacher`): it starts as the teacher's conditional branch, or, with ``init_from``, as
 an earlier student of the same teacher and sampling (a run that goes on where an exported one stopped, when its
 run folder is gone: the weights carry over, the optimiser's moments and the iteration count start afresh).
@@ -93,6 +93,13 @@ def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, 
     return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
 
 
+def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """The mean over rows of ``sqrt(||prediction - target||^2 + c^2) - c``, the norm over each row's ``[C, H, W]``
+    (both ``[N, C, H, W]``): squared-error-like within ``c`` of the target, a plain distance beyond it."""
+    distance = (prediction - target).flatten(1).pow(2).sum(1)
+    return ((distance + c * c).sqrt() - c).mean()
+
+
 def learning_rate(step: int, cfg: DistillConfig) -> float:
     """Linear warm-up to ``cfg.lr``, then constant (a time budget may end the run at any step)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -143,7 +150,7 @@ class DistillStep:
             group["lr"] = learning_rate(step, self.cfg)
         with autocast(trainer.device, self.dtype):
             output = trainer.modules["model"](x_t, t, y, guidance=w).float()
-            loss = (consistency_output(schedule, consistency, output, x_t, t) - target).pow(2).mean()
+            loss = pseudo_huber(consistency_output(schedule, consistency, output, x_t, t), target, self.cfg.huber_c)
         trainer.optimizer_step("model", loss, self.student.parameters(), self.cfg.grad_clip)
         value = loss.item()
         self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value

@@ -152,13 +152,21 @@ def list_versions(root: str | Path, kind: str) -> list[Manifest]:
     return sorted(manifests, key=lambda m: m.created_at)
 
 
+def is_student(manifest: Manifest) -> bool:
+    """Whether ``manifest`` is a distilled student's (a diffusion version with a ``distillation`` record)."""
+    return getattr(manifest, "distillation", None) is not None
+
+
 def resolve_version(root: str | Path, kind: str, version: str) -> Path:
-    """Folder of ``version`` (or of the newest version for ``latest``)."""
+    """Folder of ``version``, or for ``latest`` of the newest version that is no distilled student (a student
+    exported after its teacher is no newer model: it is named, or served beside its teacher)."""
     if version == LATEST:
         versions = list_versions(root, kind)
-        if not versions:
-            raise CheckpointError(f"no {kind} checkpoints under {Path(root) / kind}")
-        version = versions[-1].version
+        models = [m for m in versions if not is_student(m)]
+        if not models:
+            only = " (only distilled students)" if versions else ""
+            raise CheckpointError(f"no {kind} checkpoints under {Path(root) / kind}{only}")
+        version = models[-1].version
     if not version or "/" in version or version.startswith("."):
         raise CheckpointError(f"invalid checkpoint version {version!r}")
     directory = Path(root) / kind / version
@@ -172,19 +180,13 @@ def served_versions(root: str | Path, version: str) -> tuple[str, str | None]:
     (a student exported later is no newer model); ``student`` is the newest version whose manifest's
     ``distillation.teacher`` is ``model``, ``None`` when there is none. Raises :class:`CheckpointError` when there
     is no plain version, or when ``version`` names a student (a worker serves a student beside its teacher)."""
-    versions = list_versions(root, "diffusion")
-    if version == LATEST:
-        plain = [m for m in versions if m.distillation is None]
-        if not plain:
-            only = " (only distilled students)" if versions else ""
-            raise CheckpointError(f"no diffusion checkpoints under {Path(root) / 'diffusion'}{only}")
-        version = plain[-1].version
-    else:
-        named = read_manifest(resolve_version(root, "diffusion", version))
-        if named.distillation is not None:
-            raise CheckpointError(f"{version} is a distilled student: serve its teacher {named.distillation.teacher}, "
-                                  "beside which the newest student of it is served")
-    students = [m.version for m in versions if m.distillation is not None and m.distillation.teacher == version]
+    named = read_manifest(resolve_version(root, "diffusion", version))
+    if is_student(named):
+        raise CheckpointError(f"{version} is a distilled student: serve its teacher {named.distillation.teacher}, "
+                              "beside which the newest student of it is served")
+    version = named.version
+    students = [m.version for m in list_versions(root, "diffusion")
+                if is_student(m) and m.distillation.teacher == version]
     return version, students[-1] if students else None
 
 

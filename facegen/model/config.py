@@ -216,9 +216,10 @@ class ConsistencyConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """``python -m training distill``: latent consistency distillation (Luo et al. 2023, Alg. 1) of a teacher's
-    guided DDIM step between neighbouring skeleton timesteps, the target computed by an EMA of the student; plain
-    squared error in x0 units, AdamW with a linear warm-up then a constant learning rate (a time budget may stop the
-    run at any step)."""
+    guided DDIM step between neighbouring skeleton timesteps, the target computed by an EMA of the student; the
+    pseudo-Huber distance ``sqrt(||f - f_target||^2 + c^2) - c`` per latent (Song & Dhariwal 2023: less weight on
+    the outlying targets that a squared error averages into blur), AdamW with a linear warm-up then a constant
+    learning rate (a time budget may stop the run at any step)."""
 
     steps: int = 4000  # iterations planned (``--minutes`` may stop earlier; ``--resume`` goes on)
     batch_size: int = 64
@@ -227,6 +228,7 @@ class DistillConfig:
     label_dropout: float = 0.1  # probability of the null label: requests that leave an attribute open
     attribute_dropout: float = 0.0  # then each attribute alone (multi-attribute teachers), as DiffusionTrainConfig's
     target_ema_decay: float = 0.95  # the target network's EMA (LCM's mu); the exported weights are this EMA
+    huber_c: float = 0.03  # pseudo-Huber c: Song & Dhariwal's 0.00054 sqrt(d), d = 4x16x16, doubled for latents of std 1
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 20

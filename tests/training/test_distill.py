@@ -26,7 +26,7 @@ from facegen.model.networks.unet import UNet
 from facegen.model.pipeline import LatentDiffusion
 from tests.conftest import TINY_UNET, distill_tiny
 from training.__main__ import main
-from training.distill import DistillError, distill, student_from_earlier, student_from_teacher
+from training.distill import DistillError, distill, pseudo_huber, student_from_earlier, student_from_teacher
 from training.runtime import load_state
 from training.trainer import RunOptions
 
@@ -74,6 +74,21 @@ def test_the_skeleton_and_the_boundary_condition() -> None:
     for bad in ({"guidance_range": (8.0, 1.0)}, {"guidance_range": (1.0,)}, {"default_steps": 9}):
         with pytest.raises(InvalidConfig):
             ConsistencyConfig(**bad)
+
+
+def test_the_pseudo_huber_loss_is_quadratic_near_the_target_and_a_distance_far_from_it() -> None:
+    target = torch.randn(3, *SHAPE)
+    direction = torch.randn(3, *SHAPE)
+    direction /= direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # each row a unit vector
+    c = 0.03
+    assert float(pseudo_huber(target, target, c)) == 0.0
+    near, far = float(pseudo_huber(target + 1e-3 * direction, target, c)), float(pseudo_huber(target + 5 * direction,
+                                                                                                  target, c))
+    assert near == pytest.approx(1e-6 / (2 * c), rel=1e-2)  # ||r||^2 / 2c within c
+    assert far == pytest.approx(5 - c, rel=1e-4)  # ||r|| - c beyond it: an outlier pulls linearly, not squared
+    scales = torch.tensor([0.5, 2.0, 4.0]).view(-1, 1, 1, 1)  # rows at distances 0.5, 2 and 4: the mean of rows
+    expected = sum(math.sqrt(d * d + c * c) - c for d in (0.5, 2.0, 4.0)) / 3
+    assert float(pseudo_huber(target + scales * direction, target, c)) == pytest.approx(expected, rel=1e-5)
 
 
 def ode_map_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -147,7 +162,7 @@ def test_distill_writes_a_student_that_names_its_teacher_and_resumes_exactly(tin
                  "--teacher", teacher.version, "--steps", "2", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3",
                  "--log-every", "1", "--save-every", "2", "--precision", "fp32", "--threads", "1",
                  "--latent-cache", str(tmp_path / "latents")]) == 0
-    first = load_checkpoint(root, "diffusion", "latest")
+    first = load_checkpoint(root, "diffusion", served_versions(root, LATEST)[1])
     manifest = first.manifest
     assert manifest.distillation is not None and manifest.distillation.teacher == teacher.version
     assert manifest.distillation.method == "latent-consistency"
@@ -205,8 +220,9 @@ def test_a_time_budget_stops_saves_and_exports_and_a_student_is_no_teacher(tiny_
     assert load_state(run / "state.pt")["step"] == 1
     assert math.isfinite(load_checkpoint(root, "diffusion", folder.name).manifest.metrics["train_loss_ema"])
 
-    with pytest.raises(DistillError, match="itself a distilled student"):  # `latest` is now the student
-        distill_tiny(root, synth_dir, tmp_path / "again", "latest", 2)
+    assert load_checkpoint(root, "diffusion", "latest").version == teacher  # a student is no newer model
+    with pytest.raises(DistillError, match="itself a distilled student"):
+        distill_tiny(root, synth_dir, tmp_path / "again", folder.name, 2)
     with pytest.raises(DistillError, match="no state.pt"):
         distill_tiny(root, synth_dir, tmp_path / "empty", teacher, 2, resume=True)
     with pytest.raises(DistillError, match="no student of"):  # a new run starts from a student, not a teacher
@@ -249,7 +265,8 @@ def test_the_gpu_distill_script_goes_on_from_a_given_student(tiny_checkpoints: P
     root = tmp_path / "checkpoints"
     shutil.copytree(tiny_checkpoints, root)
     teacher = load_checkpoint(root, "diffusion", "latest").version
-    earlier = load_checkpoint(tiny_student_checkpoints, "diffusion", "latest")
+    earlier = load_checkpoint(tiny_student_checkpoints, "diffusion",
+                              served_versions(tiny_student_checkpoints, LATEST)[1])
     assert earlier.manifest.distillation.teacher == teacher
     env = {**os.environ, "PYTHON": sys.executable, "CHECKPOINTS": str(root), "INIT_FROM": str(earlier.path), "DEVICE": "cpu", "MINUTES": "0",
            "BATCH": "8", "DATA": str(synth_dir), "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),

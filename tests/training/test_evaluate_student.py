@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from facegen.model.checkpoints import read_evaluation, read_manifest, resolve_version, served_versions
+from facegen.model.checkpoints import (
+    list_versions,
+    read_evaluation,
+    read_manifest,
+    resolve_version,
+    served_versions,
+)
 from facegen.model.config import ConsistencyConfig
 from training.__main__ import main
 from training.evaluation.evaluate import Setting, SettingError, evaluate_versions, parse_settings
@@ -41,7 +47,9 @@ def test_settings_parse_with_guidance_and_a_per_row_n() -> None:
 def test_the_student_is_judged_beside_its_teacher_in_one_run(checkpoints: Path, synth_dir: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     teacher, student = served_versions(checkpoints, "latest")
-    assert student is not None and resolve_version(checkpoints, "diffusion", "latest").name == student  # newest
+    newest = list_versions(checkpoints, "diffusion")[-1].version
+    assert student is not None and newest == student  # exported after its teacher, yet `latest` is the teacher
+    assert resolve_version(checkpoints, "diffusion", "latest").name == teacher
     guidance = read_manifest(resolve_version(checkpoints, "diffusion", teacher)).sampling.guidance_scale
     assert main(evaluate_command(checkpoints, synth_dir, "student:1,student:2,dpmpp:2,ddpm:3@3", "--no-fid")) == 0
     report = capsys.readouterr().out

@@ -15,6 +15,7 @@ from facegen.model.checkpoints import (
     LATEST,
     CheckpointError,
     derive_checkpoint,
+    list_versions,
     load_checkpoint,
     served_versions,
 )
@@ -45,8 +46,10 @@ def student_images(engine: Engine, *requests: ImageRequest, steps: int = STEPS, 
 def test_latest_serves_the_newest_plain_version_beside_its_newest_student(tiny_student_checkpoints: Path,
                                                                           tiny_checkpoints: Path,
                                                                           engine: Engine, tmp_path: Path) -> None:
-    newest = load_checkpoint(tiny_student_checkpoints, "diffusion", LATEST).manifest  # `latest` of the trainers
+    newest = list_versions(tiny_student_checkpoints, "diffusion")[-1]  # exported after its teacher
     assert newest.distillation is not None and newest.distillation.teacher == engine.version
+    # `latest` is the teacher for the trainers too: a student is named, or served beside it
+    assert load_checkpoint(tiny_student_checkpoints, "diffusion", LATEST).version == engine.version
     assert engine.student.version == newest.version and not engine.model.is_student and engine.student.is_student
     assert engine.student.vae is engine.model.vae  # one VAE decodes both
     assert served_versions(tiny_student_checkpoints, engine.version) == (engine.version, newest.version)
