@@ -2,7 +2,8 @@
 # Distil the served model's few-step student on a lent CUDA GPU in one call, from a bare checkout:
 #   1. the synthetic faces (`python -m training synth`, every core; data/ does not travel),
 #   2. `python -m training distill` for MINUTES (the latent encoding included) on the GPU, going on from the student
-#      folder INIT_FROM when it is set (--init-from: a student of the served teacher), else from the teacher,
+#      folder INIT_FROM (--init-from: a student of the served model); unset, from the student the checkpoints
+#      serve beside the model when they hold one; INIT_FROM= (empty) or no student: from the teacher,
 #   3. the exported student's folder copied to $OUT/diffusion/VERSION (when OUT is set), with the run's log.
 # Nothing but torch, safetensors, pillow and tqdm is needed, so the device's own python3 runs it:
 #   MINUTES=8 scripts/gpu_distill.sh          (DEVICE=cpu COUNT=64 MINUTES=0.5 BATCH=8: the same path on a CPU)
@@ -17,13 +18,14 @@ DATA=${DATA:-data/synth}
 WORK=${WORK:-runs/gpu-distill}
 CHECKPOINTS=${CHECKPOINTS:-checkpoints}
 
-teacher=$(ls "$CHECKPOINTS/diffusion")
-if [ "$(echo "$teacher" | wc -l)" != 1 ]; then
-  echo "$CHECKPOINTS/diffusion holds $(echo "$teacher" | wc -l) versions; the bundle serves one" >&2
-  exit 2
-fi
+served() {  # the served model of a checkpoints folder and its student (empty when none), one per line
+  $PY -c 'import sys; from facegen.model.checkpoints import served_versions
+print(*(v or "" for v in served_versions(sys.argv[1], "latest")), sep="\n")' "$1"
+}
+{ read -r teacher; read -r bundled_student; } < <(served "$CHECKPOINTS")
+INIT_FROM=${INIT_FROM-${bundled_student:+$CHECKPOINTS/diffusion/$bundled_student}}
 init=()
-if [ -n "${INIT_FROM:-}" ]; then init=(--init-from "$INIT_FROM"); fi
+if [ -n "$INIT_FROM" ]; then init=(--init-from "$INIT_FROM"); fi
 
 if [ ! -f "$DATA/list_attr_celeba.txt" ]; then
   $PY -m training synth --out "$DATA" --count "$COUNT" --seed 0 --workers "$(nproc)"
@@ -34,7 +36,7 @@ rm -rf "$roots" "$WORK/run" && mkdir -p "$roots" && cp -r "$CHECKPOINTS/vae" "$C
 $PY -m training distill --data "$DATA" --checkpoints "$roots" --teacher "$teacher" --run-dir "$WORK/run" \
   --device "$DEVICE" --batch-size "$BATCH" --minutes "$MINUTES" --export-dtype fp16 --latent-cache "$WORK/latents" \
   --log-every 100 "${init[@]}" 2>&1 | tee "$WORK/distill.log"
-student=$(ls -t "$roots/diffusion" | grep -v "^$teacher$" | head -1)
+student=$(served "$roots" | tail -1)  # the newest student of the teacher: this run's
 echo "student: $roots/diffusion/$student (from ${INIT_FROM:-the teacher $teacher})"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/diffusion" && cp -r "$roots/diffusion/$student" "$OUT/diffusion/"

@@ -256,25 +256,27 @@ def test_retune_sets_a_students_default_steps_and_refuses_what_it_cannot(tiny_st
 
 
 @pytest.mark.slow  # a distillation run through the script
-def test_the_gpu_distill_script_goes_on_from_a_given_student(tiny_checkpoints: Path,
-                                                                    tiny_student_checkpoints: Path, synth_dir: Path,
-                                                                    tmp_path: Path) -> None:
-    """``scripts/gpu_distill.sh`` (the device's one prepared call) on the CPU: given ``INIT_FROM``, a student of the
-    checkpoints folder's one served version, it exports a student that goes on from that one and leaves it in
-    ``$OUT/diffusion/VERSION``."""
+@pytest.mark.parametrize("given", [True, False], ids=["INIT_FROM", "the folder's student"])
+def test_the_gpu_distill_script_goes_on_from_a_student(tiny_checkpoints: Path, tiny_student_checkpoints: Path,
+                                                       synth_dir: Path, tmp_path: Path, given: bool) -> None:
+    """``scripts/gpu_distill.sh`` (the device's one prepared call) on the CPU: it exports a student that goes on from
+    ``INIT_FROM`` (a student's folder elsewhere) or, unset, from the student the checkpoints folder serves beside
+    its model, and leaves it in ``$OUT/diffusion/VERSION``."""
     root = tmp_path / "checkpoints"
-    shutil.copytree(tiny_checkpoints, root)
-    teacher = load_checkpoint(root, "diffusion", "latest").version
-    earlier = load_checkpoint(tiny_student_checkpoints, "diffusion",
-                              served_versions(tiny_student_checkpoints, LATEST)[1])
-    assert earlier.manifest.distillation.teacher == teacher
-    env = {**os.environ, "PYTHON": sys.executable, "CHECKPOINTS": str(root), "INIT_FROM": str(earlier.path), "DEVICE": "cpu", "MINUTES": "0",
+    shutil.copytree(tiny_checkpoints if given else tiny_student_checkpoints, root)
+    teacher, earlier = served_versions(tiny_student_checkpoints, LATEST)
+    assert served_versions(root, LATEST)[0] == teacher
+    env = {**os.environ, "PYTHON": sys.executable, "CHECKPOINTS": str(root), "DEVICE": "cpu", "MINUTES": "0",
            "BATCH": "8", "DATA": str(synth_dir), "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
            "OMP_NUM_THREADS": "1"}
+    env.pop("INIT_FROM", None)
+    if given:
+        env["INIT_FROM"] = str(tiny_student_checkpoints / "diffusion" / earlier)
     done = subprocess.run([str(Path(__file__).parents[2] / "scripts" / "gpu_distill.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     (exported,) = (tmp_path / "out" / "diffusion").iterdir()
     manifest = load_checkpoint(tmp_path / "out", "diffusion", exported.name).manifest
-    assert manifest.distillation.teacher == teacher and manifest.training.init_from.version == earlier.version
+    assert exported.name != earlier
+    assert manifest.distillation.teacher == teacher and manifest.training.init_from.version == earlier
     assert (tmp_path / "out" / "distill.log").is_file()
