@@ -217,8 +217,8 @@ class ConsistencyConfig:
 class DistillConfig:
     """``python -m training distill``: latent consistency distillation (Luo et al. 2023, Alg. 1) of a teacher's
     guided DDIM step between neighbouring skeleton timesteps, the target computed by an EMA of the student; the
-    pseudo-Huber distance ``sqrt(||f - f_target||^2 + c^2) - c`` per latent (Song & Dhariwal 2023: less weight on
-    the outlying targets that a squared error averages into blur), AdamW with a linear warm-up then a constant
+    pseudo-Huber distance ``sqrt(||f - f_target||^2 + c^2) - c`` per latent (Song & Dhariwal 2023: far-off targets
+    pull linearly, not quadratically as in a squared error), AdamW with a linear warm-up then a constant
     learning rate (a time budget may stop the run at any step)."""
 
     steps: int = 4000  # iterations planned (``--minutes`` may stop earlier; ``--resume`` goes on)

@@ -46,7 +46,6 @@ from tests.deploy.test_k8s import (
 from tests.deploy.test_s3_deploy import API_CREDENTIALS, CREDENTIALS, LIFECYCLE_FILE
 from tests.model_store.conftest import (  # noqa: F401 - fixtures
     BUNDLED_DIFFUSION,
-    BUNDLED_STUDENT,
     s3_server,
     store,
     store_env,
@@ -118,7 +117,7 @@ def test_publishes_every_version_and_names_one_only_on_first_start(
     # first start: the default folder (CHECKPOINT_DIR unset: the bundled checkpoints)
     first = publish(store_env, tmp_path)
     assert first.returncode == 0, first.stderr
-    assert refs(store) == {("diffusion", BUNDLED_DIFFUSION), ("diffusion", BUNDLED_STUDENT), ("vae", BUNDLED_VAE)}
+    assert refs(store) == {("diffusion", BUNDLED_DIFFUSION), ("vae", BUNDLED_VAE)}
     (line,) = lines_naming(first.stderr, BUNDLED_DIFFUSION)
     assert f"published vae {BUNDLED_VAE}, diffusion {BUNDLED_DIFFUSION}" in line, first.stderr
     (move,) = store.alias_history("stable")
@@ -143,7 +142,7 @@ def test_publishes_every_version_and_names_one_only_on_first_start(
     third = publish(store_env, tmp_path)
     assert third.returncode == 0, third.stderr
     assert stored_objects(s3_server, store) == before  # every key, ETag and time of writing
-    assert lines_naming(third.stderr, BUNDLED_DIFFUSION) + lines_naming(third.stderr, BUNDLED_STUDENT) == [
+    assert lines_naming(third.stderr, BUNDLED_DIFFUSION) == [
         line for line in third.stderr.splitlines() if "already in the store, nothing uploaded" in line]
     assert f"alias stable points at {teacher} (moved by operator@test" in third.stderr
     assert [m.version for m in store.alias_history("stable")] == [BUNDLED_DIFFUSION, teacher]

@@ -13,13 +13,11 @@ import boto3
 import pytest
 
 from facegen.contract.model_store import ModelStore, ModelStoreSettings
-from facegen.contract.spec import LATEST
-from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, read_manifest, served_versions
+from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, read_manifest, resolve_version
 from scripts.s3ctl import REGION, S3Server
 
-# The bundled (demo) model: a diffusion version, the VAE it names (~23 MB with their evaluation records) and the
-# distilled student served beside it.
-BUNDLED_DIFFUSION, BUNDLED_STUDENT = served_versions(BUNDLED_CHECKPOINTS, LATEST)
+# The bundled (demo) model: a diffusion version and the VAE it names, ~23 MB with their evaluation records.
+BUNDLED_DIFFUSION = resolve_version(BUNDLED_CHECKPOINTS, "diffusion", "latest").name
 BUNDLED_VAE = read_manifest(BUNDLED_CHECKPOINTS / "diffusion" / BUNDLED_DIFFUSION).vae_version
 
 

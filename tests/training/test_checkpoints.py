@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from facegen.contract.spec import LATEST
 from facegen.model.checkpoints import (
     BUNDLED_CHECKPOINTS,
     EVALUATION_FILE,
@@ -25,7 +24,6 @@ from facegen.model.checkpoints import (
     record_evaluation,
     resolve_version,
     save_checkpoint,
-    served_versions,
     shared_parts,
     warm_start,
 )
@@ -133,21 +131,16 @@ def test_an_evaluation_record_of_another_manifest_is_refused(tmp_path: Path) -> 
 
 
 def test_the_bundled_versions_are_sealed_and_their_records_match() -> None:
-    """What git carries: the served diffusion version, the distilled student a worker serves beside it, and their
-    VAE, each verified, each with its evaluation record, and nothing else (every other version lives in the model
-    store)."""
-    model, student = served_versions(BUNDLED_CHECKPOINTS, LATEST)
-    assert student is not None, "the demo serves the student sampler"
-    served, distilled = (load_checkpoint(BUNDLED_CHECKPOINTS, "diffusion", v) for v in (model, student))
+    """What git carries: the served diffusion version and its VAE, each verified, each with its evaluation record,
+    and nothing else (every other version lives in the model store)."""
+    served = load_checkpoint(BUNDLED_CHECKPOINTS, "diffusion")
     vae = load_checkpoint(BUNDLED_CHECKPOINTS, "vae", served.manifest.vae_version)
-    assert distilled.manifest.vae_version == vae.version
-    assert [m.version for m in list_versions(BUNDLED_CHECKPOINTS, "diffusion")] == [model, student]
+    assert [m.version for m in list_versions(BUNDLED_CHECKPOINTS, "diffusion")] == [served.version]
     assert [m.version for m in list_versions(BUNDLED_CHECKPOINTS, "vae")] == [vae.version]
     for checkpoint in (served, vae):
         assert read_evaluation(checkpoint.path)["evaluation"]
-    assert read_evaluation(distilled.path)["tuning"]  # measured beside its teacher, on the validation split
     weights = sum(path.stat().st_size for path in BUNDLED_CHECKPOINTS.rglob("*.safetensors"))
-    assert weights <= 42 * 2**20
+    assert weights <= 25 * 2**20
 
 
 def test_retune_derives_a_new_version_with_the_same_weights(tiny_checkpoints: Path, tmp_path: Path) -> None:

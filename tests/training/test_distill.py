@@ -82,8 +82,8 @@ def test_the_pseudo_huber_loss_is_quadratic_near_the_target_and_a_distance_far_f
     direction /= direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # each row a unit vector
     c = 0.03
     assert float(pseudo_huber(target, target, c)) == 0.0
-    near, far = float(pseudo_huber(target + 1e-3 * direction, target, c)), float(pseudo_huber(target + 5 * direction,
-                                                                                                  target, c))
+    near = float(pseudo_huber(target + 1e-3 * direction, target, c))
+    far = float(pseudo_huber(target + 5 * direction, target, c))
     assert near == pytest.approx(1e-6 / (2 * c), rel=1e-2)  # ||r||^2 / 2c within c
     assert far == pytest.approx(5 - c, rel=1e-4)  # ||r|| - c beyond it: an outlier pulls linearly, not squared
     scales = torch.tensor([0.5, 2.0, 4.0]).view(-1, 1, 1, 1)  # rows at distances 0.5, 2 and 4: the mean of rows
