@@ -400,10 +400,13 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
 
 
 def run_visualize(args: argparse.Namespace) -> None:
+    from facegen.contract.fields import DEFAULT_EDIT_STRENGTH
+    from facegen.contract.spec import DEFAULT_EDIT_GUIDANCE, DEFAULT_STEPS, Sampler
     from training.evaluation.visualize import visualize as make_pictures
 
     for path in make_pictures(args.checkpoints, args.diffusion, args.data, args.out, args.count, args.sampler,
-                              args.steps, args.frames, args.seed):
+                              args.steps, args.frames, args.seed, edit_strength=DEFAULT_EDIT_STRENGTH,
+                              edit_steps=DEFAULT_STEPS[Sampler.ddim], edit_guidance=DEFAULT_EDIT_GUIDANCE):
         print(path)
 
 

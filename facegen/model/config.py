@@ -141,6 +141,9 @@ class SamplingConfig:
 
     guidance_scale: float = 3.0
     ddim_eta: float = 0.0
+    # False: guidance leaves the decoded colours to the conditional prediction and extrapolates only the rest of the
+    # guidance difference (shape, luminance; facegen.model.chroma); True: plain classifier-free guidance
+    guide_chroma: bool = True
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from facegen.model.networks.unet import UNet
 from facegen.model.networks.vae import VAE
 
 from .checkpoints import READER_FILE, load_checkpoint, load_part
+from .chroma import chroma_projector, colour_jacobian
 from .config import (
     ATTRIBUTE_READ_SPAN,
     ATTRIBUTE_READ_TRIALS,
@@ -62,6 +63,8 @@ class LatentDiffusion:
     device: torch.device
     dtype: torch.dtype  # compute dtype of the UNet and decoder weights
     reader: LatentReader | None = None  # float32; the version's latent attribute reader, when it has one
+    # [C, C] on the device: the chroma part of a guidance difference, taken unguided (sampling.guide_chroma False)
+    chroma_projector: torch.Tensor | None = None
     _copies: dict[tuple[str, torch.dtype], torch.nn.Module] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -85,10 +88,15 @@ class LatentDiffusion:
             reader = LatentReader(diffusion.manifest.reader)
             reader.load_state_dict(load_part(diffusion, READER_FILE))
             reader = reader.to(device).eval().requires_grad_(False)
+        projector = None
+        if not diffusion.manifest.sampling.guide_chroma and diffusion.manifest.distillation is None:
+            decoder = copy.deepcopy(vae.decoder).float().requires_grad_(False).to(device)
+            jacobian = colour_jacobian(decoder, diffusion.manifest.latent_shape, diffusion.manifest.latent_scale)
+            projector = chroma_projector(jacobian).to(device)
         return cls(unet.to(device, dtype).eval().requires_grad_(False),
                    vae.to(device, dtype).eval().requires_grad_(False),
                    NoiseSchedule(diffusion.manifest.schedule), diffusion.manifest.sampling,
-                   diffusion.manifest, vae_manifest, device, dtype, reader)
+                   diffusion.manifest, vae_manifest, device, dtype, reader, projector)
 
     @property
     def version(self) -> str:
@@ -185,7 +193,7 @@ class LatentDiffusion:
         null = self.unet.config.null_label
         distillation = self.manifest.distillation
         if distillation is None:
-            return guided(unet, labels, guidance_scale, null, reference)
+            return guided(unet, labels, guidance_scale, null, reference, self.chroma_projector)
         if reference is not None:
             raise ValueError(f"version {self.version} is a distilled student: it guides against the null labels only")
         return distilled_guidance(unet, labels, guidance_scale, null, distillation.sampling.guidance_range)

@@ -20,8 +20,17 @@ def test_visualize_writes_every_picture(tiny_checkpoints, synth_dir, tmp_path) -
     names = {p.name for p in out.iterdir()}
     assert names == {"reconstruction.png", "samples_smiling.png", "samples_not_smiling.png",
                      "denoising_path_smiling.png", "denoising_path_not_smiling.png", "denoising_smiling.gif",
-                     "denoising_not_smiling.gif", "latent_pca.png", "latent_tsne.png"}
+                     "denoising_not_smiling.gif", "latent_pca.png", "latent_tsne.png", "edits_to_smiling.png",
+                     "edits_to_not_smiling.png"}
     tile = 64 + GRID_PADDING
     assert Image.open(out / "reconstruction.png").size == (3 * tile + GRID_PADDING, 2 * tile + GRID_PADDING)
     assert Image.open(out / "denoising_path_smiling.png").size == (4 * tile + GRID_PADDING, 3 * tile + GRID_PADDING)
     assert Image.open(out / "denoising_smiling.gif").n_frames == 4
+    gallery = Image.open(out / "edits_to_smiling.png")  # input, edit and difference map per face
+    assert gallery.size == (3 * tile + GRID_PADDING, 3 * tile + GRID_PADDING)
+    difference_column = [gallery.crop((GRID_PADDING + 2 * tile, GRID_PADDING + r * tile,
+                                       GRID_PADDING + 2 * tile + 64, GRID_PADDING + r * tile + 64)) for r in range(3)]
+    for tile_image in difference_column:
+        red, green, blue = tile_image.split()
+        assert red.tobytes() == green.tobytes() == blue.tobytes()  # grey
+    assert any(max(tile_image.getdata()) > (0, 0, 0) for tile_image in difference_column)  # the edit changed pixels

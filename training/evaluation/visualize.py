@@ -6,7 +6,10 @@
   the attribute;
 - ``denoising_path_<label>.png``: one row per sample, the **true** reverse trajectory left to right: the starting
   noise, then the x0 predictions at evenly spaced steps, ending at the final sample;
-- ``denoising_<label>.gif``: the same trajectory as an animation.
+- ``denoising_<label>.gif``: the same trajectory as an animation;
+- ``edits_to_<label>.png``: one row per test face of the other label, edited toward ``label`` by DDIM as
+  ``POST /edit`` edits (``edit_strength``, ``edit_steps``, ``edit_guidance``: the CLI passes its defaults): the input, the edit, and where they differ (the mean absolute difference over RGB, times
+  ``DIFFERENCE_GAIN``, white where they differ most).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from facegen.model.diffusion.samplers import trajectory_indices
 from facegen.model.imaging import gif_bytes, grid_image, to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 from training.data.celeba import load_split
+from training.evaluation.evaluate_edit import edit_images
+
+DIFFERENCE_GAIN = 4  # a difference of 1/4 of the range shows white
 
 
 def denoising_trajectory(model: LatentDiffusion, attributes: dict[str, bool], seed: int, count: int, sampler: str,
@@ -62,9 +68,18 @@ def latent_projections(means: torch.Tensor, labels: torch.Tensor, attribute: str
     return written
 
 
+def edit_rows(inputs: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, 3, S, S]`` inputs and their edits -> ``uint8 [3 N, 3, S, S]``: input, edit and their difference
+    map per face, for a grid of three columns."""
+    difference = (edits.float() - inputs.float()).abs().mean(dim=1, keepdim=True) * DIFFERENCE_GAIN
+    difference = difference.clamp(max=255).to(torch.uint8).expand(-1, 3, -1, -1)
+    return torch.stack([inputs, edits, difference], dim=1).flatten(0, 1)
+
+
 @torch.no_grad()
 def visualize(checkpoints: Path, version: str, data: Path, out: Path, count: int = 8, sampler: str = "dpmpp",
-              steps: int = 20, frames: int = 10, seed: int = 0, projection_images: int = 1000) -> list[Path]:
+              steps: int = 20, frames: int = 10, seed: int = 0, projection_images: int = 1000, *,
+              edit_strength: float, edit_steps: int, edit_guidance: float) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     model = LatentDiffusion.load(checkpoints, version)
     guidance = model.sampling.guidance_scale
@@ -91,6 +106,14 @@ def visualize(checkpoints: Path, version: str, data: Path, out: Path, count: int
         written.append(path)
         path = out / f"denoising_{label}.gif"
         path.write_bytes(gif_bytes(trajectory, fps=6))
+        written.append(path)
+
+    for value in (True, False):
+        label = ("" if value else "not_") + attribute.lower()
+        inputs = images[labels[:, 0] != int(value)][:count]
+        edits = edit_images(model, inputs, {attribute: value}, edit_strength, edit_steps, edit_guidance)
+        path = out / f"edits_to_{label}.png"
+        grid_image(edit_rows(inputs, edits), cols=3).save(path)
         written.append(path)
 
     all_means = torch.cat([model.vae.encode(to_float(chunk))[0] for chunk in images.split(128)])

@@ -15,13 +15,18 @@ def null_labels(labels: torch.Tensor, null_label: int) -> torch.Tensor:
 
 
 def guided(unet: nn.Module, labels: torch.Tensor, scale: float | torch.Tensor, null_label: int,
-           reference: torch.Tensor | None = None) -> ModelFn:
+           reference: torch.Tensor | None = None, chroma_projector: torch.Tensor | None = None) -> ModelFn:
     """``(x, t) -> ref + scale * (cond - ref)``; the conditional and reference passes share one batch.
 
     ``labels [N, A]`` in {0, 1}. ``reference [N, A]``: the condition guided away from (default: the null labels,
     i.e. the unconditional model; an edit passes the source's labels so that guidance pushes along the difference
     between source and target alone). ``scale``: one for the batch, or ``[N]``, one per row (always two passes);
     a float ``scale = 1`` is the plain conditional model (one pass), ``scale = 0`` the reference one.
+
+    ``chroma_projector [C, C]`` (``facegen.model.chroma.chroma_projector``): the part ``P (cond - ref)`` of the
+    difference that changes the decoded chroma is taken once, not ``scale`` times: ``ref + (cond - ref) + (scale -
+    1) (I - P)(cond - ref)``, so guidance extrapolates shape and luminance and the colours stay the conditional
+    prediction's.
     """
     per_row = isinstance(scale, torch.Tensor)
     if not per_row and scale == 1.0:
@@ -33,7 +38,12 @@ def guided(unet: nn.Module, labels: torch.Tensor, scale: float | torch.Tensor, n
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond, ref = unet(torch.cat([x, x]), torch.cat([t, t]), both_labels).chunk(2)
-        return ref + (scale.view(-1, *(1,) * (x.dim() - 1)) if per_row else scale) * (cond - ref)
+        row_scale = scale.view(-1, *(1,) * (x.dim() - 1)) if per_row else scale
+        difference = cond - ref
+        if chroma_projector is None:
+            return ref + row_scale * difference
+        colour = torch.einsum("dc,nc...->nd...", chroma_projector.to(difference.dtype), difference)
+        return ref + row_scale * (difference - colour) + colour
 
     return model_fn
 
