@@ -341,6 +341,8 @@ class LatentDiffusion:
             probe = x0.detach().float().requires_grad_(True)
             loss = (F.binary_cross_entropy_with_logits(self.reader(probe), held, reduction="none") * columns).sum()
             (gradient,) = torch.autograd.grad(loss, probe)
+        if self.chroma_projector is not None:  # the hold, as guidance, leaves colour to the conditional prediction
+            gradient = gradient - torch.einsum("dc,nchw->ndhw", self.chroma_projector, gradient)
         shift = -step_size * gradient
         return x + math.sqrt(abar_next) * shift, x0 + shift
 

@@ -102,3 +102,24 @@ def test_evaluate_edit_sweeps_the_hold_guidance_of_a_reader_version(reader_check
     assert results["reader"] is True
     assert [row["hold_guidance"] for row in results["rows"]] == [0.0, 0.0, 4.0, 4.0]
     assert results["rows"][0]["psnr_db"] != results["rows"][2]["psnr_db"]  # the guidance changed the edits
+
+
+def test_the_hold_step_leaves_chroma_alone_when_guidance_does(reader_checkpoints: tuple[Path, Path]) -> None:
+    """A version whose guidance leaves chroma to the conditional prediction (``chroma_projector``) holds attributes
+    by shape and luminance alone: the hold's shift of x0 decodes to no change of chroma (to first order)."""
+    from facegen.model.chroma import chroma_projector, colour_jacobian
+
+    root, folder = reader_checkpoints
+    model = LatentDiffusion.load(root, folder.name, "cpu", torch.float32)
+    jacobian = colour_jacobian(model.vae.decoder, model.latent_shape, model.manifest.latent_scale)
+    x0 = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    held = 1 - (model.reader(x0) > 0).float()  # readings the step must move toward: a gradient that is not zero
+    columns, step = torch.ones_like(held), torch.ones(1, 1, *model.latent_shape[1:])
+    shifts = {}
+    for projector in (None, chroma_projector(jacobian)):
+        model.chroma_projector = projector
+        shifts[projector is None] = model.hold_step(x0, x0, held, columns, step, 1.0)[1] - x0
+    colour = {plain: torch.einsum("kc,nchw->nkhw", jacobian, shift) for plain, shift in shifts.items()}
+    assert colour[True][:, 1:].abs().max() > 1e-4  # the plain hold moves chroma
+    assert colour[False][:, 1:].abs().max() < 1e-6 * colour[True][:, 1:].abs().max() + 1e-7
+    assert torch.allclose(colour[False][:, 0], colour[True][:, 0], atol=1e-6)  # and the same luminance
