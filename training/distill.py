@@ -28,6 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from facegen.model.checkpoints import READER_FILE, load_part, save_checkpoint, warm_start
+from facegen.model.chroma import decoder_chroma_projector
 from facegen.model.config import ConsistencyConfig, DistillConfig, asdict
 from facegen.model.device import DTYPES, autocast
 from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
@@ -81,13 +82,15 @@ def student_from_earlier(root: Path, version: str, teacher: str, consistency: Co
 
 
 def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
-                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float
-                     ) -> torch.Tensor:
+                     t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float,
+                     chroma_projector: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's classifier-free-guided DDIM (eta 0) step from ``x_t [N, C, H, W]`` at ``t [N]`` to ``t_prev
     [N]`` (float32): ``v = v_null + w (v_cond - v_null)`` with ``w = guidance [N]`` per row, ``x0`` clamped to
     ``[-x0_clip, x0_clip]``, ``eps`` consistent with it (as ``DDIMSampler.step`` with ``guided``); two teacher rows
-    per row. ``labels [N, A]``: a row whose labels are all null gets the unconditional step whatever ``w``."""
-    v = guided(teacher, labels, guidance, teacher.config.null_label)(x_t, t).float()
+    per row. ``labels [N, A]``: a row whose labels are all null gets the unconditional step whatever ``w``.
+    ``chroma_projector [C, C]``: the teacher guides with its chroma left to the conditional prediction, as it
+    serves (``guided``)."""
+    v = guided(teacher, labels, guidance, teacher.config.null_label, chroma_projector=chroma_projector)(x_t, t).float()
     abar, abar_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
     x0 = schedule.split(v, x_t, abar)[0].clamp(-x0_clip, x0_clip)
     return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
@@ -110,10 +113,12 @@ class DistillStep:
 
     def __init__(self, student: UNet, teacher: UNet, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
                  manifest: DiffusionManifest, consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer,
-                 dtype: torch.dtype):
-        """``latents = (means, logvars)``, each ``[M, C, h, w]`` raw VAE units; ``labels int64 [M, A]`` in {0, 1}."""
+                 dtype: torch.dtype, chroma_projector: torch.Tensor | None = None):
+        """``latents = (means, logvars)``, each ``[M, C, h, w]`` raw VAE units; ``labels int64 [M, A]`` in {0, 1};
+        ``chroma_projector [C, C]``: the teacher's, when it leaves chroma unguided (``guided_ddim_step``)."""
         self.student, self.teacher, self.means, self.logvars, self.labels = student, teacher, *latents, labels
         self.manifest, self.consistency, self.cfg, self.trainer, self.dtype = manifest, consistency, cfg, trainer, dtype
+        self.chroma_projector = chroma_projector
         self.schedule = NoiseSchedule(manifest.schedule)
         self.skeleton = torch.tensor(skeleton_timesteps(self.schedule.timesteps, consistency.skeleton_steps))
         self.stride = self.schedule.timesteps // consistency.skeleton_steps
@@ -143,7 +148,8 @@ class DistillStep:
         x_t = schedule.q_sample(z0, t, noise)
         target_net = trainer.ema.model
         with torch.no_grad(), autocast(trainer.device, self.dtype):
-            x_prev = guided_ddim_step(self.teacher, schedule, x_t, t, t_prev, y, w, self.manifest.latent_clip)
+            x_prev = guided_ddim_step(self.teacher, schedule, x_t, t, t_prev, y, w, self.manifest.latent_clip,
+                                      self.chroma_projector)
             target = consistency_output(schedule, consistency, target_net(x_prev, t_prev, y, guidance=w).float(),
                                         x_prev, t_prev)
         for group in trainer.optimizers["model"].param_groups:
@@ -205,6 +211,9 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     data_fingerprint = fingerprint(opts.data)
     means, logvars, labels = training_latents(vae, vae_manifest.version, data_fingerprint, data_cfg, opts, device,
                                               ddp.is_main)
+    projector = None  # the teacher guides as it serves
+    if not teacher_manifest.sampling.guide_chroma:
+        projector = decoder_chroma_projector(vae.decoder, teacher_manifest.latent_shape, teacher_manifest.latent_scale)
     del vae
 
     teacher = UNet(teacher_manifest.model)
@@ -218,7 +227,8 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
                       {"noise": torch.Generator().manual_seed(cfg.seed * 1000 + 17 + ddp.rank)},
                       EMA(student, cfg.target_ema_decay),
                       deadline=None if minutes is None else started + 60 * minutes)
-    step = DistillStep(student, teacher, (means, logvars), labels, teacher_manifest, consistency, cfg, trainer, dtype)
+    step = DistillStep(student, teacher, (means, logvars), labels, teacher_manifest, consistency, cfg, trainer, dtype,
+                       projector)
     trainer.run(step, "distill")
 
     result = None

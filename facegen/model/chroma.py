@@ -12,6 +12,8 @@ that guidance can extrapolate the rest (shape, light and dark) and leave colour 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -45,3 +47,11 @@ def chroma_projector(jacobian: torch.Tensor) -> torch.Tensor:
     keep_chroma = torch.diag(torch.tensor([0.0, 1.0, 1.0]))
     jacobian = jacobian.double()
     return (jacobian.T @ torch.linalg.inv(jacobian @ jacobian.T) @ keep_chroma.double() @ jacobian).float()
+
+
+def decoder_chroma_projector(decoder: nn.Module, latent_shape: tuple[int, int, int], latent_scale: float
+                             ) -> torch.Tensor:
+    """``float32 [C, C]`` on ``decoder``'s device: :func:`chroma_projector` of a float32 copy of ``decoder`` (any
+    dtype; it takes raw latents) for scaled latents of ``latent_shape``."""
+    decoder = copy.deepcopy(decoder).float().requires_grad_(False)
+    return chroma_projector(colour_jacobian(decoder, latent_shape, latent_scale)).to(next(decoder.parameters()).device)

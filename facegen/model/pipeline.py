@@ -22,7 +22,7 @@ from facegen.model.networks.unet import UNet
 from facegen.model.networks.vae import VAE
 
 from .checkpoints import READER_FILE, load_checkpoint, load_part
-from .chroma import chroma_projector, colour_jacobian
+from .chroma import decoder_chroma_projector
 from .config import (
     ATTRIBUTE_READ_SPAN,
     ATTRIBUTE_READ_TRIALS,
@@ -90,9 +90,8 @@ class LatentDiffusion:
             reader = reader.to(device).eval().requires_grad_(False)
         projector = None
         if not diffusion.manifest.sampling.guide_chroma and diffusion.manifest.distillation is None:
-            decoder = copy.deepcopy(vae.decoder).float().requires_grad_(False).to(device)
-            jacobian = colour_jacobian(decoder, diffusion.manifest.latent_shape, diffusion.manifest.latent_scale)
-            projector = chroma_projector(jacobian).to(device)
+            manifest = diffusion.manifest
+            projector = decoder_chroma_projector(vae.decoder, manifest.latent_shape, manifest.latent_scale).to(device)
         return cls(unet.to(device, dtype).eval().requires_grad_(False),
                    vae.to(device, dtype).eval().requires_grad_(False),
                    NoiseSchedule(diffusion.manifest.schedule), diffusion.manifest.sampling,

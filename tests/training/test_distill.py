@@ -280,3 +280,34 @@ def test_the_gpu_distill_script_goes_on_from_a_student(tiny_checkpoints: Path, t
     assert exported.name != earlier
     assert manifest.distillation.teacher == teacher and manifest.training.init_from.version == earlier
     assert (tmp_path / "out" / "distill.log").is_file()
+
+
+def test_a_teacher_that_leaves_chroma_unguided_teaches_its_own_guided_step(tiny_checkpoints: Path, synth_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """The teacher's DDIM step is its served guidance: with ``guide_chroma`` false the chroma part of the guidance
+    difference is taken once (``guided`` with the projector), which moves the step; distillation from such a
+    teacher runs and exports."""
+    from facegen.model.chroma import chroma_projector
+    from facegen.model.diffusion.guidance import guided
+    from training.distill import guided_ddim_step
+
+    teacher, schedule = noisy_teacher(), NoiseSchedule(ScheduleConfig())
+    projector = chroma_projector(torch.randn(3, 4, generator=torch.Generator().manual_seed(4)))
+    x_t = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5))
+    t, t_prev, labels, w = torch.tensor([499, 299]), torch.tensor([479, 279]), torch.tensor([[1.0], [0.0]]), \
+        torch.tensor([4.0, 4.0])
+    with torch.no_grad():
+        plain = guided_ddim_step(teacher, schedule, x_t, t, t_prev, labels, w, 10.0)
+        unguided_chroma = guided_ddim_step(teacher, schedule, x_t, t, t_prev, labels, w, 10.0, projector)
+        v = guided(teacher, labels, w, teacher.config.null_label, chroma_projector=projector)(x_t, t)
+    abar, abar_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
+    x0, eps = schedule.split(v, x_t, abar)
+    assert torch.allclose(unguided_chroma, abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps, atol=1e-5)
+    assert not torch.allclose(unguided_chroma, plain, atol=1e-5)
+
+    root = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints, root)
+    assert main(["retune", "--checkpoints", str(root), "--guide-chroma", "false"]) == 0
+    chroma_teacher = load_checkpoint(root, "diffusion", "latest").version
+    folder = distill_tiny(root, synth_dir, tmp_path / "run", chroma_teacher, 2)
+    assert load_checkpoint(root, "diffusion", folder.name).manifest.distillation.teacher == chroma_teacher
