@@ -49,6 +49,12 @@ def chroma_projector(jacobian: torch.Tensor) -> torch.Tensor:
     return (jacobian.T @ torch.linalg.inv(jacobian @ jacobian.T) @ keep_chroma.double() @ jacobian).float()
 
 
+def chroma_part(projector: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """``P d`` at every position: the part of latent changes ``change [N, C, ...]`` that changes the decoded chroma
+    (``projector [C, C]``, :func:`chroma_projector`), in ``change``'s dtype and shape."""
+    return torch.einsum("dc,nc...->nd...", projector.to(change.dtype), change)
+
+
 def decoder_chroma_projector(decoder: nn.Module, latent_shape: tuple[int, int, int], latent_scale: float
                              ) -> torch.Tensor:
     """``float32 [C, C]`` on ``decoder``'s device: :func:`chroma_projector` of a float32 copy of ``decoder`` (any

@@ -22,7 +22,7 @@ from facegen.model.networks.unet import UNet
 from facegen.model.networks.vae import VAE
 
 from .checkpoints import READER_FILE, load_checkpoint, load_part
-from .chroma import decoder_chroma_projector
+from .chroma import chroma_part, decoder_chroma_projector
 from .config import (
     ATTRIBUTE_READ_SPAN,
     ATTRIBUTE_READ_TRIALS,
@@ -341,7 +341,7 @@ class LatentDiffusion:
             loss = (F.binary_cross_entropy_with_logits(self.reader(probe), held, reduction="none") * columns).sum()
             (gradient,) = torch.autograd.grad(loss, probe)
         if self.chroma_projector is not None:  # the hold, as guidance, leaves colour to the conditional prediction
-            gradient = gradient - torch.einsum("dc,nchw->ndhw", self.chroma_projector, gradient)
+            gradient = gradient - chroma_part(self.chroma_projector, gradient)
         shift = -step_size * gradient
         return x + math.sqrt(abar_next) * shift, x0 + shift
 

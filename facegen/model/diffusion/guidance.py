@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..chroma import chroma_part
 from .samplers import ModelFn
 
 
@@ -42,7 +43,7 @@ def guided(unet: nn.Module, labels: torch.Tensor, scale: float | torch.Tensor, n
         difference = cond - ref
         if chroma_projector is None:
             return ref + row_scale * difference
-        colour = torch.einsum("dc,nc...->nd...", chroma_projector.to(difference.dtype), difference)
+        colour = chroma_part(chroma_projector, difference)
         return ref + row_scale * (difference - colour) + colour
 
     return model_fn
