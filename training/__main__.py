@@ -153,8 +153,8 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_distill_command(commands: argparse._SubParsersAction) -> None:
-    distill = commands.add_parser("distill", help="a few-step student of a diffusion version (latent consistency "
-                                                  "distillation, the guidance scale an input)")
+    distill = commands.add_parser("distill", help="a few-step student of a diffusion version (latent or trajectory "
+                                                  "consistency distillation, --method; the guidance scale an input)")
     add_run_flags(distill, init_from=False)
     distill.add_argument("--teacher", required=True, metavar="VERSION",
                          help="the diffusion version to distil ('latest' allowed); the student starts from its weights")
@@ -166,7 +166,8 @@ def add_distill_command(commands: argparse._SubParsersAction) -> None:
                               "a version folder's path; same --student-* flags) instead of the teacher's weights: a "
                               "new run that goes on where that one stopped")
     distill.add_argument("--latent-cache", type=Path, default=None, metavar="DIR",
-                         help="the encoded training latents, shared with `diffusion --latent-cache`")
+                         help="the encoded training latents, shared with `diffusion --latent-cache`; with "
+                              "--method trajectory-consistency, the teacher's chains (DIR/trajectories)")
     add_config_flags(distill, ConsistencyConfig, "student_")
     add_config_flags(distill, DistillConfig)
 

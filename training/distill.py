@@ -1,7 +1,8 @@
-"""Distil a served diffusion version into a few-step student: latent consistency distillation (Luo et al. 2023,
-Alg. 1) with the guidance scale folded in as an input.
+"""Distil a served diffusion version into a few-step student, the guidance scale folded in as an input, by one of
+``DISTILLATION_METHODS``: latent consistency distillation (Luo et al. 2023, Alg. 1), described here, or trajectory
+consistency (``training.trajectories``), which regresses the student on the teacher's finished served chains.
 
-Each iteration draws training latents ``z_0`` (the teacher's VAE and latent scale), a skeleton index ``n``
+Each latent-consistency iteration draws training latents ``z_0`` (the teacher's VAE and latent scale), a skeleton index ``n``
 (``t_n = (n + 1) T / N - 1``, ``facegen.model.diffusion.consistency``), a guidance scale ``w`` uniform in the
 student's ``guidance_range`` and noise, and forms ``x_{t_n}``. The frozen teacher takes one guided DDIM step to
 ``t_{n-1} = max(t_n - T / N, 0)`` (both of its rows, as the served sampler computes them: ``v = v_null + w (v_cond -
@@ -27,9 +28,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from facegen.model.checkpoints import READER_FILE, load_part, save_checkpoint, warm_start
+from facegen.model.checkpoints import READER_FILE, Checkpoint, load_part, save_checkpoint, warm_start
 from facegen.model.chroma import decoder_chroma_projector
-from facegen.model.config import ConsistencyConfig, DistillConfig, asdict
+from facegen.model.config import DISTILLATION_METHODS, ConsistencyConfig, DistillConfig, asdict
 from facegen.model.device import DTYPES, autocast
 from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
 from facegen.model.diffusion.guidance import guided
@@ -40,9 +41,11 @@ from training.data.celeba import fingerprint
 from training.runtime import EMA, BatchStream, start_run, unwrap
 from training.train_diffusion import load_vae, sample_posterior, training_latents
 
+from .student_loss import learning_rate, pseudo_huber
 from .trainer import RunOptions, Trainer
+from .trajectories import TrajectoryStep, bank_folder, fill_bank
 
-METHOD = "latent-consistency"
+CONSISTENCY_METHOD, TRAJECTORY_METHOD = DISTILLATION_METHODS
 RUN_RECORD = "distill.json"  # the teacher and student config of a run folder, checked on --resume
 
 
@@ -94,18 +97,6 @@ def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, 
     abar, abar_prev = schedule.abar(t, x_t), schedule.abar(t_prev, x_t)
     x0 = schedule.split(v, x_t, abar)[0].clamp(-x0_clip, x0_clip)
     return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
-
-
-def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
-    """The mean over rows of ``sqrt(||prediction - target||^2 + c^2) - c``, the norm over each row's ``[C, H, W]``
-    (both ``[N, C, H, W]``): squared-error-like within ``c`` of the target, a plain distance beyond it."""
-    distance = (prediction - target).flatten(1).pow(2).sum(1)
-    return ((distance + c * c).sqrt() - c).mean()
-
-
-def learning_rate(step: int, cfg: DistillConfig) -> float:
-    """Linear warm-up to ``cfg.lr``, then constant (a time budget may end the run at any step)."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
 class DistillStep:
@@ -184,33 +175,49 @@ def check_run_folder(run_dir: Path, record: dict, resume: bool, write: bool) -> 
         path.write_text(json.dumps(record, sort_keys=True) + "\n")
 
 
-def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyConfig, opts: RunOptions,
-            minutes: float | None = None, resume: bool = False, init_from: str | None = None) -> Path | None:
-    """Distil ``teacher_version`` (a plain diffusion version; ``latest`` allowed) on ``opts.data``'s training latents;
-    returns the student's version folder (main rank). ``minutes``: stop the loop once this long has passed since the
-    call began, save the state, export. ``resume``: go on from ``opts.run_dir/state.pt``. ``init_from``: start
-    from this exported student of the teacher instead of the teacher's weights."""
-    started = time.monotonic()
-    teacher_ck, lineage = warm_start(opts.checkpoints, "diffusion", teacher_version)
-    teacher_manifest = teacher_ck.manifest
-    if teacher_manifest.distillation is not None:
-        raise DistillError(f"{teacher_ck.version} is itself a distilled student: distil a plain diffusion version")
+def checked_teacher(root: Path, version: str, consistency: ConsistencyConfig) -> tuple[Checkpoint, Parent]:
+    """The teacher ``version`` under ``root`` (``latest`` allowed) and its lineage; a ``DistillError`` for a
+    student, or for a skeleton that does not divide its training timesteps."""
+    teacher, lineage = warm_start(root, "diffusion", version)
+    if teacher.manifest.distillation is not None:
+        raise DistillError(f"{teacher.version} is itself a distilled student: distil a plain diffusion version")
     try:
-        skeleton_timesteps(teacher_manifest.schedule.timesteps, consistency.skeleton_steps)
+        skeleton_timesteps(teacher.manifest.schedule.timesteps, consistency.skeleton_steps)
     except ValueError as exc:
         raise DistillError(str(exc)) from None
+    return teacher, lineage
+
+
+def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyConfig, opts: RunOptions,
+            minutes: float | None = None, resume: bool = False, init_from: str | None = None) -> Path | None:
+    """Distil ``teacher_version`` (a plain diffusion version; ``latest`` allowed) by ``cfg.method``; returns the
+    student's version folder (main rank). Latent consistency learns on ``opts.data``'s training latents;
+    trajectory consistency on the teacher's own chains, computed first into a bank under ``opts.latent_cache``
+    (else ``opts.run_dir``) and reused by later runs. ``minutes``: stop the loop once this long has passed since
+    the call began (encoding the latents or filling the bank included), save the state, export. ``resume``: go on
+    from ``opts.run_dir/state.pt``. ``init_from``: start from this exported student of the teacher instead of the
+    teacher's weights."""
+    started = time.monotonic()
+    teacher_ck, lineage = checked_teacher(opts.checkpoints, teacher_version, consistency)
+    teacher_manifest = teacher_ck.manifest
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
     earlier = None
     if init_from is not None:  # checked before the latents are encoded
         earlier, lineage = student_from_earlier(opts.checkpoints, init_from, teacher_ck.version, consistency)
-    check_run_folder(opts.run_dir, {"teacher": teacher_ck.version, "student": asdict(consistency)}, resume,
-                     write=ddp.is_main)
+    record = {"teacher": teacher_ck.version, "student": asdict(consistency), "method": cfg.method}
+    bank_root = (opts.latent_cache if opts.latent_cache is not None else opts.run_dir) / "trajectories"
+    bank_dir = bank_folder(bank_root, teacher_ck.version, cfg, consistency)
+    if cfg.method == TRAJECTORY_METHOD:
+        record |= {"trajectories": cfg.trajectories, "trajectory_chunk": cfg.trajectory_chunk, "bank": bank_dir.name}
+    check_run_folder(opts.run_dir, record, resume, write=ddp.is_main)
 
     vae, vae_manifest = load_vae(opts.checkpoints, teacher_manifest.vae_version, device)
     data_cfg = dataclasses.replace(teacher_manifest.data, attributes=teacher_manifest.attributes)
-    data_fingerprint = fingerprint(opts.data)
-    means, logvars, labels = training_latents(vae, vae_manifest.version, data_fingerprint, data_cfg, opts, device,
-                                              ddp.is_main)
+    data_fingerprint = teacher_manifest.dataset_fingerprint  # a trajectory student sees the teacher's chains only
+    if cfg.method == CONSISTENCY_METHOD:
+        data_fingerprint = fingerprint(opts.data)
+        means, logvars, labels = training_latents(vae, vae_manifest.version, data_fingerprint, data_cfg, opts,
+                                                  device, ddp.is_main)
     projector = None  # the teacher guides as it serves
     if not teacher_manifest.sampling.guide_chroma:
         projector = decoder_chroma_projector(vae.decoder, teacher_manifest.latent_shape, teacher_manifest.latent_scale)
@@ -218,17 +225,26 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
 
     teacher = UNet(teacher_manifest.model)
     teacher.load_state_dict(teacher_ck.state_dict)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher.to(device).eval().requires_grad_(False)
+    if cfg.method == TRAJECTORY_METHOD:
+        bank = fill_bank(bank_dir, teacher, teacher_manifest, cfg, consistency, device, dtype, projector,
+                         show_progress=ddp.is_main)
+        examples = len(bank["x0"])
+    else:
+        examples = len(means)
     student = (student_from_teacher(teacher) if earlier is None else earlier).to(device)
     model = DistributedDataParallel(student) if ddp.world > 1 else student
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, {"model": model},
                       {"model": torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)},
-                      dtype == torch.float16, BatchStream(len(means), cfg.batch_size, cfg.seed, ddp),
+                      dtype == torch.float16, BatchStream(examples, cfg.batch_size, cfg.seed, ddp),
                       {"noise": torch.Generator().manual_seed(cfg.seed * 1000 + 17 + ddp.rank)},
                       EMA(student, cfg.target_ema_decay),
                       deadline=None if minutes is None else started + 60 * minutes)
-    step = DistillStep(student, teacher, (means, logvars), labels, teacher_manifest, consistency, cfg, trainer, dtype,
-                       projector)
+    if cfg.method == TRAJECTORY_METHOD:
+        step = TrajectoryStep(student, bank, teacher_manifest, consistency, cfg, trainer, dtype)
+    else:
+        step = DistillStep(student, teacher, (means, logvars), labels, teacher_manifest, consistency, cfg, trainer,
+                           dtype, projector)
     trainer.run(step, "distill")
 
     result = None
@@ -238,15 +254,15 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
             model=student.config, schedule=tm.schedule, sampling=tm.sampling, vae_version=tm.vae_version,
             latent_scale=tm.latent_scale, latent_clip=tm.latent_clip, latent_shape=tm.latent_shape,
             image_size=tm.image_size, attributes=tm.attributes, data=data_cfg, dataset_fingerprint=data_fingerprint,
-            training=TrainingRun(cfg, trainer.completed, len(means), str(dtype).removeprefix("torch."), ddp.world,
+            training=TrainingRun(cfg, trainer.completed, examples, str(dtype).removeprefix("torch."), ddp.world,
                                  device.type, weights="ema", init_from=lineage),
             metrics={"train_loss_ema": round(step.loss_avg, 6) if step.loss_avg is not None else None},
             reader=tm.reader,  # the same latent space: the teacher's attribute reader reads the student's latents
-            distillation=Distillation(teacher_ck.version, METHOD, consistency))
+            distillation=Distillation(teacher_ck.version, cfg.method, consistency))
         parts = {READER_FILE: load_part(teacher_ck, READER_FILE)} if tm.reader is not None else {}
         result = save_checkpoint(opts.checkpoints, unwrap(trainer.ema.model).state_dict(), manifest,
                                  dtype=DTYPES[opts.export_dtype], parts=parts)
         print(f"student checkpoint: {result} ({trainer.completed} of {cfg.steps} iterations, teacher "
-              f"{teacher_ck.version})")
+              f"{teacher_ck.version}, {cfg.method})")
     ddp.close()
     return result

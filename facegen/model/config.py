@@ -216,14 +216,21 @@ class ConsistencyConfig:
             raise InvalidConfig(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
 
 
+# How a student learns its consistency function ``f(x_t, t)`` (``training.distill``): "latent-consistency" matches
+# ``f`` at neighbouring skeleton timesteps, one guided teacher DDIM step apart (Luo et al. 2023, Alg. 1);
+# "trajectory-consistency" regresses ``f`` at every state of the teacher's served guided DPM-Solver++ chains on that
+# chain's final sample (``training.trajectories``).
+DISTILLATION_METHODS = ("latent-consistency", "trajectory-consistency")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
-    """``python -m training distill``: latent consistency distillation (Luo et al. 2023, Alg. 1) of a teacher's
-    guided DDIM step between neighbouring skeleton timesteps, the target computed by an EMA of the student; the
-    pseudo-Huber distance ``sqrt(||f - f_target||^2 + c^2) - c`` per latent (Song & Dhariwal 2023: far-off targets
-    pull linearly, not quadratically as in a squared error), AdamW with a linear warm-up then a constant
-    learning rate (a time budget may stop the run at any step)."""
+    """``python -m training distill``: a few-step student of a teacher by one of ``DISTILLATION_METHODS``. The
+    loss is the pseudo-Huber distance ``sqrt(||f - f_target||^2 + c^2) - c`` per latent (Song & Dhariwal 2023:
+    far-off targets pull linearly, not quadratically as in a squared error), AdamW with a linear warm-up then a
+    constant learning rate (a time budget may stop the run at any step)."""
 
+    method: str = "latent-consistency"
     steps: int = 4000  # iterations planned (``--minutes`` may stop earlier; ``--resume`` goes on)
     batch_size: int = 64
     lr: float = 5e-5
@@ -236,3 +243,15 @@ class DistillConfig:
     seed: int = 0
     log_every: int = 20
     save_every: int = 200
+    # trajectory-consistency: the teacher chains drawn before training (their start noise, labels and scales from
+    # ``seed``), and the share of them at the teacher's served guidance scale (the rest uniform in guidance_range)
+    trajectories: int = 8192
+    served_guidance_share: float = 0.5
+    trajectory_chunk: int = 256  # chains per bank file: what a stopped fill resumes from
+
+    def __post_init__(self) -> None:
+        if self.method not in DISTILLATION_METHODS:
+            raise InvalidConfig(f"method must be one of {DISTILLATION_METHODS}, got {self.method!r}")
+        if min(self.trajectories, self.trajectory_chunk) < 1 or not 0 <= self.served_guidance_share <= 1:
+            raise InvalidConfig("trajectories and trajectory_chunk must be >= 1 and served_guidance_share in [0, 1], "
+                                f"got {self.trajectories}, {self.trajectory_chunk}, {self.served_guidance_share}")

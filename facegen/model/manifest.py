@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import (
+    DISTILLATION_METHODS,
     ConsistencyConfig,
     DataConfig,
     DiffusionTrainConfig,
@@ -49,17 +50,13 @@ class TrainingRun:
 
     config: VAETrainConfig | DiffusionTrainConfig | DistillConfig
     steps: int
-    examples: int  # training images (VAE) or latents (diffusion, mirrors included)
+    examples: int  # training images (VAE), latents (diffusion, mirrors included) or teacher chains (student)
     precision: str
     world_size: int
     device: str
     weights: str = "trained"  # "trained" or "ema" (the diffusion and student exports are EMAs)
     landmarks: bool = False  # the VAE loss weighed eyes and mouth from the landmark file
     init_from: Parent | None = None
-
-
-# The distillation methods a student may come from (``Distillation.method``).
-DISTILLATION_METHODS = ("latent-consistency",)
 
 
 @dataclass(frozen=True)

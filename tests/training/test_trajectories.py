@@ -1,0 +1,126 @@
+"""Trajectory-consistency distillation: the teacher's chains are its served sampler's, their draws are fixed per
+chunk whatever fills the bank, and `distill --method trajectory-consistency` writes a student that names its
+method, learns on the chains alone and resumes only the run it started."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from facegen.model.checkpoints import load_checkpoint, served_versions
+from facegen.model.config import ConsistencyConfig, DistillConfig, InvalidConfig, ScheduleConfig
+from facegen.model.diffusion.guidance import guided
+from facegen.model.diffusion.noise import ImageNoise
+from facegen.model.diffusion.samplers import DPMSolverPP2MSampler, run_chain
+from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.pipeline import LatentDiffusion
+from tests.training.test_distill import SHAPE, noisy_teacher
+from training.distill import DistillError, distill
+from training.runtime import load_state
+from training.trainer import RunOptions
+from training.trajectories import bank_folder, chain_draws, fill_bank, teacher_trajectories
+
+TRAJECTORY = "trajectory-consistency"
+
+
+def test_a_chain_is_the_served_sampler_and_records_each_state() -> None:
+    teacher, schedule = noisy_teacher(), NoiseSchedule(ScheduleConfig())
+    noise, labels = ImageNoise([(4, i) for i in range(3)]), torch.tensor([[1], [0], [2]])
+    timesteps = list(range(999, 0, -50))
+    served = run_chain(guided(teacher, labels, 3.0, teacher.config.null_label), DPMSolverPP2MSampler(schedule, 2.0),
+                       len(timesteps), noise, SHAPE)
+    x_start = ImageNoise([(4, i) for i in range(3)]).draw(SHAPE)
+    with torch.no_grad():
+        states, x0 = teacher_trajectories(teacher, schedule, timesteps, x_start, labels, torch.full((3,), 3.0), 2.0)
+    assert states.shape == (3, 20, *SHAPE) and torch.equal(states[:, 0], x_start)
+    assert torch.allclose(x0, served, atol=1e-5)
+    assert x0.abs().max() <= 2.0 + 1e-5 and not torch.allclose(states[:, -1], x0)
+    with torch.no_grad(), pytest.raises(ValueError, match="not"):  # only the served sampler's own timesteps
+        teacher_trajectories(teacher, schedule, [999, 500], x_start, labels, torch.full((3,), 3.0), 2.0)
+
+
+def test_chain_draws_keep_their_shares_and_ranges() -> None:
+    cfg, consistency = DistillConfig(label_dropout=0.2, served_guidance_share=0.5), ConsistencyConfig()
+    x, labels, w = chain_draws(4000, torch.Generator().manual_seed(0), SHAPE, 1, 2, cfg, consistency, 3.0)
+    assert x.shape == (4000, *SHAPE) and abs(float(x.std()) - 1) < 0.01
+    assert set(labels.unique().tolist()) == {0, 1, 2}
+    assert 0.17 < float((labels == 2).float().mean()) < 0.23
+    served = w == 3.0
+    assert 0.46 < float(served.float().mean()) < 0.54
+    assert float(w[~served].min()) >= 1.0 and float(w[~served].max()) <= 8.0 and float(w[~served].std()) > 1.5
+    with pytest.raises(InvalidConfig, match="method"):
+        DistillConfig(method="progressive")
+    with pytest.raises(InvalidConfig, match="served_guidance_share"):
+        DistillConfig(served_guidance_share=1.5)
+
+
+def test_a_bank_is_the_same_however_it_was_filled(tiny_checkpoints: Path, tmp_path: Path) -> None:
+    ck = load_checkpoint(tiny_checkpoints, "diffusion", "latest")
+    teacher = noisy_teacher()
+    consistency = ConsistencyConfig(skeleton_steps=20)
+    manifest = ck.manifest
+
+    def fill(folder: Path, count: int) -> dict[str, torch.Tensor]:
+        cfg = DistillConfig(trajectories=count, trajectory_chunk=8)
+        return fill_bank(bank_folder(folder, ck.version, cfg, consistency), teacher, manifest, cfg, consistency,
+                         torch.device("cpu"), torch.float32, show_progress=False)
+
+    small = fill(tmp_path / "a", 10)
+    assert small["states"].shape == (10, 20, *manifest.latent_shape) and small["states"].dtype == torch.float16
+    assert small["timesteps"].tolist() == list(range(999, 0, -50))
+    large = fill(tmp_path / "a", 13)  # the first chunk is read back, the second computed
+    again = fill(tmp_path / "b", 13)  # all computed afresh elsewhere
+    assert torch.equal(large["timesteps"], small["timesteps"])
+    for name in ("states", "x0", "labels", "guidance"):
+        assert torch.equal(large[name][:10], small[name]) and torch.equal(large[name], again[name])
+    assert len(list(bank_folder(tmp_path / "a", ck.version, DistillConfig(), consistency).glob("*.pt"))) == 2
+    other = bank_folder(tmp_path, ck.version, DistillConfig(seed=1), consistency)
+    assert other != bank_folder(tmp_path, ck.version, DistillConfig(trajectories=9), consistency)
+
+
+def test_distill_by_trajectories_writes_a_student_of_its_teachers_chains(tiny_checkpoints: Path, tmp_path: Path
+                                                                         ) -> None:
+    root = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoints, root)
+    teacher = load_checkpoint(root, "diffusion", "latest")
+    consistency = ConsistencyConfig(skeleton_steps=20)
+    cfg = DistillConfig(method=TRAJECTORY, trajectories=12, trajectory_chunk=8, steps=3, batch_size=8, warmup=1, log_every=1,
+                        save_every=2, lr=1e-3)
+    cache = tmp_path / "cache"
+
+    def run(folder: str, **kwargs) -> Path:  # no data folder: the chains are all it learns from
+        opts = RunOptions(tmp_path / "no-data", root, tmp_path / folder, precision="fp32", threads=1,
+                          latent_cache=cache)
+        return distill(teacher.version, kwargs.pop("cfg", cfg), consistency, opts, **kwargs)
+
+    folder = run("run")
+    student = load_checkpoint(root, "diffusion", folder.name)
+    manifest = student.manifest
+    assert manifest.distillation.method == TRAJECTORY and manifest.distillation.teacher == teacher.version
+    assert manifest.distillation.sampling == consistency and manifest.training.steps == 3
+    assert manifest.training.examples == 12 and manifest.dataset_fingerprint == teacher.manifest.dataset_fingerprint
+    assert load_state(tmp_path / "run" / "state.pt")["step"] == 3
+    bank = next((cache / "trajectories").iterdir())
+    written = {path: path.stat().st_mtime_ns for path in bank.iterdir()}
+
+    resumed = run("run", cfg=dataclasses.replace(cfg, steps=5), resume=True)
+    assert load_checkpoint(root, "diffusion", resumed.name).manifest.training.steps == 5
+    assert {path: path.stat().st_mtime_ns for path in bank.iterdir()} == written  # the bank was read, not redrawn
+    with pytest.raises(DistillError, match="distils"):  # another bank is another run
+        run("run", cfg=dataclasses.replace(cfg, trajectories=13), resume=True)
+    with pytest.raises(DistillError, match="distils"):
+        run("run", cfg=dataclasses.replace(cfg, method="latent-consistency"), resume=True)
+
+    # it samples as a student does: one row per step, finite, the same for the same seed at any batch
+    pipeline = LatentDiffusion.load(root, folder.name)
+    assert folder.name not in served_versions(root, "latest")[:1]
+
+    def sample(pairs: list[tuple[int, int]]) -> torch.Tensor:
+        return pipeline.sample_latents(torch.tensor([[1]] * len(pairs)), ImageNoise(pairs), "student", 4, 3.0)
+
+    batch = sample([(9, 0), (9, 1)])
+    assert torch.isfinite(batch).all() and torch.allclose(sample([(9, 1)])[0], batch[1], atol=1e-5)

@@ -1,0 +1,153 @@
+"""Trajectory-consistency distillation: the teacher's served chains, solved once, teach the student's consistency
+function directly.
+
+A consistency function maps every state of an ODE trajectory to the trajectory's end. The teacher's served sampler
+(DPM-Solver++(2M), classifier-free guidance, ``x0`` clamped to the latent clip) on the student's skeleton
+timesteps ``T - 1 = t_0 > ... > t_{N-1}`` is such a trajectory, from ``x_{t_0} ~ N(0, I)`` to its sample ``x_0``:
+:func:`teacher_trajectories` records its ``N`` states and its end, and :class:`TrajectoryStep` regresses the
+student's ``f(x_{t_k}, t_k, w)`` on that end (pseudo-Huber), for a state ``k`` drawn per row. Where latent
+consistency distillation (``training.distill``) matches ``f`` one teacher step apart against its own EMA target,
+every target here is the teacher's finished sample, so that no error of the student's feeds back into its targets
+(the knowledge distillation of Luhman & Luhman 2021, at every state of the chain rather than at its start alone).
+The student's multistep sampler (``ConsistencySampler``) visits skeleton timesteps only, so with the skeleton of
+the teacher's served step count (20) it starts from the states the student learnt, and at one step maps the noise
+to the teacher's served sample for that noise.
+
+The chains are computed before training, in chunks that land as files in a bank folder named after
+what decides them (:func:`bank_folder`): a stopped run, or another run with the same teacher and draws, reuses
+what is there. Chunk ``k`` draws its noise, labels and scales from its own generator ``(seed, k)``, so a bank's
+contents do not depend on how many runs filled it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from facegen.model.config import ConsistencyConfig, DistillConfig
+from facegen.model.device import autocast
+from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
+from facegen.model.diffusion.guidance import guided
+from facegen.model.diffusion.samplers import DPMSolverPP2MSampler
+from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.manifest import DiffusionManifest
+from facegen.model.networks.unet import UNet
+
+from .student_loss import learning_rate, pseudo_huber
+from .trainer import Trainer
+
+
+def teacher_trajectories(teacher: UNet, schedule: NoiseSchedule, timesteps: list[int], x_start: torch.Tensor,
+                         labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float,
+                         chroma_projector: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's served chains from ``x_start [N, C, H, W]`` (at ``timesteps[0]``) over the descending
+    ``timesteps`` (K of them): DPM-Solver++(2M) on ``guided`` outputs at the per-row scales ``guidance [N]`` under
+    ``labels [N, A]`` (``chroma_projector [C, C]`` as the teacher serves, if it does). Returns ``(states [N, K, C, H,
+    W], x0 [N, C, H, W])``, both float32: the state at each timestep and the chain's sample. 2K teacher rows per
+    row."""
+    sampler = DPMSolverPP2MSampler(schedule, x0_clip)
+    sampler.set_timesteps(len(timesteps))
+    if sampler.timesteps != list(timesteps):
+        raise ValueError(f"the served sampler's {len(timesteps)} steps are {sampler.timesteps}, not {timesteps}")
+    model_fn = guided(teacher, labels, guidance, teacher.config.null_label, chroma_projector=chroma_projector)
+    x, states = x_start, []
+    for i, t in enumerate(timesteps):
+        states.append(x)
+        t_row = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x = sampler.step(model_fn(x, t_row).float(), i, x).prev_sample
+    return torch.stack(states, 1), x
+
+
+def chain_draws(count: int, generator: torch.Generator, shape: tuple[int, ...], attributes: int, null_label: int,
+                cfg: DistillConfig, consistency: ConsistencyConfig, served_guidance: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_start [count, *shape], labels int64 [count, A], guidance [count])`` for ``count`` chains: standard
+    normal starts; each attribute 0 or 1 with even odds, then the null label with ``cfg.attribute_dropout`` per
+    attribute and ``cfg.label_dropout`` per row (requests that leave attributes open); the served scale with
+    probability ``cfg.served_guidance_share``, else uniform in ``consistency.guidance_range``."""
+    x_start = torch.randn((count, *shape), generator=generator)
+    labels = torch.randint(0, 2, (count, attributes), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < cfg.attribute_dropout] = null_label
+    labels[torch.rand(count, generator=generator) < cfg.label_dropout] = null_label
+    low, high = consistency.guidance_range
+    guidance = low + (high - low) * torch.rand(count, generator=generator)
+    served = torch.rand(count, generator=generator) < cfg.served_guidance_share
+    return x_start, labels, torch.where(served, torch.full_like(guidance, served_guidance), guidance)
+
+
+def bank_folder(root: Path, teacher_version: str, cfg: DistillConfig, consistency: ConsistencyConfig) -> Path:
+    """The folder under ``root`` of the chains that ``teacher_version`` draws for these settings: named after the
+    teacher and a digest of every setting a chain depends on (not of the count: a larger bank extends a smaller)."""
+    decides = {"seed": cfg.seed, "label_dropout": cfg.label_dropout, "attribute_dropout": cfg.attribute_dropout,
+               "served_guidance_share": cfg.served_guidance_share, "skeleton_steps": consistency.skeleton_steps,
+               "guidance_range": list(consistency.guidance_range)}
+    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"{teacher_version}-{digest}"
+
+
+def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
+              consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
+              chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """The first ``cfg.trajectories`` chains of the bank ``folder``, computing the chunks (of
+    ``cfg.trajectory_chunk`` chains; a file per chunk, named by its size and index) it lacks: ``states
+    float16 [M, K, C, H, W]`` (K = ``consistency.skeleton_steps``, descending timesteps), ``x0 float32 [M, C, H,
+    W]``, ``labels int64 [M, A]``, ``guidance float32 [M]``, ``timesteps int64 [K]``."""
+    schedule = NoiseSchedule(manifest.schedule)
+    timesteps = skeleton_timesteps(schedule.timesteps, consistency.skeleton_steps)[::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk, chunks = cfg.trajectory_chunk, []
+    for k in tqdm(range(-(-cfg.trajectories // chunk)), desc="teacher chains", disable=not show_progress):
+        path = folder / f"{chunk}-{k:05d}.pt"
+        if not path.is_file():
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            x_start, labels, guidance = chain_draws(chunk, generator, manifest.latent_shape, len(manifest.attributes),
+                                                    teacher.config.null_label, cfg, consistency,
+                                                    manifest.sampling.guidance_scale)
+            with torch.no_grad(), autocast(device, dtype):
+                states, x0 = teacher_trajectories(teacher, schedule, timesteps, x_start.to(device),
+                                                  labels.to(device), guidance.to(device), manifest.latent_clip,
+                                                  chroma_projector)
+            partial = path.with_suffix(".part")
+            torch.save({"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance},
+                       partial)
+            partial.replace(path)  # a chunk is there whole or not at all
+        chunks.append(torch.load(path, weights_only=True))
+    bank = {name: torch.cat([part[name] for part in chunks])[:cfg.trajectories] for name in chunks[0]}
+    return bank | {"timesteps": torch.tensor(timesteps)}
+
+
+class TrajectoryStep:
+    """One trajectory-consistency iteration: a batch of chains from the bank, one state of each, the student's
+    ``f`` there pulled towards the chain's sample."""
+
+    def __init__(self, student: UNet, bank: dict[str, torch.Tensor], manifest: DiffusionManifest,
+                 consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype):
+        self.student, self.bank, self.consistency, self.cfg = student, bank, consistency, cfg
+        self.trainer, self.dtype = trainer, dtype
+        self.schedule = NoiseSchedule(manifest.schedule)
+        self.loss_avg: float | None = None
+
+    def __call__(self, step: int) -> dict[str, float]:
+        trainer, bank = self.trainer, self.bank
+        index = next(trainer.stream)
+        k = torch.randint(0, len(bank["timesteps"]), (len(index),), generator=trainer.generators["noise"])
+        device = trainer.device
+        x_t = bank["states"][index, k].float().to(device)
+        t = bank["timesteps"][k].to(device)
+        y, w = bank["labels"][index].to(device), bank["guidance"][index].to(device)
+        target = bank["x0"][index].to(device)
+        for group in trainer.optimizers["model"].param_groups:
+            group["lr"] = learning_rate(step, self.cfg)
+        with autocast(device, self.dtype):
+            output = trainer.modules["model"](x_t, t, y, guidance=w).float()
+            f = consistency_output(self.schedule, self.consistency, output, x_t, t)
+            loss = pseudo_huber(f, target, self.cfg.huber_c)
+        trainer.optimizer_step("model", loss, self.student.parameters(), self.cfg.grad_clip)
+        value = loss.item()
+        self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
+        return {"loss": value, "loss_avg": self.loss_avg, "lr": learning_rate(step, self.cfg)}
+
