@@ -7,6 +7,8 @@
 #   3. the exported student's folder copied to $OUT/diffusion/VERSION (when OUT is set), with the run's log.
 # Nothing but torch, safetensors, pillow and tqdm is needed, so the device's own python3 runs it:
 #   MINUTES=8 scripts/gpu_distill.sh          (DEVICE=cpu COUNT=64 MINUTES=0.5 BATCH=8: the same path on a CPU)
+# Its arguments go to `distill` as they are, e.g. a trajectory-consistency run:
+#   scripts/gpu_distill.sh --method trajectory-consistency --student-skeleton-steps 20 --trajectories 65536
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,7 +37,7 @@ roots="$WORK/checkpoints"
 rm -rf "$roots" "$WORK/run" && mkdir -p "$roots" && cp -r "$CHECKPOINTS/vae" "$CHECKPOINTS/diffusion" "$roots"/
 $PY -m training distill --data "$DATA" --checkpoints "$roots" --teacher "$teacher" --run-dir "$WORK/run" \
   --device "$DEVICE" --batch-size "$BATCH" --minutes "$MINUTES" --export-dtype fp16 --latent-cache "$WORK/latents" \
-  --log-every 100 "${init[@]}" 2>&1 | tee "$WORK/distill.log"
+  --log-every 100 "${init[@]}" "$@" 2>&1 | tee "$WORK/distill.log"
 student=$(served "$roots" | tail -1)  # the newest student of the teacher: this run's
 echo "student: $roots/diffusion/$student (from ${INIT_FROM:-the teacher $teacher})"
 if [ -n "${OUT:-}" ]; then
