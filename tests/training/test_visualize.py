@@ -34,3 +34,16 @@ def test_visualize_writes_every_picture(tiny_checkpoints, synth_dir, tmp_path) -
         red, green, blue = tile_image.split()
         assert red.tobytes() == green.tobytes() == blue.tobytes()  # grey
     assert any(max(tile_image.getdata()) > (0, 0, 0) for tile_image in difference_column)  # the edit changed pixels
+
+
+def test_visualize_sets_a_student_beside_its_model(tiny_student_checkpoints, synth_dir, tmp_path) -> None:
+    out = tmp_path / "pictures"
+    result = subprocess.run([sys.executable, "-m", "training", "visualize", "--checkpoints",
+                             str(tiny_student_checkpoints), "--data", str(synth_dir), "--out", str(out), "--count", "3",
+                             "--steps", "6", "--frames", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tile = 64 + GRID_PADDING
+    picture = Image.open(out / "student_vs_default.png")  # the model's row, then the student's at 1, 2 and 4 steps
+    assert picture.size == (3 * tile + GRID_PADDING, 4 * tile + GRID_PADDING)
+    rows = [picture.crop((0, r * tile, picture.width, (r + 1) * tile)).tobytes() for r in range(4)]
+    assert len(set(rows)) == 4  # four samplers, four different rows of the same noise

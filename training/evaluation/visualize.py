@@ -9,7 +9,10 @@
 - ``denoising_<label>.gif``: the same trajectory as an animation;
 - ``edits_to_<label>.png``: one row per test face of the other label, edited toward ``label`` by DDIM as
   ``POST /edit`` edits (``edit_strength``, ``edit_steps``, ``edit_guidance``: the CLI passes its defaults): the input, the edit, and where they differ (the mean absolute difference over RGB, times
-  ``DIFFERENCE_GAIN``, white where they differ most).
+  ``DIFFERENCE_GAIN``, white where they differ most);
+- ``student_vs_default.png``, when the checkpoints hold a distilled student of the model (the one a worker serves
+  beside it): the first label's samples of the same noise, one row per sampler: the model's (``sampler``, ``steps``),
+  then the student's at ``STUDENT_STEPS`` (those it takes).
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from pathlib import Path
 
 import torch
 
+from facegen.model.checkpoints import served_versions
 from facegen.model.diffusion.noise import ImageNoise
-from facegen.model.diffusion.samplers import trajectory_indices
+from facegen.model.diffusion.samplers import STUDENT_SAMPLER, trajectory_indices
 from facegen.model.imaging import gif_bytes, grid_image, to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 from training.data.celeba import load_split
 from training.evaluation.evaluate_edit import edit_images
 
 DIFFERENCE_GAIN = 4  # a difference of 1/4 of the range shows white
+STUDENT_STEPS = (1, 2, 4)  # the student's rows of student_vs_default.png
 
 
 def denoising_trajectory(model: LatentDiffusion, attributes: dict[str, bool], seed: int, count: int, sampler: str,
@@ -39,6 +44,20 @@ def denoising_trajectory(model: LatentDiffusion, attributes: dict[str, bool], se
                          lambda i, x, x0: captured.append(x0.clone()) if i in wanted else None)
     start = ImageNoise(pairs, model.device).draw(model.latent_shape)
     return [to_uint8(model.decode(latents)) for latents in [start, *captured]]
+
+
+def student_rows(model: LatentDiffusion, student: LatentDiffusion, attributes: dict[str, bool], seed: int,
+                 count: int, sampler: str, steps: int, guidance: float) -> torch.Tensor:
+    """``uint8 [R count, 3, H, W]``: ``count`` samples of the noise ``(seed, 0..count-1)`` per row, the model's at
+    ``sampler``/``steps``, then ``student``'s at each of ``STUDENT_STEPS`` up to its ``max_steps``, all at
+    ``guidance``."""
+    labels = model.labels_for(attributes).expand(count, -1)
+    rows = [(model, sampler, steps)] + [(student, STUDENT_SAMPLER, n) for n in STUDENT_STEPS
+                                        if n <= student.manifest.distillation.sampling.max_steps]
+    images = [to_uint8(runner.decode(runner.sample_latents(labels, ImageNoise([(seed, i) for i in range(count)],
+                                                                               runner.device), name, n, guidance)))
+              for runner, name, n in rows]
+    return torch.cat(images)
 
 
 def latent_projections(means: torch.Tensor, labels: torch.Tensor, attribute: str, out: Path) -> list[Path]:
@@ -114,6 +133,14 @@ def visualize(checkpoints: Path, version: str, data: Path, out: Path, count: int
         edits = edit_images(model, inputs, {attribute: value}, edit_strength, edit_steps, edit_guidance)
         path = out / f"edits_to_{label}.png"
         grid_image(edit_rows(inputs, edits), cols=3).save(path)
+        written.append(path)
+
+    student = served_versions(checkpoints, model.version)[1]
+    if student is not None:
+        runner = LatentDiffusion.load(checkpoints, student, model.device, model.dtype, share_vae=model)
+        path = out / "student_vs_default.png"
+        grid_image(student_rows(model, runner, {attribute: True}, seed, count, sampler, steps, guidance),
+                   cols=count).save(path)
         written.append(path)
 
     all_means = torch.cat([model.vae.encode(to_float(chunk))[0] for chunk in images.split(128)])
