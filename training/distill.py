@@ -41,7 +41,7 @@ from training.data.celeba import fingerprint
 from training.runtime import EMA, BatchStream, start_run, unwrap
 from training.train_diffusion import load_vae, sample_posterior, training_latents
 
-from .student_loss import learning_rate, pseudo_huber
+from .student_training import StudentStep, guidance_draws, open_labels, pseudo_huber
 from .trainer import RunOptions, Trainer
 from .trajectories import TrajectoryStep, bank_folder, fill_bank
 
@@ -99,7 +99,7 @@ def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, 
     return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps_from_x0(x_t, x0, abar)
 
 
-class DistillStep:
+class DistillStep(StudentStep):
     """One consistency-distillation iteration on a batch of freshly sampled latents."""
 
     def __init__(self, student: UNet, teacher: UNet, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
@@ -107,13 +107,13 @@ class DistillStep:
                  dtype: torch.dtype, chroma_projector: torch.Tensor | None = None):
         """``latents = (means, logvars)``, each ``[M, C, h, w]`` raw VAE units; ``labels int64 [M, A]`` in {0, 1};
         ``chroma_projector [C, C]``: the teacher's, when it leaves chroma unguided (``guided_ddim_step``)."""
-        self.student, self.teacher, self.means, self.logvars, self.labels = student, teacher, *latents, labels
-        self.manifest, self.consistency, self.cfg, self.trainer, self.dtype = manifest, consistency, cfg, trainer, dtype
+        super().__init__(student, cfg, trainer)
+        self.teacher, self.means, self.logvars, self.labels = teacher, *latents, labels
+        self.manifest, self.consistency, self.dtype = manifest, consistency, dtype
         self.chroma_projector = chroma_projector
         self.schedule = NoiseSchedule(manifest.schedule)
         self.skeleton = torch.tensor(skeleton_timesteps(self.schedule.timesteps, consistency.skeleton_steps))
         self.stride = self.schedule.timesteps // consistency.skeleton_steps
-        self.loss_avg: float | None = None
 
     def draw(self) -> tuple[torch.Tensor, ...]:
         """``(z_0, labels, t, w, noise)`` of the next batch, on the trainer's device."""
@@ -121,14 +121,9 @@ class DistillStep:
         index = next(trainer.stream)
         n = len(index)
         z0 = self.manifest.latent_scale * sample_posterior(self.means[index], self.logvars[index], generator)
-        y = self.labels[index].clone()
-        null = self.teacher.config.null_label
-        if cfg.attribute_dropout > 0:
-            y[torch.rand(y.shape, generator=generator) < cfg.attribute_dropout] = null
-        y[torch.rand(n, generator=generator) < cfg.label_dropout] = null
+        y = open_labels(self.labels[index], self.teacher.config.null_label, cfg, generator)
         t = self.skeleton[torch.randint(0, len(self.skeleton), (n,), generator=generator)]
-        low, high = self.consistency.guidance_range
-        w = low + (high - low) * torch.rand(n, generator=generator)
+        w = guidance_draws(n, self.consistency, generator)
         noise = torch.randn(z0.shape, generator=generator)
         return tuple(v.to(trainer.device) for v in (z0, y, t, w, noise))
 
@@ -143,15 +138,10 @@ class DistillStep:
                                       self.chroma_projector)
             target = consistency_output(schedule, consistency, target_net(x_prev, t_prev, y, guidance=w).float(),
                                         x_prev, t_prev)
-        for group in trainer.optimizers["model"].param_groups:
-            group["lr"] = learning_rate(step, self.cfg)
         with autocast(trainer.device, self.dtype):
             output = trainer.modules["model"](x_t, t, y, guidance=w).float()
             loss = pseudo_huber(consistency_output(schedule, consistency, output, x_t, t), target, self.cfg.huber_c)
-        trainer.optimizer_step("model", loss, self.student.parameters(), self.cfg.grad_clip)
-        value = loss.item()
-        self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
-        return {"loss": value, "loss_avg": self.loss_avg, "lr": learning_rate(step, self.cfg)}
+        return self.update(step, loss)
 
 
 def check_run_folder(run_dir: Path, record: dict, resume: bool, write: bool) -> None:
@@ -205,9 +195,9 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     if init_from is not None:  # checked before the latents are encoded
         earlier, lineage = student_from_earlier(opts.checkpoints, init_from, teacher_ck.version, consistency)
     record = {"teacher": teacher_ck.version, "student": asdict(consistency), "method": cfg.method}
-    bank_root = (opts.latent_cache if opts.latent_cache is not None else opts.run_dir) / "trajectories"
-    bank_dir = bank_folder(bank_root, teacher_ck.version, cfg, consistency)
     if cfg.method == TRAJECTORY_METHOD:
+        bank_root = (opts.latent_cache if opts.latent_cache is not None else opts.run_dir) / "trajectories"
+        bank_dir = bank_folder(bank_root, teacher_ck.version, cfg, consistency)
         record |= {"trajectories": cfg.trajectories, "trajectory_chunk": cfg.trajectory_chunk, "bank": bank_dir.name}
     check_run_folder(opts.run_dir, record, resume, write=ddp.is_main)
 

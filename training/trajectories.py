@@ -37,7 +37,7 @@ from facegen.model.diffusion.schedule import NoiseSchedule
 from facegen.model.manifest import DiffusionManifest
 from facegen.model.networks.unet import UNet
 
-from .student_loss import learning_rate, pseudo_huber
+from .student_training import StudentStep, guidance_draws, open_labels, pseudo_huber
 from .trainer import Trainer
 
 
@@ -70,11 +70,8 @@ def chain_draws(count: int, generator: torch.Generator, shape: tuple[int, ...], 
     attribute and ``cfg.label_dropout`` per row (requests that leave attributes open); the served scale with
     probability ``cfg.served_guidance_share``, else uniform in ``consistency.guidance_range``."""
     x_start = torch.randn((count, *shape), generator=generator)
-    labels = torch.randint(0, 2, (count, attributes), generator=generator)
-    labels[torch.rand(labels.shape, generator=generator) < cfg.attribute_dropout] = null_label
-    labels[torch.rand(count, generator=generator) < cfg.label_dropout] = null_label
-    low, high = consistency.guidance_range
-    guidance = low + (high - low) * torch.rand(count, generator=generator)
+    labels = open_labels(torch.randint(0, 2, (count, attributes), generator=generator), null_label, cfg, generator)
+    guidance = guidance_draws(count, consistency, generator)
     served = torch.rand(count, generator=generator) < cfg.served_guidance_share
     return x_start, labels, torch.where(served, torch.full_like(guidance, served_guidance), guidance)
 
@@ -102,7 +99,9 @@ def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Dis
     chunk, chunks = cfg.trajectory_chunk, []
     for k in tqdm(range(-(-cfg.trajectories // chunk)), desc="teacher chains", disable=not show_progress):
         path = folder / f"{chunk}-{k:05d}.pt"
-        if not path.is_file():
+        if path.is_file():
+            part = torch.load(path, weights_only=True)
+        else:
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
             x_start, labels, guidance = chain_draws(chunk, generator, manifest.latent_shape, len(manifest.attributes),
                                                     teacher.config.null_label, cfg, consistency,
@@ -111,25 +110,23 @@ def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Dis
                 states, x0 = teacher_trajectories(teacher, schedule, timesteps, x_start.to(device),
                                                   labels.to(device), guidance.to(device), manifest.latent_clip,
                                                   chroma_projector)
-            partial = path.with_suffix(".part")
-            torch.save({"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance},
-                       partial)
-            partial.replace(path)  # a chunk is there whole or not at all
-        chunks.append(torch.load(path, weights_only=True))
+            part = {"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance}
+            torch.save(part, path.with_suffix(".part"))
+            path.with_suffix(".part").replace(path)  # a chunk is there whole or not at all
+        chunks.append(part)
     bank = {name: torch.cat([part[name] for part in chunks])[:cfg.trajectories] for name in chunks[0]}
     return bank | {"timesteps": torch.tensor(timesteps)}
 
 
-class TrajectoryStep:
+class TrajectoryStep(StudentStep):
     """One trajectory-consistency iteration: a batch of chains from the bank, one state of each, the student's
     ``f`` there pulled towards the chain's sample."""
 
     def __init__(self, student: UNet, bank: dict[str, torch.Tensor], manifest: DiffusionManifest,
                  consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype):
-        self.student, self.bank, self.consistency, self.cfg = student, bank, consistency, cfg
-        self.trainer, self.dtype = trainer, dtype
+        super().__init__(student, cfg, trainer)
+        self.bank, self.consistency, self.dtype = bank, consistency, dtype
         self.schedule = NoiseSchedule(manifest.schedule)
-        self.loss_avg: float | None = None
 
     def __call__(self, step: int) -> dict[str, float]:
         trainer, bank = self.trainer, self.bank
@@ -140,14 +137,9 @@ class TrajectoryStep:
         t = bank["timesteps"][k].to(device)
         y, w = bank["labels"][index].to(device), bank["guidance"][index].to(device)
         target = bank["x0"][index].to(device)
-        for group in trainer.optimizers["model"].param_groups:
-            group["lr"] = learning_rate(step, self.cfg)
         with autocast(device, self.dtype):
             output = trainer.modules["model"](x_t, t, y, guidance=w).float()
             f = consistency_output(self.schedule, self.consistency, output, x_t, t)
             loss = pseudo_huber(f, target, self.cfg.huber_c)
-        trainer.optimizer_step("model", loss, self.student.parameters(), self.cfg.grad_clip)
-        value = loss.item()
-        self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
-        return {"loss": value, "loss_avg": self.loss_avg, "lr": learning_rate(step, self.cfg)}
+        return self.update(step, loss)
 
