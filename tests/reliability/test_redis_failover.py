@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from scripts.redisctl import RedisServer, SentinelServer
-from tests.reliability.conftest import SupervisedWorker, job_state, metric_total, wait_for
+from tests.reliability.conftest import ENDED, SupervisedWorker, job_state, metric_total, wait_for
 from tests.service.conftest import LiveServer, free_port
 
 MASTER = "facegen"
@@ -73,6 +73,20 @@ def ready(url: str) -> bool:
         return False
 
 
+def oldest_open_job_started(url: str, submitter: Submitter, ended: set[str]) -> bool:
+    """Whether the worker is running the oldest accepted job that has not ended (the queue is first in, first out,
+    so the newest job may wait behind a backlog while older ones run; the oldest open one is the next to start).
+    ``ended`` keeps the ids already seen ended between calls."""
+    for _, job_id in list(submitter.accepted):
+        if job_id in ended:
+            continue
+        status = job_state(url, job_id)["status"]
+        if status not in ENDED:
+            return status == "started"
+        ended.add(job_id)
+    return False
+
+
 @pytest.mark.timeout(400)
 def test_every_accepted_job_survives_the_loss_of_the_primary(tiny_checkpoints) -> None:
     primary = RedisServer().start()
@@ -92,7 +106,8 @@ def test_every_accepted_job_survives_the_loss_of_the_primary(tiny_checkpoints) -
         submitter.start()
         wait_for(lambda: len(submitter.accepted) >= 10, 60, "ten accepted jobs")
         assert redis.Redis.from_url(primary.url).info("replication")["connected_slaves"] == 1
-        wait_for(lambda: job_state(api.url, submitter.accepted[-1][1])["status"] == "started", 30,
+        ended_early: set[str] = set()
+        wait_for(lambda: oldest_open_job_started(api.url, submitter, ended_early), 60,
                  "the worker to be running a job", poll=0.05)
 
         primary.kill()
