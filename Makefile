@@ -31,10 +31,11 @@ lock: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m scripts.demo
 
+# The slowest tests are listed at the end (--durations): where the suite's time goes.
 test: $(STAMP)
 	./scripts/ensure_chromium.sh
 	./scripts/ensure_promtool.sh
-	$(PY) -m scripts.redisctl run -- $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m scripts.redisctl run -- $(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 # The tests marked neither `services` (Redis, a server or worker process, SeaweedFS, a browser) nor `slow` (long
 # training or compiling); tests/conftest.py sets the markers. Redis is pointed out of reach: a test that needs it
