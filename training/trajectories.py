@@ -111,8 +111,9 @@ def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Dis
                                                   labels.to(device), guidance.to(device), manifest.latent_clip,
                                                   chroma_projector)
             part = {"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance}
-            torch.save(part, path.with_suffix(".part"))
-            path.with_suffix(".part").replace(path)  # a chunk is there whole or not at all
+            partial = path.with_suffix(".part")
+            torch.save(part, partial)
+            partial.replace(path)  # a chunk is there whole or not at all
         chunks.append(part)
     bank = {name: torch.cat([part[name] for part in chunks])[:cfg.trajectories] for name in chunks[0]}
     return bank | {"timesteps": torch.tensor(timesteps)}
