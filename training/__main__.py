@@ -21,6 +21,7 @@ from facegen.model.config import (
     EDIT_SCOPE,
     EDIT_SCOPES,
     PRECISIONS,
+    STUDENT_SERVING_FIELDS,
     ConsistencyConfig,
     DataConfig,
     DiffusionTrainConfig,
@@ -136,6 +137,9 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     retune.add_argument("--student-default-steps", type=int, default=None, metavar="N",
                         help="a distilled student (named by --diffusion): the step count it samples with when a "
                              "request gives none (1..its max_steps; choose it with `evaluate --tuning`)")
+    retune.add_argument("--student-fresh-noise", type=float, default=None, metavar="R",
+                        help="a distilled student: the share of fresh noise between its steps (0..1; 1: Song et "
+                             "al.'s multistep sampling, 0: deterministic; choose it with `evaluate --tuning`)")
 
     reader = commands.add_parser("reader", help="a new diffusion version: same weights plus a latent attribute reader "
                                                 "(edits hold the attributes they leave open by its gradient)")
@@ -424,15 +428,20 @@ def run_transitions(args: argparse.Namespace) -> None:
             handle.write(report + "\n")
 
 
-def student_with_default_steps(source: DiffusionManifest, steps: int) -> Distillation:
-    """``source``'s distillation record (a ``DiffusionManifest`` of a student) with ``default_steps = steps``; exits
-    with one line for a plain version or a count outside the student's ``1..max_steps``."""
+def retuned_student(source: DiffusionManifest, args: argparse.Namespace) -> Distillation | None:
+    """``source``'s distillation record with the sampling that ``args``' ``--student-*`` flags give, or None when
+    they give none; exits with one line for a plain version or a value the student cannot take."""
+    changes = {name: getattr(args, f"student_{name}") for name in STUDENT_SERVING_FIELDS
+               if getattr(args, f"student_{name}") is not None}
+    if not changes:
+        return None
+    flags = ", ".join(f"--student-{name.replace('_', '-')}" for name in changes)
     if source.distillation is None:
-        sys.exit(f"--student-default-steps: {source.version} is not a distilled student; name one with --diffusion")
+        sys.exit(f"{flags}: {source.version} is not a distilled student; name one with --diffusion")
     try:
-        sampling = dataclasses.replace(source.distillation.sampling, default_steps=steps)
+        sampling = dataclasses.replace(source.distillation.sampling, **changes)
     except InvalidConfig as exc:
-        sys.exit(f"--student-default-steps: {exc}")
+        sys.exit(f"{flags}: {exc}")
     return dataclasses.replace(source.distillation, sampling=sampling)
 
 
@@ -443,8 +452,9 @@ def run_retune(args: argparse.Namespace) -> None:
     kept = {name: value for name, value in dataclasses.asdict(source.sampling).items()
             if getattr(args, name, None) is None}
     changes: dict[str, Any] = {"sampling": config_from_args(SamplingConfig, args, **kept)}
-    if args.student_default_steps is not None:
-        changes["distillation"] = student_with_default_steps(source, args.student_default_steps)
+    student = retuned_student(source, args)
+    if student is not None:
+        changes["distillation"] = student
     if args.vae:
         vae = resolve_version(args.checkpoints, "vae", args.vae).name  # `latest` too; shared_parts loads the weights
         if not shared_parts(args.checkpoints, source.vae_version, vae):

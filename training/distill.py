@@ -30,7 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facegen.model.checkpoints import READER_FILE, Checkpoint, load_part, save_checkpoint, warm_start
 from facegen.model.chroma import decoder_chroma_projector
-from facegen.model.config import DISTILLATION_METHODS, ConsistencyConfig, DistillConfig, asdict
+from facegen.model.config import (
+    DISTILLATION_METHODS,
+    STUDENT_SERVING_FIELDS,
+    ConsistencyConfig,
+    DistillConfig,
+    asdict,
+)
 from facegen.model.device import DTYPES, autocast
 from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
 from facegen.model.diffusion.guidance import guided
@@ -43,7 +49,7 @@ from training.train_diffusion import load_vae, sample_posterior, training_latent
 
 from .student_training import StudentStep, guidance_draws, open_labels, pseudo_huber
 from .trainer import RunOptions, Trainer
-from .trajectories import TrajectoryStep, bank_folder, fill_bank
+from .trajectories import TrajectoryStep, bank_folder, fill_banks
 
 CONSISTENCY_METHOD, TRAJECTORY_METHOD = DISTILLATION_METHODS
 RUN_RECORD = "distill.json"  # the teacher and student config of a run folder, checked on --resume
@@ -67,7 +73,7 @@ def student_from_earlier(root: Path, version: str, teacher: str, consistency: Co
                          ) -> tuple[UNet, Parent]:
     """The float32 student ``version`` (a version under ``root``, or the path of a version folder
     ``.../diffusion/VERSION`` anywhere) and its lineage, checked to be a distillation of ``teacher`` with the
-    sampling ``consistency`` (its ``default_steps`` may differ: ``retune`` sets it after training)."""
+    sampling ``consistency`` (but for ``STUDENT_SERVING_FIELDS``, which ``retune`` sets after training)."""
     folder = Path(version)
     if folder.is_dir() and folder.parent.name == "diffusion":
         root, version = folder.parent.parent, folder.name
@@ -76,7 +82,8 @@ def student_from_earlier(root: Path, version: str, teacher: str, consistency: Co
     if record is None or record.teacher != teacher:
         raise DistillError(f"--init-from {earlier.version} is no student of {teacher}: start from the teacher (no "
                            "--init-from) or name one of its students")
-    if dataclasses.replace(record.sampling, default_steps=consistency.default_steps) != consistency:
+    serving = {name: getattr(consistency, name) for name in STUDENT_SERVING_FIELDS}
+    if dataclasses.replace(record.sampling, **serving) != consistency:
         raise DistillError(f"--init-from {earlier.version} was distilled with {asdict(record.sampling)}, not "
                            f"{asdict(consistency)}")
     student = UNet(earlier.manifest.model)
@@ -198,7 +205,8 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     if cfg.method == TRAJECTORY_METHOD:
         bank_root = (opts.latent_cache if opts.latent_cache is not None else opts.run_dir) / "trajectories"
         bank_dir = bank_folder(bank_root, teacher_ck.version, cfg, consistency)
-        record |= {"trajectories": cfg.trajectories, "trajectory_chunk": cfg.trajectory_chunk, "bank": bank_dir.name}
+        record |= {"trajectories": cfg.trajectories, "trajectory_chunk": cfg.trajectory_chunk, "bank": bank_dir.name,
+                   "restarts": cfg.restarts, "restart_share": cfg.restart_share}
     check_run_folder(opts.run_dir, record, resume, write=ddp.is_main)
 
     vae, vae_manifest = load_vae(opts.checkpoints, teacher_manifest.vae_version, device)
@@ -217,8 +225,8 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     teacher.load_state_dict(teacher_ck.state_dict)
     teacher.to(device).eval().requires_grad_(False)
     if cfg.method == TRAJECTORY_METHOD:
-        bank = fill_bank(bank_dir, teacher, teacher_manifest, cfg, consistency, device, dtype, projector,
-                         show_progress=ddp.is_main)
+        bank, restarts = fill_banks(bank_dir, teacher, teacher_manifest, cfg, consistency, device, dtype, projector,
+                                    show_progress=ddp.is_main)
         examples = len(bank["x0"])
     else:
         examples = len(means)
@@ -231,7 +239,7 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
                       EMA(student, cfg.target_ema_decay),
                       deadline=None if minutes is None else started + 60 * minutes)
     if cfg.method == TRAJECTORY_METHOD:
-        step = TrajectoryStep(student, bank, teacher_manifest, consistency, cfg, trainer, dtype)
+        step = TrajectoryStep(student, bank, teacher_manifest, consistency, cfg, trainer, dtype, restarts)
     else:
         step = DistillStep(student, teacher, (means, logvars), labels, teacher_manifest, consistency, cfg, trainer,
                            dtype, projector)

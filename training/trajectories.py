@@ -13,10 +13,16 @@ The student's multistep sampler (``ConsistencySampler``) visits skeleton timeste
 the teacher's served step count (20) it starts from the states the student learnt, and at one step maps the noise
 to the teacher's served sample for that noise.
 
-The chains are computed before training, in chunks that land as files in a bank folder named after
+A student sampling in several steps does not stay on those chains: between steps it noises its sample afresh, so
+at a later skeleton timestep it meets ``sqrt(abar) x0 + sqrt(1 - abar) z``, a state no chain passed through. The
+*restarts* (:func:`fill_restarts`) are such states: a chain's sample noised afresh to a later skeleton timestep,
+finished again by the teacher's served sampler from there; the student learns to map them to that new end too
+(``DistillConfig.restarts``, ``restart_share``).
+
+The chains and restarts are computed before training, in chunks that land as files in a bank folder named after
 what decides them (:func:`bank_folder`): a stopped run, or another run with the same teacher and draws, reuses
-what is there. Chunk ``k`` draws its noise, labels and scales from its own generator ``(seed, k)``, so a bank's
-contents do not depend on how many runs filled it.
+what is there. Chunk ``k`` draws its noise, labels and scales from its own generator (:func:`chunk_generator`),
+so a bank's contents do not depend on how many runs filled it.
 """
 
 from __future__ import annotations
@@ -43,19 +49,20 @@ from .trainer import Trainer
 
 def teacher_trajectories(teacher: UNet, schedule: NoiseSchedule, timesteps: list[int], x_start: torch.Tensor,
                          labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float,
-                         chroma_projector: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's served chains from ``x_start [N, C, H, W]`` (at ``timesteps[0]``) over the descending
-    ``timesteps`` (K of them): DPM-Solver++(2M) on ``guided`` outputs at the per-row scales ``guidance [N]`` under
-    ``labels [N, A]`` (``chroma_projector [C, C]`` as the teacher serves, if it does). Returns ``(states [N, K, C, H,
-    W], x0 [N, C, H, W])``, both float32: the state at each timestep and the chain's sample. 2K teacher rows per
-    row."""
+                         chroma_projector: torch.Tensor | None = None, first: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's served chains from ``x_start [N, C, H, W]`` at ``timesteps[first]`` over the rest of the
+    descending ``timesteps`` (K of them): DPM-Solver++(2M) on ``guided`` outputs at the per-row scales ``guidance
+    [N]`` under ``labels [N, A]`` (``chroma_projector [C, C]`` as the teacher serves, if it does). Returns ``(states
+    [N, K - first, C, H, W], x0 [N, C, H, W])``, both float32: the state at each timestep from ``first`` on and the
+    chain's sample. 2(K - first) teacher rows per row."""
     sampler = DPMSolverPP2MSampler(schedule, x0_clip)
     sampler.set_timesteps(len(timesteps))
     if sampler.timesteps != list(timesteps):
         raise ValueError(f"the served sampler's {len(timesteps)} steps are {sampler.timesteps}, not {timesteps}")
     model_fn = guided(teacher, labels, guidance, teacher.config.null_label, chroma_projector=chroma_projector)
     x, states = x_start, []
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(timesteps[first:], first):
         states.append(x)
         t_row = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = sampler.step(model_fn(x, t_row).float(), i, x).prev_sample
@@ -86,6 +93,11 @@ def bank_folder(root: Path, teacher_version: str, cfg: DistillConfig, consistenc
     return root / f"{teacher_version}-{digest}"
 
 
+def chunk_generator(seed: int, k: int, restarts: bool = False) -> torch.Generator:
+    """The generator of the bank's chunk ``k`` of chains (or, with ``restarts``, of restarts) for ``seed``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + k + (2**40 if restarts else 0))
+
+
 def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
               consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
               chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> dict[str, torch.Tensor]:
@@ -102,7 +114,7 @@ def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Dis
         if path.is_file():
             part = torch.load(path, weights_only=True)
         else:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            generator = chunk_generator(cfg.seed, k)
             x_start, labels, guidance = chain_draws(chunk, generator, manifest.latent_shape, len(manifest.attributes),
                                                     teacher.config.null_label, cfg, consistency,
                                                     manifest.sampling.guidance_scale)
@@ -111,12 +123,65 @@ def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Dis
                                                   labels.to(device), guidance.to(device), manifest.latent_clip,
                                                   chroma_projector)
             part = {"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance}
-            partial = path.with_suffix(".part")
-            torch.save(part, partial)
-            partial.replace(path)  # a chunk is there whole or not at all
+            save_whole(part, path)
         chunks.append(part)
     bank = {name: torch.cat([part[name] for part in chunks])[:cfg.trajectories] for name in chunks[0]}
     return bank | {"timesteps": torch.tensor(timesteps)}
+
+
+def save_whole(part: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a bank chunk so that it is there whole or not at all (a stopped fill leaves a ``.part`` file)."""
+    partial = path.with_suffix(".part")
+    torch.save(part, partial)
+    partial.replace(path)
+
+
+def fill_restarts(folder: Path, bank: dict[str, torch.Tensor], teacher: UNet, manifest: DiffusionManifest,
+                  cfg: DistillConfig, device: torch.device, dtype: torch.dtype,
+                  chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """The restarts of the first ``cfg.restarts`` chains of ``bank`` (:func:`fill_bank`), computing the chunks the
+    folder lacks: chain ``j``'s sample noised afresh to skeleton index ``index[j] = 1 + j mod (K - 1)`` (every
+    timestep below ``T - 1`` in turn) and finished by the teacher under the chain's labels and scale. Returns
+    ``states float16 [M, C, H, W]`` (the noised samples), ``index int64 [M]`` (into ``bank["timesteps"]``), ``x0
+    float32 [M, C, H, W]`` (the teacher's new ends), ``labels int64 [M, A]``, ``guidance float32 [M]``; about K
+    teacher rows per restart, half a chain's 2K."""
+    schedule = NoiseSchedule(manifest.schedule)
+    timesteps = bank["timesteps"].tolist()
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk, chunks = cfg.trajectory_chunk, []
+    for k in tqdm(range(-(-cfg.restarts // chunk)), desc="teacher restarts", disable=not show_progress):
+        path = folder / f"restart-{chunk}-{k:05d}.pt"
+        if path.is_file():
+            chunks.append(torch.load(path, weights_only=True))
+            continue
+        rows = slice(k * chunk, (k + 1) * chunk)
+        sample, labels, guidance = bank["x0"][rows], bank["labels"][rows], bank["guidance"][rows]
+        index = 1 + torch.arange(rows.start, rows.start + len(sample)) % (len(timesteps) - 1)
+        t = torch.tensor(timesteps)[index]
+        states = schedule.q_sample(sample, t, torch.randn(sample.shape, generator=chunk_generator(cfg.seed, k, True)))
+        ends = torch.empty_like(sample)
+        for first in index.unique().tolist():
+            at = index == first
+            with torch.no_grad(), autocast(device, dtype):
+                ends[at] = teacher_trajectories(teacher, schedule, timesteps, states[at].to(device),
+                                                labels[at].to(device), guidance[at].to(device), manifest.latent_clip,
+                                                chroma_projector, first)[1].cpu()
+        part = {"states": states.half(), "index": index, "x0": ends, "labels": labels, "guidance": guidance}
+        save_whole(part, path)
+        chunks.append(part)
+    return {name: torch.cat([part[name] for part in chunks])[:cfg.restarts] for name in chunks[0]}
+
+
+def fill_banks(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
+               consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
+               chroma_projector: torch.Tensor | None = None, show_progress: bool = True
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(chains, restarts)``: :func:`fill_bank`'s chains, then :func:`fill_restarts`' restarts of them (None when
+    ``cfg.restarts`` is 0)."""
+    bank = fill_bank(folder, teacher, manifest, cfg, consistency, device, dtype, chroma_projector, show_progress)
+    if not cfg.restarts:
+        return bank, None
+    return bank, fill_restarts(folder, bank, teacher, manifest, cfg, device, dtype, chroma_projector, show_progress)
 
 
 class TrajectoryStep(StudentStep):
@@ -124,22 +189,37 @@ class TrajectoryStep(StudentStep):
     ``f`` there pulled towards the chain's sample."""
 
     def __init__(self, student: UNet, bank: dict[str, torch.Tensor], manifest: DiffusionManifest,
-                 consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype):
+                 consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype,
+                 restarts: dict[str, torch.Tensor] | None = None):
         super().__init__(student, cfg, trainer)
-        self.bank, self.consistency, self.dtype = bank, consistency, dtype
+        self.bank, self.restarts, self.consistency, self.dtype = bank, restarts, consistency, dtype
         self.schedule = NoiseSchedule(manifest.schedule)
 
+    def batch(self) -> dict[str, torch.Tensor]:
+        """The iteration's rows: ``x_t [B, C, H, W]`` (float32), ``index [B]`` (of its timestep in the bank's),
+        ``x0`` (the target), ``labels``, ``guidance``: one state of each chain the stream deals, each row replaced
+        with ``cfg.restart_share`` by a random restart (when there are restarts)."""
+        generator, bank = self.trainer.generators["noise"], self.bank
+        chains = next(self.trainer.stream)
+        k = torch.randint(0, len(bank["timesteps"]), (len(chains),), generator=generator)
+        rows = {"x_t": bank["states"][chains, k].float(), "index": k, "x0": bank["x0"][chains],
+                "labels": bank["labels"][chains], "guidance": bank["guidance"][chains]}
+        if self.restarts is None:
+            return rows
+        picked = torch.randint(0, len(self.restarts["x0"]), (len(chains),), generator=generator)
+        use = torch.rand(len(chains), generator=generator) < self.cfg.restart_share
+        restart = {"x_t": self.restarts["states"][picked].float()} | {
+            name: self.restarts[name][picked] for name in ("index", "x0", "labels", "guidance")}
+        return {name: torch.where(use.view(-1, *[1] * (value.dim() - 1)), restart[name], value)
+                for name, value in rows.items()}
+
     def __call__(self, step: int) -> dict[str, float]:
-        trainer, bank = self.trainer, self.bank
-        index = next(trainer.stream)
-        k = torch.randint(0, len(bank["timesteps"]), (len(index),), generator=trainer.generators["noise"])
-        device = trainer.device
-        x_t = bank["states"][index, k].float().to(device)
-        t = bank["timesteps"][k].to(device)
-        y, w = bank["labels"][index].to(device), bank["guidance"][index].to(device)
-        target = bank["x0"][index].to(device)
+        device = self.trainer.device
+        rows = {name: value.to(device) for name, value in self.batch().items()}
+        x_t, t = rows["x_t"], self.bank["timesteps"].to(device)[rows["index"]]
+        y, w, target = rows["labels"], rows["guidance"], rows["x0"]
         with autocast(device, self.dtype):
-            output = trainer.modules["model"](x_t, t, y, guidance=w).float()
+            output = self.trainer.modules["model"](x_t, t, y, guidance=w).float()
             f = consistency_output(self.schedule, self.consistency, output, x_t, t)
             loss = pseudo_huber(f, target, self.cfg.huber_c)
         return self.update(step, loss)

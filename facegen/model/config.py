@@ -207,6 +207,9 @@ class ConsistencyConfig:
     timestep_scaling: float = 10.0
     max_steps: int = 8  # sampling takes 1..max_steps steps (network rows per image)
     default_steps: int = 4
+    # between steps, the share of the re-noised latent's noise variance drawn afresh: 1 is Song et al.'s multistep
+    # sampling, 0 steps deterministically along the student's own noise estimate (DDIM on its sample)
+    fresh_noise: float = 1.0
     guidance_range: tuple[float, ...] = (1.0, 8.0)  # the guidance scales w it was trained on (drawn uniformly)
 
     def __post_init__(self) -> None:
@@ -214,6 +217,13 @@ class ConsistencyConfig:
             raise InvalidConfig(f"guidance_range must be two scales 0 <= low <= high, got {self.guidance_range}")
         if not 1 <= self.default_steps <= self.max_steps:
             raise InvalidConfig(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
+        if not 0 <= self.fresh_noise <= 1:
+            raise InvalidConfig(f"fresh_noise must be in [0, 1], got {self.fresh_noise}")
+
+
+# The fields of a ConsistencyConfig that choose how a trained student samples, not what it learnt: ``retune`` sets
+# them (``--student-default-steps``, ``--student-fresh-noise``) and a run going on from a student ignores them.
+STUDENT_SERVING_FIELDS = ("default_steps", "fresh_noise")
 
 
 # How a student learns its consistency function ``f(x_t, t)`` (``training.distill``): "latent-consistency" matches
@@ -248,6 +258,10 @@ class DistillConfig:
     trajectories: int = 8192
     served_guidance_share: float = 0.5
     trajectory_chunk: int = 256  # chains per bank file: what a stopped fill resumes from
+    # restarts: the first ``restarts`` chains' samples noised afresh to a later skeleton timestep and finished by the
+    # teacher again (the states a multistep student sampler visits); ``restart_share`` of each batch comes from them
+    restarts: int = 0
+    restart_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in DISTILLATION_METHODS:
@@ -255,3 +269,6 @@ class DistillConfig:
         if min(self.trajectories, self.trajectory_chunk) < 1 or not 0 <= self.served_guidance_share <= 1:
             raise InvalidConfig("trajectories and trajectory_chunk must be >= 1 and served_guidance_share in [0, 1], "
                                 f"got {self.trajectories}, {self.trajectory_chunk}, {self.served_guidance_share}")
+        if not 0 <= self.restarts <= self.trajectories or not 0 <= self.restart_share <= 1:
+            raise InvalidConfig(f"restarts must be in 0..trajectories ({self.trajectories}) and restart_share in "
+                                f"[0, 1], got {self.restarts}, {self.restart_share}")

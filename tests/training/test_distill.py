@@ -20,7 +20,7 @@ from facegen.model.config import ConsistencyConfig, DistillConfig, InvalidConfig
 from facegen.model.diffusion.consistency import ConsistencySampler, boundary_scalings, skeleton_timesteps
 from facegen.model.diffusion.noise import ImageNoise
 from facegen.model.diffusion.samplers import run_chain
-from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.diffusion.schedule import NoiseSchedule, eps_from_x0
 from facegen.model.manifest import parse_manifest
 from facegen.model.networks.unet import UNet
 from facegen.model.pipeline import LatentDiffusion
@@ -102,14 +102,16 @@ def ode_map_output(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) 
 class TestConsistencySampler:
     schedule = NoiseSchedule(ScheduleConfig())
 
-    def run(self, steps: int, pairs: list[tuple[int, int]], calls: list[int] | None = None) -> torch.Tensor:
+    def run(self, steps: int, pairs: list[tuple[int, int]] | ImageNoise, calls: list[int] | None = None,
+            fresh_noise: float = 1.0) -> torch.Tensor:
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if calls is not None:
                 calls.append(int(t[0]))
             return ode_map_output(self.schedule, x, t)
 
-        sampler = ConsistencySampler(self.schedule, ConsistencyConfig(), x0_clip=None)
-        return run_chain(model_fn, sampler, steps, ImageNoise(pairs), SHAPE)
+        sampler = ConsistencySampler(self.schedule, ConsistencyConfig(fresh_noise=fresh_noise), x0_clip=None)
+        noise = pairs if isinstance(pairs, ImageNoise) else ImageNoise(pairs)
+        return run_chain(model_fn, sampler, steps, noise, SHAPE)
 
     def test_one_call_per_step_on_the_skeleton_from_pure_noise(self) -> None:
         for steps, expected in ((1, [999]), (2, [999, 499]), (4, [999, 759, 499, 239])):
@@ -132,6 +134,41 @@ class TestConsistencySampler:
         assert torch.equal(self.run(4, [(7, i) for i in range(6)]), batch)
         assert torch.allclose(batch[3], alone[0], atol=1e-6)
         assert not torch.allclose(self.run(4, [(8, 3)])[0], alone[0])
+
+    @pytest.mark.parametrize("fresh_noise", [0.0, 0.3, 1.0])
+    def test_a_step_keeps_the_noise_left_in_the_state_but_the_fresh_share(self, fresh_noise: float) -> None:
+        """The next state's noise (what is left once its sample is taken out) is ``sqrt(1 - r)`` times the noise
+        left in this state plus ``sqrt(r)`` times the fresh draw."""
+        sampler = ConsistencySampler(self.schedule, ConsistencyConfig(fresh_noise=fresh_noise), x0_clip=None)
+        sampler.set_timesteps(4)
+        generator = torch.Generator().manual_seed(0)
+        x, output, fresh = (torch.randn((3, *SHAPE), generator=generator, dtype=torch.float64) for _ in range(3))
+        step = sampler.step(output, 1, x, fresh)
+        left = eps_from_x0(x, step.pred_x0, sampler.abar_at(1))
+        carried = eps_from_x0(step.prev_sample, step.pred_x0, sampler.abar_at(2))
+        expected = (1 - fresh_noise) ** 0.5 * left + fresh_noise**0.5 * fresh
+        assert torch.allclose(carried, expected, atol=1e-9)
+        assert sampler.stochastic == (fresh_noise > 0)
+
+    def test_only_fresh_noise_keeps_a_perfect_students_spread(self) -> None:
+        """A perfect student's sample is a function of the state, so the noise it leaves there adds up with it
+        coherently: kept noise widens the samples, the more steps the more."""
+        pairs = [(5, i) for i in range(400)]
+        spread = {r: float(self.run(4, pairs, fresh_noise=r).std()) / DATA_STD for r in (0.0, 0.5, 1.0)}
+        assert abs(spread[1.0] - 1) < 0.05
+        assert spread[0.0] > spread[0.5] > 1.3
+
+    def test_without_fresh_noise_a_chain_draws_its_start_alone(self) -> None:
+        """At ``fresh_noise = 0`` the sample depends on the row's first draw only: the stream advances once, and
+        one step and several start from the same noise."""
+        noise = ImageNoise([(3, 0), (3, 1)])
+        deterministic = self.run(4, noise, fresh_noise=0.0)
+        after = ImageNoise([(3, 0), (3, 1)])
+        after.draw(SHAPE)
+        assert torch.equal(noise.draw(SHAPE), after.draw(SHAPE))  # one draw taken: x_T
+        assert torch.equal(self.run(4, [(3, 0), (3, 1)], fresh_noise=0.0), deterministic)
+        assert not torch.allclose(self.run(4, [(3, 0), (3, 1)]), deterministic)
+        assert torch.equal(self.run(1, [(3, 0)], fresh_noise=0.0), self.run(1, [(3, 0)]))
 
 
 def test_the_served_teachers_student_samples_finite_latents_deterministically() -> None:
@@ -235,24 +272,28 @@ def test_a_time_budget_stops_saves_and_exports_and_a_student_is_no_teacher(tiny_
                 RunOptions(synth_dir, root, run, precision="fp32", threads=1), resume=True)
 
 
-def test_retune_sets_a_students_default_steps_and_refuses_what_it_cannot(tiny_student_checkpoints: Path,
-                                                                        tmp_path: Path) -> None:
-    """The step count chosen on the validation split becomes a new student version's default: same weights, same
-    teacher, and the newest student of that teacher (the one workers serve beside it)."""
+def test_retune_sets_a_students_sampling_and_refuses_what_it_cannot(tiny_student_checkpoints: Path,
+                                                                     tmp_path: Path) -> None:
+    """The step count and fresh-noise share chosen on the validation split become a new student version's
+    defaults: same weights, same teacher, and the newest student of that teacher (the one workers serve beside
+    it)."""
     root = Path(shutil.copytree(tiny_student_checkpoints, tmp_path / "ck"))
     teacher, student = served_versions(root, LATEST)
-    assert main(["retune", "--checkpoints", str(root), "--diffusion", student, "--student-default-steps", "2"]) == 0
+    assert main(["retune", "--checkpoints", str(root), "--diffusion", student, "--student-default-steps", "2",
+                 "--student-fresh-noise", "0.25"]) == 0
     derived = served_versions(root, LATEST)[1]
     manifest, source = (load_checkpoint(root, "diffusion", v).manifest for v in (derived, student))
     assert derived != student and manifest.derived_from == student and manifest.files == source.files
-    assert manifest.distillation == dataclasses.replace(
-        source.distillation, sampling=dataclasses.replace(source.distillation.sampling, default_steps=2))
+    assert manifest.distillation == dataclasses.replace(source.distillation, sampling=dataclasses.replace(
+        source.distillation.sampling, default_steps=2, fresh_noise=0.25))
     assert served_versions(root, LATEST)[0] == teacher
 
     with pytest.raises(SystemExit, match="not a distilled student"):
         main(["retune", "--checkpoints", str(root), "--diffusion", teacher, "--student-default-steps", "2"])
     with pytest.raises(SystemExit, match="default_steps must be in 1..max_steps"):
         main(["retune", "--checkpoints", str(root), "--diffusion", student, "--student-default-steps", "9"])
+    with pytest.raises(SystemExit, match="--student-fresh-noise: fresh_noise must be in"):
+        main(["retune", "--checkpoints", str(root), "--diffusion", student, "--student-fresh-noise", "1.5"])
 
 
 @pytest.mark.slow  # a distillation run through the script

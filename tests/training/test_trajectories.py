@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,14 @@ from tests.training.test_distill import SHAPE, noisy_teacher
 from training.distill import DistillError, distill
 from training.runtime import load_state
 from training.trainer import RunOptions
-from training.trajectories import bank_folder, chain_draws, fill_bank, teacher_trajectories
+from training.trajectories import (
+    TrajectoryStep,
+    bank_folder,
+    chain_draws,
+    fill_bank,
+    fill_restarts,
+    teacher_trajectories,
+)
 
 TRAJECTORY = "trajectory-consistency"
 
@@ -82,6 +90,63 @@ def test_a_bank_is_the_same_however_it_was_filled(tiny_checkpoints: Path, tmp_pa
     assert other != bank_folder(tmp_path, ck.version, DistillConfig(trajectories=9), consistency)
 
 
+def test_a_restart_is_a_chains_sample_noised_afresh_and_finished_by_the_served_sampler(tiny_checkpoints: Path,
+                                                                                       tmp_path: Path) -> None:
+    ck = load_checkpoint(tiny_checkpoints, "diffusion", "latest")
+    teacher, manifest, consistency = noisy_teacher(), ck.manifest, ConsistencyConfig(skeleton_steps=20)
+    cfg = DistillConfig(trajectories=12, trajectory_chunk=8, restarts=11)
+    folder = bank_folder(tmp_path, ck.version, cfg, consistency)
+    cpu = torch.device("cpu")
+    bank = fill_bank(folder, teacher, manifest, cfg, consistency, cpu, torch.float32, show_progress=False)
+    restarts = fill_restarts(folder, bank, teacher, manifest, cfg, cpu, torch.float32, show_progress=False)
+    assert restarts["states"].shape == (11, *manifest.latent_shape) and restarts["states"].dtype == torch.float16
+    assert restarts["index"].tolist() == [1 + j % 19 for j in range(11)]  # every timestep below T - 1 in turn
+    assert torch.equal(restarts["labels"], bank["labels"][:11])
+    schedule = NoiseSchedule(manifest.schedule)
+    for j in (0, 9):  # the teacher's served sampler, run from the restart's timestep, ends where the bank says
+        first, state = int(restarts["index"][j]), restarts["states"][j:j + 1].float()
+        model_fn = guided(teacher, bank["labels"][j:j + 1], bank["guidance"][j:j + 1], teacher.config.null_label)
+        with torch.no_grad():
+            end = run_chain(model_fn, DPMSolverPP2MSampler(schedule, manifest.latent_clip), 20,
+                            ImageNoise([(0, 0)]), manifest.latent_shape, start=(first, state))
+        # (from the state as the bank stores it, in float16: close, not equal)
+        assert float((end - restarts["x0"][j:j + 1]).abs().max()) < 0.02
+        assert float((end - bank["x0"][j:j + 1]).abs().max()) > 0.2  # a new end, not the chain's own
+    # the noise is fresh: the state is not the chain's state at that timestep, but holds its sample at that level
+    t = bank["timesteps"][restarts["index"]]
+    abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noise = (restarts["states"].float() - abar.sqrt() * bank["x0"][:11]) / (1 - abar).sqrt()
+    assert 0.8 < float(noise.std()) < 1.2
+    assert not torch.allclose(restarts["states"][0], bank["states"][0, 1], atol=1e-2)
+    again = fill_restarts(bank_folder(tmp_path / "b", ck.version, cfg, consistency), bank, teacher, manifest, cfg,
+                          cpu, torch.float32, show_progress=False)
+    assert all(torch.equal(again[name], restarts[name]) for name in restarts)
+    with pytest.raises(InvalidConfig, match="restarts must be in 0..trajectories"):
+        DistillConfig(trajectories=12, restarts=13)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_a_batch_takes_its_share_of_restarts(share: float) -> None:
+    chains, count = 6, 40
+    bank = {"states": torch.zeros(chains, 20, *SHAPE, dtype=torch.float16), "x0": torch.zeros(chains, *SHAPE),
+            "labels": torch.zeros(chains, 1, dtype=torch.long), "guidance": torch.ones(chains),
+            "timesteps": torch.arange(999, 0, -50)}
+    restarts = {"states": torch.ones(count, *SHAPE, dtype=torch.float16), "index": torch.full((count,), 7),
+                "x0": torch.ones(count, *SHAPE), "labels": torch.ones(count, 1, dtype=torch.long),
+                "guidance": torch.full((count,), 2.0)}
+    trainer = SimpleNamespace(stream=iter([torch.arange(chains).repeat(100)]),
+                              generators={"noise": torch.Generator().manual_seed(0)})
+    step = TrajectoryStep.__new__(TrajectoryStep)
+    step.bank, step.restarts, step.trainer = bank, restarts, trainer
+    step.cfg = DistillConfig(trajectories=chains, restarts=chains, restart_share=share)
+    rows = step.batch()
+    taken = rows["x_t"].flatten(1).mean(1) == 1  # restart rows are ones, chain rows zeros, in every field alike
+    for name in ("x0", "labels", "guidance"):
+        assert torch.equal(rows[name].reshape(len(taken), -1)[:, 0] != bank[name].reshape(chains, -1)[0, 0], taken)
+    assert bool(rows["index"][taken].eq(7).all())
+    assert abs(float(taken.float().mean()) - share) < 0.07
+
+
 def test_distill_by_trajectories_writes_a_student_of_its_teachers_chains(tiny_checkpoints: Path, tmp_path: Path
                                                                          ) -> None:
     root = tmp_path / "ck"
@@ -114,6 +179,11 @@ def test_distill_by_trajectories_writes_a_student_of_its_teachers_chains(tiny_ch
         run("run", cfg=dataclasses.replace(cfg, trajectories=13), resume=True)
     with pytest.raises(DistillError, match="distils"):
         run("run", cfg=dataclasses.replace(cfg, method="latent-consistency"), resume=True)
+    with pytest.raises(DistillError, match="distils"):  # restarts change what it learns from
+        run("run", cfg=dataclasses.replace(cfg, steps=5, restarts=4), resume=True)
+    restarted = run("restarted", cfg=dataclasses.replace(cfg, restarts=4, restart_share=0.5))
+    assert load_checkpoint(root, "diffusion", restarted.name).manifest.training.config.restarts == 4
+    assert len(list(bank.glob("restart-*.pt"))) == 1 and set(written) <= set(bank.iterdir())
 
     # it samples as a student does: one row per step, finite, the same for the same seed at any batch
     pipeline = LatentDiffusion.load(root, folder.name)

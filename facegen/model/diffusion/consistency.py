@@ -16,7 +16,7 @@ import torch
 
 from ..config import ConsistencyConfig
 from .sampler_base import Sampler, StepOutput, trailing_timesteps
-from .schedule import NoiseSchedule, signal_and_noise
+from .schedule import NoiseSchedule, eps_from_x0, signal_and_noise
 
 
 def skeleton_timesteps(train_steps: int, skeleton_steps: int) -> list[int]:
@@ -56,16 +56,19 @@ class ConsistencySampler(Sampler):
     ``set_timesteps(n)`` picks ``n`` skeleton timesteps, trailing from ``T - 1`` (``trailing_timesteps`` over the
     skeleton: 999 for n = 1; 999, 759, 499, 239 for n = 4 on T = 1000, N = 50). Step ``i`` maps ``x_{t_i}`` to the
     sample ``x0 = f(x_{t_i}, t_i)`` (``x0_pred`` clamped to ``[-x0_clip, x0_clip]`` first), then, but for the last
-    step, noises it afresh to the next timestep: ``x_{t_{i+1}} = sqrt(abar') x0 + sqrt(1 - abar') z``, ``z`` the
-    row's next draw of its own noise stream (``run_chain``), so a row does not depend on its batch. Shapes: ``x,
-    output [N, C, H, W]``; one network row per step and image (the guidance scale is the network's input)."""
-
-    stochastic = True
+    step, noises it to the next timestep: ``x_{t_{i+1}} = sqrt(abar') x0 + sqrt(1 - abar') e``. The noise ``e =
+    sqrt(1 - r) eps + sqrt(r) z`` mixes ``eps = (x_{t_i} - sqrt(abar) x0) / sqrt(1 - abar)``, the noise the
+    student's sample leaves in ``x_{t_i}``, with ``z``, the row's next draw of its own noise stream (``run_chain``,
+    so a row does not depend on its batch), at ``r = config.fresh_noise``: ``r = 1`` is Song et al.'s fresh noise,
+    ``r = 0`` a deterministic DDIM step on the student's sample (the range that Zheng et al. 2024's strategic
+    stochastic sampling spans). Shapes: ``x, output [N, C, H, W]``; one network row per step and image (the guidance
+    scale is the network's input)."""
 
     def __init__(self, schedule: NoiseSchedule, config: ConsistencyConfig, x0_clip: float | None = None):
         super().__init__(schedule, x0_clip)
         self.config = config
         self.skeleton = skeleton_timesteps(schedule.timesteps, config.skeleton_steps)
+        self.stochastic = config.fresh_noise > 0
 
     def set_timesteps(self, n: int) -> None:
         if not 1 <= n <= self.config.max_steps:
@@ -79,5 +82,8 @@ class ConsistencySampler(Sampler):
         x0 = c_skip * x + c_out * self.predict_x0(output, i, x)
         if i + 1 == len(self.timesteps):
             return StepOutput(x0, x0)
+        fresh = self.config.fresh_noise
+        left = eps_from_x0(x, x0, self.abar_at(i)) if fresh < 1 else 0.0
+        drawn = noise if fresh > 0 else 0.0
         root_a, root_1a = signal_and_noise(self.abar_at(i + 1), x)
-        return StepOutput(root_a * x0 + root_1a * noise, x0)
+        return StepOutput(root_a * x0 + root_1a * ((1 - fresh) ** 0.5 * left + fresh**0.5 * drawn), x0)
