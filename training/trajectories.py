@@ -140,7 +140,7 @@ def fill_restarts(folder: Path, bank: dict[str, torch.Tensor], teacher: UNet, ma
                   cfg: DistillConfig, device: torch.device, dtype: torch.dtype,
                   chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> dict[str, torch.Tensor]:
     """The restarts of the first ``cfg.restarts`` chains of ``bank`` (:func:`fill_bank`), computing the chunks the
-    folder lacks: chain ``j``'s sample noised afresh to skeleton index ``index[j] = 1 + j mod (K - 1)`` (every
+    folder lacks (a file per chunk of ``cfg.trajectory_chunk`` chains, named by its size, index and rows): chain ``j``'s sample noised afresh to skeleton index ``index[j] = 1 + j mod (K - 1)`` (every
     timestep below ``T - 1`` in turn) and finished by the teacher under the chain's labels and scale. Returns
     ``states float16 [M, C, H, W]`` (the noised samples), ``index int64 [M]`` (into ``bank["timesteps"]``), ``x0
     float32 [M, C, H, W]`` (the teacher's new ends), ``labels int64 [M, A]``, ``guidance float32 [M]``; about K
@@ -150,11 +150,11 @@ def fill_restarts(folder: Path, bank: dict[str, torch.Tensor], teacher: UNet, ma
     folder.mkdir(parents=True, exist_ok=True)
     chunk, chunks = cfg.trajectory_chunk, []
     for k in tqdm(range(-(-cfg.restarts // chunk)), desc="teacher restarts", disable=not show_progress):
-        path = folder / f"restart-{chunk}-{k:05d}.pt"
+        rows = slice(k * chunk, min((k + 1) * chunk, len(bank["x0"])))  # the bank's last chunk may be cut short
+        path = folder / f"restart-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
         if path.is_file():
             chunks.append(torch.load(path, weights_only=True))
             continue
-        rows = slice(k * chunk, (k + 1) * chunk)
         sample, labels, guidance = bank["x0"][rows], bank["labels"][rows], bank["guidance"][rows]
         index = 1 + torch.arange(rows.start, rows.start + len(sample)) % (len(timesteps) - 1)
         t = torch.tensor(timesteps)[index]

@@ -121,6 +121,14 @@ def test_a_restart_is_a_chains_sample_noised_afresh_and_finished_by_the_served_s
     again = fill_restarts(bank_folder(tmp_path / "b", ck.version, cfg, consistency), bank, teacher, manifest, cfg,
                           cpu, torch.float32, show_progress=False)
     assert all(torch.equal(again[name], restarts[name]) for name in restarts)
+    # a larger bank: the whole first chunk is read back, the second (cut short at 12 chains before) computed anew
+    larger = dataclasses.replace(cfg, trajectories=16, restarts=16)
+    more = fill_restarts(folder, fill_bank(folder, teacher, manifest, larger, consistency, cpu, torch.float32,
+                                           show_progress=False), teacher, manifest, larger, cpu, torch.float32,
+                         show_progress=False)
+    assert len(more["x0"]) == 16 and all(torch.equal(more[name][:11], restarts[name]) for name in restarts)
+    assert sorted(path.name for path in folder.glob("restart-*.pt")) == [
+        "restart-8-00000-8.pt", "restart-8-00001-4.pt", "restart-8-00001-8.pt"]
     with pytest.raises(InvalidConfig, match="restarts must be in 0..trajectories"):
         DistillConfig(trajectories=12, restarts=13)
 
