@@ -431,8 +431,8 @@ def run_transitions(args: argparse.Namespace) -> None:
 def retuned_student(source: DiffusionManifest, args: argparse.Namespace) -> Distillation | None:
     """``source``'s distillation record with the sampling that ``args``' ``--student-*`` flags give, or None when
     they give none; exits with one line for a plain version or a value the student cannot take."""
-    changes = {name: getattr(args, f"student_{name}") for name in STUDENT_SERVING_FIELDS
-               if getattr(args, f"student_{name}") is not None}
+    given = {name: getattr(args, f"student_{name}") for name in STUDENT_SERVING_FIELDS}
+    changes = {name: value for name, value in given.items() if value is not None}
     if not changes:
         return None
     flags = ", ".join(f"--student-{name.replace('_', '-')}" for name in changes)

@@ -21,7 +21,7 @@ finished again by the teacher's served sampler from there; the student learns to
 
 The chains and restarts are computed before training, in chunks that land as files in a bank folder named after
 what decides them (:func:`bank_folder`): a stopped run, or another run with the same teacher and draws, reuses
-what is there. Chunk ``k`` draws its noise, labels and scales from its own generator (:func:`chunk_generator`),
+what is there. Tensors ``k`` draws its noise, labels and scales from its own generator (:func:`chunk_generator`),
 so a bank's contents do not depend on how many runs filled it.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,9 +99,29 @@ def chunk_generator(seed: int, k: int, restarts: bool = False) -> torch.Generato
     return torch.Generator().manual_seed(seed * 1_000_003 + k + (2**40 if restarts else 0))
 
 
+Tensors = dict[str, torch.Tensor]  # named tensors: a bank, a chunk of it, a batch
+
+
+def chunk_file(path: Path, compute: Callable[[], Tensors]) -> Tensors:
+    """The bank chunk in ``path``, or ``compute()``'s, written there first so that it is there whole or not at all
+    (a stopped fill leaves a ``.part`` file)."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    part = compute()
+    partial = path.with_suffix(".part")
+    torch.save(part, partial)
+    partial.replace(path)
+    return part
+
+
+def joined(chunks: list[Tensors], count: int) -> Tensors:
+    """The first ``count`` rows of ``chunks``, each field concatenated along its first dimension."""
+    return {name: torch.cat([part[name] for part in chunks])[:count] for name in chunks[0]}
+
+
 def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
               consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
-              chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> dict[str, torch.Tensor]:
+              chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> Tensors:
     """The first ``cfg.trajectories`` chains of the bank ``folder``, computing the chunks (of
     ``cfg.trajectory_chunk`` chains; a file per chunk, named by its size and index) it lacks: ``states
     float16 [M, K, C, H, W]`` (K = ``consistency.skeleton_steps``, descending timesteps), ``x0 float32 [M, C, H,
@@ -108,57 +129,42 @@ def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Dis
     schedule = NoiseSchedule(manifest.schedule)
     timesteps = skeleton_timesteps(schedule.timesteps, consistency.skeleton_steps)[::-1]
     folder.mkdir(parents=True, exist_ok=True)
-    chunk, chunks = cfg.trajectory_chunk, []
-    for k in tqdm(range(-(-cfg.trajectories // chunk)), desc="teacher chains", disable=not show_progress):
-        path = folder / f"{chunk}-{k:05d}.pt"
-        if path.is_file():
-            part = torch.load(path, weights_only=True)
-        else:
-            generator = chunk_generator(cfg.seed, k)
-            x_start, labels, guidance = chain_draws(chunk, generator, manifest.latent_shape, len(manifest.attributes),
-                                                    teacher.config.null_label, cfg, consistency,
-                                                    manifest.sampling.guidance_scale)
-            with torch.no_grad(), autocast(device, dtype):
-                states, x0 = teacher_trajectories(teacher, schedule, timesteps, x_start.to(device),
-                                                  labels.to(device), guidance.to(device), manifest.latent_clip,
-                                                  chroma_projector)
-            part = {"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance}
-            save_whole(part, path)
-        chunks.append(part)
-    bank = {name: torch.cat([part[name] for part in chunks])[:cfg.trajectories] for name in chunks[0]}
-    return bank | {"timesteps": torch.tensor(timesteps)}
+    chunk = cfg.trajectory_chunk
+
+    def chains(k: int) -> Tensors:
+        x_start, labels, guidance = chain_draws(chunk, chunk_generator(cfg.seed, k), manifest.latent_shape,
+                                                len(manifest.attributes), teacher.config.null_label, cfg,
+                                                consistency, manifest.sampling.guidance_scale)
+        with torch.no_grad(), autocast(device, dtype):
+            states, x0 = teacher_trajectories(teacher, schedule, timesteps, x_start.to(device), labels.to(device),
+                                              guidance.to(device), manifest.latent_clip, chroma_projector)
+        return {"states": states.half().cpu(), "x0": x0.cpu(), "labels": labels, "guidance": guidance}
+
+    chunks = [chunk_file(folder / f"{chunk}-{k:05d}.pt", lambda k=k: chains(k))
+              for k in tqdm(range(-(-cfg.trajectories // chunk)), desc="teacher chains", disable=not show_progress)]
+    return joined(chunks, cfg.trajectories) | {"timesteps": torch.tensor(timesteps)}
 
 
-def save_whole(part: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a bank chunk so that it is there whole or not at all (a stopped fill leaves a ``.part`` file)."""
-    partial = path.with_suffix(".part")
-    torch.save(part, partial)
-    partial.replace(path)
-
-
-def fill_restarts(folder: Path, bank: dict[str, torch.Tensor], teacher: UNet, manifest: DiffusionManifest,
-                  cfg: DistillConfig, device: torch.device, dtype: torch.dtype,
-                  chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> dict[str, torch.Tensor]:
+def fill_restarts(folder: Path, bank: Tensors, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
+                  device: torch.device, dtype: torch.dtype, chroma_projector: torch.Tensor | None = None,
+                  show_progress: bool = True) -> Tensors:
     """The restarts of the first ``cfg.restarts`` chains of ``bank`` (:func:`fill_bank`), computing the chunks the
-    folder lacks (a file per chunk of ``cfg.trajectory_chunk`` chains, named by its size, index and rows): chain ``j``'s sample noised afresh to skeleton index ``index[j] = 1 + j mod (K - 1)`` (every
-    timestep below ``T - 1`` in turn) and finished by the teacher under the chain's labels and scale. Returns
-    ``states float16 [M, C, H, W]`` (the noised samples), ``index int64 [M]`` (into ``bank["timesteps"]``), ``x0
-    float32 [M, C, H, W]`` (the teacher's new ends), ``labels int64 [M, A]``, ``guidance float32 [M]``; about K
-    teacher rows per restart, half a chain's 2K."""
+    folder lacks (a file per chunk of ``cfg.trajectory_chunk`` chains, named by its size, index and rows): chain
+    ``j``'s sample noised afresh to skeleton index ``index[j] = 1 + j mod (K - 1)`` (every timestep below ``T - 1``
+    in turn) and finished by the teacher under the chain's labels and scale. Returns ``states float16 [M, C, H,
+    W]`` (the noised samples), ``index int64 [M]`` (into ``bank["timesteps"]``), ``x0 float32 [M, C, H, W]`` (the
+    teacher's new ends), ``labels int64 [M, A]``, ``guidance float32 [M]``; about K teacher rows per restart, half
+    a chain's 2K."""
     schedule = NoiseSchedule(manifest.schedule)
     timesteps = bank["timesteps"].tolist()
     folder.mkdir(parents=True, exist_ok=True)
-    chunk, chunks = cfg.trajectory_chunk, []
-    for k in tqdm(range(-(-cfg.restarts // chunk)), desc="teacher restarts", disable=not show_progress):
-        rows = slice(k * chunk, min((k + 1) * chunk, len(bank["x0"])))  # the bank's last chunk may be cut short
-        path = folder / f"restart-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
-        if path.is_file():
-            chunks.append(torch.load(path, weights_only=True))
-            continue
+    chunk = cfg.trajectory_chunk
+
+    def restarted(k: int, rows: slice) -> Tensors:
         sample, labels, guidance = bank["x0"][rows], bank["labels"][rows], bank["guidance"][rows]
-        index = 1 + torch.arange(rows.start, rows.start + len(sample)) % (len(timesteps) - 1)
-        t = torch.tensor(timesteps)[index]
-        states = schedule.q_sample(sample, t, torch.randn(sample.shape, generator=chunk_generator(cfg.seed, k, True)))
+        index = 1 + torch.arange(rows.start, rows.stop) % (len(timesteps) - 1)
+        noise = torch.randn(sample.shape, generator=chunk_generator(cfg.seed, k, restarts=True))
+        states = schedule.q_sample(sample, bank["timesteps"][index], noise)
         ends = torch.empty_like(sample)
         for first in index.unique().tolist():
             at = index == first
@@ -166,16 +172,19 @@ def fill_restarts(folder: Path, bank: dict[str, torch.Tensor], teacher: UNet, ma
                 ends[at] = teacher_trajectories(teacher, schedule, timesteps, states[at].to(device),
                                                 labels[at].to(device), guidance[at].to(device), manifest.latent_clip,
                                                 chroma_projector, first)[1].cpu()
-        part = {"states": states.half(), "index": index, "x0": ends, "labels": labels, "guidance": guidance}
-        save_whole(part, path)
-        chunks.append(part)
-    return {name: torch.cat([part[name] for part in chunks])[:cfg.restarts] for name in chunks[0]}
+        return {"states": states.half(), "index": index, "x0": ends, "labels": labels, "guidance": guidance}
+
+    chunks = []
+    for k in tqdm(range(-(-cfg.restarts // chunk)), desc="teacher restarts", disable=not show_progress):
+        rows = slice(k * chunk, min((k + 1) * chunk, len(bank["x0"])))  # the bank's last chunk may be cut short
+        path = folder / f"restart-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
+        chunks.append(chunk_file(path, lambda k=k, rows=rows: restarted(k, rows)))
+    return joined(chunks, cfg.restarts)
 
 
 def fill_banks(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
                consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
-               chroma_projector: torch.Tensor | None = None, show_progress: bool = True
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+               chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> tuple[Tensors, Tensors | None]:
     """``(chains, restarts)``: :func:`fill_bank`'s chains, then :func:`fill_restarts`' restarts of them (None when
     ``cfg.restarts`` is 0)."""
     bank = fill_bank(folder, teacher, manifest, cfg, consistency, device, dtype, chroma_projector, show_progress)
@@ -188,14 +197,14 @@ class TrajectoryStep(StudentStep):
     """One trajectory-consistency iteration: a batch of chains from the bank, one state of each, the student's
     ``f`` there pulled towards the chain's sample."""
 
-    def __init__(self, student: UNet, bank: dict[str, torch.Tensor], manifest: DiffusionManifest,
+    def __init__(self, student: UNet, bank: Tensors, manifest: DiffusionManifest,
                  consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype,
-                 restarts: dict[str, torch.Tensor] | None = None):
+                 restarts: Tensors | None = None):
         super().__init__(student, cfg, trainer)
         self.bank, self.restarts, self.consistency, self.dtype = bank, restarts, consistency, dtype
         self.schedule = NoiseSchedule(manifest.schedule)
 
-    def batch(self) -> dict[str, torch.Tensor]:
+    def batch(self) -> Tensors:
         """The iteration's rows: ``x_t [B, C, H, W]`` (float32), ``index [B]`` (of its timestep in the bank's),
         ``x0`` (the target), ``labels``, ``guidance``: one state of each chain the stream deals, each row replaced
         with ``cfg.restart_share`` by a random restart (when there are restarts)."""
@@ -214,10 +223,9 @@ class TrajectoryStep(StudentStep):
                 for name, value in rows.items()}
 
     def __call__(self, step: int) -> dict[str, float]:
-        device = self.trainer.device
-        rows = {name: value.to(device) for name, value in self.batch().items()}
-        x_t, t = rows["x_t"], self.bank["timesteps"].to(device)[rows["index"]]
-        y, w, target = rows["labels"], rows["guidance"], rows["x0"]
+        device, rows = self.trainer.device, self.batch()
+        t = self.bank["timesteps"][rows["index"]].to(device)
+        x_t, y, w, target = (rows[name].to(device) for name in ("x_t", "labels", "guidance", "x0"))
         with autocast(device, self.dtype):
             output = self.trainer.modules["model"](x_t, t, y, guidance=w).float()
             f = consistency_output(self.schedule, self.consistency, output, x_t, t)
