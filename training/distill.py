@@ -59,12 +59,13 @@ class DistillError(ValueError):
     """A teacher, student config or run folder that a distillation cannot go on with (the message says which)."""
 
 
-def student_from_teacher(teacher: UNet) -> UNet:
-    """A float32 copy of ``teacher`` (a plain UNet) that also takes the guidance scale: the teacher's weights, the
-    guidance embedding's last layer zero, so that it computes the teacher's conditional output for any ``w``."""
-    student = UNet(dataclasses.replace(teacher.config, guidance_embedding=True))
+def student_from_teacher(teacher: UNet, jumps: bool = False) -> UNet:
+    """A float32 copy of ``teacher`` (a plain UNet) that also takes the guidance scale (and, with ``jumps``, where
+    its step lands): the teacher's weights, the new embeddings' last layers zero, so that it computes the teacher's
+    conditional output for any ``w``."""
+    student = UNet(dataclasses.replace(teacher.config, guidance_embedding=True, target_embedding=jumps))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("guidance_mlp.") for name in missing):
+    if unexpected or any(not name.startswith(("guidance_mlp.", "target_mlp.")) for name in missing):
         raise ValueError(f"the teacher's weights do not fit its student: missing {missing}, unexpected {unexpected}")
     return student.float()
 
@@ -195,6 +196,9 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     from ``opts.run_dir/state.pt``. ``init_from``: start from this exported student of the teacher instead of the
     teacher's weights."""
     started = time.monotonic()
+    if consistency.jumps and cfg.method != TRAJECTORY_METHOD:
+        raise DistillError(f"a jump student (--student-jumps) learns from the teacher's chains: --method "
+                           f"{TRAJECTORY_METHOD}, not {cfg.method}")
     teacher_ck, lineage = checked_teacher(opts.checkpoints, teacher_version, consistency)
     teacher_manifest = teacher_ck.manifest
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
@@ -230,7 +234,7 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
         examples = len(bank["x0"])
     else:
         examples = len(means)
-    student = (student_from_teacher(teacher) if earlier is None else earlier).to(device)
+    student = (student_from_teacher(teacher, consistency.jumps) if earlier is None else earlier).to(device)
     model = DistributedDataParallel(student) if ddp.world > 1 else student
     trainer = Trainer(opts.run_dir, cfg.steps, cfg.log_every, cfg.save_every, ddp, device, {"model": model},
                       {"model": torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)},

@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from facegen.model.config import ConsistencyConfig, DistillConfig
 from facegen.model.device import autocast
-from facegen.model.diffusion.consistency import consistency_output, skeleton_timesteps
+from facegen.model.diffusion.consistency import consistency_output, jump_steps, skeleton_timesteps
 from facegen.model.diffusion.guidance import guided
 from facegen.model.diffusion.samplers import DPMSolverPP2MSampler
-from facegen.model.diffusion.schedule import NoiseSchedule
+from facegen.model.diffusion.schedule import NoiseSchedule, signal_and_noise
 from facegen.model.manifest import DiffusionManifest
 from facegen.model.networks.unet import UNet
 
@@ -193,9 +193,23 @@ def fill_banks(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: Di
     return bank, fill_restarts(folder, bank, teacher, manifest, cfg, device, dtype, chroma_projector, show_progress)
 
 
+def landing_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor
+               ) -> torch.Tensor:
+    """The ``x0 [N, C, H, W]`` whose DDIM step (eta 0) from ``x_t`` at ``t [N]`` lands on ``x_s`` at ``s [N]`` (``s <
+    t``): ``x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps(x_t, x0)`` solved for ``x0``; rows with ``s = -1`` (the
+    chain's end, ``abar = 1``) give ``x_s`` itself. float32."""
+    end = (s < 0).view(-1, 1, 1, 1)
+    root_a, root_1a = signal_and_noise(schedule.abar(t, x_t), x_t)
+    root_as, root_1as = signal_and_noise(torch.where(end, 1.0, schedule.abar(s.clamp(min=0), x_t)), x_t)
+    ratio = root_1as / root_1a
+    return (x_s - ratio * x_t) / (root_as - ratio * root_a)
+
+
 class TrajectoryStep(StudentStep):
     """One trajectory-consistency iteration: a batch of chains from the bank, one state of each, the student's
-    ``f`` there pulled towards the chain's sample."""
+    ``f`` there pulled towards the chain's sample, or, for a jump student (``consistency.jumps``), towards the
+    ``x0`` whose DDIM step lands on the chain where the sampler's step from that state does (:func:`jump_steps`:
+    the steps of every chain of 1..max_steps steps, each step count drawn as often)."""
 
     def __init__(self, student: UNet, bank: Tensors, manifest: DiffusionManifest,
                  consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype,
@@ -203,21 +217,40 @@ class TrajectoryStep(StudentStep):
         super().__init__(student, cfg, trainer)
         self.bank, self.restarts, self.consistency, self.dtype = bank, restarts, consistency, dtype
         self.schedule = NoiseSchedule(manifest.schedule)
+        last = len(bank["timesteps"])  # bank index of the end, past the last state
+        self.landing_timesteps = torch.cat([bank["timesteps"], torch.tensor([-1])])
+        steps = jump_steps(consistency.skeleton_steps, consistency.max_steps)
+        # bank indices (descending timesteps) of each jump's start and landing, drawn with weight 1/n
+        self.jumps = torch.tensor([[last - 1 - start, last if end < 0 else last - 1 - end] for _, start, end in steps])
+        self.jump_weights = torch.tensor([1 / n for n, _, _ in steps])
 
     def batch(self) -> Tensors:
         """The iteration's rows: ``x_t [B, C, H, W]`` (float32), ``index [B]`` (of its timestep in the bank's),
-        ``x0`` (the target), ``labels``, ``guidance``: one state of each chain the stream deals, each row replaced
-        with ``cfg.restart_share`` by a random restart (when there are restarts)."""
+        ``landing [B]`` (the bank index of the state its step lands on; ``len(timesteps)``: the end), ``x0`` (the
+        target), ``labels``, ``guidance``: one state of each chain the stream deals (a jump's start for a jump
+        student), each row replaced with ``cfg.restart_share`` by a random restart (when there are restarts), which
+        lands on its end."""
         generator, bank = self.trainer.generators["noise"], self.bank
         chains = next(self.trainer.stream)
-        k = torch.randint(0, len(bank["timesteps"]), (len(chains),), generator=generator)
-        rows = {"x_t": bank["states"][chains, k].float(), "index": k, "x0": bank["x0"][chains],
-                "labels": bank["labels"][chains], "guidance": bank["guidance"][chains]}
+        last = len(bank["timesteps"])
+        if self.consistency.jumps:
+            k, landing = self.jumps[torch.multinomial(self.jump_weights, len(chains), True, generator=generator)].T
+        else:
+            k = torch.randint(0, last, (len(chains),), generator=generator)
+            landing = torch.full_like(k, last)
+        x_t = bank["states"][chains, k].float()
+        target = bank["x0"][chains]
+        if self.consistency.jumps:
+            states = bank["states"][chains, landing.clamp(max=last - 1)].float()
+            x_s = torch.where((landing == last).view(-1, 1, 1, 1), target, states)
+            target = landing_x0(self.schedule, x_t, bank["timesteps"][k], x_s, self.landing_timesteps[landing])
+        rows = {"x_t": x_t, "index": k, "landing": landing, "x0": target, "labels": bank["labels"][chains],
+                "guidance": bank["guidance"][chains]}
         if self.restarts is None:
             return rows
         picked = torch.randint(0, len(self.restarts["x0"]), (len(chains),), generator=generator)
         use = torch.rand(len(chains), generator=generator) < self.cfg.restart_share
-        restart = {"x_t": self.restarts["states"][picked].float()} | {
+        restart = {"x_t": self.restarts["states"][picked].float(), "landing": torch.full_like(landing, last)} | {
             name: self.restarts[name][picked] for name in ("index", "x0", "labels", "guidance")}
         return {name: torch.where(use.view(-1, *[1] * (value.dim() - 1)), restart[name], value)
                 for name, value in rows.items()}
@@ -225,10 +258,10 @@ class TrajectoryStep(StudentStep):
     def __call__(self, step: int) -> dict[str, float]:
         device, rows = self.trainer.device, self.batch()
         t = self.bank["timesteps"][rows["index"]].to(device)
+        target_t = self.landing_timesteps[rows["landing"]].to(device) if self.consistency.jumps else None
         x_t, y, w, target = (rows[name].to(device) for name in ("x_t", "labels", "guidance", "x0"))
         with autocast(device, self.dtype):
-            output = self.trainer.modules["model"](x_t, t, y, guidance=w).float()
+            output = self.trainer.modules["model"](x_t, t, y, guidance=w, target=target_t).float()
             f = consistency_output(self.schedule, self.consistency, output, x_t, t)
             loss = pseudo_huber(f, target, self.cfg.huber_c)
         return self.update(step, loss)
-

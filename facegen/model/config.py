@@ -98,6 +98,9 @@ class UNetConfig:
     # a distilled student's extra input, the guidance scale w [N]: embedded like t and added to the time embedding
     # through a zero-initialised projection (``UNet(..., guidance=w)``); False: the plain model, unchanged
     guidance_embedding: bool = False
+    # a jump student's extra input, the timestep its step lands on (-1: the chain's end), embedded like t through a
+    # zero-initialised projection (``UNet(..., target=s)``); False: no such input
+    target_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,10 @@ class ConsistencyConfig:
     # between steps, the share of the re-noised latent's noise variance drawn afresh: 1 is Song et al.'s multistep
     # sampling, 0 steps deterministically along the student's own noise estimate (DDIM on its sample)
     fresh_noise: float = 1.0
+    # a jump student (``trajectory-consistency`` only): the network also takes the timestep its step lands on and
+    # outputs the ``x0`` whose DDIM step from ``x_t`` reaches the teacher's chain there (its end at the last step), so
+    # the sampler steps deterministically (fresh_noise 0) along the teacher's trajectory
+    jumps: bool = False
     guidance_range: tuple[float, ...] = (1.0, 8.0)  # the guidance scales w it was trained on (drawn uniformly)
 
     def __post_init__(self) -> None:
@@ -219,6 +226,8 @@ class ConsistencyConfig:
             raise InvalidConfig(f"default_steps must be in 1..max_steps ({self.max_steps}), got {self.default_steps}")
         if not 0 <= self.fresh_noise <= 1:
             raise InvalidConfig(f"fresh_noise must be in [0, 1], got {self.fresh_noise}")
+        if self.jumps and self.fresh_noise:
+            raise InvalidConfig(f"a jump student steps deterministically: fresh_noise must be 0, got {self.fresh_noise}")
 
 
 # The fields of a ConsistencyConfig that choose how a trained student samples, not what it learnt: ``retune`` sets

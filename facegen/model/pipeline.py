@@ -175,7 +175,7 @@ class LatentDiffusion:
         dtype = next(unet.parameters()).dtype
         chosen = self.sampler(sampler)
         guided_unet = self._guided(unet, labels.to(self.device), guidance_scale,
-                                   None if reference is None else reference.to(self.device))
+                                   None if reference is None else reference.to(self.device), chosen)
         finite = torch.ones(labels.shape[0], dtype=torch.bool, device=self.device)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -187,15 +187,17 @@ class LatentDiffusion:
         return torch.where(finite.view(-1, 1, 1, 1), latents, torch.nan)
 
     def _guided(self, unet: torch.nn.Module, labels: torch.Tensor, guidance_scale: float,
-                reference: torch.Tensor | None) -> ModelFn:
-        """The model function of ``unet`` (this version's network) under ``labels [N, A]`` at ``guidance_scale``."""
+                reference: torch.Tensor | None, sampler: Sampler) -> ModelFn:
+        """The model function of ``unet`` (this version's network) under ``labels [N, A]`` at ``guidance_scale``
+        for the chains of ``sampler`` (a jump student's network takes where each of its steps lands)."""
         null = self.unet.config.null_label
         distillation = self.manifest.distillation
         if distillation is None:
             return guided(unet, labels, guidance_scale, null, reference, self.chroma_projector)
         if reference is not None:
             raise ValueError(f"version {self.version} is a distilled student: it guides against the null labels only")
-        return distilled_guidance(unet, labels, guidance_scale, null, distillation.sampling.guidance_range)
+        landing = sampler.landing_timesteps if distillation.sampling.jumps else None
+        return distilled_guidance(unet, labels, guidance_scale, null, distillation.sampling.guidance_range, landing)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,17 @@ def skeleton_timesteps(train_steps: int, skeleton_steps: int) -> list[int]:
     return [(n + 1) * stride - 1 for n in range(skeleton_steps)]
 
 
+def jump_steps(skeleton_steps: int, max_steps: int) -> list[tuple[int, int, int]]:
+    """``(n, from, to)`` for every step of the sampler's ``n``-step chains, ``n = 1..max_steps``: the indices into
+    the ascending skeleton that the step starts from and lands on (``-1``: the chain's end); e.g. ``(4, 19, 14)``
+    ... ``(4, 4, -1)`` for 20 skeleton timesteps. What a jump student learns (``training.trajectories``)."""
+    pairs = []
+    for n in range(1, max_steps + 1):
+        indices = trailing_timesteps(skeleton_steps, n)
+        pairs += [(n, start, end) for start, end in zip(indices, indices[1:] + [-1], strict=True)]
+    return pairs
+
+
 Timesteps = TypeVar("Timesteps", torch.Tensor, float)
 
 
@@ -61,7 +72,11 @@ class ConsistencySampler(Sampler):
     student's sample leaves in ``x_{t_i}``, with ``z``, the row's next draw of its own noise stream (``run_chain``,
     so a row does not depend on its batch), at ``r = config.fresh_noise``: ``r = 1`` is Song et al.'s fresh noise,
     ``r = 0`` a deterministic DDIM step on the student's sample (the range that Zheng et al. 2024's strategic
-    stochastic sampling spans). Shapes: ``x, output [N, C, H, W]``; one network row per step and image (the guidance
+    stochastic sampling spans).
+
+    A jump student (``config.jumps``) takes the timestep each step lands on as its input too
+    (:meth:`landing_timesteps`), and its ``x0`` is the one whose DDIM step (``r = 0``) reaches the teacher's chain
+    there. Shapes: ``x, output [N, C, H, W]``; one network row per step and image (the guidance
     scale is the network's input)."""
 
     def __init__(self, schedule: NoiseSchedule, config: ConsistencyConfig, x0_clip: float | None = None):
@@ -69,12 +84,23 @@ class ConsistencySampler(Sampler):
         self.config = config
         self.skeleton = skeleton_timesteps(schedule.timesteps, config.skeleton_steps)
         self.stochastic = config.fresh_noise > 0
+        self._landing: dict[torch.device, torch.Tensor] = {}
 
     def set_timesteps(self, n: int) -> None:
         if not 1 <= n <= self.config.max_steps:
             raise ValueError(f"steps must be in 1..{self.config.max_steps} for this student, got {n}")
         self.timesteps = [self.skeleton[k] for k in trailing_timesteps(len(self.skeleton), n)]
+        self._landing = {}
         self._reset()
+
+    def landing_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """``int64 [N]``: for each row's timestep ``t [N]`` (one of this chain's), the timestep its step lands on,
+        ``-1`` after the last step; a lookup on ``t``'s device, no host sync."""
+        if t.device not in self._landing:
+            table = torch.full((self.schedule.timesteps,), -1, dtype=torch.long)
+            table[self.timesteps[:-1]] = torch.tensor(self.timesteps[1:], dtype=torch.long)
+            self._landing[t.device] = table.to(t.device)
+        return self._landing[t.device][t.long()]
 
     def step(self, output, i, x, noise=None):
         t = self.timesteps[i]

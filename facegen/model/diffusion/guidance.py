@@ -3,6 +3,8 @@ whose network takes the guidance scale as an input (``facegen.model.networks.une
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -50,8 +52,11 @@ def guided(unet: nn.Module, labels: torch.Tensor, scale: float | torch.Tensor, n
 
 
 def distilled_guidance(student: nn.Module, labels: torch.Tensor, scale: float, null_label: int,
-                       guidance_range: tuple[float, ...]) -> ModelFn:
-    """``(x, t) -> student(x, t, labels, guidance=scale)``: one row per image, the scale an input of the network.
+                       guidance_range: tuple[float, ...],
+                       landing: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ModelFn:
+    """``(x, t) -> student(x, t, labels, guidance=scale)``: one row per image, the scale an input of the network;
+    a jump student's also ``target=landing(t)``, the timestep each row's step lands on
+    (``ConsistencySampler.landing_timesteps``).
 
     ``labels [N, A]``. ``scale = 0`` (the reference pass alone, as in :func:`guided`) is the student's output under
     the null labels at ``guidance_range[0]``, the low end of the scales it was distilled on: its teacher's guided
@@ -60,4 +65,6 @@ def distilled_guidance(student: nn.Module, labels: torch.Tensor, scale: float, n
     if scale == 0.0:
         labels, scale = null_labels(labels, null_label), guidance_range[0]
     w = torch.full((labels.shape[0],), float(scale), device=labels.device)
-    return lambda x, t: student(x, t, labels, guidance=w)
+    if landing is None:
+        return lambda x, t: student(x, t, labels, guidance=w)
+    return lambda x, t: student(x, t, labels, guidance=w, target=landing(t))

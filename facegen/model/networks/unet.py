@@ -9,6 +9,9 @@ A distilled student (``config.guidance_embedding``) also takes ``guidance [N]``,
 ``w`` it folds in (one row per image instead of two): ``sinusoid(GUIDANCE_EMBEDDING_SCALE * w)`` through an MLP whose
 last layer starts at zero is added to the time embedding, so a student made from a teacher's weights starts as the
 teacher's conditional branch, whatever ``w``.
+
+A jump student (``config.target_embedding``) also takes ``target [N]``, the timestep its sampler's step lands on
+(``-1``: the chain's end), embedded as the timestep ``target + 1`` through another MLP whose last layer starts at zero.
 """
 
 from __future__ import annotations
@@ -148,6 +151,11 @@ class UNet(nn.Module):
             self.guidance_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             nn.init.zeros_(self.guidance_mlp[-1].weight)
             nn.init.zeros_(self.guidance_mlp[-1].bias)
+        self.target_mlp: nn.Sequential | None = None
+        if cfg.target_embedding:
+            self.target_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.target_mlp[-1].weight)
+            nn.init.zeros_(self.target_mlp[-1].bias)
 
     @staticmethod
     def _run(parts: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -156,8 +164,9 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """``guidance [N]``: the guidance scale of each row, required by a student, refused by a plain model."""
+                guidance: torch.Tensor | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+        """``guidance [N]``: the guidance scale of each row, required by a student, refused by a plain model.
+        ``target [N]``: the timestep each row's step lands on (-1: the end), required by a jump student alone."""
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype)) + self.label_embedding(labels)
         if (guidance is None) != (self.guidance_mlp is None):
             raise ValueError("a student UNet (guidance_embedding) takes the guidance scale w [N] as `guidance`; a "
@@ -165,6 +174,11 @@ class UNet(nn.Module):
         if self.guidance_mlp is not None:
             w = timestep_embedding(GUIDANCE_EMBEDDING_SCALE * guidance, self.config.base_channels)
             emb = emb + self.guidance_mlp(w.to(x.dtype))
+        if (target is None) != (self.target_mlp is None):
+            raise ValueError("a jump student UNet (target_embedding) takes the timestep its step lands on as `target`; "
+                             "no other takes one")
+        if self.target_mlp is not None:
+            emb = emb + self.target_mlp(timestep_embedding(target + 1, self.config.base_channels).to(x.dtype))
         h = self.stem(x)
         skips = [h]
         for parts in self.down:
