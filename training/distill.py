@@ -173,6 +173,17 @@ def check_run_folder(run_dir: Path, record: dict, resume: bool, write: bool) -> 
         path.write_text(json.dumps(record, sort_keys=True) + "\n")
 
 
+def check_jumps(cfg: DistillConfig, consistency: ConsistencyConfig, init_from: str | None) -> None:
+    """A ``DistillError`` for a jump student of another method than trajectory consistency, or for rollouts of no
+    jump student to go on from (``init_from``)."""
+    if consistency.jumps and cfg.method != TRAJECTORY_METHOD:
+        raise DistillError(f"a jump student (--student-jumps) learns from the teacher's chains: --method "
+                           f"{TRAJECTORY_METHOD}, not {cfg.method}")
+    if cfg.rollouts and (init_from is None or not consistency.jumps):
+        raise DistillError("--rollouts rolls out the jump student a run goes on from: give --init-from a jump "
+                           "student (--student-jumps true)")
+
+
 def checked_teacher(root: Path, version: str, consistency: ConsistencyConfig) -> tuple[Checkpoint, Parent]:
     """The teacher ``version`` under ``root`` (``latest`` allowed) and its lineage; a ``DistillError`` for a
     student, or for a skeleton that does not divide its training timesteps."""
@@ -196,9 +207,7 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     from ``opts.run_dir/state.pt``. ``init_from``: start from this exported student of the teacher instead of the
     teacher's weights."""
     started = time.monotonic()
-    if consistency.jumps and cfg.method != TRAJECTORY_METHOD:
-        raise DistillError(f"a jump student (--student-jumps) learns from the teacher's chains: --method "
-                           f"{TRAJECTORY_METHOD}, not {cfg.method}")
+    check_jumps(cfg, consistency, init_from)
     teacher_ck, lineage = checked_teacher(opts.checkpoints, teacher_version, consistency)
     teacher_manifest = teacher_ck.manifest
     device, dtype, ddp = start_run(opts.device, opts.precision, opts.threads, cfg.seed)
@@ -210,7 +219,8 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
         bank_root = (opts.latent_cache if opts.latent_cache is not None else opts.run_dir) / "trajectories"
         bank_dir = bank_folder(bank_root, teacher_ck.version, cfg, consistency)
         record |= {"trajectories": cfg.trajectories, "trajectory_chunk": cfg.trajectory_chunk, "bank": bank_dir.name,
-                   "restarts": cfg.restarts, "restart_share": cfg.restart_share}
+                   "restarts": cfg.restarts, "restart_share": cfg.restart_share, "rollouts": cfg.rollouts,
+                   "rolled_out": lineage.version if cfg.rollouts else None}
     check_run_folder(opts.run_dir, record, resume, write=ddp.is_main)
 
     vae, vae_manifest = load_vae(opts.checkpoints, teacher_manifest.vae_version, device)
@@ -229,8 +239,9 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
     teacher.load_state_dict(teacher_ck.state_dict)
     teacher.to(device).eval().requires_grad_(False)
     if cfg.method == TRAJECTORY_METHOD:
+        rolled_out = (earlier.to(device), lineage.version) if cfg.rollouts else None
         bank, restarts = fill_banks(bank_dir, teacher, teacher_manifest, cfg, consistency, device, dtype, projector,
-                                    show_progress=ddp.is_main)
+                                    ddp.is_main, rolled_out)
         examples = len(bank["x0"])
     else:
         examples = len(means)

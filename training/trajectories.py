@@ -37,7 +37,12 @@ from tqdm import tqdm
 
 from facegen.model.config import ConsistencyConfig, DistillConfig
 from facegen.model.device import autocast
-from facegen.model.diffusion.consistency import consistency_output, jump_steps, skeleton_timesteps
+from facegen.model.diffusion.consistency import (
+    ConsistencySampler,
+    consistency_output,
+    jump_steps,
+    skeleton_timesteps,
+)
 from facegen.model.diffusion.guidance import guided
 from facegen.model.diffusion.samplers import DPMSolverPP2MSampler
 from facegen.model.diffusion.schedule import NoiseSchedule, signal_and_noise
@@ -179,18 +184,77 @@ def fill_restarts(folder: Path, bank: Tensors, teacher: UNet, manifest: Diffusio
         rows = slice(k * chunk, min((k + 1) * chunk, len(bank["x0"])))  # the bank's last chunk may be cut short
         path = folder / f"restart-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
         chunks.append(chunk_file(path, lambda k=k, rows=rows: restarted(k, rows)))
-    return joined(chunks, cfg.restarts)
+    return joined(chunks, cfg.restarts) | {"landing": torch.full((cfg.restarts,), len(timesteps))}
+
+
+def fill_rollouts(folder: Path, bank: Tensors, teacher: UNet, student: UNet, student_version: str,
+                  manifest: DiffusionManifest, cfg: DistillConfig, consistency: ConsistencyConfig,
+                  device: torch.device, dtype: torch.dtype, chroma_projector: torch.Tensor | None = None,
+                  show_progress: bool = True) -> Tensors:
+    """The rollouts of the jump student ``student`` (version ``student_version``) from the first ``cfg.rollouts``
+    chains of ``bank`` (:func:`fill_bank`), computing the chunks the folder lacks (a file per chunk of
+    ``cfg.trajectory_chunk`` chains, named by the student, its size, index and rows): the states its served
+    sampler reaches after each of the first ``n - 1`` steps of its ``n = consistency.default_steps``-step chain from
+    the chain's start, each finished by the teacher from there, and the ``x0`` whose DDIM step from the state lands
+    where the teacher is at the sampler's next timestep (:func:`landing_x0`). Returns ``states float16 [M, C, H,
+    W]``, ``index`` and ``landing`` (``int64 [M]``, into ``bank["timesteps"]``; its length: the end), ``x0 float32
+    [M, C, H, W]``, ``labels int64 [M, A]``, ``guidance float32 [M]``, ``M = (n - 1) cfg.rollouts``."""
+    schedule = NoiseSchedule(manifest.schedule)
+    timesteps = bank["timesteps"].tolist()
+    sampler = ConsistencySampler(schedule, consistency, manifest.latent_clip)
+    sampler.set_timesteps(consistency.default_steps)
+    landings = sampler.timesteps[1:] + [-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = cfg.trajectory_chunk
+
+    def rolled(rows: slice) -> Tensors:
+        x, labels, guidance = (bank[name][rows].to(device) for name in ("states", "labels", "guidance"))
+        x, count, parts = x[:, 0].float(), rows.stop - rows.start, []
+        for i, (t, s) in enumerate(zip(sampler.timesteps[:-1], landings[:-1], strict=True)):
+            with torch.no_grad(), autocast(device, dtype):
+                output = student(x, torch.full((count,), t, device=device), labels, guidance=guidance,
+                                 target=torch.full((count,), s, device=device)).float()
+                x = sampler.step(output, i, x).prev_sample
+                first = timesteps.index(s)
+                states, end = teacher_trajectories(teacher, schedule, timesteps, x, labels, guidance,
+                                                   manifest.latent_clip, chroma_projector, first)
+            land = landings[i + 1]
+            landing = len(timesteps) if land < 0 else timesteps.index(land)
+            x_land = end if land < 0 else states[:, landing - first]
+            target = landing_x0(schedule, x, torch.full((count,), s, device=device), x_land,
+                                torch.full((count,), land, device=device))
+            parts.append({"states": x.half().cpu(), "index": torch.full((count,), first),
+                          "landing": torch.full((count,), landing), "x0": target.cpu(), "labels": labels.cpu(),
+                          "guidance": guidance.cpu()})
+        return joined(parts, len(parts) * count)
+
+    chunks = []
+    for k in tqdm(range(-(-cfg.rollouts // chunk)), desc="student rollouts", disable=not show_progress):
+        rows = slice(k * chunk, min((k + 1) * chunk, cfg.rollouts))
+        path = folder / f"rollout-{student_version}-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
+        chunks.append(chunk_file(path, lambda rows=rows: rolled(rows)))
+    return joined(chunks, (len(landings) - 1) * cfg.rollouts)
 
 
 def fill_banks(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
                consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
-               chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> tuple[Tensors, Tensors | None]:
-    """``(chains, restarts)``: :func:`fill_bank`'s chains, then :func:`fill_restarts`' restarts of them (None when
-    ``cfg.restarts`` is 0)."""
+               chroma_projector: torch.Tensor | None = None, show_progress: bool = True,
+               rolled_out: tuple[UNet, str] | None = None) -> tuple[Tensors, Tensors | None]:
+    """``(chains, off_chain)``: :func:`fill_bank`'s chains, then the rows off them, joined: :func:`fill_restarts`'
+    restarts (``cfg.restarts``) and :func:`fill_rollouts`' rollouts of the jump student ``rolled_out = (network,
+    version)`` (``cfg.rollouts``); None when there are neither."""
     bank = fill_bank(folder, teacher, manifest, cfg, consistency, device, dtype, chroma_projector, show_progress)
-    if not cfg.restarts:
-        return bank, None
-    return bank, fill_restarts(folder, bank, teacher, manifest, cfg, device, dtype, chroma_projector, show_progress)
+    parts = []
+    if cfg.restarts:
+        parts.append(fill_restarts(folder, bank, teacher, manifest, cfg, device, dtype, chroma_projector,
+                                   show_progress))
+    if cfg.rollouts:
+        network, version = rolled_out
+        was_training = network.training
+        parts.append(fill_rollouts(folder, bank, teacher, network.eval(), version, manifest, cfg, consistency, device,
+                                   dtype, chroma_projector, show_progress))
+        network.train(was_training)
+    return bank, joined(parts, sum(len(part["x0"]) for part in parts)) if parts else None
 
 
 def landing_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor
@@ -228,8 +292,8 @@ class TrajectoryStep(StudentStep):
         """The iteration's rows: ``x_t [B, C, H, W]`` (float32), ``index [B]`` (of its timestep in the bank's),
         ``landing [B]`` (the bank index of the state its step lands on; ``len(timesteps)``: the end), ``x0`` (the
         target), ``labels``, ``guidance``: one state of each chain the stream deals (a jump's start for a jump
-        student), each row replaced with ``cfg.restart_share`` by a random restart (when there are restarts), which
-        lands on its end."""
+        student), each row replaced with ``cfg.restart_share`` by a random row of ``restarts`` (when there are any:
+        :func:`fill_restarts`' and :func:`fill_rollouts`' rows), which lands where its own ``landing`` says."""
         generator, bank = self.trainer.generators["noise"], self.bank
         chains = next(self.trainer.stream)
         last = len(bank["timesteps"])
@@ -250,8 +314,8 @@ class TrajectoryStep(StudentStep):
             return rows
         picked = torch.randint(0, len(self.restarts["x0"]), (len(chains),), generator=generator)
         use = torch.rand(len(chains), generator=generator) < self.cfg.restart_share
-        restart = {"x_t": self.restarts["states"][picked].float(), "landing": torch.full_like(landing, last)} | {
-            name: self.restarts[name][picked] for name in ("index", "x0", "labels", "guidance")}
+        restart = {"x_t": self.restarts["states"][picked].float()} | {
+            name: self.restarts[name][picked] for name in ("index", "landing", "x0", "labels", "guidance")}
         return {name: torch.where(use.view(-1, *[1] * (value.dim() - 1)), restart[name], value)
                 for name, value in rows.items()}
 

@@ -271,6 +271,10 @@ class DistillConfig:
     # teacher again (the states a multistep student sampler visits); ``restart_share`` of each batch comes from them
     restarts: int = 0
     restart_share: float = 0.5
+    # rollouts (a jump student going on from one, ``--init-from``): that student's own states along its
+    # ``default_steps``-step chains from the first ``rollouts`` chains' starts, each finished by the teacher from
+    # there; restarts and rollouts together make up ``restart_share`` of each batch
+    rollouts: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in DISTILLATION_METHODS:
@@ -278,6 +282,7 @@ class DistillConfig:
         if min(self.trajectories, self.trajectory_chunk) < 1 or not 0 <= self.served_guidance_share <= 1:
             raise InvalidConfig("trajectories and trajectory_chunk must be >= 1 and served_guidance_share in [0, 1], "
                                 f"got {self.trajectories}, {self.trajectory_chunk}, {self.served_guidance_share}")
-        if not 0 <= self.restarts <= self.trajectories or not 0 <= self.restart_share <= 1:
-            raise InvalidConfig(f"restarts must be in 0..trajectories ({self.trajectories}) and restart_share in "
-                                f"[0, 1], got {self.restarts}, {self.restart_share}")
+        if not 0 <= min(self.restarts, self.rollouts) <= max(self.restarts, self.rollouts) <= self.trajectories \
+                or not 0 <= self.restart_share <= 1:
+            raise InvalidConfig(f"restarts and rollouts must be in 0..trajectories ({self.trajectories}) and "
+                                f"restart_share in [0, 1], got {self.restarts}, {self.rollouts}, {self.restart_share}")

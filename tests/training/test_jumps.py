@@ -19,7 +19,14 @@ from facegen.model.pipeline import LatentDiffusion
 from tests.training.test_distill import SHAPE, noisy_teacher
 from training.distill import DistillError, distill, student_from_teacher
 from training.trainer import RunOptions
-from training.trajectories import TrajectoryStep, landing_x0
+from training.trajectories import (
+    TrajectoryStep,
+    bank_folder,
+    fill_bank,
+    fill_rollouts,
+    landing_x0,
+    teacher_trajectories,
+)
 
 JUMPS = ConsistencyConfig(skeleton_steps=20, max_steps=4, default_steps=4, fresh_noise=0.0, jumps=True)
 
@@ -91,6 +98,41 @@ def test_a_jump_batch_draws_the_samplers_steps_and_targets_what_lands_on_the_cha
     from_the_start = rows["index"] == 0
     assert abs(float(from_the_start.float().mean()) - 25 / 48) < 0.06
     assert abs(float((rows["landing"][from_the_start] == 20).float().mean()) - 12 / 25) < 0.08
+
+
+def test_a_rollout_is_the_students_own_state_and_targets_where_the_teacher_goes_from_there(
+        tiny_checkpoints: Path, tmp_path: Path) -> None:
+    ck = load_checkpoint(tiny_checkpoints, "diffusion", "latest")
+    teacher, manifest, cpu = noisy_teacher(), ck.manifest, torch.device("cpu")
+    student = student_from_teacher(teacher, jumps=True)
+    torch.nn.init.normal_(student.target_mlp[-1].weight, std=0.05)  # a student whose jumps differ
+    cfg = DistillConfig(trajectories=10, trajectory_chunk=8, rollouts=10)
+    folder = bank_folder(tmp_path, ck.version, cfg, JUMPS)
+    bank = fill_bank(folder, teacher, manifest, cfg, JUMPS, cpu, torch.float32, show_progress=False)
+    rollouts = fill_rollouts(folder, bank, teacher, student.eval(), "S", manifest, cfg, JUMPS, cpu, torch.float32,
+                             show_progress=False)
+    # the 4-step chain's states after its first three steps (749, 499, 249), each landing on the next or the end
+    assert len(rollouts["x0"]) == 30 and sorted(path.name for path in folder.glob("rollout-*")) == [
+        "rollout-S-8-00000-8.pt", "rollout-S-8-00001-2.pt"]
+    assert sorted(set(zip(rollouts["index"].tolist(), rollouts["landing"].tolist(), strict=True))) == [
+        (5, 10), (10, 15), (15, 20)]
+    schedule, sampler = NoiseSchedule(manifest.schedule), ConsistencySampler(NoiseSchedule(manifest.schedule), JUMPS,
+                                                                              manifest.latent_clip)
+    sampler.set_timesteps(4)
+    rows = slice(0, 8)  # the first chunk: its first step's rows, in chain order
+    x_t, labels, w = bank["states"][rows, 0].float(), bank["labels"][rows], bank["guidance"][rows]
+    with torch.no_grad():
+        output = student(x_t, torch.full((8,), 999), labels, guidance=w, target=torch.full((8,), 749))
+        state = sampler.step(output, 0, x_t).prev_sample
+        assert torch.allclose(rollouts["states"][:8].float(), state, atol=1e-2)  # the served sampler's own state
+        assert not torch.allclose(state, bank["states"][rows, 5].float(), atol=1e-2)  # not the teacher's
+        states, _ = teacher_trajectories(teacher, schedule, bank["timesteps"].tolist(), state, labels, w,
+                                         manifest.latent_clip, first=5)
+    landed = ddim_to(schedule, state, torch.full((8,), 749), rollouts["x0"][:8], torch.full((8,), 499))
+    assert torch.allclose(landed, states[:, 5], atol=1e-3)  # the target's DDIM step lands where the teacher goes
+    with pytest.raises(DistillError, match="rollouts"):
+        distill(ck.version, DistillConfig(method="trajectory-consistency", rollouts=1), JUMPS,
+                RunOptions(tmp_path / "no-data", tiny_checkpoints, tmp_path / "run"))
 
 
 def test_distill_writes_a_jump_student_that_samples_deterministically(tiny_checkpoints: Path, tmp_path: Path

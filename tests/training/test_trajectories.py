@@ -129,7 +129,7 @@ def test_a_restart_is_a_chains_sample_noised_afresh_and_finished_by_the_served_s
     assert len(more["x0"]) == 16 and all(torch.equal(more[name][:11], restarts[name]) for name in restarts)
     assert sorted(path.name for path in folder.glob("restart-*.pt")) == [
         "restart-8-00000-8.pt", "restart-8-00001-4.pt", "restart-8-00001-8.pt"]
-    with pytest.raises(InvalidConfig, match="restarts must be in 0..trajectories"):
+    with pytest.raises(InvalidConfig, match="restarts and rollouts must be in 0..trajectories"):
         DistillConfig(trajectories=12, restarts=13)
 
 
@@ -140,6 +140,7 @@ def test_a_batch_takes_its_share_of_restarts(share: float) -> None:
             "labels": torch.zeros(chains, 1, dtype=torch.long), "guidance": torch.ones(chains),
             "timesteps": torch.arange(999, 0, -50)}
     restarts = {"states": torch.ones(count, *SHAPE, dtype=torch.float16), "index": torch.full((count,), 7),
+                "landing": torch.full((count,), 15),
                 "x0": torch.ones(count, *SHAPE), "labels": torch.ones(count, 1, dtype=torch.long),
                 "guidance": torch.full((count,), 2.0)}
     trainer = SimpleNamespace(stream=iter([torch.arange(chains).repeat(100)]),
@@ -151,7 +152,8 @@ def test_a_batch_takes_its_share_of_restarts(share: float) -> None:
     taken = rows["x_t"].flatten(1).mean(1) == 1  # restart rows are ones, chain rows zeros, in every field alike
     for name in ("x0", "labels", "guidance"):
         assert torch.equal(rows[name].reshape(len(taken), -1)[:, 0] != bank[name].reshape(chains, -1)[0, 0], taken)
-    assert bool(rows["index"][taken].eq(7).all())
+    assert bool(rows["index"][taken].eq(7).all()) and bool(rows["landing"][taken].eq(15).all())
+    assert bool(rows["landing"][~taken].eq(20).all())  # a chain's state lands on its end
     assert abs(float(taken.float().mean()) - share) < 0.07
 
 
