@@ -55,20 +55,21 @@ from .trainer import Trainer
 
 def teacher_trajectories(teacher: UNet, schedule: NoiseSchedule, timesteps: list[int], x_start: torch.Tensor,
                          labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float,
-                         chroma_projector: torch.Tensor | None = None, first: int = 0
+                         chroma_projector: torch.Tensor | None = None, first: int = 0, last: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's served chains from ``x_start [N, C, H, W]`` at ``timesteps[first]`` over the rest of the
     descending ``timesteps`` (K of them): DPM-Solver++(2M) on ``guided`` outputs at the per-row scales ``guidance
     [N]`` under ``labels [N, A]`` (``chroma_projector [C, C]`` as the teacher serves, if it does). Returns ``(states
     [N, K - first, C, H, W], x0 [N, C, H, W])``, both float32: the state at each timestep from ``first`` on and the
-    chain's sample. 2(K - first) teacher rows per row."""
+    chain's sample; with ``last < K``, the chains stop at ``timesteps[last]``: ``(states [N, last - first, C, H, W],
+    the state there)``. 2(K - first) (or 2(last - first)) teacher rows per row."""
     sampler = DPMSolverPP2MSampler(schedule, x0_clip)
     sampler.set_timesteps(len(timesteps))
     if sampler.timesteps != list(timesteps):
         raise ValueError(f"the served sampler's {len(timesteps)} steps are {sampler.timesteps}, not {timesteps}")
     model_fn = guided(teacher, labels, guidance, teacher.config.null_label, chroma_projector=chroma_projector)
     x, states = x_start, []
-    for i, t in enumerate(timesteps[first:], first):
+    for i, t in enumerate(timesteps[first:last], first):
         states.append(x)
         t_row = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = sampler.step(model_fn(x, t_row).float(), i, x).prev_sample
@@ -208,19 +209,18 @@ def fill_rollouts(folder: Path, bank: Tensors, teacher: UNet, student: UNet, stu
     chunk = cfg.trajectory_chunk
 
     def rolled(rows: slice) -> Tensors:
-        x, labels, guidance = (bank[name][rows].to(device) for name in ("states", "labels", "guidance"))
-        x, count, parts = x[:, 0].float(), rows.stop - rows.start, []
+        x = bank["states"][rows, 0].to(device).float()  # the chains' starts
+        labels, guidance = (bank[name][rows].to(device) for name in ("labels", "guidance"))
+        count, parts = rows.stop - rows.start, []
         for i, (t, s) in enumerate(zip(sampler.timesteps[:-1], landings[:-1], strict=True)):
             with torch.no_grad(), autocast(device, dtype):
                 output = student(x, torch.full((count,), t, device=device), labels, guidance=guidance,
                                  target=torch.full((count,), s, device=device)).float()
                 x = sampler.step(output, i, x).prev_sample
-                first = timesteps.index(s)
-                states, end = teacher_trajectories(teacher, schedule, timesteps, x, labels, guidance,
-                                                   manifest.latent_clip, chroma_projector, first)
-            land = landings[i + 1]
-            landing = len(timesteps) if land < 0 else timesteps.index(land)
-            x_land = end if land < 0 else states[:, landing - first]
+                land = landings[i + 1]
+                first, landing = timesteps.index(s), len(timesteps) if land < 0 else timesteps.index(land)
+                x_land = teacher_trajectories(teacher, schedule, timesteps, x, labels, guidance, manifest.latent_clip,
+                                              chroma_projector, first, landing)[1]  # the teacher goes no further
             target = landing_x0(schedule, x, torch.full((count,), s, device=device), x_land,
                                 torch.full((count,), land, device=device))
             parts.append({"states": x.half().cpu(), "index": torch.full((count,), first),

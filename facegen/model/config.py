@@ -282,7 +282,7 @@ class DistillConfig:
         if min(self.trajectories, self.trajectory_chunk) < 1 or not 0 <= self.served_guidance_share <= 1:
             raise InvalidConfig("trajectories and trajectory_chunk must be >= 1 and served_guidance_share in [0, 1], "
                                 f"got {self.trajectories}, {self.trajectory_chunk}, {self.served_guidance_share}")
-        if not 0 <= min(self.restarts, self.rollouts) <= max(self.restarts, self.rollouts) <= self.trajectories \
+        if not all(0 <= count <= self.trajectories for count in (self.restarts, self.rollouts)) \
                 or not 0 <= self.restart_share <= 1:
             raise InvalidConfig(f"restarts and rollouts must be in 0..trajectories ({self.trajectories}) and "
                                 f"restart_share in [0, 1], got {self.restarts}, {self.rollouts}, {self.restart_share}")
