@@ -323,6 +323,30 @@ def test_the_gpu_distill_script_goes_on_from_a_student(tiny_checkpoints: Path, t
     assert (tmp_path / "out" / "distill.log").is_file()
 
 
+@pytest.mark.slow  # three distillation runs through the script
+def test_the_gpu_distill_script_rolls_out_each_student_it_exports(tiny_checkpoints: Path, synth_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """With ``ROUNDS=2`` and ``INIT_FROM`` empty, ``scripts/gpu_distill.sh`` distils a jump student from the teacher,
+    then twice goes on from the student before, learning its rollouts, and leaves all three in ``$OUT``."""
+    env = {**os.environ, "PYTHON": sys.executable, "CHECKPOINTS": str(tiny_checkpoints), "DEVICE": "cpu",
+           "MINUTES": "0", "BATCH": "8", "DATA": str(synth_dir), "WORK": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "INIT_FROM": "", "ROUNDS": "2", "ROLLOUTS": "4"}
+    jumps = ["--method", "trajectory-consistency", "--student-skeleton-steps", "20", "--student-jumps", "true",
+             "--student-fresh-noise", "0", "--student-max-steps", "4", "--trajectories", "8", "--trajectory-chunk", "8"]
+    done = subprocess.run([str(Path(__file__).parents[2] / "scripts" / "gpu_distill.sh"), *jumps], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    manifests = [load_checkpoint(out, "diffusion", folder.name).manifest
+                 for folder in sorted((out / "diffusion").iterdir())]
+    teacher = served_versions(tiny_checkpoints, LATEST)[0]
+    assert [m.training.init_from.version for m in manifests] == [teacher] + [m.version for m in manifests[:2]]
+    assert all(m.distillation.sampling.jumps for m in manifests)
+    bank = next((tmp_path / "work" / "latents" / "trajectories").iterdir())
+    for rolled_out in manifests[:2]:  # each round learnt the rollouts of the student it went on from
+        assert any(bank.glob(f"rollout-{rolled_out.version}-*.pt"))
+
+
 def test_a_teacher_that_leaves_chroma_unguided_teaches_its_own_guided_step(tiny_checkpoints: Path, synth_dir: Path,
                                                                           tmp_path: Path) -> None:
     """The teacher's DDIM step is its served guidance: with ``guide_chroma`` false the chroma part of the guidance
