@@ -38,7 +38,7 @@ fi
 mkdir -p "$WORK"
 roots="$WORK/checkpoints"
 rm -rf "$roots" "$WORK"/run* "$WORK/distill.log" && mkdir -p "$roots" && cp -r "$CHECKPOINTS/vae" "$CHECKPOINTS/diffusion" "$roots"/
-before=$(ls "$roots/diffusion")
+exported=()
 
 distill_from() {  # one run into $WORK/run-$1 going on from the student $2 (empty: the teacher); the rest to distill
   local run=$1 from=$2 init=()
@@ -48,6 +48,7 @@ distill_from() {  # one run into $WORK/run-$1 going on from the student $2 (empt
     --device "$DEVICE" --batch-size "$BATCH" --minutes "$MINUTES" --export-dtype fp16 --latent-cache "$WORK/latents" \
     --log-every 100 "${init[@]}" "$@" 2>&1 | tee -a "$WORK/distill.log"
   student=$(served "$roots" | tail -1)  # the newest student of the teacher: this run's
+  exported+=("$student")
   echo "student: $roots/diffusion/$student (from ${from:-the teacher $teacher})"
 }
 distill_from 0 "$INIT_FROM" "$@"
@@ -56,9 +57,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/diffusion"
-  for version in $(ls "$roots/diffusion"); do
-    if ! grep -qx "$version" <<< "$before"; then cp -r "$roots/diffusion/$version" "$OUT/diffusion/"; fi
-  done
+  for version in "${exported[@]}"; do cp -r "$roots/diffusion/$version" "$OUT/diffusion/"; done
   cp "$WORK/distill.log" "$OUT/"
   for run in "$WORK"/run-*; do cp "$run/log.jsonl" "$OUT/$(basename "$run").jsonl" 2>/dev/null || true; done
 fi

@@ -125,6 +125,20 @@ def joined(chunks: list[Tensors], count: int) -> Tensors:
     return {name: torch.cat([part[name] for part in chunks])[:count] for name in chunks[0]}
 
 
+def chain_chunk_files(folder: Path, prefix: str, chains: int, end: int, chunk: int,
+                      compute: Callable[[int, slice], Tensors], desc: str, show_progress: bool) -> list[Tensors]:
+    """The chunks of rows made from the bank's first ``chains`` chains, ``chunk`` chains each (chunk ``k``: chains
+    ``k chunk`` up to the next chunk's first or ``end``), in the files ``{prefix}-{chunk}-{k:05d}-{chains}.pt`` of
+    ``folder``; ``compute(k, chains)`` makes those it lacks (:func:`chunk_file`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for k in tqdm(range(-(-chains // chunk)), desc=desc, disable=not show_progress):
+        rows = slice(k * chunk, min((k + 1) * chunk, end))
+        path = folder / f"{prefix}-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
+        chunks.append(chunk_file(path, lambda k=k, rows=rows: compute(k, rows)))
+    return chunks
+
+
 def fill_bank(folder: Path, teacher: UNet, manifest: DiffusionManifest, cfg: DistillConfig,
               consistency: ConsistencyConfig, device: torch.device, dtype: torch.dtype,
               chroma_projector: torch.Tensor | None = None, show_progress: bool = True) -> Tensors:
@@ -163,8 +177,6 @@ def fill_restarts(folder: Path, bank: Tensors, teacher: UNet, manifest: Diffusio
     a chain's 2K."""
     schedule = NoiseSchedule(manifest.schedule)
     timesteps = bank["timesteps"].tolist()
-    folder.mkdir(parents=True, exist_ok=True)
-    chunk = cfg.trajectory_chunk
 
     def restarted(k: int, rows: slice) -> Tensors:
         sample, labels, guidance = bank["x0"][rows], bank["labels"][rows], bank["guidance"][rows]
@@ -180,11 +192,9 @@ def fill_restarts(folder: Path, bank: Tensors, teacher: UNet, manifest: Diffusio
                                                 chroma_projector, first)[1].cpu()
         return {"states": states.half(), "index": index, "x0": ends, "labels": labels, "guidance": guidance}
 
-    chunks = []
-    for k in tqdm(range(-(-cfg.restarts // chunk)), desc="teacher restarts", disable=not show_progress):
-        rows = slice(k * chunk, min((k + 1) * chunk, len(bank["x0"])))  # the bank's last chunk may be cut short
-        path = folder / f"restart-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
-        chunks.append(chunk_file(path, lambda k=k, rows=rows: restarted(k, rows)))
+    # whole chunks of the bank (its last may be cut short), so that more restarts extend these files
+    chunks = chain_chunk_files(folder, "restart", cfg.restarts, len(bank["x0"]), cfg.trajectory_chunk, restarted,
+                               "teacher restarts", show_progress)
     return joined(chunks, cfg.restarts) | {"landing": torch.full((cfg.restarts,), len(timesteps))}
 
 
@@ -205,8 +215,6 @@ def fill_rollouts(folder: Path, bank: Tensors, teacher: UNet, student: UNet, stu
     sampler = ConsistencySampler(schedule, consistency, manifest.latent_clip)
     sampler.set_timesteps(consistency.default_steps)
     landings = sampler.timesteps[1:] + [-1]
-    folder.mkdir(parents=True, exist_ok=True)
-    chunk = cfg.trajectory_chunk
 
     def rolled(rows: slice) -> Tensors:
         x = bank["states"][rows, 0].to(device).float()  # the chains' starts
@@ -228,11 +236,8 @@ def fill_rollouts(folder: Path, bank: Tensors, teacher: UNet, student: UNet, stu
                           "guidance": guidance.cpu()})
         return joined(parts, len(parts) * count)
 
-    chunks = []
-    for k in tqdm(range(-(-cfg.rollouts // chunk)), desc="student rollouts", disable=not show_progress):
-        rows = slice(k * chunk, min((k + 1) * chunk, cfg.rollouts))
-        path = folder / f"rollout-{student_version}-{chunk}-{k:05d}-{rows.stop - rows.start}.pt"
-        chunks.append(chunk_file(path, lambda rows=rows: rolled(rows)))
+    chunks = chain_chunk_files(folder, f"rollout-{student_version}", cfg.rollouts, cfg.rollouts, cfg.trajectory_chunk,
+                               lambda k, rows: rolled(rows), "student rollouts", show_progress)
     return joined(chunks, (len(landings) - 1) * cfg.rollouts)
 
 
