@@ -48,9 +48,12 @@ def test_every_row_and_baseline_carries_the_chosen_instruments(tiny_checkpoints:
     for value in (True, False):
         for name in ("real", "vae", "generated"):
             assert baselines[value][name]["colour_outside"]["n"] == 2 and "realism" not in baselines[value][name]
-        kept = baselines[value]["vae"]["identity_kept"]  # the round trips' ceiling
+        kept = baselines[value]["vae"]["identity_kept"]
         assert set(kept) == {"all"} | {p.name for p in IDENTITY} and kept["all"]["n"] == 2
         assert "identity_kept" not in baselines[value]["real"]  # nothing to keep without a source
+        for name in ("perfect", "perfect_vae"):  # the other label's sources drawn with this label's mouth
+            assert baselines[value][name]["colour_outside"]["n"] == 2
+            assert baselines[value][name]["identity_kept"]["all"]["n"] == 2
     for row in results["rows"]:
         scores = row["instruments"]
         assert scores["colour_outside"]["n"] == 2
@@ -65,6 +68,8 @@ def test_every_row_and_baseline_carries_the_chosen_instruments(tiny_checkpoints:
     assert report.count("| smiling | edits, strength 0.5") == 1 and report.count("| not_smiling | their VAE") == 1
     assert "| smiling | real held-out faces | – | – | " in report  # realism not chosen
     assert "| smiling -> not_smiling | round trips |" in report and "| skin |" in report
+    assert "| smiling -> not_smiling | perfect edits through the VAE |" in report
+    assert report.count("| not_smiling | perfect edits (the generator's) |") == 1
     assert "Mouth geometry, median error" in report
 
 

@@ -1,10 +1,11 @@
-"""The synthetic faces' parameters: drawn apart from the painting, they paint the same faces, and read back as the
-identity targets of the dataset they belong to."""
+"""The synthetic faces' parameters: drawn apart from the painting, they paint the same faces, read back as the
+identity targets of the dataset they belong to, and paint the same face with the other mouth (a perfect edit)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,14 @@ import torch
 from facegen.model.config import DataConfig
 from facegen.model.imaging import center_crop_resize
 from training.data.celeba import DatasetError, load_landmarks, load_split
-from training.data.synthetic import face, face_parameters, render
-from training.evaluation.identity import PARAMETERS, mouth_geometry, split_parameters, targets_of
+from training.data.synthetic import face, face_parameters, render, with_mouth
+from training.evaluation.identity import (
+    PARAMETERS,
+    drawn_with_mouth,
+    mouth_geometry,
+    split_parameters,
+    targets_of,
+)
 from training.evaluation.mouth_colour import mouth_masks
 
 # sha256 of the RGB pixels of faces 0-23 of seed 0, which take every branch of the generator (both values of each
@@ -67,3 +74,28 @@ def test_targets_put_the_mouth_where_the_landmarks_and_the_pixels_say(synth_dir:
         change = (torch.from_numpy(center_crop_resize(render(p), 178, 64)).float()
                   - torch.from_numpy(center_crop_resize(render(blue), 178, 64)).float()).abs().sum(dim=0)
         assert change[box].sum() >= 0.85 * change.sum()
+
+
+def test_a_face_drawn_with_the_other_mouth_changes_its_mouth_and_nothing_else(synth_dir: Path) -> None:
+    config = DataConfig(image_size=64)
+    parameters = split_parameters(synth_dir, "test", 3)
+    flipped = [with_mouth(p, not p.attributes.smiling, random.Random(k)) for k, p in enumerate(parameters)]
+    assert [p.attributes.smiling for p in flipped] == [not p.attributes.smiling for p in parameters]
+    for p, q in zip(parameters, flipped, strict=True):
+        assert dataclasses.replace(q, attributes=p.attributes, mouth=p.mouth) == p
+        assert (q.mouth.y, q.mouth.w, q.mouth.lip, q.mouth.thickness) == (p.mouth.y, p.mouth.w, p.mouth.lip,
+                                                                        p.mouth.thickness)
+        assert (q.mouth.depth is None) == (p.mouth.depth is not None)  # a smile's depth, or a neutral mouth's droop
+    truth, moved = targets_of(parameters, config), targets_of(flipped, config)
+    assert torch.equal(truth.values, moved.values) and torch.equal(truth.classes, moved.classes)
+    drawn = drawn_with_mouth(parameters, True, config, seed=0)
+    again = drawn_with_mouth(parameters, True, config, seed=0)
+    images, _ = load_split(synth_dir, "test", config)
+    assert drawn.shape == images.shape and drawn.dtype == torch.uint8 and torch.equal(drawn, again)
+    change = (drawn.float() - images.float()).abs().sum(dim=1)  # [N, S, S]
+    boxes = mouth_masks(mouth_geometry(truth), 64)
+    smiling = torch.tensor([p.attributes.smiling for p in parameters])
+    assert smiling.any() and (~smiling).any()
+    assert (change[~smiling][boxes[~smiling]].mean() > 20 * change[~smiling][~boxes[~smiling]].mean())
+    # a smiling face drawn with a smile again keeps its pixels but for the redrawn smile's shape
+    assert change[smiling].mean() < change[~smiling].mean()

@@ -16,6 +16,7 @@ from training.evaluation.identity import (
     IDENTITY,
     TOLERANCE_QUANTILE,
     IdentityRegressor,
+    RoundTrip,
     Targets,
     _shifted_targets,
     fit_regressor,
@@ -98,3 +99,24 @@ def test_a_cached_regressor_is_read_back(synth_dir: Path, tmp_path: Path) -> Non
                                                   strict=True))
     train_regressor(synth_dir, config, 3, steps=3, seed=0, cache=tmp_path)  # other inputs: other weights
     assert len(list(tmp_path.glob("identity-*.pt"))) == 2
+
+
+def test_a_round_trip_joins_the_training_faces_and_names_the_cached_weights(synth_dir: Path, tmp_path: Path) -> None:
+    config = DataConfig(image_size=32)
+    given = []
+
+    def darker(faces: torch.Tensor) -> torch.Tensor:
+        given.append(faces.clone())
+        return faces // 2
+
+    trained = train_regressor(synth_dir, config, 3, steps=2, seed=0, cache=tmp_path, round_trip=RoundTrip("a", darker))
+    images, _ = load_split(synth_dir, "train", config)
+    assert len(given) == 1 and torch.equal(given[0], images)  # the training faces, each once
+    again = train_regressor(synth_dir, config, 3, steps=2, seed=0, cache=tmp_path, round_trip=RoundTrip("a", darker))
+    assert len(given) == 1 and all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(),
+                                                                    again.state_dict().values(), strict=True))
+    train_regressor(synth_dir, config, 3, steps=2, seed=0, cache=tmp_path, round_trip=RoundTrip("b", darker))
+    plain = train_regressor(synth_dir, config, 3, steps=2, seed=0, cache=tmp_path)
+    assert len(given) == 2 and len(list(tmp_path.glob("identity-*.pt"))) == 3  # another VAE, or none: other weights
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), plain.state_dict().values(),
+                                                     strict=True))

@@ -9,7 +9,8 @@ Face *i* depends only on ``(seed, i)``, so a folder is reproducible whatever the
 A face is drawn in two steps: :func:`sample_parameters` draws everything random about it (a
 :class:`FaceParameters`: colours, geometry, styles), :func:`render` paints those parameters. So
 :func:`face_parameters` gives face *i*'s parameters without painting it (what an instrument that checks a face's
-identity regresses).
+identity regresses), and :func:`with_mouth` draws the same face again with a mouth of the other *Smiling* value:
+what a perfect edit of the attribute would return.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -35,6 +36,7 @@ from training.data.layout import (
 VARIED_ATTRIBUTES = ("Smiling", "Eyeglasses", "Male", "Young")
 ATTRIBUTE_PROBABILITY = {"Smiling": 0.5, "Eyeglasses": 0.3, "Male": 0.5, "Young": 0.6}
 SUPERSAMPLE = 2  # faces are drawn at 2x and downsampled with a Lanczos filter (anti-aliasing)
+JPEG_QUALITY = 95  # of the written faces
 
 SKIN_TONES = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 96), (161, 102, 68),
               (120, 76, 50), (88, 56, 38), (236, 205, 180)]
@@ -225,10 +227,15 @@ def _sample_mouth(rng: random.Random, attrs: FaceAttributes, g: Head) -> Mouth:
     y = g.cy + g.face_h * rng.uniform(0.23, 0.27)
     width = g.face_w * rng.uniform(0.32, 0.42)
     thickness = max(2, int(rng.uniform(2.5, 4.0) * SUPERSAMPLE))
-    if attrs.smiling:
-        depth = rng.uniform(*SMILE_DEPTH) * width
-        return Mouth(y, width, lip, thickness, depth, rng.random() < 0.5, None)
-    return Mouth(y, width, lip, thickness, None, False, rng.uniform(*NEUTRAL_DROOP) * width)
+    return _sample_mouth_shape(rng, attrs.smiling, Mouth(y, width, lip, thickness, None, False, None))
+
+
+def _sample_mouth_shape(rng: random.Random, smiling: bool, mouth: Mouth) -> Mouth:
+    """``mouth`` (its position, width, lip colour and thickness) with a shape drawn for ``smiling``: a smile's depth
+    and whether it is open, or a neutral mouth's droop."""
+    if smiling:
+        return replace(mouth, depth=rng.uniform(*SMILE_DEPTH) * mouth.w, open=rng.random() < 0.5, droop=None)
+    return replace(mouth, depth=None, open=False, droop=rng.uniform(*NEUTRAL_DROOP) * mouth.w)
 
 
 def _sample_glasses(rng: random.Random, eyes: Eyes) -> Glasses:
@@ -435,6 +442,13 @@ def face_parameters(seed: int, index: int) -> FaceParameters:
     return sample_parameters(rng, sample_attributes(rng))
 
 
+def with_mouth(p: FaceParameters, smiling: bool, rng: random.Random) -> FaceParameters:
+    """Face ``p`` with a mouth drawn for ``smiling`` from ``rng`` (as the dataset draws one for that value) and
+    everything else kept, the mouth's position, width, lip colour and thickness included."""
+    return replace(p, attributes=replace(p.attributes, smiling=smiling),
+                   mouth=_sample_mouth_shape(rng, smiling, p.mouth))
+
+
 def face(seed: int, index: int) -> tuple[Image.Image, FaceAttributes, Landmarks]:
     """Face number ``index`` of the dataset with this ``seed`` (deterministic), its attributes and landmarks."""
     parameters = face_parameters(seed, index)
@@ -442,7 +456,7 @@ def face(seed: int, index: int) -> tuple[Image.Image, FaceAttributes, Landmarks]
 def _write_one(args: tuple[Path, int, int]) -> tuple[FaceAttributes, Landmarks]:
     out, seed, index = args
     image, attrs, landmarks = face(seed, index)
-    image.save(out / IMAGE_DIR / file_name(index), quality=95)
+    image.save(out / IMAGE_DIR / file_name(index), quality=JPEG_QUALITY)
     return attrs, landmarks
 
 

@@ -11,7 +11,11 @@ real and keep the person?
   with its 95% Wilson interval, for the same four sets.
 - ``identity``: the rate of edits that keep every identity parameter of the synthetic faces, and each one, within the
   tolerance that separates two different faces (:mod:`training.evaluation.identity`), beside the same rate for the
-  sources' VAE round trips (the ceiling), and the regressor's own accuracy on the test faces and their round trips.
+  sources' VAE round trips, and the regressor's own accuracy on the test faces and their round trips.
+
+Beside the edits, every instrument also scores *perfect edits*: the sources drawn again by the generator with a mouth
+of the target label and nothing else changed (:func:`~training.evaluation.identity.drawn_with_mouth`), as they are
+and through the VAE (encoded and decoded: the best an edit through this VAE could return).
 
 The colour and identity instruments read faces with the identity regressor, which needs a folder written by
 ``python -m training synth`` (``synth_seed``: the seed it was written with; checked against its landmarks).
@@ -34,6 +38,7 @@ from .evaluate import Setting, generate, reconstruct
 from .identity import (
     IDENTITY,
     IdentityRegressor,
+    RoundTrip,
     Targets,
     accuracy,
     kept_rates,
@@ -113,8 +118,9 @@ def build_instruments(chosen: tuple[str, ...], model: LatentDiffusion, data: Pat
                       seed: int, synth_seed: int, identity_steps: int, feature_cache: Path | None = None,
                       identity_cache: Path | None = None) -> EditInstruments:
     """The ``chosen`` instruments for ``model``: ``references`` are each label's held-out real faces of the
-    realism reference; the regressor trains from ``seed`` for ``identity_steps`` steps (weights kept in
-    ``identity_cache``), Inception features are kept in ``feature_cache``."""
+    realism reference; the regressor trains from ``seed`` for ``identity_steps`` steps on the training faces and
+    their round trips through ``model``'s VAE (weights kept in ``identity_cache``), Inception features are kept in
+    ``feature_cache``."""
     unknown = set(chosen) - set(INSTRUMENTS)
     if unknown:
         raise ValueError(f"unknown instruments {sorted(unknown)}; choose from {', '.join(INSTRUMENTS)}")
@@ -125,7 +131,9 @@ def build_instruments(chosen: tuple[str, ...], model: LatentDiffusion, data: Pat
         realism = Realism(InceptionFeatures(model.device, feature_cache), references, seed)
     regressor = colour = tolerance = None
     if "colour" in chosen or "identity" in chosen:
-        regressor = train_regressor(data, data_cfg, synth_seed, identity_steps, seed, cache=identity_cache)
+        round_trip = RoundTrip(model.manifest.vae_version, lambda faces: reconstruct(model, faces))
+        regressor = train_regressor(data, data_cfg, synth_seed, identity_steps, seed, cache=identity_cache,
+                                    round_trip=round_trip)
     if "colour" in chosen:
         assert regressor is not None
         val_images, val_labels = load_split(data, "val", data_cfg)
@@ -136,10 +144,12 @@ def build_instruments(chosen: tuple[str, ...], model: LatentDiffusion, data: Pat
 
 
 def baselines(tools: EditInstruments, model: LatentDiffusion, sources: dict[bool, torch.Tensor],
-              truth: dict[bool, Targets | None], seed: int) -> dict[bool, dict[str, Any]]:
+              truth: dict[bool, Targets | None], seed: int, perfect: dict[bool, torch.Tensor] | None = None
+              ) -> dict[bool, dict[str, Any]]:
     """Per label: the instruments on held-out real faces of the label (``sources``, the faces edits start from),
-    their VAE round trips (with the identity they keep: an edit's ceiling) and as many generated faces of the label
-    (``GENERATED``, noise seeds ``(seed, i)``)."""
+    their VAE round trips (with the identity they keep) and as many generated faces of the label (``GENERATED``,
+    noise seeds ``(seed, i)``); with ``perfect`` (per label, the other label's sources drawn again with a mouth of
+    this one), also on those perfect edits and their round trips, with the identity they keep of their sources."""
     attribute = model.attributes[0]
     setting = GENERATED.for_model(model)
     found = {}
@@ -149,6 +159,10 @@ def baselines(tools: EditInstruments, model: LatentDiffusion, sources: dict[bool
         found[value] = {"real": tools.score(faces, value),
                         "vae": tools.score(round_trips, value, faces, truth[value]),
                         "generated": tools.score(generated, value) | {"setting": setting.name()}}
+        if perfect is not None:
+            start, truths = sources[not value], truth[not value]
+            found[value] |= {"perfect": tools.score(perfect[value], value, start, truths),
+                             "perfect_vae": tools.score(reconstruct(model, perfect[value]), value, start, truths)}
     return found
 
 
@@ -190,8 +204,10 @@ def markdown_sections(results: dict[str, Any]) -> list[str]:
     for value in (True, False):
         base = bases[value]
         for name, key in (("real held-out faces", "real"), ("their VAE round trips", "vae"),
-                          (f"generated ({base['generated']['setting']})", "generated")):
-            lines.append(f"| {names[value]} | {name} | {' | '.join(_quality_cells(base[key]))} |")
+                          (f"generated ({base['generated']['setting']})", "generated"),
+                          ("perfect edits (the generator's)", "perfect"), ("perfect edits through the VAE", "perfect_vae")):
+            if key in base:
+                lines.append(f"| {names[value]} | {name} | {' | '.join(_quality_cells(base[key]))} |")
         for row in results["rows"]:
             if row["direction"].endswith(f"-> {names[value]}"):
                 lines.append(f"| {names[value]} | edits, strength {row['strength']:g}, guidance {row['guidance_scale']:g}, "
@@ -205,15 +221,20 @@ def markdown_sections(results: dict[str, Any]) -> list[str]:
 def _identity_lines(results: dict[str, Any], bases: dict[bool, Any], check: dict[str, Any]) -> list[str]:
     parameters = [p.name for p in IDENTITY]
     lines = ["", "Identity kept (regressor readings of edit and input within the tolerance, % per parameter; identity: "
-             "every parameter but the iris; round trips: the sources' VAE round trips, the ceiling; a different face "
+             "every parameter but the iris; round trips: the sources' VAE round trips; perfect edits: the sources drawn again "
+             "with the target's mouth; a different face "
              f"passes for the same on {percent_ci(check['other_faces'])}):", "",
              "| direction | set | identity kept | " + " | ".join(parameters) + " |",
              "|---|---|---|" + "---|" * len(parameters)]
     for row in results["rows"]:
         source = not row["direction"].startswith("not_")
-        for name, kept in (("round trips", bases[source]["vae"]["identity_kept"]),
-                           (f"edits, strength {row['strength']:g}, hold {row['hold_guidance']:g}",
-                            row["instruments"]["identity_kept"])):
+        target = bases[not source]
+        sets = [("round trips", bases[source]["vae"])] + [
+            (name, target[key]) for name, key in (("perfect edits", "perfect"), ("perfect edits through the VAE",
+                                                                              "perfect_vae")) if key in target]
+        for name, kept in [(name, scores["identity_kept"]) for name, scores in sets] + [
+                (f"edits, strength {row['strength']:g}, hold {row['hold_guidance']:g}",
+                 row["instruments"]["identity_kept"])]:
             cells = [f"{100 * kept[p]['rate']:.1f}" for p in parameters]
             lines.append(f"| {row['direction']} | {name} | {percent_ci(kept['all'])} | {' | '.join(cells)} |")
     lines += ["", "The identity regressor against the true parameters (share within the tolerance, or the right class):",

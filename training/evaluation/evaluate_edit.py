@@ -48,7 +48,7 @@ from training.train_vae import psnr
 
 from .edit_realism import EditInstruments, baselines, build_instruments, markdown_sections, regressor_check
 from .identity import STEPS as IDENTITY_STEPS
-from .identity import split_parameters, targets_of
+from .identity import drawn_with_mouth, split_parameters, targets_of
 from .judge import JudgePanel, describe_panel, format_rate, panel_rate, train_panel
 
 KEPT_ATTRIBUTES = ("Eyeglasses", "Male", "Young")
@@ -188,22 +188,26 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
 def prepare_instruments(options: InstrumentOptions, model: LatentDiffusion, data: Path, test_images: torch.Tensor,
                         test_labels: torch.Tensor, sources: dict[bool, torch.Tensor], seed: int,
                         results: dict[str, Any]) -> tuple[EditInstruments, dict[bool, Any]]:
-    """Build the chosen instruments, record their baselines (and the identity regressor's accuracy) under
-    ``results["instruments"]``; returns them and each direction's sources' true parameters (None without
+    """Build the chosen instruments, record their baselines (with perfect edits where the faces' parameters are
+    known) and the identity regressor's accuracy under ``results["instruments"]``; returns them and each direction's sources' true parameters (None without
     identity)."""
     references = realism_references(test_labels, sources, options.realism_reference)
     tools = build_instruments(options.chosen, model, data, {v: test_images[rows] for v, rows in references.items()},
                               seed, options.synth_seed, options.identity_steps, options.feature_cache,
                               options.identity_cache)
-    test_truth = None
+    test_truth = perfect = None
     truth: dict[bool, Any] = {value: None for value in sources}
-    if tools.tolerance is not None:
-        test_truth = targets_of(split_parameters(data, "test", options.synth_seed), model.manifest.data)
-        truth = {value: test_truth[rows] for value, rows in sources.items()}
+    if tools.regressor is not None:  # a synthetic folder: the faces' parameters are known
+        parameters = split_parameters(data, "test", options.synth_seed)
+        perfect = {value: drawn_with_mouth([parameters[i] for i in sources[not value].tolist()], value,
+                                           model.manifest.data, seed) for value in sources}
+        if tools.tolerance is not None:
+            test_truth = targets_of(parameters, model.manifest.data)
+            truth = {value: test_truth[rows] for value, rows in sources.items()}
     faces = {value: test_images[rows] for value, rows in sources.items()}
     results["instruments"] = {
         "chosen": list(options.chosen), "synth_seed": options.synth_seed, "identity_steps": options.identity_steps,
-        "baselines": baselines(tools, model, faces, truth, seed),
+        "baselines": baselines(tools, model, faces, truth, seed, perfect),
         "regressor": None if test_truth is None else regressor_check(tools, model, test_images, test_truth,
                                                                      torch.cat(list(sources.values())))}
     return tools, truth

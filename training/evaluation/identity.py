@@ -20,6 +20,10 @@ EVALUATION.md (on the validation split's faces and their VAE round trips, never 
 error (:func:`accuracy`: its readings against the truth, on held-out faces and on their VAE round trips) and the
 round trips' kept rates are reported beside every edit's.
 
+:func:`drawn_with_mouth` draws faces again with the other mouth and nothing else changed: a perfect edit of
+*Smiling*, which the instruments score beside the model's edits (with and without a VAE round trip) to say what an
+edit could reach.
+
 The mouth's position and width (``GEOMETRY``) are read too: the colour-fidelity instrument
 (:mod:`training.evaluation.mouth_colour`) finds the mouth by them on any image, generated ones included.
 """
@@ -27,16 +31,20 @@ The mouth's position and width (``GEOMETRY``) are read too: the colour-fidelity 
 from __future__ import annotations
 
 import hashlib
+import io
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from facegen.model.config import DataConfig
-from facegen.model.imaging import IMAGE_HEIGHT, IMAGE_WIDTH, to_float
+from facegen.model.imaging import IMAGE_HEIGHT, IMAGE_WIDTH, center_crop_resize, to_float
 from training.data.celeba import (
     DatasetError,
     fingerprint,
@@ -48,12 +56,15 @@ from training.data.celeba import (
 from training.data.synthetic import (
     HAIR_STYLES,
     IRIS_COLOURS,
+    JPEG_QUALITY,
     SUPERSAMPLE,
     FaceParameters,
     face_parameters,
     file_name,
     landmarks_of,
+    render,
     rotate_points,
+    with_mouth,
 )
 from training.evaluation.judge import FEATURE_CHANNELS, Augmentation, degrade, strided_features
 from training.runtime import cached_tensors
@@ -212,6 +223,20 @@ def split_parameters(data: Path, split: str, synth_seed: int, limit: int | None 
     return parameters
 
 
+def drawn_with_mouth(parameters: list[FaceParameters], smiling: bool, data_cfg: DataConfig, seed: int
+                     ) -> torch.Tensor:
+    """The faces of ``parameters`` drawn again with a mouth for ``smiling`` and nothing else changed
+    (:func:`~training.data.synthetic.with_mouth`, face ``k``'s mouth from ``random.Random(f"{seed}:{k}")``), saved
+    and framed as the folder's faces are (JPEG, centre crop, resize): ``uint8 [N, 3, S, S]``."""
+    faces = []
+    for k, p in enumerate(parameters):
+        encoded = io.BytesIO()
+        render(with_mouth(p, smiling, random.Random(f"{seed}:{k}"))).save(encoded, format="JPEG", quality=JPEG_QUALITY)
+        with Image.open(encoded) as image:
+            faces.append(torch.from_numpy(center_crop_resize(image.convert("RGB"), data_cfg.crop, data_cfg.image_size)))
+    return torch.stack(faces)
+
+
 class IdentityRegressor(nn.Module):
     """``[N, 3, S, S]`` in [-1, 1] -> ``(values [N, VALUES], logits [N, sum of the classes])``: the continuous
     parameters in standardised units (``mean``/``std`` of the training targets, kept as buffers) and each categorical
@@ -317,24 +342,39 @@ def fit_regressor(images: torch.Tensor, targets: Targets, steps: int, seed: int,
     return regressor.state_dict()
 
 
+@dataclass(frozen=True)
+class RoundTrip:
+    """A VAE's round trip of faces, ``uint8 [N, 3, S, S]`` -> encoded and decoded ``uint8 [N, 3, S, S]``, and the
+    version of the VAE that makes it (it names the regressor's cached weights)."""
+
+    vae_version: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+
+
 def train_regressor(data: Path, data_cfg: DataConfig, synth_seed: int, steps: int, seed: int,
-                    train_limit: int | None = None, cache: Path | None = None) -> IdentityRegressor:
+                    train_limit: int | None = None, cache: Path | None = None,
+                    round_trip: RoundTrip | None = None) -> IdentityRegressor:
     """An :class:`IdentityRegressor` trained on the train split (its first ``train_limit`` faces, default all) of a
-    folder written by ``python -m training synth --seed synth_seed``.
+    folder written by ``python -m training synth --seed synth_seed``; with ``round_trip``, on those faces and their
+    round trips through that VAE, each with its face's parameters.
 
     ``cache``: a folder keeping the trained weights under a name made of everything they depend on (the data's
-    fingerprint, crop and size, the seeds, ``steps``, ``train_limit``, the augmentation); a later call with the same
-    inputs reads them instead of training."""
+    fingerprint, crop and size, the seeds, ``steps``, ``train_limit``, the augmentation, the VAE); a later call with
+    the same inputs reads them instead of training."""
     frame = DataConfig(attributes=data_cfg.attributes[:1], crop=data_cfg.crop, image_size=data_cfg.image_size)
     path = None
     if cache is not None:
         inputs = repr((fingerprint(data), frame.crop, frame.image_size, synth_seed, steps, seed, train_limit,
-                       AUGMENTATION, MAX_SHIFT, TRAINING_BATCH, [(p.name, p.width) for p in PARAMETERS]))
+                       AUGMENTATION, MAX_SHIFT, TRAINING_BATCH, [(p.name, p.width) for p in PARAMETERS],
+                       None if round_trip is None else round_trip.vae_version))
         path = cache / f"identity-{hashlib.sha256(inputs.encode()).hexdigest()[:32]}.pt"
 
     def fit() -> dict[str, torch.Tensor]:
         images, _ = load_split(data, "train", frame, train_limit)
         targets = targets_of(split_parameters(data, "train", synth_seed, train_limit), frame)
+        if round_trip is not None:
+            images = torch.cat([images, round_trip.apply(images)])
+            targets = Targets(*(torch.cat([part, part]) for part in (targets.values, targets.classes, targets.known)))
         return fit_regressor(images, targets, steps, seed)
 
     regressor = IdentityRegressor(frame.image_size)
