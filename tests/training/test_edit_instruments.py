@@ -69,7 +69,7 @@ def test_every_row_and_baseline_carries_the_chosen_instruments(tiny_checkpoints:
     assert "| smiling | real held-out faces | – | – | " in report  # realism not chosen
     assert "| smiling -> not_smiling | round trips |" in report and "| skin |" in report
     assert "| smiling -> not_smiling | perfect edits through the VAE |" in report
-    assert report.count("| not_smiling | perfect edits (the generator's) |") == 1
+    assert report.count("| not_smiling | perfect edits |") == 1
     assert "Mouth geometry, median error" in report
 
 

@@ -55,6 +55,8 @@ INSTRUMENTS = ("realism", "colour", "identity")
 # the generated faces beside the edits: the worker's default sampler and steps (facegen.contract.spec repeats them;
 # tests/training/test_edit_instruments.py checks they agree) at the model's own guidance
 GENERATED = Setting("dpmpp", 20, None)
+# the report's names of the perfect edits' sets (:func:`baselines`), as they are and through the VAE
+PERFECT_SETS = (("perfect edits", "perfect"), ("perfect edits through the VAE", "perfect_vae"))
 
 
 class Realism:
@@ -204,8 +206,7 @@ def markdown_sections(results: dict[str, Any]) -> list[str]:
     for value in (True, False):
         base = bases[value]
         for name, key in (("real held-out faces", "real"), ("their VAE round trips", "vae"),
-                          (f"generated ({base['generated']['setting']})", "generated"),
-                          ("perfect edits (the generator's)", "perfect"), ("perfect edits through the VAE", "perfect_vae")):
+                          (f"generated ({base['generated']['setting']})", "generated"), *PERFECT_SETS):
             if key in base:
                 lines.append(f"| {names[value]} | {name} | {' | '.join(_quality_cells(base[key]))} |")
         for row in results["rows"]:
@@ -221,20 +222,19 @@ def markdown_sections(results: dict[str, Any]) -> list[str]:
 def _identity_lines(results: dict[str, Any], bases: dict[bool, Any], check: dict[str, Any]) -> list[str]:
     parameters = [p.name for p in IDENTITY]
     lines = ["", "Identity kept (regressor readings of edit and input within the tolerance, % per parameter; identity: "
-             "every parameter but the iris; round trips: the sources' VAE round trips; perfect edits: the sources drawn again "
-             "with the target's mouth; a different face "
+             "every parameter but the iris; round trips: the sources' VAE round trips; perfect edits: the sources drawn "
+             "again with the target's mouth; a different face "
              f"passes for the same on {percent_ci(check['other_faces'])}):", "",
              "| direction | set | identity kept | " + " | ".join(parameters) + " |",
              "|---|---|---|" + "---|" * len(parameters)]
     for row in results["rows"]:
         source = not row["direction"].startswith("not_")
         target = bases[not source]
-        sets = [("round trips", bases[source]["vae"])] + [
-            (name, target[key]) for name, key in (("perfect edits", "perfect"), ("perfect edits through the VAE",
-                                                                              "perfect_vae")) if key in target]
-        for name, kept in [(name, scores["identity_kept"]) for name, scores in sets] + [
-                (f"edits, strength {row['strength']:g}, hold {row['hold_guidance']:g}",
-                 row["instruments"]["identity_kept"])]:
+        sets = [("round trips", bases[source]["vae"]["identity_kept"])]
+        sets += [(name, target[key]["identity_kept"]) for name, key in PERFECT_SETS if key in target]
+        sets.append((f"edits, strength {row['strength']:g}, hold {row['hold_guidance']:g}",
+                     row["instruments"]["identity_kept"]))
+        for name, kept in sets:
             cells = [f"{100 * kept[p]['rate']:.1f}" for p in parameters]
             lines.append(f"| {row['direction']} | {name} | {percent_ci(kept['all'])} | {' | '.join(cells)} |")
     lines += ["", "The identity regressor against the true parameters (share within the tolerance, or the right class):",
