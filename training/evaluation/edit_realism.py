@@ -222,9 +222,9 @@ def markdown_sections(results: dict[str, Any]) -> list[str]:
 def _identity_lines(results: dict[str, Any], bases: dict[bool, Any], check: dict[str, Any]) -> list[str]:
     parameters = [p.name for p in IDENTITY]
     lines = ["", "Identity kept (regressor readings of edit and input within the tolerance, % per parameter; identity: "
-             "every parameter but the iris; round trips: the sources' VAE round trips; perfect edits: the sources drawn "
-             "again with the target's mouth; a different face "
-             f"passes for the same on {percent_ci(check['other_faces'])}):", "",
+             "every parameter but the iris; round trips: the sources' VAE round trips; perfect edits: the sources "
+             "drawn again with the target's mouth; a different face passes for the same on "
+             f"{percent_ci(check['other_faces'])}):", "",
              "| direction | set | identity kept | " + " | ".join(parameters) + " |",
              "|---|---|---|" + "---|" * len(parameters)]
     for row in results["rows"]:

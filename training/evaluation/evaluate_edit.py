@@ -189,8 +189,8 @@ def prepare_instruments(options: InstrumentOptions, model: LatentDiffusion, data
                         test_labels: torch.Tensor, sources: dict[bool, torch.Tensor], seed: int,
                         results: dict[str, Any]) -> tuple[EditInstruments, dict[bool, Any]]:
     """Build the chosen instruments, record their baselines (with perfect edits where the faces' parameters are
-    known) and the identity regressor's accuracy under ``results["instruments"]``; returns them and each direction's sources' true parameters (None without
-    identity)."""
+    known) and the identity regressor's accuracy under ``results["instruments"]``; returns them and each direction's
+    sources' true parameters (None without identity)."""
     references = realism_references(test_labels, sources, options.realism_reference)
     tools = build_instruments(options.chosen, model, data, {v: test_images[rows] for v, rows in references.items()},
                               seed, options.synth_seed, options.identity_steps, options.feature_cache,
