@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from facegen.model.config import (
+    EDIT_FOCUS_THRESHOLD,
     EDIT_GUIDANCE_SCALE,
     EDIT_HOLD_GUIDANCE,
     EDIT_REFERENCE,
@@ -281,6 +282,9 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--scope", nargs="+", default=[EDIT_SCOPE], choices=EDIT_SCOPES,
                        help="where edits may change the face: the attribute's region or the whole image "
                             "(default: the worker's)")
+    edits.add_argument("--focus-threshold", type=float, nargs="+", default=[EDIT_FOCUS_THRESHOLD],
+                       help="the focused scope's threshold(s) on the model's map of where the edit acts, a share of "
+                            "each face's largest (default: the worker's)")
     edits.add_argument("--hold-guidance", type=float, nargs="+", default=[EDIT_HOLD_GUIDANCE],
                        help="step size(s) of the reader's guidance holding the attributes an edit leaves open (a "
                             "version with a reader only; default: the worker's)")
@@ -396,7 +400,8 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
                              tuple(args.guidance), args.classifier_steps, args.seed, precision=args.precision,
                              train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
                              tuning=args.tuning, judge_cache=args.judge_cache,
-                             hold_guidances=tuple(args.hold_guidance), judges=args.judges, instruments=instruments)
+                             hold_guidances=tuple(args.hold_guidance), judges=args.judges, instruments=instruments,
+                             focus_thresholds=tuple(args.focus_threshold))
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

@@ -20,9 +20,16 @@ EDIT_REFERENCES = ("source", "null")
 EDIT_REFERENCE = "source"
 EDIT_GUIDANCE_SCALE = 3.0
 # Where an edit may change the face: "region" keeps every latent outside the edited attributes' regions on the input's
-# own inversion path (``facegen.model.regions.edit_mask``), "image" lets the whole image change.
-EDIT_SCOPES = ("region", "image")
+# own inversion path (``facegen.model.regions.edit_mask``); "focused" narrows that region, face by face, to where the
+# model's own predictions under the source and the target labels differ (``LatentDiffusion.focus_mask``); "image"
+# lets the whole image change.
+EDIT_SCOPES = ("region", "focused", "image")
 EDIT_SCOPE = "region"
+# The focused scope's map: the prediction difference averaged over this many fixed noises at this fraction of the
+# schedule, divided by each face's largest; full where it reaches the threshold, fading to 0 at half of it.
+EDIT_FOCUS_TRIALS = 8
+EDIT_FOCUS_TIME = 0.5
+EDIT_FOCUS_THRESHOLD = 0.5
 # An edit holds the attributes it leaves open at the input's values, read by the model itself (``LatentDiffusion.
 # read_open_attributes``): the denoising error under each value over this many fixed (timestep, noise) pairs, the
 # timesteps spread evenly over this span of the schedule (as fractions of its length).

@@ -26,6 +26,9 @@ from .chroma import chroma_part, decoder_chroma_projector
 from .config import (
     ATTRIBUTE_READ_SPAN,
     ATTRIBUTE_READ_TRIALS,
+    EDIT_FOCUS_THRESHOLD,
+    EDIT_FOCUS_TIME,
+    EDIT_FOCUS_TRIALS,
     EDIT_HOLD_GUIDANCE,
     EDIT_REFERENCE,
     EDIT_REFERENCES,
@@ -254,6 +257,31 @@ class LatentDiffusion:
             read[:, a] = torch.where(labels[:, a] == null, (errors[1] < errors[0]).float(), labels[:, a])
         return read
 
+    @torch.no_grad()
+    def focus_mask(self, latents: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
+                   threshold: float = EDIT_FOCUS_THRESHOLD, unet: torch.nn.Module | None = None,
+                   trials: int = EDIT_FOCUS_TRIALS) -> torch.Tensor:
+        """Where the model itself says an edit from ``sources`` to ``targets`` (labels ``[N, A]``) changes scaled
+        latents ``[N, C, h, w]`` (DiffEdit's mask, Couairon et al. 2022): the network's outputs under the two labels
+        at ``trials`` fixed noises at ``EDIT_FOCUS_TIME`` of the schedule (the same for every row, so a row's mask
+        does not depend on its batch), their absolute difference summed over channels and averaged over the noises,
+        divided by each face's largest -> ``float32 [N, 1, h, w]`` in [0, 1]: 1 where it reaches ``threshold``,
+        fading linearly to 0 at half of it, then grown by one latent cell (3x3 max) so a feature's edge stays in."""
+        unet = self.unet if unet is None else unet
+        dtype = next(unet.parameters()).dtype
+        n = len(latents)
+        noise = torch.randn((trials, *latents.shape[1:]), generator=torch.Generator().manual_seed(0))
+        x0 = latents.to(self.device).float().repeat_interleave(trials, 0)  # [N * trials, C, h, w]
+        t = torch.full((n * trials,), round(EDIT_FOCUS_TIME * (self.schedule.timesteps - 1)), device=self.device)
+        x_t = self.schedule.q_sample(x0, t, noise.to(self.device).repeat(n, 1, 1, 1)).to(dtype)
+        outputs = [unet(x_t, t, labels.to(self.device).repeat_interleave(trials, 0)).float()
+                   for labels in (sources, targets)]
+        difference = (outputs[1] - outputs[0]).abs().sum(1, keepdim=True).view(n, trials, 1, *latents.shape[2:])
+        difference = difference.mean(1)
+        share = difference / difference.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        focus = ((share - threshold / 2) / (threshold / 2)).clamp(0, 1)
+        return F.max_pool2d(focus, 3, stride=1, padding=1)
+
     def source_labels(self, targets: torch.Tensor) -> torch.Tensor:
         """An edit's targets ``[N, A]`` -> the labels it starts from: each given value flipped (``1 - v``; an edit to
         *smiling* starts from *not smiling*), the null label kept where the target leaves an attribute open."""
@@ -265,7 +293,8 @@ class LatentDiffusion:
                      guidance_scale: float, noise: ImageNoise, reference: str = EDIT_REFERENCE,
                      scope: str = EDIT_SCOPE, invert_callback: InversionCallback | None = None,
                      callback: StepCallback | None = None, unet: torch.nn.Module | None = None,
-                     hold_guidance: float = EDIT_HOLD_GUIDANCE) -> torch.Tensor:
+                     hold_guidance: float = EDIT_HOLD_GUIDANCE,
+                     focus_threshold: float = EDIT_FOCUS_THRESHOLD) -> torch.Tensor:
         """Edit scaled latents ``[N, C, h, w]`` toward ``targets [N, A]``: DDIM inversion through ``depth`` of
         ``steps`` steps, then DDIM regeneration with guidance from that depth; float32 latents ``[N, C, h, w]``.
 
@@ -277,8 +306,9 @@ class LatentDiffusion:
         ``scope`` (one of ``EDIT_SCOPES``): with ``"region"``, after each regeneration step the latents (and the x0
         prediction ``callback`` sees) outside the region of the attributes the targets set
         (:func:`~facegen.model.regions.edit_mask`) are put back on the input's inversion path, so the rest of the face
-        stays the input's; ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM with
-        eta > 0. ``hold_guidance``: the step size of :meth:`hold_step` (used when the version has a reader)."""
+        stays the input's; ``"focused"`` does the same with that region narrowed to :meth:`focus_mask` (at
+        ``focus_threshold``); ``"image"`` lets everything change. ``noise``: per-row streams, drawn only by a DDIM
+        with eta > 0. ``hold_guidance``: the step size of :meth:`hold_step` (used when the version has a reader)."""
         if reference not in EDIT_REFERENCES:
             raise ValueError(f"edit reference must be one of {EDIT_REFERENCES}, got {reference!r}")
         if scope not in EDIT_SCOPES:
@@ -296,8 +326,10 @@ class LatentDiffusion:
                 invert_callback(done, x)
 
         inverted = self.invert_latents(latents, references, steps, depth, record, unet)
-        region = scope == "region"
+        region = scope != "image"
         mask = edit_mask(edited, self.attributes, null, EDIT_REGIONS if region else {}, tuple(self.latent_shape[1:]))
+        if scope == "focused":
+            mask = mask * self.focus_mask(latents, sources, targets, focus_threshold, unet)
         hold = self.reader is not None and hold_guidance > 0
         constraint = None
         if region or hold:

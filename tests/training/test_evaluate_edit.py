@@ -99,6 +99,15 @@ def test_source_labels_flip_given_attributes_and_keep_open_ones(tiny_checkpoints
     assert torch.equal(model.source_labels(targets), torch.tensor([[0.0], [1.0], [float(null)], [0.75]]))
 
 
+def test_the_sweep_measures_the_focused_scope_at_each_threshold(tiny_checkpoints: Path, synth_dir: Path) -> None:
+    results = evaluate_edits(tiny_checkpoints, "latest", synth_dir, n=2, strengths=(0.5,), steps=4,
+                             guidance_scales=(2.0,), classifier_steps=2, seed=0, precision="fp32",
+                             scopes=("region", "focused"), focus_thresholds=(0.25, 0.5), judges=1)
+    assert [row["scope"] for row in results["rows"]] == ["region"] * 2 + ["focused 0.25"] * 2 + ["focused 0.5"] * 2
+    report = markdown_report(results, "python -m training evaluate-edit …")
+    assert report.count("| focused 0.25 | source | 2 | 0 | 0.5 | ") == 2
+
+
 def test_tuning_faces_are_disjoint_from_the_reported_ones() -> None:
     images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
     labels = (torch.arange(20) % 2).view(20, 1)
@@ -147,6 +156,53 @@ def test_a_region_edit_keeps_the_input_outside_the_region_and_an_image_edit_does
     assert not torch.allclose(edits["image"][outside], latents[outside], atol=1e-3)
     with pytest.raises(ValueError, match="scope"):
         model.edit_latents(latents, targets, 4, 3, 2.0, ImageNoise([(0, 0), (0, 1)]), scope="mouth")
+
+
+class ActsOnAPatch(torch.nn.Module):
+    """A denoiser whose output under Smiling = 1 exceeds the one under 0 by 1 on the latent cells of ``patch`` (a
+    bool ``[h, w]``) and by ``0.1`` elsewhere in the left half: the edit acts on the patch, by construction."""
+
+    def __init__(self, patch: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a dtype to read, as a network has
+        self.gap = patch.float()
+        self.gap[:, : patch.shape[1] // 2] = self.gap[:, : patch.shape[1] // 2].clamp_min(0.1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + labels[:, :1, None, None] * self.gap
+
+
+def test_the_focus_mask_covers_where_the_predictions_differ_grown_by_a_cell(tiny_checkpoints: Path) -> None:
+    model = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    h, w = model.latent_shape[1:]
+    patch = torch.zeros(h, w, dtype=torch.bool)
+    patch[10:12, 6:9] = True
+    latents = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(4))
+    sources, targets = torch.zeros(3, 1), torch.ones(3, 1)
+    mask = model.focus_mask(latents, sources, targets, unet=ActsOnAPatch(patch))
+    grown = torch.zeros(h, w, dtype=torch.bool)
+    grown[9:13, 5:10] = True
+    assert mask.shape == (3, 1, h, w)
+    assert torch.equal(mask, grown.float().expand(3, 1, h, w))  # 0.1 of the largest is under half the threshold
+    low = model.focus_mask(latents, sources, targets, threshold=0.15, unet=ActsOnAPatch(patch))
+    assert 0 < low[0, 0, 0, 0] < 1 and low[0, 0, 0, -1] == 0  # a fraction in the left half, none on the right
+    one = model.focus_mask(latents[1:2], sources[1:2], targets[1:2], threshold=0.15, unet=ActsOnAPatch(patch))
+    assert torch.equal(one, low[1:2])  # a row's mask does not depend on its batch
+
+
+def test_a_focused_edit_changes_only_the_region_where_the_model_says_the_edit_acts(tiny_checkpoints: Path) -> None:
+    model = LatentDiffusion.load(tiny_checkpoints, "latest", torch.device("cpu"), torch.float32)
+    latents = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(5))
+    targets = model.labels_for({"Smiling": True}).expand(2, -1)
+    noise = ImageNoise([(0, 0), (0, 1)])
+    region = edit_mask(targets, model.attributes, model.unet.config.null_label, EDIT_REGIONS,
+                       tuple(model.latent_shape[1:]))
+    focus = model.focus_mask(latents, model.source_labels(targets), targets)
+    kept = ((region * focus) == 0).expand_as(latents)
+    assert (kept & (region > 0).expand_as(latents)).any()  # the focus narrows the region
+    focused = model.edit_latents(latents, targets, 4, 3, 2.0, noise, scope="focused")
+    assert torch.equal(focused[kept], latents[kept])
+    assert not torch.allclose(focused[~kept], latents[~kept], atol=1e-3)
 
 
 class KnowsTheFace(torch.nn.Module):

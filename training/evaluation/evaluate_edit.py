@@ -36,7 +36,13 @@ from typing import Any
 
 import torch
 
-from facegen.model.config import EDIT_HOLD_GUIDANCE, EDIT_REFERENCE, EDIT_SCOPE, DataConfig
+from facegen.model.config import (
+    EDIT_FOCUS_THRESHOLD,
+    EDIT_HOLD_GUIDANCE,
+    EDIT_REFERENCE,
+    EDIT_SCOPE,
+    DataConfig,
+)
 from facegen.model.device import pick_device, pick_dtype
 from facegen.model.diffusion.inversion import inversion_depth
 from facegen.model.diffusion.noise import ImageNoise
@@ -59,16 +65,18 @@ TARGET_KEPT = 0.95
 @torch.no_grad()
 def edit_images(model: LatentDiffusion, images: torch.Tensor, target: dict[str, bool], strength: float, steps: int,
                 guidance_scale: float, reference: str = EDIT_REFERENCE, scope: str = EDIT_SCOPE, batch: int = 64,
-                hold_guidance: float = EDIT_HOLD_GUIDANCE) -> torch.Tensor:
+                hold_guidance: float = EDIT_HOLD_GUIDANCE, focus_threshold: float = EDIT_FOCUS_THRESHOLD
+                ) -> torch.Tensor:
     """``uint8 [N, 3, S, S]`` faces -> their edits ``uint8 [N, 3, S, S]`` toward ``target`` by the worker's method
-    (:meth:`LatentDiffusion.edit_latents`; ``reference``, ``scope`` and ``hold_guidance`` as there)."""
+    (:meth:`LatentDiffusion.edit_latents`; ``reference``, ``scope``, ``hold_guidance`` and ``focus_threshold`` as
+    there)."""
     depth = inversion_depth(strength, steps)
     out = []
     for chunk in images.split(batch):
         labels = model.labels_for(target).expand(len(chunk), -1)
         noise = ImageNoise([(0, i) for i in range(len(chunk))], model.device)  # DDIM with eta 0 draws none of it
         latents = model.edit_latents(model.encode(to_float(chunk)), labels, steps, depth, guidance_scale, noise,
-                                     reference, scope, hold_guidance=hold_guidance)
+                                     reference, scope, hold_guidance=hold_guidance, focus_threshold=focus_threshold)
         out.append(to_uint8(model.decode(latents)))
     return torch.cat(out)
 
@@ -137,9 +145,11 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
                    references: tuple[str, ...] = (EDIT_REFERENCE,), scopes: tuple[str, ...] = (EDIT_SCOPE,),
                    tuning: bool = False, judge_cache: Path | None = None,
                    hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,), judges: int = JUDGE_PANEL_SIZE,
-                   instruments: InstrumentOptions | None = None) -> dict[str, Any]:
-    """The sweep: for each scope, reference, guidance scale (None: the model's own), hold guidance (acts with a
-    reader only: a version without one is measured once, as 0), strength and direction, ``n``
+                   instruments: InstrumentOptions | None = None,
+                   focus_thresholds: tuple[float, ...] = (EDIT_FOCUS_THRESHOLD,)) -> dict[str, Any]:
+    """The sweep: for each scope (the focused one at each of ``focus_thresholds``), reference, guidance scale (None:
+    the model's own), hold guidance (acts with a reader only: a version without one is measured once, as 0),
+    strength and direction, ``n``
     held-out faces edited and scored (:func:`score_edits`) by one judge panel of ``judges`` classifiers from
     ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.evaluation.judge.train_panel`);
     with ``instruments``, each row also by them (:mod:`training.evaluation.edit_realism`), beside their baselines."""
@@ -165,14 +175,16 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
         tools, truth = prepare_instruments(instruments, model, data, test_images, test_labels, sources, seed, results)
     guidances = [model.sampling.guidance_scale if g is None else g for g in guidance_scales]
     holds = hold_guidances if model.reader is not None else (0.0,)
-    for scope, reference, guidance, hold, strength in itertools.product(scopes, references, guidances, holds,
-                                                                        strengths):
+    scoped = [(scope, focus) for scope in scopes
+              for focus in (focus_thresholds if scope == "focused" else (EDIT_FOCUS_THRESHOLD,))]
+    for (scope, focus), reference, guidance, hold, strength in itertools.product(scoped, references, guidances,
+                                                                                 holds, strengths):
         for source_value, source_faces in faces.items():
             started = time.perf_counter()
             edits = edit_images(model, source_faces, {attribute: not source_value}, strength, steps, guidance,
-                                reference, scope, hold_guidance=hold)
-            row = {"scope": scope, "reference": reference, "guidance_scale": guidance, "hold_guidance": hold,
-                   "strength": strength,
+                                reference, scope, hold_guidance=hold, focus_threshold=focus)
+            row = {"scope": scope if scope != "focused" else f"focused {focus:g}", "reference": reference,
+                   "guidance_scale": guidance, "hold_guidance": hold, "strength": strength,
                    "direction": f"{'' if source_value else 'not_'}{attribute.lower()} -> "
                                 f"{'not_' if source_value else ''}{attribute.lower()}",
                    "seconds_per_edit": (time.perf_counter() - started) / n,
