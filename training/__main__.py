@@ -240,6 +240,9 @@ def add_instrument_flags(edits: argparse.ArgumentParser) -> None:
                             "from)")
     edits.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                        help="keep the Inception features of repeated image sets here (realism)")
+    edits.add_argument("--cases", type=Path, default=None, metavar="DIR",
+                       help="draw the first setting's best and worst edits each way (by mouth colour and identity "
+                            "parameters lost) into DIR as edit_cases_to_<label>.png (needs colour and identity)")
 
 
 def add_edit_commands(commands: argparse._SubParsersAction) -> None:
@@ -401,7 +404,7 @@ def run_evaluate_edit(args: argparse.Namespace) -> None:
                              train_limit=args.train_limit, references=tuple(args.reference), scopes=tuple(args.scope),
                              tuning=args.tuning, judge_cache=args.judge_cache,
                              hold_guidances=tuple(args.hold_guidance), judges=args.judges, instruments=instruments,
-                             focus_thresholds=tuple(args.focus_threshold))
+                             focus_thresholds=tuple(args.focus_threshold), cases=args.cases)
     report = markdown_report(results, "python -m training " + " ".join(args.argv))
     print(report)
     if args.report:

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from facegen.contract.spec import DEFAULT_SAMPLER, DEFAULT_STEPS
 from facegen.model.config import DataConfig
+from facegen.model.imaging import grid_image
 from training.data.celeba import load_split
+from training.evaluation.edit_pictures import DIFFERENCE_GAIN, case_rows
 from training.evaluation.edit_realism import GENERATED, Realism
 from training.evaluation.evaluate_edit import (
     InstrumentOptions,
@@ -43,7 +46,7 @@ def test_every_row_and_baseline_carries_the_chosen_instruments(tiny_checkpoints:
                                 identity_cache=tmp_path / "identity")
     results = evaluate_edits(tiny_checkpoints, "latest", synth_dir, n=2, strengths=(0.5,), steps=4,
                              guidance_scales=(2.0,), classifier_steps=2, seed=0, precision="fp32", judges=1,
-                             instruments=options)
+                             instruments=options, cases=tmp_path / "cases")
     baselines = results["instruments"]["baselines"]
     for value in (True, False):
         for name in ("real", "vae", "generated"):
@@ -71,6 +74,28 @@ def test_every_row_and_baseline_carries_the_chosen_instruments(tiny_checkpoints:
     assert "| smiling -> not_smiling | perfect edits through the VAE |" in report
     assert report.count("| not_smiling | perfect edits |") == 1
     assert "Mouth geometry, median error" in report
+    for row, label in zip(results["rows"], ("not_smiling", "smiling"), strict=True):  # each direction's cases
+        with Image.open(tmp_path / "cases" / f"edit_cases_to_{label}.png") as picture:
+            # input | edit | difference, two faces in each of the three groups
+            assert picture.size == grid_image(torch.zeros(3 * 3 * 2, 3, 64, 64, dtype=torch.uint8), cols=3).size
+        assert row["cases"]["file"] == f"edit_cases_to_{label}.png"
+        assert sorted(case["row"] for case in row["cases"]["best"]) == [0, 1]
+        assert f"`edit_cases_to_{label}.png`" in report
+    with pytest.raises(ValueError, match="--instruments colour identity"):
+        evaluate_edits(tiny_checkpoints, "latest", synth_dir, n=2, strengths=(0.5,), steps=4, guidance_scales=(2.0,),
+                       classifier_steps=2, seed=0, judges=1, cases=tmp_path / "cases")
+
+
+def test_the_cases_are_the_worst_colours_the_most_parameters_lost_and_the_best() -> None:
+    sources = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    edits = sources + 10
+    scores = {"colour": torch.tensor([0.5, 3.0, 1.2, 0.1]), "lost": torch.tensor([0, 0, 2, 1])}
+    rows, groups = case_rows(sources, edits, scores, per_group=2)
+    assert groups == {"colour": [1, 2], "identity": [2, 3], "best": [0, 1]}
+    shown = [1, 2, 2, 3, 0, 1]
+    assert rows.shape == (18, 3, 2, 2)
+    assert torch.equal(rows[0::3], sources[shown]) and torch.equal(rows[1::3], edits[shown])
+    assert (rows[2::3] == 10 * DIFFERENCE_GAIN).all()
 
 
 @pytest.mark.slow  # Inception features and a Fréchet distance per set

@@ -43,6 +43,7 @@ from .identity import (
     accuracy,
     kept_rates,
     mouth_geometry,
+    parameters_lost,
     split_parameters,
     targets_of,
     tolerances,
@@ -100,6 +101,19 @@ class EditInstruments:
             assert self.regressor is not None
             scores["identity_kept"] = kept_rates(self.regressor.read(sources), readings, truth, self.tolerance)
         return scores
+
+
+    def face_scores(self, images: torch.Tensor, label: bool, sources: torch.Tensor, truth: Targets
+                    ) -> dict[str, torch.Tensor]:
+        """Per edit of ``images uint8 [N, 3, S, S]`` (of ``label``, made from ``sources``, whose true parameters are
+        ``truth``): ``colour float32 [N]``, its mouth's colour score over the real mouths' threshold (above 1:
+        outside), and ``lost int64 [N]``, how many identity parameters it does not keep. Needs colour and
+        identity."""
+        assert self.regressor is not None and self.colour is not None and self.tolerance is not None
+        readings = self.regressor.read(images)
+        colour = self.colour[label]
+        return {"colour": colour.scores(images, mouth_geometry(readings)) / colour.threshold,
+                "lost": parameters_lost(self.regressor.read(sources), readings, truth, self.tolerance)}
 
 
 def mouth_colours(regressor: IdentityRegressor, images: torch.Tensor, labels: torch.Tensor

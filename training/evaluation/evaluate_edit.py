@@ -46,15 +46,16 @@ from facegen.model.config import (
 from facegen.model.device import pick_device, pick_dtype
 from facegen.model.diffusion.inversion import inversion_depth
 from facegen.model.diffusion.noise import ImageNoise
-from facegen.model.imaging import to_float, to_uint8
+from facegen.model.imaging import grid_image, to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 from training.evaluation.protocol import JUDGE_PANEL_SIZE
 from training.stats import percent_ci
 from training.train_vae import psnr
 
+from .edit_pictures import case_rows
 from .edit_realism import EditInstruments, baselines, build_instruments, markdown_sections, regressor_check
 from .identity import STEPS as IDENTITY_STEPS
-from .identity import drawn_with_mouth, split_parameters, targets_of
+from .identity import Targets, drawn_with_mouth, split_parameters, targets_of
 from .judge import JudgePanel, describe_panel, format_rate, panel_rate, train_panel
 
 KEPT_ATTRIBUTES = ("Eyeglasses", "Male", "Young")
@@ -146,13 +147,19 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
                    tuning: bool = False, judge_cache: Path | None = None,
                    hold_guidances: tuple[float, ...] = (EDIT_HOLD_GUIDANCE,), judges: int = JUDGE_PANEL_SIZE,
                    instruments: InstrumentOptions | None = None,
-                   focus_thresholds: tuple[float, ...] = (EDIT_FOCUS_THRESHOLD,)) -> dict[str, Any]:
+                   focus_thresholds: tuple[float, ...] = (EDIT_FOCUS_THRESHOLD,), cases: Path | None = None
+                   ) -> dict[str, Any]:
     """The sweep: for each scope (the focused one at each of ``focus_thresholds``), reference, guidance scale (None:
     the model's own), hold guidance (acts with a reader only: a version without one is measured once, as 0),
     strength and direction, ``n``
     held-out faces edited and scored (:func:`score_edits`) by one judge panel of ``judges`` classifiers from
     ``seed`` on (their weights kept in ``judge_cache``, see :func:`~training.evaluation.judge.train_panel`);
-    with ``instruments``, each row also by them (:mod:`training.evaluation.edit_realism`), beside their baselines."""
+    with ``instruments``, each row also by them (:mod:`training.evaluation.edit_realism`), beside their baselines;
+    with ``cases`` too (a folder; colour and identity needed), the first setting's best and worst edits of each
+    direction go there as ``edit_cases_to_<label>.png`` (:func:`~training.evaluation.edit_pictures.case_rows`)."""
+    if cases is not None and not {"colour", "identity"} <= set(instruments.chosen if instruments else ()):
+        raise ValueError("the best and worst cases (--cases) are chosen by the colour and identity instruments: "
+                         "add --instruments colour identity")
     torch_device = pick_device(device)
     model = LatentDiffusion.load(checkpoints, version, torch_device, pick_dtype(torch_device, precision))
     attribute = model.attributes[0]
@@ -191,10 +198,28 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
                    **score_edits(judge, source_faces, edits, not source_value)}
             if tools is not None:
                 row["instruments"] = tools.score(edits, not source_value, source_faces, truth[source_value])
+                if cases is not None and len(results["rows"]) < len(faces):  # the first setting's two directions
+                    row["cases"] = write_cases(cases, tools, source_faces, edits, not source_value,
+                                               truth[source_value], attribute)
             results["rows"].append(row)
             print({k: (round(v["rate"], 3) if "rate" in v else "…") if isinstance(v, dict) else v
                    for k, v in row.items()}, flush=True)
     return results
+
+
+def write_cases(folder: Path, tools: EditInstruments, sources: torch.Tensor, edits: torch.Tensor, label: bool,
+                truth: Targets, attribute: str) -> dict[str, Any]:
+    """Draw the best and worst of ``edits`` (toward ``label``) of ``sources`` to ``folder`` as
+    ``edit_cases_to_<label>.png`` (three columns: input, edit, difference); returns the file's name and each group's
+    rows with their scores (:meth:`EditInstruments.face_scores`)."""
+    scores = tools.face_scores(edits, label, sources, truth)
+    rows, groups = case_rows(sources, edits, scores)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"edit_cases_to_{'' if label else 'not_'}{attribute.lower()}.png"
+    grid_image(rows, cols=3).save(path)
+    return {"file": path.name, **{name: [{"row": i, "colour": round(float(scores["colour"][i]), 3),
+                                          "lost": int(scores["lost"][i])} for i in indices]
+                                  for name, indices in groups.items()}}
 
 
 def prepare_instruments(options: InstrumentOptions, model: LatentDiffusion, data: Path, test_images: torch.Tensor,
@@ -244,6 +269,13 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
                      f"{row['direction']} | {percent_ci(row['success'])} | {row['psnr_db']:.2f} | "
                      f"{' | '.join(kept)} | "
                      f"{percent_ci(row['kept_all'])} | {row['seconds_per_edit']:.2f} |")
+    for row in results["rows"]:
+        if "cases" in row:
+            groups = "; ".join(f"{name}: " + ", ".join(f"#{case['row']} ({case['lost']} lost, colour "
+                                                       f"{case['colour']:.2f}×)" for case in row["cases"][name])
+                               for name in ("colour", "identity", "best"))
+            lines += ["", f"Cases {row['direction']}, `{row['cases']['file']}` (rows of the held-out faces, "
+                          f"identity parameters lost, mouth colour score over the real mouths' threshold): {groups}"]
     if "instruments" in results:
         lines += markdown_sections(results)
     return "\n".join(lines) + "\n"

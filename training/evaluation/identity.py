@@ -416,14 +416,24 @@ def agreement(a: Targets, b: Targets, tolerance: dict[str, float]) -> dict[str, 
     return same
 
 
+def identity_held(same: dict[str, torch.Tensor], truth: Targets) -> torch.Tensor:
+    """``bool [P, N]``: per parameter ``in_identity`` (in ``IDENTITY``'s order), whether each face keeps it, from
+    :func:`agreement`'s ``same``; a parameter the face's true parameters do not show counts as kept."""
+    return torch.stack([same[p.name] | ~truth.shows(p.name) for p in IDENTITY if p.in_identity])
+
+
 def kept_rates(sources: Targets, edits: Targets, truth: Targets, tolerance: dict[str, float]) -> dict[str, Any]:
     """How often edits keep each identity parameter (readings of the edit against readings of its input; over the
     faces whose true parameters show it) and the identity (``all``: every parameter ``in_identity`` at once), each a
     rate with its 95% Wilson interval."""
     same = agreement(sources, edits, tolerance)
     rates = {name: rate(hits[truth.shows(name)]) for name, hits in same.items()}
-    every = torch.stack([same[p.name] | ~truth.shows(p.name) for p in IDENTITY if p.in_identity]).all(dim=0)
-    return {"all": rate(every), **rates}
+    return {"all": rate(identity_held(same, truth).all(dim=0)), **rates}
+
+
+def parameters_lost(sources: Targets, edits: Targets, truth: Targets, tolerance: dict[str, float]) -> torch.Tensor:
+    """``int64 [N]``: how many identity parameters each edit does not keep (:func:`kept_rates`' ``all`` is 0 here)."""
+    return (~identity_held(agreement(sources, edits, tolerance), truth)).sum(dim=0)
 
 
 def accuracy(readings: Targets, truth: Targets, tolerance: dict[str, float]) -> dict[str, Any]:

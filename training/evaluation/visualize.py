@@ -9,7 +9,7 @@
 - ``denoising_<label>.gif``: the same trajectory as an animation;
 - ``edits_to_<label>.png``: one row per test face of the other label, edited toward ``label`` by DDIM as
   ``POST /edit`` edits (``edit_strength``, ``edit_steps``, ``edit_guidance``: the CLI passes its defaults): the input, the edit, and where they differ (the mean absolute difference over RGB, times
-  ``DIFFERENCE_GAIN``, white where they differ most);
+  ``edit_pictures.DIFFERENCE_GAIN``, white where they differ most);
 - ``student_vs_default.png``, when the checkpoints hold a distilled student of the model (the one a worker serves
   beside it): the first label's samples of the same noise, one row per sampler: the model's (``sampler``, ``steps``),
   then the student's at ``STUDENT_STEPS`` (those it takes).
@@ -27,9 +27,9 @@ from facegen.model.diffusion.samplers import STUDENT_SAMPLER, trajectory_indices
 from facegen.model.imaging import gif_bytes, grid_image, to_float, to_uint8
 from facegen.model.pipeline import LatentDiffusion
 from training.data.celeba import load_split
+from training.evaluation.edit_pictures import edit_rows
 from training.evaluation.evaluate_edit import edit_images
 
-DIFFERENCE_GAIN = 4  # a difference of 1/4 of the range shows white
 STUDENT_STEPS = (1, 2, 4)  # the student's rows of student_vs_default.png
 
 
@@ -85,14 +85,6 @@ def latent_projections(means: torch.Tensor, labels: torch.Tensor, attribute: str
         plt.close(figure)
         written.append(path)
     return written
-
-
-def edit_rows(inputs: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-    """``uint8 [N, 3, S, S]`` inputs and their edits -> ``uint8 [3 N, 3, S, S]``: input, edit and their difference
-    map per face, for a grid of three columns."""
-    difference = (edits.float() - inputs.float()).abs().mean(dim=1, keepdim=True) * DIFFERENCE_GAIN
-    difference = difference.clamp(max=255).to(torch.uint8).expand(-1, 3, -1, -1)
-    return torch.stack([inputs, edits, difference], dim=1).flatten(0, 1)
 
 
 @torch.no_grad()
