@@ -86,13 +86,14 @@ def test_every_row_and_baseline_carries_the_chosen_instruments(tiny_checkpoints:
                        classifier_steps=2, seed=0, judges=1, cases=tmp_path / "cases")
 
 
-def test_the_cases_are_the_worst_colours_the_most_parameters_lost_and_the_best() -> None:
+def test_the_cases_are_the_worst_colours_the_most_parameters_lost_and_the_best_read() -> None:
     sources = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2)
     edits = sources + 10
-    scores = {"colour": torch.tensor([0.5, 3.0, 1.2, 0.1]), "lost": torch.tensor([0, 0, 2, 1])}
+    scores = {"colour": torch.tensor([0.5, 3.0, 1.2, 0.1]), "lost": torch.tensor([0, 0, 2, 1]),
+              "read": torch.tensor([False, True, True, True])}  # the first edit misses the target: not among the best
     rows, groups = case_rows(sources, edits, scores, per_group=2)
-    assert groups == {"colour": [1, 2], "identity": [2, 3], "best": [0, 1]}
-    shown = [1, 2, 2, 3, 0, 1]
+    assert groups == {"colour": [1, 2], "identity": [2, 3], "best": [1, 3]}
+    shown = [1, 2, 2, 3, 1, 3]
     assert rows.shape == (18, 3, 2, 2)
     assert torch.equal(rows[0::3], sources[shown]) and torch.equal(rows[1::3], edits[shown])
     assert (rows[2::3] == 10 * DIFFERENCE_GAIN).all()

@@ -19,14 +19,23 @@ def edit_rows(inputs: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
 
 def case_rows(sources: torch.Tensor, edits: torch.Tensor, scores: dict[str, torch.Tensor], per_group: int = CASES
               ) -> tuple[torch.Tensor, dict[str, list[int]]]:
-    """The model card's best and worst edits: ``per_group`` with the most foreign mouth colours, ``per_group`` that
-    lose the most identity parameters (the colour score breaking ties) and the ``per_group`` best (fewest parameters
-    lost, then the lowest colour score), each as input | edit | difference (``uint8 [3 k, 3, S, S]``, k = the rows
-    shown), with the indices of each group."""
-    colour = scores["colour"]
-    badness = scores["lost"].float() * (colour.max() + 1) + colour  # the colour score orders within a count lost
-    groups = {"colour": colour.argsort(descending=True, stable=True)[:per_group].tolist(),
-              "identity": badness.argsort(descending=True, stable=True)[:per_group].tolist(),
-              "best": badness.argsort(stable=True)[:per_group].tolist()}
+    """The model card's best and worst edits, from per-edit ``scores``: ``colour float [N]`` (the mouth's colour
+    score, above 1 outside real mouths' colours), ``lost int [N]`` (identity parameters not kept) and ``read bool
+    [N]`` (the judge reads the target). Groups of ``per_group``: the most foreign mouth colours; the most parameters
+    lost (the colour score breaking ties); the best, among the edits read as the target (then the others), with the
+    fewest parameters lost, then the lowest colour score. Returns each shown edit as input | edit | difference
+    (``uint8 [3 k, 3, S, S]``, k = the rows shown) and the indices of each group."""
+    colour, lost, missed = scores["colour"], scores["lost"], (~scores["read"]).long()
+
+    def ordered(keys: list[torch.Tensor], descending: bool) -> torch.Tensor:
+        """Indices sorted by ``keys``, the first the most significant (stable sorts from the last key on)."""
+        order = torch.arange(len(colour))
+        for key in reversed(keys):
+            order = order[key[order].argsort(descending=descending, stable=True)]
+        return order
+
+    groups = {"colour": ordered([colour], True)[:per_group].tolist(),
+              "identity": ordered([lost, colour], True)[:per_group].tolist(),
+              "best": ordered([missed, lost, colour], False)[:per_group].tolist()}
     order = [index for group in groups.values() for index in group]
     return edit_rows(sources[order], edits[order]), groups

@@ -199,8 +199,9 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
             if tools is not None:
                 row["instruments"] = tools.score(edits, not source_value, source_faces, truth[source_value])
                 if cases is not None and len(results["rows"]) < len(faces):  # the first setting's two directions
+                    read = judge.read(edits, 0).panel == int(not source_value)
                     row["cases"] = write_cases(cases, tools, source_faces, edits, not source_value,
-                                               truth[source_value], attribute)
+                                               truth[source_value], read, attribute)
             results["rows"].append(row)
             print({k: (round(v["rate"], 3) if "rate" in v else "…") if isinstance(v, dict) else v
                    for k, v in row.items()}, flush=True)
@@ -208,17 +209,17 @@ def evaluate_edits(checkpoints: Path, version: str, data: Path, n: int, strength
 
 
 def write_cases(folder: Path, tools: EditInstruments, sources: torch.Tensor, edits: torch.Tensor, label: bool,
-                truth: Targets, attribute: str) -> dict[str, Any]:
+                truth: Targets, read: torch.Tensor, attribute: str) -> dict[str, Any]:
     """Draw the best and worst of ``edits`` (toward ``label``) of ``sources`` to ``folder`` as
-    ``edit_cases_to_<label>.png`` (three columns: input, edit, difference); returns the file's name and each group's
-    rows with their scores (:meth:`EditInstruments.face_scores`)."""
-    scores = tools.face_scores(edits, label, sources, truth)
+    ``edit_cases_to_<label>.png`` (three columns: input, edit, difference; ``read bool [N]``: the judge reads the
+    target); returns the file's name and each group's rows with their scores (:meth:`EditInstruments.face_scores`)."""
+    scores = tools.face_scores(edits, label, sources, truth) | {"read": read}
     rows, groups = case_rows(sources, edits, scores)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"edit_cases_to_{'' if label else 'not_'}{attribute.lower()}.png"
     grid_image(rows, cols=3).save(path)
     return {"file": path.name, **{name: [{"row": i, "colour": round(float(scores["colour"][i]), 3),
-                                          "lost": int(scores["lost"][i])} for i in indices]
+                                          "lost": int(scores["lost"][i]), "read": bool(read[i])} for i in indices]
                                   for name, indices in groups.items()}}
 
 
@@ -272,10 +273,12 @@ def markdown_report(results: dict[str, Any], command: str) -> str:
     for row in results["rows"]:
         if "cases" in row:
             groups = "; ".join(f"{name}: " + ", ".join(f"#{case['row']} ({case['lost']} lost, colour "
-                                                       f"{case['colour']:.2f}×)" for case in row["cases"][name])
+                                                       f"{case['colour']:.2f}×{'' if case['read'] else ', missed'})"
+                                                       for case in row["cases"][name])
                                for name in ("colour", "identity", "best"))
             lines += ["", f"Cases {row['direction']}, `{row['cases']['file']}` (rows of the held-out faces, "
-                          f"identity parameters lost, mouth colour score over the real mouths' threshold): {groups}"]
+                          f"identity parameters lost, mouth colour score over the real mouths' threshold, missed: "
+                          f"the judge does not read the target): {groups}"]
     if "instruments" in results:
         lines += markdown_sections(results)
     return "\n".join(lines) + "\n"
