@@ -283,7 +283,8 @@ def add_edit_commands(commands: argparse._SubParsersAction) -> None:
     edits.add_argument("--reference", nargs="+", default=[EDIT_REFERENCE], choices=EDIT_REFERENCES,
                        help="the label(s) edits invert under and guide away from (default: the worker's)")
     edits.add_argument("--scope", nargs="+", default=[EDIT_SCOPE], choices=EDIT_SCOPES,
-                       help="where edits may change the face: the attribute's region or the whole image "
+                       help="where edits may change the face: the attribute's region, that region narrowed per face "
+                            "to where the model's predictions for the two labels differ (focused), or the whole image "
                             "(default: the worker's)")
     edits.add_argument("--focus-threshold", type=float, nargs="+", default=[EDIT_FOCUS_THRESHOLD],
                        help="the focused scope's threshold(s) on the model's map of where the edit acts, a share of "

@@ -102,7 +102,6 @@ class EditInstruments:
             scores["identity_kept"] = kept_rates(self.regressor.read(sources), readings, truth, self.tolerance)
         return scores
 
-
     def face_scores(self, images: torch.Tensor, label: bool, sources: torch.Tensor, truth: Targets
                     ) -> dict[str, torch.Tensor]:
         """Per edit of ``images uint8 [N, 3, S, S]`` (of ``label``, made from ``sources``, whose true parameters are
