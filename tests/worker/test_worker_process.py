@@ -126,7 +126,7 @@ def test_same_request_gives_the_same_png_whatever_batch_it_shares(tiny_checkpoin
     enqueue(queue, seed=12, count=3, sampler="ddpm", steps=6)
     assert run_burst(tiny_checkpoints, MAX_BATCH="8").returncode == 0
     first_png, second_png = (connection.get(artifact_key(job.id, "grid")) for job in (first, second))
-    pixels = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))).float()
+    pixels = [torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).float()
               for png in (first_png, second_png)]
     if batch_invariant_here(tiny_checkpoints):
         assert torch.equal(pixels[0], pixels[1])  # the PNGs differ only in their provenance (the job id)
