@@ -240,12 +240,9 @@ class LatentDiffusion:
         unet = self.unet if unet is None else unet
         dtype = next(unet.parameters()).dtype
         n, last = len(latents), self.schedule.timesteps - 1
-        generator = torch.Generator().manual_seed(0)
         t = torch.linspace(ATTRIBUTE_READ_SPAN[0] * last, ATTRIBUTE_READ_SPAN[1] * last, trials).round().long()
-        noise = torch.randn((trials, *latents.shape[1:]), generator=generator).to(self.device)
-        x0 = latents.to(self.device).float().repeat_interleave(trials, 0)  # [N * trials, C, h, w], row-major
-        t, noise = t.to(self.device).repeat(n), noise.repeat(n, 1, 1, 1)
-        x_t, target = self.schedule.q_sample(x0, t, noise), self.schedule.target(x0, noise, t)
+        x0, t, noise, x_t = self.fixed_noisings(latents, t)
+        target = self.schedule.target(x0, noise, t)
         read = labels.clone()
         for a in open_columns:
             errors = []
@@ -256,6 +253,17 @@ class LatentDiffusion:
                 errors.append((output - target).square().flatten(1).mean(1).view(n, trials).mean(1))
             read[:, a] = torch.where(labels[:, a] == null, (errors[1] < errors[0]).float(), labels[:, a])
         return read
+
+    def fixed_noisings(self, latents: torch.Tensor, timesteps: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row of scaled latents ``[N, C, h, w]`` noised at each of ``timesteps int64 [K]`` with the K fixed
+        noises of seed 0 (the same for every row, so a row's result does not depend on its batch): ``(x0, t, noise,
+        x_t)``, each ``N * K`` long, row-major (the K noisings of row 0 first), float32 on the model's device."""
+        trials, n = len(timesteps), len(latents)
+        noise = torch.randn((trials, *latents.shape[1:]), generator=torch.Generator().manual_seed(0)).to(self.device)
+        x0 = latents.to(self.device).float().repeat_interleave(trials, 0)
+        t, noise = timesteps.to(self.device).repeat(n), noise.repeat(n, 1, 1, 1)
+        return x0, t, noise, self.schedule.q_sample(x0, t, noise)
 
     @torch.no_grad()
     def focus_mask(self, latents: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor,
@@ -270,10 +278,9 @@ class LatentDiffusion:
         unet = self.unet if unet is None else unet
         dtype = next(unet.parameters()).dtype
         n = len(latents)
-        noise = torch.randn((trials, *latents.shape[1:]), generator=torch.Generator().manual_seed(0))
-        x0 = latents.to(self.device).float().repeat_interleave(trials, 0)  # [N * trials, C, h, w]
-        t = torch.full((n * trials,), round(EDIT_FOCUS_TIME * (self.schedule.timesteps - 1)), device=self.device)
-        x_t = self.schedule.q_sample(x0, t, noise.to(self.device).repeat(n, 1, 1, 1)).to(dtype)
+        timestep = round(EDIT_FOCUS_TIME * (self.schedule.timesteps - 1))
+        _, t, _, x_t = self.fixed_noisings(latents, torch.full((trials,), timestep))
+        x_t = x_t.to(dtype)
         outputs = [unet(x_t, t, labels.to(self.device).repeat_interleave(trials, 0)).float()
                    for labels in (sources, targets)]
         difference = (outputs[1] - outputs[0]).abs().sum(1, keepdim=True).view(n, trials, 1, *latents.shape[2:])
