@@ -1,5 +1,5 @@
-"""``python -m training {synth,vae,diffusion,distill,retune,reader,evaluate,evaluate-edit,transitions,visualize,
-publish,alias,models} ...``"""
+"""``python -m training {synth,vae,diffusion,distill,retune,reader,evaluate,evaluate-edit,transitions,student-fit,
+visualize,publish,alias,models} ...``"""
 
 from __future__ import annotations
 
@@ -175,6 +175,18 @@ def add_distill_command(commands: argparse._SubParsersAction) -> None:
                               "--method trajectory-consistency, the teacher's chains (DIR/trajectories)")
     add_config_flags(distill, ConsistencyConfig, "student_")
     add_config_flags(distill, DistillConfig)
+
+
+def add_student_fit_command(commands: argparse._SubParsersAction) -> None:
+    fit = commands.add_parser("student-fit", help="a jump student's loss on the teacher chains it learnt from "
+                                                  "against chains it never saw, per jump of its 1..max-step chains")
+    fit.add_argument("--diffusion", required=True, metavar="STUDENT", help="a jump student's version")
+    fit.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    fit.add_argument("--latent-cache", type=Path, required=True, metavar="DIR",
+                     help="where the distillation keeps its chains (DIR/trajectories); the new ones land there too")
+    fit.add_argument("--chains", type=int, default=512, help="chains of each set")
+    fit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    fit.add_argument("--precision", default="fp32", choices=PRECISIONS)
 
 
 def add_measure_commands(commands: argparse._SubParsersAction) -> None:
@@ -437,6 +449,19 @@ def run_transitions(args: argparse.Namespace) -> None:
             handle.write(report + "\n")
 
 
+def run_student_fit(args: argparse.Namespace) -> None:
+    from facegen.model.device import pick_device, pick_dtype
+    from training.evaluation.student_fit import fit_table, student_fit
+
+    device = pick_device(args.device)
+    try:
+        losses, sampling = student_fit(args.checkpoints, args.diffusion, args.latent_cache, args.chains, device,
+                                       pick_dtype(device, args.precision))
+    except ValueError as exc:
+        sys.exit(f"student-fit: {exc}")
+    print(fit_table(losses, sampling))
+
+
 def retuned_student(source: DiffusionManifest, args: argparse.Namespace) -> Distillation | None:
     """``source``'s distillation record with the sampling that ``args``' ``--student-*`` flags give, or None when
     they give none; exits with one line for a plain version or a value the student cannot take."""
@@ -603,7 +628,8 @@ def run_models(args: argparse.Namespace) -> None:
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "distill": run_distill,
             "evaluate": run_evaluate,
             "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune, "reader": run_reader,
-            "transitions": run_transitions, "publish": run_publish, "alias": run_alias,
+            "transitions": run_transitions, "student-fit": run_student_fit, "publish": run_publish,
+            "alias": run_alias,
             "models": run_models}
 
 
@@ -613,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_commands(commands)
     add_distill_command(commands)
     add_measure_commands(commands)
+    add_student_fit_command(commands)
     add_edit_commands(commands)
     add_store_commands(commands)
     argv = sys.argv[1:] if argv is None else argv

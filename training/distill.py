@@ -92,6 +92,16 @@ def student_from_earlier(root: Path, version: str, teacher: str, consistency: Co
     return student.float(), lineage
 
 
+def teacher_chroma_projector(checkpoints: Path, manifest: DiffusionManifest, device: torch.device
+                             ) -> torch.Tensor | None:
+    """The ``[C, C]`` projector the teacher ``manifest`` guides with as it serves (its VAE's decoder, under
+    ``checkpoints``, when its ``guide_chroma`` is false; ``facegen.model.chroma``), else None: plain guidance."""
+    if manifest.sampling.guide_chroma:
+        return None
+    vae = load_vae(checkpoints, manifest.vae_version, device)[0]
+    return decoder_chroma_projector(vae.decoder, manifest.latent_shape, manifest.latent_scale)
+
+
 def guided_ddim_step(teacher: UNet, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
                      t_prev: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor, x0_clip: float,
                      chroma_projector: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,17 +233,15 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
                    "rolled_out": lineage.version if cfg.rollouts else None}
     check_run_folder(opts.run_dir, record, resume, write=ddp.is_main)
 
-    vae, vae_manifest = load_vae(opts.checkpoints, teacher_manifest.vae_version, device)
     data_cfg = dataclasses.replace(teacher_manifest.data, attributes=teacher_manifest.attributes)
     data_fingerprint = teacher_manifest.dataset_fingerprint  # a trajectory student sees the teacher's chains only
     if cfg.method == CONSISTENCY_METHOD:
         data_fingerprint = fingerprint(opts.data)
+        vae, vae_manifest = load_vae(opts.checkpoints, teacher_manifest.vae_version, device)
         means, logvars, labels = training_latents(vae, vae_manifest.version, data_fingerprint, data_cfg, opts,
                                                   device, ddp.is_main)
-    projector = None  # the teacher guides as it serves
-    if not teacher_manifest.sampling.guide_chroma:
-        projector = decoder_chroma_projector(vae.decoder, teacher_manifest.latent_shape, teacher_manifest.latent_scale)
-    del vae
+        del vae
+    projector = teacher_chroma_projector(opts.checkpoints, teacher_manifest, device)
 
     teacher = UNet(teacher_manifest.model)
     teacher.load_state_dict(teacher_ck.state_dict)

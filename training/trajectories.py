@@ -274,6 +274,48 @@ def landing_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x_s:
     return (x_s - ratio * x_t) / (root_as - ratio * root_a)
 
 
+def bank_jumps(steps: list[tuple[int, int, int]], states: int) -> torch.Tensor:
+    """``int64 [J, 2]``: the bank indices (descending timesteps, ``states`` of them; ``states``: the chain's end) of
+    the start and landing of each of :func:`jump_steps`' ``steps`` (indices into the ascending skeleton)."""
+    return torch.tensor([[states - 1 - start, states if end < 0 else states - 1 - end] for _, start, end in steps])
+
+
+def with_end(timesteps: torch.Tensor) -> torch.Tensor:
+    """The bank's descending ``timesteps [K]`` and ``-1`` (the chain's end) after them: ``[K + 1]``, indexed by a
+    landing."""
+    return torch.cat([timesteps, torch.tensor([-1])])
+
+
+def chain_rows(bank: Tensors, schedule: NoiseSchedule, chains: torch.Tensor, k: torch.Tensor, landing: torch.Tensor,
+               jumps: bool) -> Tensors:
+    """The training rows of ``bank``'s chains ``chains [B]`` at their states ``k [B]`` (bank indices): ``x_t [B, C,
+    H, W]`` (float32), ``index`` (``k``), ``landing [B]``, ``labels``, ``guidance`` and the target ``x0``: the
+    chain's sample, or with ``jumps`` the ``x0`` whose DDIM step from ``x_t`` lands on the chain's state ``landing``
+    (``len(bank["timesteps"])``: its end; :func:`landing_x0`)."""
+    last = len(bank["timesteps"])
+    x_t = bank["states"][chains, k].float()
+    target = bank["x0"][chains]
+    if jumps:
+        x_s = torch.where((landing == last).view(-1, 1, 1, 1), target,
+                          bank["states"][chains, landing.clamp(max=last - 1)].float())
+        target = landing_x0(schedule, x_t, bank["timesteps"][k], x_s, with_end(bank["timesteps"])[landing])
+    return {"x_t": x_t, "index": k, "landing": landing, "x0": target, "labels": bank["labels"][chains],
+            "guidance": bank["guidance"][chains]}
+
+
+def student_loss(student: torch.nn.Module, schedule: NoiseSchedule, consistency: ConsistencyConfig,
+                 timesteps: torch.Tensor, rows: Tensors, huber_c: float, device: torch.device, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """The pseudo-Huber loss (mean over rows) of the student's ``f`` at ``rows`` (:func:`chain_rows`' fields;
+    ``index`` and ``landing`` into the bank's descending ``timesteps``) against their ``x0``."""
+    t = timesteps[rows["index"]].to(device)
+    target_t = with_end(timesteps)[rows["landing"]].to(device) if consistency.jumps else None
+    x_t, y, w, target = (rows[name].to(device) for name in ("x_t", "labels", "guidance", "x0"))
+    with autocast(device, dtype):
+        output = student(x_t, t, y, guidance=w, target=target_t).float()
+        return pseudo_huber(consistency_output(schedule, consistency, output, x_t, t), target, huber_c)
+
+
 class TrajectoryStep(StudentStep):
     """One trajectory-consistency iteration: a batch of chains from the bank, one state of each, the student's
     ``f`` there pulled towards the chain's sample, or, for a jump student (``consistency.jumps``), towards the
@@ -286,12 +328,9 @@ class TrajectoryStep(StudentStep):
         super().__init__(student, cfg, trainer)
         self.bank, self.restarts, self.consistency, self.dtype = bank, restarts, consistency, dtype
         self.schedule = NoiseSchedule(manifest.schedule)
-        last = len(bank["timesteps"])  # bank index of the end, past the last state
-        self.landing_timesteps = torch.cat([bank["timesteps"], torch.tensor([-1])])
         steps = jump_steps(consistency.skeleton_steps, consistency.max_steps)
-        # bank indices (descending timesteps) of each jump's start and landing, drawn with weight 1/n
-        self.jumps = torch.tensor([[last - 1 - start, last if end < 0 else last - 1 - end] for _, start, end in steps])
-        self.jump_weights = torch.tensor([1 / n for n, _, _ in steps])
+        self.jumps = bank_jumps(steps, len(bank["timesteps"]))
+        self.jump_weights = torch.tensor([1 / n for n, _, _ in steps])  # each step count drawn as often
 
     def batch(self) -> Tensors:
         """The iteration's rows: ``x_t [B, C, H, W]`` (float32), ``index [B]`` (of its timestep in the bank's),
@@ -307,14 +346,7 @@ class TrajectoryStep(StudentStep):
         else:
             k = torch.randint(0, last, (len(chains),), generator=generator)
             landing = torch.full_like(k, last)
-        x_t = bank["states"][chains, k].float()
-        target = bank["x0"][chains]
-        if self.consistency.jumps:
-            states = bank["states"][chains, landing.clamp(max=last - 1)].float()
-            x_s = torch.where((landing == last).view(-1, 1, 1, 1), target, states)
-            target = landing_x0(self.schedule, x_t, bank["timesteps"][k], x_s, self.landing_timesteps[landing])
-        rows = {"x_t": x_t, "index": k, "landing": landing, "x0": target, "labels": bank["labels"][chains],
-                "guidance": bank["guidance"][chains]}
+        rows = chain_rows(bank, self.schedule, chains, k, landing, self.consistency.jumps)
         if self.restarts is None:
             return rows
         picked = torch.randint(0, len(self.restarts["x0"]), (len(chains),), generator=generator)
@@ -325,12 +357,6 @@ class TrajectoryStep(StudentStep):
                 for name, value in rows.items()}
 
     def __call__(self, step: int) -> dict[str, float]:
-        device, rows = self.trainer.device, self.batch()
-        t = self.bank["timesteps"][rows["index"]].to(device)
-        target_t = self.landing_timesteps[rows["landing"]].to(device) if self.consistency.jumps else None
-        x_t, y, w, target = (rows[name].to(device) for name in ("x_t", "labels", "guidance", "x0"))
-        with autocast(device, self.dtype):
-            output = self.trainer.modules["model"](x_t, t, y, guidance=w, target=target_t).float()
-            f = consistency_output(self.schedule, self.consistency, output, x_t, t)
-            loss = pseudo_huber(f, target, self.cfg.huber_c)
+        loss = student_loss(self.trainer.modules["model"], self.schedule, self.consistency, self.bank["timesteps"],
+                            self.batch(), self.cfg.huber_c, self.trainer.device, self.dtype)
         return self.update(step, loss)

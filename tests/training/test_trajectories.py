@@ -147,6 +147,7 @@ def test_a_batch_takes_its_share_of_restarts(share: float) -> None:
                               generators={"noise": torch.Generator().manual_seed(0)})
     step = TrajectoryStep.__new__(TrajectoryStep)
     step.bank, step.restarts, step.trainer, step.consistency = bank, restarts, trainer, ConsistencyConfig()
+    step.schedule = NoiseSchedule(ScheduleConfig())
     step.cfg = DistillConfig(trajectories=chains, restarts=chains, restart_share=share)
     rows = step.batch()
     taken = rows["x_t"].flatten(1).mean(1) == 1  # restart rows are ones, chain rows zeros, in every field alike
