@@ -626,11 +626,9 @@ def run_models(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"synth": run_synth, "vae": run_vae, "diffusion": run_diffusion, "distill": run_distill,
-            "evaluate": run_evaluate,
-            "evaluate-edit": run_evaluate_edit, "visualize": run_visualize, "retune": run_retune, "reader": run_reader,
-            "transitions": run_transitions, "student-fit": run_student_fit, "publish": run_publish,
-            "alias": run_alias,
-            "models": run_models}
+            "evaluate": run_evaluate, "evaluate-edit": run_evaluate_edit, "visualize": run_visualize,
+            "retune": run_retune, "reader": run_reader, "transitions": run_transitions,
+            "student-fit": run_student_fit, "publish": run_publish, "alias": run_alias, "models": run_models}
 
 
 def main(argv: list[str] | None = None) -> int:
