@@ -59,6 +59,7 @@ def test_the_fit_reads_its_own_chains_from_the_bank_and_draws_new_ones(jump_stud
             f = consistency_output(pipeline.schedule, JUMPS, output.float(), x_t, t)
         assert losses[name][0] == pytest.approx(float(pseudo_huber(f, bank["x0"], huber_c)), rel=1e-5)
 
+
 def test_the_fit_table_has_a_column_per_step_count_and_a_loss_per_jump() -> None:
     losses = {name: [float(i) for i in range(len(jump_steps(20, 4)))] for name in CHAIN_SETS}
     header, rule, trained, unseen = fit_table(losses, JUMPS).splitlines()
