@@ -230,7 +230,8 @@ def distill(teacher_version: str, cfg: DistillConfig, consistency: ConsistencyCo
         bank_dir = bank_folder(bank_root, teacher_ck.version, cfg, consistency)
         record |= {"trajectories": cfg.trajectories, "trajectory_chunk": cfg.trajectory_chunk, "bank": bank_dir.name,
                    "restarts": cfg.restarts, "restart_share": cfg.restart_share, "rollouts": cfg.rollouts,
-                   "rolled_out": lineage.version if cfg.rollouts else None}
+                   "rolled_out": lineage.version if cfg.rollouts else None,
+                   "default_steps_share": cfg.default_steps_share}
     check_run_folder(opts.run_dir, record, resume, write=ddp.is_main)
 
     data_cfg = dataclasses.replace(teacher_manifest.data, attributes=teacher_manifest.attributes)

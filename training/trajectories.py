@@ -280,6 +280,16 @@ def bank_jumps(steps: list[tuple[int, int, int]], states: int) -> torch.Tensor:
     return torch.tensor([[states - 1 - start, states if end < 0 else states - 1 - end] for _, start, end in steps])
 
 
+def jump_weights(steps: list[tuple[int, int, int]], consistency: ConsistencyConfig, default_steps_share: float
+                 ) -> torch.Tensor:
+    """``float64 [J]``, summing to 1: the probability of each of :func:`jump_steps`' ``steps`` in a batch's chain
+    rows: ``default_steps_share`` spread over the jumps of the ``consistency.default_steps``-step chain, the rest
+    over the step counts ``1..max_steps`` alike and within each over its jumps alike."""
+    counts = torch.tensor([n for n, _, _ in steps], dtype=torch.float64)
+    served = (counts == consistency.default_steps).double()
+    return (1 - default_steps_share) / (consistency.max_steps * counts) + default_steps_share * served / served.sum()
+
+
 def with_end(timesteps: torch.Tensor) -> torch.Tensor:
     """The bank's descending ``timesteps [K]`` and ``-1`` (the chain's end) after them: ``[K + 1]``, indexed by a
     landing."""
@@ -320,7 +330,7 @@ class TrajectoryStep(StudentStep):
     """One trajectory-consistency iteration: a batch of chains from the bank, one state of each, the student's
     ``f`` there pulled towards the chain's sample, or, for a jump student (``consistency.jumps``), towards the
     ``x0`` whose DDIM step lands on the chain where the sampler's step from that state does (:func:`jump_steps`:
-    the steps of every chain of 1..max_steps steps, each step count drawn as often)."""
+    the steps of every chain of 1..max_steps steps, drawn as :func:`jump_weights` says)."""
 
     def __init__(self, student: UNet, bank: Tensors, manifest: DiffusionManifest,
                  consistency: ConsistencyConfig, cfg: DistillConfig, trainer: Trainer, dtype: torch.dtype,
@@ -330,7 +340,7 @@ class TrajectoryStep(StudentStep):
         self.schedule = NoiseSchedule(manifest.schedule)
         steps = jump_steps(consistency.skeleton_steps, consistency.max_steps)
         self.jumps = bank_jumps(steps, len(bank["timesteps"]))
-        self.jump_weights = torch.tensor([1 / n for n, _, _ in steps])  # each step count drawn as often
+        self.jump_weights = jump_weights(steps, consistency, cfg.default_steps_share)
 
     def batch(self) -> Tensors:
         """The iteration's rows: ``x_t [B, C, H, W]`` (float32), ``index [B]`` (of its timestep in the bank's),

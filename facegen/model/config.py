@@ -282,6 +282,9 @@ class DistillConfig:
     # ``default_steps``-step chains from the first ``rollouts`` chains' starts, each finished by the teacher from
     # there; restarts and rollouts together make up ``restart_share`` of each batch
     rollouts: int = 0
+    # a jump student: the share of each batch's chain rows drawn among the jumps of its ``default_steps``-step chain
+    # (the served one); the rest draw each step count 1..max_steps as often
+    default_steps_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in DISTILLATION_METHODS:
@@ -293,3 +296,5 @@ class DistillConfig:
                 or not 0 <= self.restart_share <= 1:
             raise InvalidConfig(f"restarts and rollouts must be in 0..trajectories ({self.trajectories}) and "
                                 f"restart_share in [0, 1], got {self.restarts}, {self.rollouts}, {self.restart_share}")
+        if not 0 <= self.default_steps_share <= 1:
+            raise InvalidConfig(f"default_steps_share must be in [0, 1], got {self.default_steps_share}")

@@ -14,6 +14,7 @@ import torch
 
 from facegen.model.checkpoints import load_checkpoint, served_versions
 from facegen.model.config import ConsistencyConfig, DistillConfig, InvalidConfig, ScheduleConfig
+from facegen.model.diffusion.consistency import jump_steps
 from facegen.model.diffusion.guidance import guided
 from facegen.model.diffusion.noise import ImageNoise
 from facegen.model.diffusion.samplers import DPMSolverPP2MSampler, run_chain
@@ -26,9 +27,11 @@ from training.trainer import RunOptions
 from training.trajectories import (
     TrajectoryStep,
     bank_folder,
+    bank_jumps,
     chain_draws,
     fill_bank,
     fill_restarts,
+    jump_weights,
     teacher_trajectories,
 )
 
@@ -156,6 +159,32 @@ def test_a_batch_takes_its_share_of_restarts(share: float) -> None:
     assert bool(rows["index"][taken].eq(7).all()) and bool(rows["landing"][taken].eq(15).all())
     assert bool(rows["landing"][~taken].eq(20).all())  # a chain's state lands on its end
     assert abs(float(taken.float().mean()) - share) < 0.07
+
+
+@pytest.mark.parametrize("share", [0.0, 0.6, 1.0])
+def test_a_jump_students_batch_draws_the_served_chains_jumps_at_their_share(share: float) -> None:
+    consistency = ConsistencyConfig(skeleton_steps=20, max_steps=4, default_steps=4, jumps=True, fresh_noise=0.0)
+    steps = jump_steps(20, 4)
+    weights = jump_weights(steps, consistency, share)
+    per_count = [float(weights[[n == count for n, _, _ in steps]].sum()) for count in (1, 2, 3, 4)]
+    assert per_count == pytest.approx([(1 - share) / 4] * 3 + [(1 - share) / 4 + share])
+    chains, rows_drawn = 8, 4000
+    bank = {"states": torch.zeros(chains, 20, *SHAPE, dtype=torch.float16), "x0": torch.zeros(chains, *SHAPE),
+            "labels": torch.zeros(chains, 1, dtype=torch.long), "guidance": torch.ones(chains),
+            "timesteps": torch.arange(999, 0, -50)}
+    trainer = SimpleNamespace(stream=iter([torch.arange(chains).repeat(rows_drawn // chains)]),
+                              generators={"noise": torch.Generator().manual_seed(0)})
+    step = TrajectoryStep.__new__(TrajectoryStep)
+    step.bank, step.restarts, step.trainer, step.consistency = bank, None, trainer, consistency
+    step.schedule = NoiseSchedule(ScheduleConfig())
+    step.jumps, step.jump_weights = bank_jumps(steps, 20), weights
+    rows = step.batch()
+    served = {tuple(pair) for pair, (n, _, _) in zip(bank_jumps(steps, 20).tolist(), steps, strict=True) if n == 4}
+    drawn = [(k, landing) in served for k, landing in zip(rows["index"].tolist(), rows["landing"].tolist(),
+                                                           strict=True)]
+    assert sum(drawn) / rows_drawn == pytest.approx(per_count[-1], abs=0.03)
+    with pytest.raises(InvalidConfig, match="default_steps_share"):
+        DistillConfig(default_steps_share=1.5)
 
 
 def test_distill_by_trajectories_writes_a_student_of_its_teachers_chains(tiny_checkpoints: Path, tmp_path: Path
