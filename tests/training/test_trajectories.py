@@ -136,23 +136,30 @@ def test_a_restart_is_a_chains_sample_noised_afresh_and_finished_by_the_served_s
         DistillConfig(trajectories=12, restarts=13)
 
 
+def hand_built_step(chains: int, rounds: int, consistency: ConsistencyConfig,
+                    restarts: dict[str, torch.Tensor] | None = None) -> TrajectoryStep:
+    """A ``TrajectoryStep`` over a bank of ``chains`` all-zero chains of 20 states whose one batch deals every chain
+    ``rounds`` times."""
+    step = TrajectoryStep.__new__(TrajectoryStep)
+    step.bank = {"states": torch.zeros(chains, 20, *SHAPE, dtype=torch.float16), "x0": torch.zeros(chains, *SHAPE),
+                 "labels": torch.zeros(chains, 1, dtype=torch.long), "guidance": torch.ones(chains),
+                 "timesteps": torch.arange(999, 0, -50)}
+    step.trainer = SimpleNamespace(stream=iter([torch.arange(chains).repeat(rounds)]),
+                                   generators={"noise": torch.Generator().manual_seed(0)})
+    step.restarts, step.consistency, step.schedule = restarts, consistency, NoiseSchedule(ScheduleConfig())
+    return step
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_a_batch_takes_its_share_of_restarts(share: float) -> None:
     chains, count = 6, 40
-    bank = {"states": torch.zeros(chains, 20, *SHAPE, dtype=torch.float16), "x0": torch.zeros(chains, *SHAPE),
-            "labels": torch.zeros(chains, 1, dtype=torch.long), "guidance": torch.ones(chains),
-            "timesteps": torch.arange(999, 0, -50)}
     restarts = {"states": torch.ones(count, *SHAPE, dtype=torch.float16), "index": torch.full((count,), 7),
                 "landing": torch.full((count,), 15),
                 "x0": torch.ones(count, *SHAPE), "labels": torch.ones(count, 1, dtype=torch.long),
                 "guidance": torch.full((count,), 2.0)}
-    trainer = SimpleNamespace(stream=iter([torch.arange(chains).repeat(100)]),
-                              generators={"noise": torch.Generator().manual_seed(0)})
-    step = TrajectoryStep.__new__(TrajectoryStep)
-    step.bank, step.restarts, step.trainer, step.consistency = bank, restarts, trainer, ConsistencyConfig()
-    step.schedule = NoiseSchedule(ScheduleConfig())
+    step = hand_built_step(chains, 100, ConsistencyConfig(), restarts)
     step.cfg = DistillConfig(trajectories=chains, restarts=chains, restart_share=share)
-    rows = step.batch()
+    bank, rows = step.bank, step.batch()
     taken = rows["x_t"].flatten(1).mean(1) == 1  # restart rows are ones, chain rows zeros, in every field alike
     for name in ("x0", "labels", "guidance"):
         assert torch.equal(rows[name].reshape(len(taken), -1)[:, 0] != bank[name].reshape(chains, -1)[0, 0], taken)
@@ -169,14 +176,7 @@ def test_a_jump_students_batch_draws_the_served_chains_jumps_at_their_share(shar
     per_count = [float(weights[[n == count for n, _, _ in steps]].sum()) for count in (1, 2, 3, 4)]
     assert per_count == pytest.approx([(1 - share) / 4] * 3 + [(1 - share) / 4 + share])
     chains, rows_drawn = 8, 4000
-    bank = {"states": torch.zeros(chains, 20, *SHAPE, dtype=torch.float16), "x0": torch.zeros(chains, *SHAPE),
-            "labels": torch.zeros(chains, 1, dtype=torch.long), "guidance": torch.ones(chains),
-            "timesteps": torch.arange(999, 0, -50)}
-    trainer = SimpleNamespace(stream=iter([torch.arange(chains).repeat(rows_drawn // chains)]),
-                              generators={"noise": torch.Generator().manual_seed(0)})
-    step = TrajectoryStep.__new__(TrajectoryStep)
-    step.bank, step.restarts, step.trainer, step.consistency = bank, None, trainer, consistency
-    step.schedule = NoiseSchedule(ScheduleConfig())
+    step = hand_built_step(chains, rows_drawn // chains, consistency)
     step.jumps, step.jump_weights = bank_jumps(steps, 20), weights
     rows = step.batch()
     served = {tuple(pair) for pair, (n, _, _) in zip(bank_jumps(steps, 20).tolist(), steps, strict=True) if n == 4}
