@@ -184,14 +184,17 @@ def check_run_folder(run_dir: Path, record: dict, resume: bool, write: bool) -> 
 
 
 def check_jumps(cfg: DistillConfig, consistency: ConsistencyConfig, init_from: str | None) -> None:
-    """A ``DistillError`` for a jump student of another method than trajectory consistency, or for rollouts of no
-    jump student to go on from (``init_from``)."""
+    """A ``DistillError`` for a jump student of another method than trajectory consistency, for rollouts of no
+    jump student to go on from (``init_from``), or for a step count weighting of a student without jumps."""
     if consistency.jumps and cfg.method != TRAJECTORY_METHOD:
         raise DistillError(f"a jump student (--student-jumps) learns from the teacher's chains: --method "
                            f"{TRAJECTORY_METHOD}, not {cfg.method}")
     if cfg.rollouts and (init_from is None or not consistency.jumps):
         raise DistillError("--rollouts rolls out the jump student a run goes on from: give --init-from a jump "
                            "student (--student-jumps true)")
+    if cfg.default_steps_share and not consistency.jumps:
+        raise DistillError("--default-steps-share weights the step counts of a jump student's chains: give "
+                           "--student-jumps true")
 
 
 def checked_teacher(root: Path, version: str, consistency: ConsistencyConfig) -> tuple[Checkpoint, Parent]:
