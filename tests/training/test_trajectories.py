@@ -179,7 +179,7 @@ def test_a_jump_students_batch_draws_the_served_chains_jumps_at_their_share(shar
     step = hand_built_step(chains, rows_drawn // chains, consistency)
     step.jumps, step.jump_weights = bank_jumps(steps, 20), weights
     rows = step.batch()
-    served = {tuple(pair) for pair, (n, _, _) in zip(bank_jumps(steps, 20).tolist(), steps, strict=True) if n == 4}
+    served = {tuple(pair) for pair, (n, _, _) in zip(step.jumps.tolist(), steps, strict=True) if n == 4}
     drawn = [(k, landing) in served for k, landing in zip(rows["index"].tolist(), rows["landing"].tolist(),
                                                            strict=True)]
     assert sum(drawn) / rows_drawn == pytest.approx(per_count[-1], abs=0.03)
