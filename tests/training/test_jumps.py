@@ -130,13 +130,12 @@ def test_a_rollout_is_the_students_own_state_and_targets_where_the_teacher_goes_
                                          manifest.latent_clip, first=5)
     landed = ddim_to(schedule, state, torch.full((8,), 749), rollouts["x0"][:8], torch.full((8,), 499))
     assert torch.allclose(landed, states[:, 5], atol=1e-3)  # the target's DDIM step lands where the teacher goes
+    refused_run = RunOptions(tmp_path / "no-data", tiny_checkpoints, tmp_path / "run")
     with pytest.raises(DistillError, match="rollouts"):
-        distill(ck.version, DistillConfig(method="trajectory-consistency", rollouts=1), JUMPS,
-                RunOptions(tmp_path / "no-data", tiny_checkpoints, tmp_path / "run"))
+        distill(ck.version, DistillConfig(method="trajectory-consistency", rollouts=1), JUMPS, refused_run)
     with pytest.raises(DistillError, match="default-steps-share"):
         distill(ck.version, DistillConfig(method="trajectory-consistency", default_steps_share=0.5),
-                ConsistencyConfig(skeleton_steps=20, max_steps=4), RunOptions(tmp_path / "no-data",
-                                                                              tiny_checkpoints, tmp_path / "run"))
+                ConsistencyConfig(skeleton_steps=20, max_steps=4), refused_run)
 
 
 def test_distill_writes_a_jump_student_that_samples_deterministically(tiny_checkpoints: Path, tmp_path: Path
