@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from urllib.parse import quote
 
 import redis
 
-from scripts.processes import stop_process
+from scripts.processes import free_port, stop_process
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -36,12 +35,6 @@ def reachable(url: str, timeout: float = 1.0) -> bool:
         return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
     except (redis.RedisError, OSError, ValueError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def redis_binary() -> str:

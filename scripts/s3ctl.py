@@ -13,6 +13,7 @@ variables pointing at such a server, stopped when CMD ends.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -25,8 +26,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scripts.processes import stop_process
-from scripts.redisctl import free_port
+from scripts.processes import free_ports, stop_process
 
 DEFAULT_BUCKET = "facegen-test"
 REGION = "us-east-1"
@@ -58,8 +58,8 @@ class S3Server:
         self.api_access_key = "facegen-api-" + secrets.token_hex(4)
         self.api_secret_key = secrets.token_urlsafe(24)
         # every component's HTTP and gRPC port, chosen once so a restart keeps the endpoint
-        self.ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer",
-                                                     "filer.grpc", "s3", "s3.grpc")}
+        names = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "weed.log"
 
@@ -123,10 +123,23 @@ class S3Server:
         client = self.client()
         while not self._bucket_ready(client):
             if self.process.poll() is not None or time.monotonic() > deadline:
+                exited = self.process.poll() is not None
                 self.stop()
-                raise RuntimeError(f"SeaweedFS S3 on port {self.ports['s3']} did not start (see {self.log_path})")
+                raise RuntimeError(f"SeaweedFS S3 on port {self.ports['s3']} did not start "
+                                   f"({'it exited' if exited else f'no answer in {timeout:.0f} s'}); "
+                                   f"from {self.log_path}:\n{self.log_errors()}")
             time.sleep(0.2)
         return self
+
+    def log_errors(self, most: int = 10) -> str:
+        """The server log's error and fatal lines (glog's ``E``/``F`` lines, such as a port it could not bind), the
+        last ``most`` of them; the log's last lines where it has none."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [line for line in lines if re.match(r"[EF]\d{4} ", line)]
+        return "\n".join((errors or lines)[-most:])
 
     def _bucket_ready(self, client) -> bool:
         """Whether the gateway answers and the bucket exists (created on the first answer that lacks it)."""

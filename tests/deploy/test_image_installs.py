@@ -32,10 +32,9 @@ import pytest
 import redis
 from PIL import Image
 
-from scripts.processes import stop_process
+from scripts.processes import free_port, stop_process
 from tests.conftest import ROOT, flushed_database, redis_url_for_db
 from tests.reliability.conftest import wait_for
-from tests.service.conftest import free_port
 from tests.webhooks.conftest import SECRET, Receiver
 
 REDIS_URL = redis_url_for_db(4)

@@ -20,7 +20,7 @@ import pytest
 
 from facegen.contract.model_store import ModelStore, ModelStoreSettings, store_location
 from facegen.model.checkpoints import BUNDLED_CHECKPOINTS, list_versions, read_manifest
-from scripts.redisctl import free_port
+from scripts.processes import free_port
 from scripts.s3ctl import S3Server
 from tests.deploy.test_compose import compose_bin, compose_env  # noqa: F401 - fixtures
 from tests.deploy.test_compose import render as render_compose

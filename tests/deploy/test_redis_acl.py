@@ -27,8 +27,8 @@ import redis
 import yaml
 from PIL import Image
 
-from scripts.processes import stop_process
-from scripts.redisctl import free_port, reachable, redis_binary
+from scripts.processes import free_port, stop_process
+from scripts.redisctl import reachable, redis_binary
 from tests.conftest import ROOT
 from tests.reliability.conftest import WorkerProcess, wait_for
 from tests.service.conftest import LiveServer

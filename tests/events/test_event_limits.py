@@ -24,6 +24,7 @@ import uvicorn
 from rq.job import Job
 
 from facegen.contract.job_serializer import refusal
+from scripts.processes import free_port
 from service.api.routes import events
 from service.app import create_app
 from service.config import Settings
@@ -31,7 +32,7 @@ from service.event_leases import leases_key
 from service.tenancy import key_id
 from tests.conftest import flushed_database, redis_url_for_db
 from tests.reliability.conftest import wait_for
-from tests.service.conftest import LiveServer, free_port
+from tests.service.conftest import LiveServer
 from tests.service.fakeworker import publish_model
 
 REDIS_URL = redis_url_for_db(3)

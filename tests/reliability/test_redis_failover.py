@@ -15,9 +15,10 @@ import httpx
 import pytest
 import redis
 
+from scripts.processes import free_port
 from scripts.redisctl import RedisServer, SentinelServer
 from tests.reliability.conftest import ENDED, SupervisedWorker, job_state, metric_total, wait_for
-from tests.service.conftest import LiveServer, free_port
+from tests.service.conftest import LiveServer
 
 MASTER = "facegen"
 READY_AGAIN_S = 30  # the bound: primary killed -> /readyz 200 and jobs accepted again

@@ -16,9 +16,10 @@ from datetime import datetime
 import httpx
 import pytest
 
+from scripts.processes import free_port
 from tests.conftest import redis_url_for_db
 from tests.reliability.conftest import WorkerProcess, metric_total, wait_ended, wait_for
-from tests.service.conftest import LiveServer, free_port
+from tests.service.conftest import LiveServer
 
 REDIS_URL = redis_url_for_db(15)
 # fp32: the tiny model then samples a 4-step image in ~0.1 s on any CPU (bf16 without AMX takes seconds), so the

@@ -4,7 +4,6 @@ uvicorn server."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from scripts.processes import stop_process
+from scripts.processes import free_port, stop_process
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import flushed_database
@@ -88,12 +87,6 @@ def client(make_client) -> TestClient:
 def fake_worker(conn: redis.Redis) -> FakeWorker:
     """A fake worker on the default queue; call ``.drain()`` to run what is queued."""
     return FakeWorker(conn)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

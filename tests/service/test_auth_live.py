@@ -20,8 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from scripts.processes import stop_process
-from tests.service.conftest import REPO, LiveServer, free_port
+from scripts.processes import free_port, stop_process
+from tests.service.conftest import REPO, LiveServer
 
 KEY = "live-test-key"
 BOUNDARY = "facegen-test-boundary"

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 
 from facegen.contract import connection
 from facegen.contract.connection import RedisSettings
+from scripts.processes import free_port
 from scripts.redisctl import AclUser, RedisServer
 from service import admission, redis_clients
 from service.app import create_app
 from service.config import Settings
-from tests.service.conftest import free_port
 
 PASSWORD = "pa55:w/rd@x"
 

@@ -14,8 +14,7 @@ from rq.job import JobStatus
 
 from facegen.contract.job_serializer import JOB_SERIALIZER
 from facegen.contract.spec import DEFAULT_QUEUE
-from scripts.processes import stop_process
-from scripts.redisctl import free_port
+from scripts.processes import free_port, stop_process
 from tests.conftest import ROOT
 from tests.worker.test_worker_process import connection, enqueue, worker_env  # noqa: F401 - the fixture
 

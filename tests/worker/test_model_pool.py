@@ -46,7 +46,7 @@ from facegen.contract.spec import (
     worker_registry_key,
 )
 from facegen.model.checkpoints import WEIGHTS_FILE, derive_checkpoint, served_versions
-from scripts.redisctl import free_port
+from scripts.processes import free_port
 from scripts.s3ctl import S3Server
 from tests.conftest import ROOT, flushed_database
 from tests.model_store.conftest import files_under, s3_server, store_env  # noqa: F401 - fixtures

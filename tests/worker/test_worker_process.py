@@ -35,8 +35,7 @@ from facegen.contract.spec import (
     cancel_key,
 )
 from facegen.model.imaging import GRID_PADDING
-from scripts.processes import stop_process
-from scripts.redisctl import free_port
+from scripts.processes import free_port, stop_process
 from tests.conftest import ROOT, redis_url_for_db
 from tests.planted import plant_pickle
 from worker.engine import Engine, ImageRequest
