@@ -141,7 +141,10 @@ class RedisServer:
         return args
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # a session of its own: a Ctrl-C in the terminal reaches the process that started it, which stops it after
+        # its clients (a worker finishing its job still writes the result)
+        self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         while not reachable(self.url, timeout=0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
