@@ -40,7 +40,8 @@ def free_ports(count: int) -> list[int]:
     and the moment the server binds it: every outgoing connection, such as a client polling the server while it
     starts or the server's components dialling each other, gets its local port from that range. Below the range
     no connection takes a port, so a server started on these ports does not fail with "address already in use".
-    Where the range leaves no room below it, the kernel's ``bind(port 0)`` choice is used.
+    Where fewer than 1,000 ports lie between ``LOWEST_PORT`` and the range, the kernel's ``bind(port 0)`` choice is
+    used.
     """
     room = ephemeral_range_start() - LOWEST_PORT
     ports: list[int] = []
