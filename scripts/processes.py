@@ -3,6 +3,7 @@ ports of 127.0.0.1 that a server started for a test or the demo listens on."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 import subprocess
@@ -22,6 +23,17 @@ def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def log_excerpt(path: Path, most: int = 10, pattern: str | None = None) -> str:
+    """What a server that failed to start wrote about it: the last ``most`` lines of its log at ``path`` that match
+    ``pattern`` (a regular expression for its error lines), or its last lines where none match or none is given."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} cannot be read)"
+    chosen = [line for line in lines if re.match(pattern, line)] if pattern else []
+    return "\n".join((chosen or lines)[-most:])
 
 
 def ephemeral_range_start() -> int:

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import redis
 
-from scripts.processes import free_port, stop_process
+from scripts.processes import free_port, log_excerpt, stop_process
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -148,7 +148,9 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while not reachable(self.url, timeout=0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start (see {self.workdir}/redis.log)")
+                self.stop()
+                log = Path(self.workdir) / "redis.log"
+                raise RuntimeError(f"redis-server on port {self.port} did not start; from {log}:\n{log_excerpt(log)}")
             time.sleep(0.05)
         return self
 
@@ -195,7 +197,9 @@ class SentinelServer:
         deadline = time.monotonic() + timeout
         while not reachable(f"redis://127.0.0.1:{self.port}", timeout=0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Sentinel on port {self.port} did not start (see {self.workdir}/sentinel.log)")
+                self.stop()
+                log = Path(self.workdir) / "sentinel.log"
+                raise RuntimeError(f"Sentinel on port {self.port} did not start; from {log}:\n{log_excerpt(log)}")
             time.sleep(0.05)
         return self
 

@@ -13,7 +13,6 @@ variables pointing at such a server, stopped when CMD ends.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -26,10 +25,11 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scripts.processes import free_ports, stop_process
+from scripts.processes import free_ports, log_excerpt, stop_process
 
 DEFAULT_BUCKET = "facegen-test"
 REGION = "us-east-1"
+GLOG_ERROR = r"[EF]\d{4} "  # weed's error and fatal lines: E or F, then the month and day
 START_SCRIPT = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "s3" / "seaweedfs-start.sh"
 
 
@@ -127,19 +127,9 @@ class S3Server:
                 self.stop()
                 raise RuntimeError(f"SeaweedFS S3 on port {self.ports['s3']} did not start "
                                    f"({'it exited' if exited else f'no answer in {timeout:.0f} s'}); "
-                                   f"from {self.log_path}:\n{self.log_errors()}")
+                                   f"from {self.log_path}:\n{log_excerpt(self.log_path, pattern=GLOG_ERROR)}")
             time.sleep(0.2)
         return self
-
-    def log_errors(self, most: int = 10) -> str:
-        """The server log's error and fatal lines (glog's ``E``/``F`` lines, such as a port it could not bind), the
-        last ``most`` of them; the log's last lines where it has none."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        errors = [line for line in lines if re.match(r"[EF]\d{4} ", line)]
-        return "\n".join((errors or lines)[-most:])
 
     def _bucket_ready(self, client) -> bool:
         """Whether the gateway answers and the bucket exists (created on the first answer that lacks it)."""

@@ -1,5 +1,5 @@
 """The ports the tests' and the demo's servers listen on: free, distinct, out of the kernel's ephemeral range; a server
-that cannot bind one stops at once and says which."""
+that cannot bind one stops at once and quotes what its log says."""
 
 import socket
 from pathlib import Path
@@ -8,6 +8,7 @@ import pytest
 
 from scripts import processes
 from scripts.processes import LOWEST_PORT, ephemeral_range_start, free_ports
+from scripts.redisctl import RedisServer
 from scripts.s3ctl import S3Server
 
 
@@ -67,5 +68,17 @@ def test_a_server_that_cannot_bind_a_port_stops_at_once_and_says_which() -> None
         blocker.bind(("127.0.0.1", taken))
         blocker.listen()
         with pytest.raises(RuntimeError, match=rf"(?s)it exited.*{taken}: bind: address already in use"):
+            server.start()
+    assert server.process is None
+
+
+@pytest.mark.services
+def test_a_redis_server_that_cannot_bind_its_port_stops_and_quotes_its_log() -> None:
+    taken = free_ports(1)[0]
+    server = RedisServer(port=taken)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        with pytest.raises(RuntimeError, match=rf"(?s)did not start.*127\.0\.0\.1:{taken}: bind: Address already in use"):
             server.start()
     assert server.process is None
