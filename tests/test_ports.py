@@ -2,6 +2,7 @@
 that cannot bind one stops at once and quotes what its log says."""
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,25 +61,25 @@ def test_without_room_below_the_range_the_kernel_chooses(tmp_path: Path, monkeyp
     assert all(port >= ephemeral_range_start() for port in ports)
 
 
-@pytest.mark.services
-def test_a_server_that_cannot_bind_a_port_stops_at_once_and_says_which() -> None:
+def seaweedfs_and_its_filer_port() -> tuple[S3Server, int]:
     server = S3Server()
-    taken = server.ports["filer.grpc"]
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", taken))
-        blocker.listen()
-        with pytest.raises(RuntimeError, match=rf"(?s)it exited.*{taken}: bind: address already in use"):
-            server.start()
-    assert server.process is None
+    return server, server.ports["filer.grpc"]
+
+
+def redis_server_and_its_port() -> tuple[RedisServer, int]:
+    taken = free_ports(1)[0]
+    return RedisServer(port=taken), taken
 
 
 @pytest.mark.services
-def test_a_redis_server_that_cannot_bind_its_port_stops_and_quotes_its_log() -> None:
-    taken = free_ports(1)[0]
-    server = RedisServer(port=taken)
+@pytest.mark.parametrize("server_and_port", [seaweedfs_and_its_filer_port, redis_server_and_its_port],
+                         ids=["seaweedfs", "redis"])
+def test_a_server_that_cannot_bind_its_port_stops_at_once_and_quotes_its_log(
+        server_and_port: Callable[[], tuple[S3Server | RedisServer, int]]) -> None:
+    server, taken = server_and_port()
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", taken))
         blocker.listen()
-        with pytest.raises(RuntimeError, match=rf"(?s)did not start.*127\.0\.0\.1:{taken}: bind: Address already in use"):
+        with pytest.raises(RuntimeError, match=rf"(?si)did not start.*127\.0\.0\.1:{taken}: bind: address already in use"):
             server.start()
     assert server.process is None
