@@ -40,11 +40,13 @@ class Shutdown:
 
     def __init__(self) -> None:
         self.forced = False
-        for signum in STOP_SIGNALS:
+        # a signal the demo was started ignoring stays ignored (`nohup make demo` keeps running when its terminal closes)
+        self.handled = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+        for signum in self.handled:
             signal.signal(signum, self.first)
 
     def first(self, signum: int, frame: object) -> None:
-        for other in STOP_SIGNALS:
+        for other in self.handled:
             signal.signal(other, self.again)
         raise Stop(signal.Signals(signum).name)
 

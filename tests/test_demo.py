@@ -1,7 +1,7 @@
 """`make demo`, the README's first command, as a user runs it: ``python -m scripts.demo`` in a session of its own, as
 a terminal runs it, with the bundled model. It serves generations over HTTP; Ctrl-C (SIGINT to its process group)
 or SIGTERM stops every process it started, lets the worker finish the job it holds, stops Redis when it started it
-and no other; a second Ctrl-C kills what is left at once. No traceback either way."""
+and no other; a second Ctrl-C kills what is left at once; under nohup a hangup changes nothing. No traceback."""
 
 from __future__ import annotations
 
@@ -30,15 +30,16 @@ FOREIGN_SETTINGS = ("API_KEYS", "ARTIFACT_STORE", "MODEL_STORE", "CHECKPOINT_DIR
 
 
 class Demo:
-    """``python -m scripts.demo`` with its output in ``log``; ``url`` is its API."""
+    """``python -m scripts.demo`` (after ``launcher``, such as ``nohup``) with its output in ``log``; ``url`` is its
+    API."""
 
-    def __init__(self, log: Path, redis_url: str):
+    def __init__(self, log: Path, redis_url: str, launcher: tuple[str, ...] = ()):
         api_port, = free_ports(1)
         self.url = f"http://127.0.0.1:{api_port}"
         self.log = log
         env = {name: value for name, value in os.environ.items() if name not in FOREIGN_SETTINGS}
         with open(log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "scripts.demo"], cwd=REPO, stdout=out,
+            self.process = subprocess.Popen([*launcher, sys.executable, "-m", "scripts.demo"], cwd=REPO, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**env, "PORT": str(api_port), "REDIS_URL": redis_url})
         deadline = time.monotonic() + READY_S
@@ -173,3 +174,18 @@ def test_a_second_ctrl_c_kills_a_busy_worker_at_once(demo_without_redis: Demo) -
     output = demo.output()
     assert "[demo] killing the worker" in output and "[demo] stopped" in output and "Traceback" not in output
     assert not any(running(pid) for pid in demo.children)
+
+
+@pytest.mark.services
+def test_under_nohup_a_hangup_leaves_it_serving(tmp_path: Path) -> None:
+    absent, = free_ports(1)
+    demo = Demo(tmp_path / "demo.log", f"redis://127.0.0.1:{absent}/0", launcher=("nohup",))
+    try:
+        demo.signal(signal.SIGHUP)
+        time.sleep(1)  # what a handled hangup would have started by now: the stop
+        assert demo.process.poll() is None and "[demo] stopped" not in demo.output()
+        assert httpx.get(f"{demo.url}/healthz", timeout=5).status_code == 200
+        demo.signal(signal.SIGINT)
+        assert demo.wait() == 0
+    finally:
+        demo.kill()
