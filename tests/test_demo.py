@@ -42,10 +42,15 @@ class Demo:
             self.process = subprocess.Popen([*launcher, sys.executable, "-m", "scripts.demo"], cwd=REPO, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**env, "PORT": str(api_port), "REDIS_URL": redis_url})
+        self.children: list[int] = []
         deadline = time.monotonic() + READY_S
-        while "[demo] facegen is ready" not in self.output():
-            assert self.process.poll() is None and time.monotonic() < deadline, self.output()[-4000:]
-            time.sleep(0.3)
+        try:
+            while "[demo] facegen is ready" not in self.output():
+                assert self.process.poll() is None and time.monotonic() < deadline, self.output()[-4000:]
+                time.sleep(0.3)
+        except BaseException:
+            self.kill()
+            raise
         self.children = child_processes(self.process.pid)
 
     def output(self) -> str:
@@ -71,12 +76,13 @@ class Demo:
         return self.process.wait(timeout=60)
 
     def kill(self) -> None:
-        """What a failed test leaves: the demo's group and its children's sessions."""
-        for pid in [self.process.pid, *self.children]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """What a failed test leaves while the demo still runs: its group and its children's sessions."""
+        if self.process.poll() is None:
+            for pid in {self.process.pid, *self.children, *child_processes(self.process.pid)}:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.process.wait()
 
 
