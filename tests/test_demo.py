@@ -22,6 +22,7 @@ from rq.job import Job
 
 from scripts.processes import free_ports
 from scripts.redisctl import RedisServer, reachable
+from tests.reliability.conftest import job_state, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 READY_S = 240
@@ -62,11 +63,11 @@ class Demo:
         return response.json()["job_id"]
 
     def wait_status(self, job_id: str, wanted: set[str], timeout_s: float = 180) -> str:
-        deadline = time.monotonic() + timeout_s
-        while (status := httpx.get(f"{self.url}/jobs/{job_id}", timeout=10).json()["status"]) not in wanted:
-            assert time.monotonic() < deadline, status
-            time.sleep(0.2)
-        return status
+        def reached() -> str | None:
+            status = job_state(self.url, job_id)["status"]
+            return status if status in wanted else None
+
+        return wait_for(reached, timeout_s, f"job {job_id} to be {' or '.join(sorted(wanted))}")
 
     def signal(self, signum: int) -> None:
         """``signum`` to the demo's process group, as a terminal sends Ctrl-C."""
@@ -86,25 +87,23 @@ class Demo:
         self.process.wait()
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (state, parent, ...), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def child_processes(parent: int) -> list[int]:
-    """The processes whose parent is ``parent`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it exited while we looked
-        if int(fields[1]) == parent:
-            found.append(int(stat.parent.name))
-    return found
+    """The processes whose parent is ``parent``."""
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if (fields := stat_fields(pid)) and int(fields[1]) == parent]
 
 
 def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.fixture
